@@ -1,0 +1,164 @@
+"""Backend discovery and per-call dispatch.
+
+Backends:
+  ``reference``  plain PyTorch (ascood_kernels.reference), the specification;
+  ``cpu``        C++/OpenMP kernels of the compiled extension (CPU tensors);
+  ``cuda``       CUDA C++ kernels of the compiled extension (CUDA tensors);
+  ``triton``     Triton kernels (CUDA tensors; CPU tensors only under the
+                 Triton interpreter, ``TRITON_INTERPRET=1``, used by CI).
+``auto`` picks cuda > triton on CUDA tensors and cpu on CPU tensors, and
+falls back to reference (with one warning saying why) only when nothing
+compiled can run. ``ASCOOD_BACKEND`` sets the default for calls that pass
+``backend=None``/``"auto"``.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import warnings
+
+import torch
+
+BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
+
+_state: dict = {}
+
+
+def _load_extension() -> None:
+    if "ext" in _state:
+        return
+    try:
+        importlib.import_module("ascood_kernels._C")
+        _state["ext"] = True
+        _state["ext_error"] = None
+        _state["cuda_version"] = int(torch.ops.ascood._cuda_version())
+    except (ImportError, OSError) as err:  # not built, or built for another torch
+        _state["ext"] = False
+        _state["ext_error"] = f"{type(err).__name__}: {err}"
+        _state["cuda_version"] = -1
+
+
+def _load_triton() -> None:
+    if "triton" in _state:
+        return
+    try:
+        importlib.import_module("ascood_kernels.triton")
+        _state["triton"] = True
+        _state["triton_error"] = None
+    except Exception as err:  # triton missing, or a triton/torch mismatch
+        _state["triton"] = False
+        _state["triton_error"] = f"{type(err).__name__}: {err}"
+
+
+def extension_loaded() -> bool:
+    """True when ``ascood_kernels._C`` (the C++ CPU kernels) imported."""
+    _load_extension()
+    return _state["ext"]
+
+
+def cuda_built() -> bool:
+    """True when the extension was compiled with its CUDA kernels (a GPU need not be present)."""
+    _load_extension()
+    return _state["cuda_version"] >= 0
+
+
+def triton_loaded() -> bool:
+    _load_triton()
+    return _state["triton"]
+
+
+def triton_interpreter() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def available_backends() -> list[str]:
+    """Backends that loaded in this process, in preference order.
+
+    ``cuda`` is listed when the extension holds the CUDA kernels, even on a
+    machine without a GPU; ``triton`` when the Triton kernels imported.
+    """
+    names = []
+    if cuda_built():
+        names.append("cuda")
+    if triton_loaded():
+        names.append("triton")
+    if extension_loaded():
+        names.append("cpu")
+    names.append("reference")
+    return names
+
+
+def _why_not(backend: str) -> str:
+    if backend == "triton":
+        return _state.get("triton_error") or "unknown reason"
+    if backend == "cpu":
+        return _state.get("ext_error") or "unknown reason"
+    if not extension_loaded():
+        return _state.get("ext_error") or "unknown reason"
+    return "the extension was built without CUDA (rebuild with USE_CUDA=1 and a CUDA toolkit)"
+
+
+def _warn_reference(reason: str) -> None:
+    if not _state.get("warned"):
+        _state["warned"] = True
+        warnings.warn(f"ascood_kernels: falling back to the slow reference backend: {reason}", RuntimeWarning,
+                      stacklevel=4)
+
+
+def resolve(backend: str | None, device: torch.device) -> str:
+    """The concrete backend for a call on ``device`` (raises on impossible requests)."""
+    if backend is None or backend == "auto":
+        backend = os.environ.get("ASCOOD_BACKEND", "auto") or "auto"
+        source = "ASCOOD_BACKEND"
+    else:
+        source = "backend"
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"{source} must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    on_cuda = device.type == "cuda"
+    if backend == "auto":
+        if on_cuda:
+            if cuda_built():
+                return "cuda"
+            if triton_loaded():
+                return "triton"
+            _warn_reference(f"no CUDA kernels built and Triton unavailable ({_why_not('triton')})")
+            return "reference"
+        if device.type == "cpu" and extension_loaded():
+            return "cpu"
+        _warn_reference(f"the C++ extension is not available ({_why_not('cpu')})"
+                        if device.type == "cpu" else f"no compiled kernels for device {device}")
+        return "reference"
+    if backend == "reference":
+        return backend
+    if backend == "cpu":
+        if not extension_loaded():
+            raise RuntimeError(f"backend 'cpu' is not built: {_why_not('cpu')}")
+        if device.type != "cpu":
+            raise RuntimeError(f"backend 'cpu' needs CPU tensors, got tensors on {device}")
+    elif backend == "cuda":
+        if not cuda_built():
+            raise RuntimeError(f"backend 'cuda' is not built: {_why_not('cuda')}")
+        if not on_cuda:
+            raise RuntimeError(f"backend 'cuda' needs CUDA tensors, got tensors on {device}")
+    elif backend == "triton":
+        if not triton_loaded():
+            raise RuntimeError(f"backend 'triton' is not available: {_why_not('triton')}")
+        if not on_cuda and not (device.type == "cpu" and triton_interpreter()):
+            raise RuntimeError(
+                f"backend 'triton' needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got {device}")
+    return backend
+
+
+def op_namespace(backend: str):
+    """``torch.ops`` namespace that holds ``backend``'s kernels."""
+    return torch.ops.ascood_triton if backend == "triton" else torch.ops.ascood
+
+
+def compiled_namespaces() -> list[str]:
+    """Namespaces whose ops exist in this process (for fake/autograd registration)."""
+    names = []
+    if extension_loaded():
+        names.append("ascood")
+    if triton_loaded():
+        names.append("ascood_triton")
+    return names

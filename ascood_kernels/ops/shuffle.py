@@ -1,0 +1,75 @@
+"""shuffle_outlier: ASCOOD's invariant pixel shuffle (the "shuffle" outlier type)."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import _backend, _validate, reference
+from ._common import empty_image_like, register_fake
+
+__all__ = ["shuffle_outlier"]
+
+
+def _draw_permutations(batch: int, npix: int, generator: torch.Generator | None,
+                       device: torch.device) -> torch.Tensor:
+    """(batch, npix) int64, each row a uniform random permutation of 0..npix-1.
+
+    Drawn here, once, from the caller's generator (on the generator's device),
+    so every backend applies the very same permutation for one generator state.
+    """
+    gen_device = generator.device if generator is not None else device
+    keys = torch.rand(batch, npix, generator=generator, device=gen_device)
+    return keys.argsort(dim=1).to(device)
+
+
+def shuffle_outlier(x: torch.Tensor, saliency: torch.Tensor, p_inv: float,
+                    generator: torch.Generator | None = None, *, backend: str | None = "auto") -> torch.Tensor:
+    """Permute the most salient pixels of each sample among themselves.
+
+    Per sample, the ``int(p_inv * P)`` pixels (P = number of spatial positions)
+    with the largest channel-summed saliency are randomly permuted, all
+    channels of a pixel moving together; every other pixel stays.
+
+    Args:
+        x: (B, C, *spatial) images, float32/float16/bfloat16/float64.
+        saliency: x-shaped (summed over channels in float64) or per-pixel
+            (B, *spatial); typically ``|G|``. Ties go to the lower pixel index,
+            NaN ranks highest.
+        p_inv: fraction of pixels to shuffle, in (0, 1].
+        generator: ``torch.Generator`` for reproducible permutations (on any
+            device; the permutation is drawn on its device).
+        backend: "auto", "reference", "cpu", "cuda" or "triton" (on CUDA
+            tensors "cuda" runs the Triton kernel: this op has no CUDA C++ kernel).
+
+    Returns:
+        Tensor like x, not differentiable.
+    """
+    _validate.tensor("x", x, min_rank=3)
+    _validate.tensor("saliency", saliency, min_rank=2)
+    _validate.same_device("x", x, "saliency", saliency)
+    spatial = tuple(x.shape[2:])
+    if saliency.shape != x.shape and (saliency.shape[0], *saliency.shape[1:]) != (x.shape[0], *spatial):
+        raise ValueError(f"saliency must have x's shape {tuple(x.shape)} or (B, *spatial) "
+                         f"{(x.shape[0], *spatial)}, got {tuple(saliency.shape)}")
+    p_inv = _validate.fraction("p_inv", p_inv)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    which = _backend.resolve(backend, x.device)
+    if which == "cuda" and not _backend.triton_loaded():
+        raise RuntimeError("shuffle_outlier has no CUDA C++ kernel and Triton is unavailable; use backend='reference'")
+    if which == "cuda":
+        which = "triton"
+    npix = reference.count_from_fraction(p_inv, math.prod(spatial))
+    perm = _draw_permutations(x.shape[0], npix, generator, x.device)
+    x, saliency = x.detach(), saliency.detach()
+    if which == "reference":
+        return reference.shuffle_outlier(x, saliency, p_inv, perm)
+    return _backend.op_namespace(which).shuffle_outlier(x, saliency, p_inv, perm)
+
+
+def _fake_shuffle(x, saliency, p_inv, perm):
+    return empty_image_like(x)
+
+
+register_fake("shuffle_outlier", _fake_shuffle)
