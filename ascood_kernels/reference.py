@@ -116,6 +116,9 @@ def zscore(h: torch.Tensor, sigma: float = 0.5, eps: float = 1e-6):
     """
     acc = _acc_dtype(h.dtype)
     ha = h.to(acc)
+    if h.numel() == 0:  # no rows: avoid torch's degrees-of-freedom warning
+        stats = ha.new_empty(h.shape[:-1])
+        return torch.empty_like(h), stats, stats.clone()
     mean = ha.mean(dim=-1)
     std = ha.std(dim=-1, unbiased=True)
     rstd = 1.0 / (std + eps)

@@ -34,8 +34,24 @@ def zscore(h: torch.Tensor, sigma: float = 0.5, eps: float = 1e-6, *,
         raise ValueError(f"h must have >= 2 features in its last dim (unbiased std), got shape {tuple(h.shape)}")
     which = _backend.resolve(backend, h.device)
     if which == "reference":
-        return reference.zscore(h, sigma, eps)[0]
+        return _ReferenceZScore.apply(h, sigma, eps)
     return _backend.op_namespace(which).zscore(h, sigma, eps)[0]
+
+
+class _ReferenceZScore(torch.autograd.Function):
+    """The reference backend with the documented backward (constant rows get a finite gradient)."""
+
+    @staticmethod
+    def forward(ctx, h, sigma, eps):
+        out, mean, rstd = reference.zscore(h, sigma, eps)
+        ctx.save_for_backward(h, mean, rstd)
+        ctx.sigma = sigma
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        h, mean, rstd = ctx.saved_tensors
+        return reference.zscore_backward(grad_out, h, mean, rstd, ctx.sigma), None, None
 
 
 def _fake_zscore(h, sigma, eps):

@@ -1,0 +1,64 @@
+"""Which (backend, device, dtype) combinations the op tests run, and tolerances.
+
+Tolerances (output vs the float64 reference rounded to the tested dtype):
+the compiled kernels evaluate in float32 (float64 for float64) and round once,
+so they may differ from float64-then-round by one unit in the last place;
+masks, selections and copied elements must match exactly.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from ascood_kernels import _backend
+
+HAS_CUDA = torch.cuda.is_available()
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+TOL = {
+    torch.float64: dict(rtol=1e-12, atol=1e-12),
+    torch.float32: dict(rtol=2e-6, atol=2e-6),
+    torch.float16: dict(rtol=1e-3, atol=1e-3),
+    torch.bfloat16: dict(rtol=8e-3, atol=8e-3),
+}
+
+
+def _skip_reason(backend: str, device: str) -> str | None:
+    if device == "cuda" and not HAS_CUDA:
+        return "needs a CUDA device (none here)"
+    if backend == "cpu" and not _backend.extension_loaded():
+        return "C++ extension not built"
+    if backend == "cuda" and not _backend.cuda_built():
+        return "extension built without CUDA kernels"
+    if backend == "triton":
+        if not _backend.triton_loaded():
+            return f"triton kernels unavailable: {_backend._state.get('triton_error')}"
+        if device == "cpu" and not INTERPRETED:
+            return "Triton on CPU tensors needs TRITON_INTERPRET=1"
+    return None
+
+
+def combos(*, interp_dtypes=(torch.float32,), cpu_dtypes=(torch.float32, torch.float64, torch.float16, torch.bfloat16),
+           gpu_dtypes=(torch.float32, torch.float16, torch.bfloat16), cuda=True):
+    """pytest params of (backend, device, dtype); unavailable ones are skipped with a reason."""
+    out = []
+    plan = [("reference", "cpu", cpu_dtypes), ("cpu", "cpu", cpu_dtypes), ("triton", "cpu", interp_dtypes),
+            ("triton", "cuda", gpu_dtypes)]
+    if cuda:
+        plan.append(("cuda", "cuda", gpu_dtypes))
+    for backend, device, dtypes in plan:
+        reason = _skip_reason(backend, device)
+        marks = [pytest.mark.skip(reason=reason)] if reason else []
+        if device == "cuda":
+            marks.append(pytest.mark.gpu)
+        for dt in dtypes:
+            out.append(pytest.param(backend, device, dt, marks=marks,
+                                    id=f"{backend}-{device}-{str(dt).replace('torch.', '')}"))
+    return out
+
+
+def is_slow(backend: str, device: str) -> bool:
+    """Triton's interpreter runs programs one by one: keep its shapes small."""
+    return backend == "triton" and device == "cpu"

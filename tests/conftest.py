@@ -1,0 +1,28 @@
+"""Test setup shared by all test modules.
+
+Without a GPU the Triton kernels run through Triton's CPU interpreter; the
+variable must be set before triton is first imported, so it is set here.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import ascood_kernels  # noqa: E402,F401  (registers ops once, after the env var)
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def pytest_report_header(config):
+    from ascood_kernels import available_backends
+    return [f"ascood_kernels backends: {available_backends()}; CUDA device: {HAS_CUDA}; "
+            f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}"]
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

@@ -1,0 +1,66 @@
+"""shuffle_outlier, every backend against the reference (exact: it only moves values)."""
+import math
+
+import pytest
+import torch
+
+import ascood_kernels as ak
+from ascood_kernels import reference
+from backends import combos, is_slow
+
+SHAPES = [(1, 1, 1, 1), (5, 3, 17, 19), (8, 3, 32, 32), (2, 3, 224, 224)]
+
+
+def _run(x, sal, p, seed, backend):
+    return ak.shuffle_outlier(x, sal, p, torch.Generator(device="cpu").manual_seed(seed), backend=backend)
+
+
+@pytest.mark.parametrize("backend,device,dtype", combos(cuda=False))
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("p", ["1/n", 0.15, 0.5, 1.0], ids=str)
+@pytest.mark.parametrize("kind", ["normal", "ties"])
+def test_matches_reference(backend, device, dtype, shape, p, kind):
+    if is_slow(backend, device) and shape[-1] > 32:
+        pytest.skip("interpreter: small shapes only")
+    P = math.prod(shape[2:])
+    p = 1.0 / P if p == "1/n" else p
+    x = torch.randn(shape).to(device=device, dtype=dtype)
+    sal = (torch.randn(shape) if kind == "normal" else torch.randint(0, 3, shape).float()).abs()
+    sal = sal.to(device=device, dtype=dtype)
+    out = _run(x, sal, p, 7, backend)
+    npix = int(p * P)
+    B, C = shape[:2]
+    gen = torch.Generator(device="cpu").manual_seed(7)
+    perm = torch.rand(B, npix, generator=gen).argsort(dim=1).to(device)
+    want = reference.shuffle_outlier(x.double(), sal.double(), p, perm).to(dtype)
+    assert torch.equal(out, want)
+    # It is a per-sample permutation of whole pixels: the multiset of pixel vectors is unchanged.
+    a = out.reshape(B, C, -1).transpose(1, 2).double()
+    b = x.reshape(B, C, -1).transpose(1, 2).double()
+    for i in range(B):
+        assert torch.equal(torch.sort(a[i].sum(1)).values, torch.sort(b[i].sum(1)).values)
+
+
+@pytest.mark.parametrize("backend,device,dtype", combos(cpu_dtypes=(torch.float32,), cuda=False))
+def test_per_pixel_saliency_layouts_and_generator(backend, device, dtype):
+    x = torch.randn(3, 4, 9, 11, device=device)
+    sal = torch.rand(3, 4, 9, 11, device=device)
+    pix = sal.double().sum(1)  # per-pixel form; float64 sum gives the same order here
+    a = _run(x, sal, 0.3, 1, backend)
+    assert torch.equal(a, _run(x, pix, 0.3, 1, backend))
+    assert torch.equal(a, _run(x, sal, 0.3, 1, backend))  # same generator state, same output
+    assert not torch.equal(a, _run(x, sal, 0.3, 2, backend))
+    cl = _run(x.to(memory_format=torch.channels_last), sal.to(memory_format=torch.channels_last), 0.3, 1, backend)
+    assert cl.is_contiguous(memory_format=torch.channels_last) and torch.equal(cl, a)
+    # non-selected pixels are untouched
+    order = torch.sort(pix.reshape(3, -1), dim=1, descending=True, stable=True).indices
+    keep = order[:, int(0.3 * 99):]
+    flat_a, flat_x = a.reshape(3, 4, -1), x.reshape(3, 4, -1)
+    for b in range(3):
+        assert torch.equal(flat_a[b][:, keep[b]], flat_x[b][:, keep[b]])
+
+
+@pytest.mark.parametrize("backend,device,dtype", combos(cpu_dtypes=(torch.float32,), cuda=False))
+def test_empty_batch(backend, device, dtype):
+    x = torch.empty(0, 3, 4, 4, device=device)
+    assert _run(x, x, 0.5, 0, backend).shape == x.shape
