@@ -21,6 +21,10 @@ import torch
 
 BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
 
+#: Every op of the schema (csrc/ops.cpp); each compiled namespace must hold all of them.
+OP_NAMES = ("invariant_mask", "gradient_outlier", "zscore", "zscore_backward", "shuffle_outlier",
+            "iodin_perturb", "ascood_loss", "ascood_loss_backward")
+
 _state: dict = {}
 
 
@@ -43,6 +47,9 @@ def _load_triton() -> None:
         return
     try:
         importlib.import_module("ascood_kernels.triton")
+        missing = [name for name in OP_NAMES if not hasattr(torch.ops.ascood_triton, name)]
+        if missing:
+            raise ImportError(f"ascood_kernels.triton does not register {', '.join(missing)}")
         _state["triton"] = True
         _state["triton_error"] = None
     except Exception as err:  # triton missing, or a triton/torch mismatch

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# One-step setup on a fresh machine: a virtual environment in .venv with the
+# dependencies, then the package installed in editable mode, which compiles
+# ascood_kernels._C (C++ CPU kernels; CUDA kernels too when a toolkit is found).
+#   USE_CUDA=auto|0|1   (default auto: compile the CUDA kernels when torch has CUDA and a toolkit exists)
+#   PYTHON=python3.11   (interpreter used to create .venv)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  echo "[setup] creating .venv with $($PY --version)"
+  "$PY" -m venv .venv
+fi
+echo "[setup] installing dependencies (requirements.txt)"
+.venv/bin/python -m pip install -q --disable-pip-version-check -r requirements.txt
+if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
+  export CUDA_HOME=/usr/local/cuda
+fi
+export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+echo "[setup] building ascood_kernels._C (USE_CUDA=${USE_CUDA:-auto}, MAX_JOBS=$MAX_JOBS)"
+.venv/bin/python -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e .
+.venv/bin/python -c "import ascood_kernels as ak; print('[setup] backends:', ak.available_backends())"
