@@ -29,6 +29,8 @@ def pytest_addoption(parser):
     group = parser.getgroup("ascood")
     group.addoption("--quick", action="store_true", default=os.environ.get("ASCOOD_BENCH_QUICK") == "1",
                     help="small shapes, few rounds (CI smoke run; numbers are not meaningful)")
+    group.addoption("--check-shapes", action="store_true", default=False,
+                    help="only the shapes of the GPU check (128x3x32x32, 64x3x224x224, 4096x2048, 128x100)")
     group.addoption("--bench-device", default="auto", choices=["auto", "cpu", "cuda"],
                     help="device to benchmark on (auto: cuda when available)")
     group.addoption("--bench-md", default=None, help="also write the summary table as markdown to this file")

@@ -19,6 +19,7 @@ IMAGE_SHAPES = [(128, 3, 32, 32), (256, 3, 32, 32), (32, 3, 224, 224), (64, 3, 2
 FEATURE_SHAPES = [(256, 512), (256, 2048), (4096, 2048)]
 LOGIT_SHAPES = [(128, 10), (128, 100), (256, 1000)]
 QUICK = {"image": [(8, 3, 32, 32)], "feature": [(64, 256)], "logits": [(32, 10)]}
+CHECK = {"image": [(128, 3, 32, 32), (64, 3, 224, 224)], "feature": [(4096, 2048)], "logits": [(128, 100)]}
 
 _compiled: dict = {}
 
@@ -43,7 +44,12 @@ def pytest_generate_tests(metafunc):
     kind = {"test_image_op": "image", "test_zscore": "feature", "test_ascood_loss": "logits"}.get(metafunc.function.__name__)
     if kind is None:
         return
-    shapes = QUICK[kind] if quick else {"image": IMAGE_SHAPES, "feature": FEATURE_SHAPES, "logits": LOGIT_SHAPES}[kind]
+    if quick:
+        shapes = QUICK[kind]
+    elif config.getoption("--check-shapes"):
+        shapes = CHECK[kind]
+    else:
+        shapes = {"image": IMAGE_SHAPES, "feature": FEATURE_SHAPES, "logits": LOGIT_SHAPES}[kind]
     dtypes = [torch.float32] if (quick or kind == "logits") else [torch.float32, torch.bfloat16]
     metafunc.parametrize("shape", shapes, ids=lambda s: "x".join(map(str, s)))
     metafunc.parametrize("dtype", dtypes, ids=lambda d: str(d).replace("torch.", ""))

@@ -46,8 +46,10 @@ def _namespaces():
             reason = "extension built without CUDA kernels"
         elif ns == "ascood_triton" and not _backend.triton_loaded():
             reason = "triton kernels unavailable"
-        out.append(pytest.param(ns, device, marks=[pytest.mark.skip(reason=reason)] if reason else [],
-                                id=f"{ns}-{device}"))
+        marks = [pytest.mark.skip(reason=reason)] if reason else []
+        if device == "cuda":
+            marks.append(pytest.mark.gpu)
+        out.append(pytest.param(ns, device, marks=marks, id=f"{ns}-{device}"))
     return out
 
 
