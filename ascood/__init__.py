@@ -1,0 +1,27 @@
+"""ascood: ASCOOD out-of-distribution detection on top of the ``ascood_kernels`` fused ops.
+
+Train (:func:`train`), score (:mod:`ascood.scorers`) and evaluate
+(:func:`evaluate`) with OpenOOD's metric conventions; ``python -m ascood``
+runs the same from the command line.
+"""
+from __future__ import annotations
+
+from .models import ASCOODNet, build_model  # noqa: F401
+from .trainer import NonFiniteLossError, TrainConfig, Trainer, train  # noqa: F401
+
+__version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # Heavier modules load on first use so `import ascood` stays quick.
+    if name == "evaluate":
+        from .evaluator import evaluate
+        return evaluate
+    if name in ("scorers", "metrics", "data", "evaluator", "checkpoint", "outliers", "plots"):
+        import importlib
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'ascood' has no attribute {name!r}")
+
+
+__all__ = ["ASCOODNet", "build_model", "train", "Trainer", "TrainConfig", "NonFiniteLossError", "evaluate",
+           "__version__"]

@@ -1,0 +1,125 @@
+"""ASCOODNet: a feature extractor, the z-score op and a linear head.
+
+Paper notation: h = backbone(x) (B, m) is the raw feature;
+h~ = (h - mean(h)) / (std(h) + 1e-6) * sigma (unbiased std, per sample over the
+m features) is the standardised feature; logits z = W h~ + b. With
+``head="linear"`` h~ = h (the plain cross-entropy baseline's network).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from . import _ops
+from .backbones import ResNet18_32x32, SmallCNN, load_backbone_weights, torchvision_resnet
+
+__all__ = ["ASCOODNet", "build_model", "MODEL_NAMES"]
+
+HEADS = ("zscore", "linear")
+
+
+class ASCOODNet(nn.Module):
+    """Classifier with ASCOOD's standardised-feature head.
+
+    Args:
+        backbone: module mapping (B, C, H, W) -> (B, m); ``m`` is read from its
+            ``feature_dim`` attribute unless ``feature_dim`` is given.
+        num_classes: number of ID classes C.
+        sigma: the paper's sigma, scale of the standardised feature (default 0.5).
+        head: "zscore" (ASCOOD) or "linear" (baseline: logits = fc(h)).
+        feature_dim: m, when the backbone has no ``feature_dim`` attribute.
+
+    Scorers that reshape features (ReAct, ASH, SCALE) or measure distances
+    (KNN, MDS, ViM, ...) use :meth:`features` (raw h) and :attr:`fc`, exactly
+    as the authors' code does (its SCALE feeds the raw h to the linear layer).
+    """
+
+    def __init__(self, backbone: nn.Module, num_classes: int, sigma: float = 0.5, head: str = "zscore",
+                 feature_dim: int | None = None) -> None:
+        super().__init__()
+        if head not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}, got {head!r}")
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+        if not sigma > 0:
+            raise ValueError(f"sigma must be > 0, got {sigma}")
+        m = feature_dim if feature_dim is not None else getattr(backbone, "feature_dim", None)
+        if m is None:
+            raise ValueError("backbone has no feature_dim attribute; pass feature_dim=")
+        if head == "zscore" and m < 2:
+            raise ValueError("the z-score head needs feature_dim >= 2")
+        self.backbone = backbone
+        self.num_classes = int(num_classes)
+        self.sigma = float(sigma)
+        self.head_type = head
+        self.feature_dim = int(m)
+        self.fc = nn.Linear(self.feature_dim, self.num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw (un-standardised) feature h: (B, C, H, W) -> (B, m)."""
+        return self.backbone(x)
+
+    def standardize(self, h: torch.Tensor) -> torch.Tensor:
+        """h -> h~ (the fused z-score op for the "zscore" head, identity for "linear")."""
+        if self.head_type == "zscore":
+            return _ops.zscore(h, self.sigma)
+        return h
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits from a raw feature: fc(standardize(h)), (B, m) -> (B, C)."""
+        return self.fc(self.standardize(h))
+
+    def forward(self, x: torch.Tensor, return_features: bool = False):
+        """Logits (B, num_classes); with ``return_features`` also the raw h (B, m)."""
+        h = self.features(x)
+        logits = self.head(h)
+        return (logits, h) if return_features else logits
+
+    def config(self) -> dict:
+        """The constructor arguments that rebuild this head (stored in checkpoints)."""
+        return {"num_classes": self.num_classes, "sigma": self.sigma, "head": self.head_type}
+
+
+MODEL_NAMES = ("resnet18_32x32", "resnet18", "resnet34", "resnet50", "small_cnn")
+
+
+def build_model(name: str, num_classes: int, in_channels: int = 3, head: str = "zscore", sigma: float = 0.5,
+                weights: str | os.PathLike | None = None, width: int | None = None) -> ASCOODNet:
+    """Build an :class:`ASCOODNet` by backbone name.
+
+    Args:
+        name: one of :data:`MODEL_NAMES`: "resnet18_32x32" (CIFAR variant,
+            32x32 inputs), "resnet18"/"resnet34"/"resnet50" (torchvision, 224x224),
+            "small_cnn" (tiny images, 8x8..32x32).
+        num_classes: number of ID classes.
+        in_channels: image channels (1 for grey, 3 for RGB, ...).
+        head: "zscore" (ASCOOD) or "linear" (baseline).
+        sigma: the standardised feature's scale.
+        weights: optional local file with backbone weights (torchvision or an
+            ASCOODNet/ascood checkpoint); loaded with ``weights_only=True``;
+            never downloaded. For a full ascood checkpoint use
+            :func:`ascood.checkpoint.load_model` instead (it restores the head too).
+        width: channel width override (resnet18_32x32 default 64, small_cnn 16).
+    """
+    # Recorded on the model so checkpoints can rebuild it (weights come from the state dict).
+    build_args = {"name": name, "num_classes": int(num_classes), "in_channels": int(in_channels), "head": head,
+                  "sigma": float(sigma), "width": width}
+    if name == "resnet18_32x32":
+        backbone: nn.Module = ResNet18_32x32(in_channels, width or 64)
+    elif name == "small_cnn":
+        backbone = SmallCNN(in_channels, width or 16)
+    elif name in ("resnet18", "resnet34", "resnet50"):
+        if width is not None:
+            raise ValueError("width applies only to resnet18_32x32 and small_cnn")
+        model = ASCOODNet(torchvision_resnet(int(name[6:]), in_channels, weights), num_classes, sigma, head)
+        model.build_args = build_args
+        return model
+    else:
+        raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODEL_NAMES)}")
+    if weights is not None:
+        load_backbone_weights(backbone, weights)
+    model = ASCOODNet(backbone, num_classes, sigma, head)
+    model.build_args = build_args
+    return model
