@@ -40,7 +40,8 @@ def want_cuda() -> bool:
 
 def extensions():
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
-    cxx = ["-O3", "-fopenmp", "-std=c++17", "-Wall", "-Wno-unknown-pragmas"]
+    # No -std flag: torch adds the standard its headers need (C++20 for torch 2.14).
+    cxx = ["-O3", "-fopenmp", "-Wall", "-Wno-unknown-pragmas"]
     extra = {"cxx": cxx}
     macros = [("Py_LIMITED_API", "0x03090000")]
     ext_cls = cpp_extension.CppExtension
@@ -49,7 +50,7 @@ def extensions():
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
         cuda_version = int(torch.version.cuda.split(".")[0]) * 1000 + int(torch.version.cuda.split(".")[1]) * 10
         macros += [("ASCOOD_WITH_CUDA", None), ("ASCOOD_CUDA_VERSION", str(cuda_version))]
-        nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-Werror=all-warnings", "-lineinfo"]
+        nvcc = ["-O3", "--expt-relaxed-constexpr", "-Werror=all-warnings", "-lineinfo"]
         if os.environ.get("ASCOOD_PTXAS_VERBOSE") == "1":
             nvcc.append("-Xptxas=-v")
         extra["nvcc"] = nvcc
