@@ -36,9 +36,11 @@ def _op_args(device, dtype=torch.float32):
 
 def _namespaces():
     out = []
-    for ns, device in [("ascood", "cpu"), ("ascood", "cuda"), ("ascood_triton", "cuda")]:
+    for ns, device in [("ascood", "cpu"), ("ascood", "cuda"), ("ascood_triton", "cpu"), ("ascood_triton", "cuda")]:
         reason = None
-        if device == "cuda" and not HAS_CUDA:
+        if ns == "ascood_triton" and device == "cpu" and not INTERPRETED:
+            reason = "Triton on CPU tensors needs TRITON_INTERPRET=1"
+        elif device == "cuda" and not HAS_CUDA:
             reason = "needs a CUDA device (none here)"
         elif ns == "ascood" and not _backend.extension_loaded():
             reason = "C++ extension not built"
@@ -86,7 +88,9 @@ def _train_step(x, g, h, y, backend):
 
 def _compile_cases():
     out = [pytest.param("cpu", "cpu", marks=[pytest.mark.skipif(not _backend.extension_loaded(),
-                                                                 reason="C++ extension not built")])]
+                                                                 reason="C++ extension not built")]),
+           pytest.param("triton", "cpu", marks=[pytest.mark.skipif(not (INTERPRETED and _backend.triton_loaded()),
+                                                                    reason="needs Triton's interpreter")])]
     for backend in ("cuda", "triton"):
         out.append(pytest.param(backend, "cuda", marks=[pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device"),
                                                         pytest.mark.gpu]))
