@@ -153,6 +153,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     for row in table:
         terminalreporter.write_line("  ".join(c.rjust(w) if i >= 4 else c.ljust(w) for i, (c, w) in
                                               enumerate(zip(row, widths))))
+    for line in step_summary(rows):
+        terminalreporter.write_line(line)
     for r in rows:
         if r["note"]:
             terminalreporter.write_line(f"note [{r['op']} {r['shape']} {r['provider']}]: {r['note']}")
@@ -162,3 +164,18 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
             f.write(f"{head}\n\n| " + " | ".join(HEADER) + " |\n|" + "---|" * len(HEADER) + "\n")
             for r in rows:
                 f.write("| " + " | ".join(_fmt(r)) + " |\n")
+            for line in step_summary(rows):
+                f.write(f"\n{line}\n")
+
+
+def step_summary(rows) -> list[str]:
+    """ASCOOD step / CE step, and the outlier synthesis' share of the step (ours vs eager)."""
+    med = {r["provider"]: r["median_ms"] for r in rows if r["op"] in ("train step", "outlier synthesis")}
+    out = []
+    ce = med.get("CE step")
+    for which in ("ours", "eager"):
+        step, synth = med.get(f"ASCOOD step ({which})"), med.get(f"synthesis ({which})")
+        if ce and step:
+            share = f"; synthesis {synth:.3f} ms = {100 * synth / step:.1f}% of the step" if synth else ""
+            out.append(f"end-to-end ({which} ops): ASCOOD step / CE step = {step / ce:.2f}x{share}")
+    return out
