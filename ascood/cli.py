@@ -181,7 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="run the bundled demo (arguments are passed to it)", add_help=False)
     d.add_argument("args", nargs=argparse.REMAINDER)
-    b = sub.add_parser("bench", help="run the benchmark suite: pytest benchmarks/ --benchmark-only [ARGS]",
+    b = sub.add_parser("bench", help="run the benchmark suite: pytest benchmarks/ --benchmark-only [ARGS] "
+                       "(--quick, --json FILE, --md FILE, --bench-device cpu|cuda)",
                        add_help=False)
     b.add_argument("args", nargs=argparse.REMAINDER)
     return parser
@@ -362,8 +363,19 @@ def cmd_bench(args) -> int:
         if not os.path.isdir(here):
             raise CLIError("benchmarks/ not found (run from the repository root)")
         bench_dir = here
-    cmd = [sys.executable, "-m", "pytest", bench_dir, "--benchmark-only", *args.args]
+    cmd = [sys.executable, "-m", "pytest", bench_dir, "--benchmark-only", *_bench_args(args.args)]
     return subprocess.call(cmd)
+
+
+def _bench_args(args: list[str]) -> list[str]:
+    """``--json FILE`` / ``--md FILE`` are short for pytest-benchmark's ``--benchmark-json`` and the suite's
+    ``--bench-md``; everything else (``--quick``, ``--bench-device``, ``-k ...``) goes to pytest unchanged."""
+    aliases = {"--json": "--benchmark-json", "--md": "--bench-md"}
+    out = []
+    for a in args:
+        name, sep, value = a.partition("=")
+        out.append(aliases[name] + sep + value if name in aliases else a)
+    return out
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "demo": cmd_demo, "bench": cmd_bench}

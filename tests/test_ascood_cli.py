@@ -117,6 +117,20 @@ def test_bench_runs_pytest_on_benchmarks(monkeypatch):
     cmd = calls[0]
     assert cmd[1:3] == ["-m", "pytest"] and cmd[3].endswith("benchmarks") and cmd[4:] == ["--benchmark-only", "-k",
                                                                                             "zscore"]
+    assert main(["bench", "--quick", "--json", "out.json", "--md=t.md"]) == 0
+    assert calls[1][4:] == ["--benchmark-only", "--quick", "--benchmark-json", "out.json", "--bench-md=t.md"]
+
+
+def test_bench_quick_prints_the_table(tmp_path):
+    """The real suite in quick mode on one op: the summary table and the JSON come out."""
+    import subprocess as sp
+
+    out = tmp_path / "b.json"
+    proc = sp.run([sys.executable, "-m", "ascood", "bench", "--quick", "-k", "gradient_outlier and eager",
+                   "-p", "no:cacheprovider", "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "ascood: fused ops vs eager PyTorch" in proc.stdout and "copy bandwidth" in proc.stdout
+    assert "gradient_outlier" in proc.stdout and out.exists() and out.stat().st_size > 0
 
 
 def test_demo_hook_calls_demo_main(monkeypatch):
