@@ -43,7 +43,9 @@ def extensions():
     # No -std flag: torch adds the standard its headers need (C++20 for torch 2.14).
     cxx = ["-O3", "-fopenmp", "-Wall", "-Wno-unknown-pragmas"]
     extra = {"cxx": cxx}
-    macros = [("Py_LIMITED_API", "0x03090000")]
+    # py_limited_api=True below makes torch define Py_LIMITED_API itself (a second
+    # definition would be a -Werror failure in nvcc).
+    macros = []
     ext_cls = cpp_extension.CppExtension
     if want_cuda():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
@@ -71,5 +73,5 @@ def extensions():
 setup(
     ext_modules=extensions(),
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
-    options={"bdist_wheel": {"py_limited_api": "cp39"}},
+    options={"bdist_wheel": {"py_limited_api": "cp310"}},
 )
