@@ -11,6 +11,10 @@
 
 #include <torch/library.h>
 
+// x - eps*s/std must round exactly like the reference: no fused multiply-add
+// (GCC in ISO mode does not contract anyway; this tells clang).
+#pragma STDC FP_CONTRACT OFF
+
 namespace ascood {
 namespace cpu {
 namespace {
@@ -62,7 +66,7 @@ C10_ALWAYS_INLINE scalar_t step(scalar_t x, scalar_t g, acc eps, acc std) {
   return from_acc<scalar_t>(to_acc<acc>(x) - eps * s / std);
 }
 
-at::Tensor iodin_perturb_cpu(const at::Tensor& x, const at::Tensor& grad, double eps, const at::Tensor& std,
+at::Tensor iodin_perturb_cpu(const at::Tensor& x, const at::Tensor& grad, double eps, const at::Tensor& channel_std,
                              int64_t k) {
   check_float_cpu(x, "x", 2);
   check_float_cpu(grad, "grad", 2);
@@ -71,24 +75,27 @@ at::Tensor iodin_perturb_cpu(const at::Tensor& x, const at::Tensor& grad, double
   TORCH_CHECK(k >= 1, "ascood (CPU): k must be >= 1, got ", k);
   const int64_t B = x.size(0);
   const int64_t C = x.size(1);
-  TORCH_CHECK(std.device().is_cpu(), "ascood (CPU): std must be a CPU tensor, got device ", std.device());
-  TORCH_CHECK(std.scalar_type() == at::kFloat || std.scalar_type() == at::kDouble,
-              "ascood (CPU): std must have dtype float32 or float64, got ", std.scalar_type());
-  TORCH_CHECK(std.dim() == 1 && std.numel() == C, "ascood (CPU): std must have shape (C,) = (", C,
-              ",) with C = x.size(1), got ", std.sizes());
+  TORCH_CHECK(channel_std.device().is_cpu(), "ascood (CPU): std must be a CPU tensor, got device ",
+              channel_std.device());
+  TORCH_CHECK(channel_std.scalar_type() == at::kFloat || channel_std.scalar_type() == at::kDouble,
+              "ascood (CPU): std must have dtype float32 or float64, got ", channel_std.scalar_type());
+  TORCH_CHECK(channel_std.dim() == 1 && channel_std.numel() == C, "ascood (CPU): std must have shape (C,) = (", C,
+              ",) with C = x.size(1), got ", channel_std.sizes());
 
   const auto fmt = output_memory_format(x);
   const int64_t n = per_sample_numel(x);
   if (B == 0 || n == 0) return empty_image_like(x, fmt).copy_(x);
   const at::Tensor xc = x.contiguous();
-  // Work in NCHW order (unselected elements are copies of x), change layout last.
-  at::Tensor out = empty_image_like(x, at::MemoryFormat::Contiguous).copy_(xc);
+  const int64_t kk = std::min(k, n);
+  // Work in NCHW order (unselected elements are copies of x; with k >= n
+  // every element is written below), change layout last.
+  at::Tensor out = empty_image_like(x, at::MemoryFormat::Contiguous);
+  if (kk < n) out.copy_(xc);
   const at::Tensor gc = grad.contiguous();
   const int64_t inner = n / C;  // elements per channel of a sample
-  const int64_t kk = std::min(k, n);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ascood_iodin_perturb_cpu", [&] {
     using acc = acc_t<scalar_t>;
-    const at::Tensor sd = std.to(std::is_same_v<acc, double> ? at::kDouble : at::kFloat).contiguous();
+    const at::Tensor sd = channel_std.to(std::is_same_v<acc, double> ? at::kDouble : at::kFloat).contiguous();
     const acc* stdp = sd.const_data_ptr<acc>();
     const acc e = static_cast<acc>(eps);
     const scalar_t* xd = xc.const_data_ptr<scalar_t>();

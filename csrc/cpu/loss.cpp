@@ -43,8 +43,8 @@ void check_logits(const at::Tensor& id_logits, const at::Tensor& target, const a
   TORCH_CHECK(id_logits.size(1) >= 1, "ascood (CPU): id_logits must have C >= 1 classes, got shape ",
               id_logits.sizes());
   check_like(id_logits, "id_logits", ood_logits, "ood_logits", /*shape=*/false);
-  TORCH_CHECK(ood_logits.dim() == 2 && ood_logits.size(1) == id_logits.size(1), "ascood (CPU): ood_logits must be (B2, ",
-              id_logits.size(1), "), got shape ", ood_logits.sizes());
+  TORCH_CHECK(ood_logits.dim() == 2 && ood_logits.size(1) == id_logits.size(1),
+              "ascood (CPU): ood_logits must be (B2, ", id_logits.size(1), "), got shape ", ood_logits.sizes());
   TORCH_CHECK(target.device().is_cpu(), "ascood (CPU): target must be a CPU tensor, got device ", target.device());
   TORCH_CHECK(target.scalar_type() == at::kLong, "ascood (CPU): target must have dtype int64, got ",
               target.scalar_type());
@@ -127,6 +127,8 @@ std::tuple<at::Tensor, at::Tensor> ascood_loss_backward_cpu(const at::Tensor& gr
   check_target_range(td, B, C);
   at::Tensor d_id = at::empty({B, C}, id_logits.options());
   at::Tensor d_ood = at::empty({B2, C}, ood_logits.options());
+  advise_huge_pages(d_id);
+  advise_huge_pages(d_ood);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, id_logits.scalar_type(), "ascood_loss_backward_cpu", [&] {
     using acc = acc_t<scalar_t>;
     const acc g = static_cast<acc>(grad.to(at::kDouble).item<double>());

@@ -11,6 +11,10 @@
 
 #include <torch/library.h>
 
+// x + alpha*g must round exactly like the reference (two roundings): no fused
+// multiply-add. GCC in ISO mode already does not contract; this tells clang.
+#pragma STDC FP_CONTRACT OFF
+
 namespace ascood {
 namespace cpu {
 namespace {
@@ -107,7 +111,8 @@ at::Tensor invariant_mask_cpu(const at::Tensor& grad, double p_inv) {
   const at::Tensor g = grad.contiguous(fmt);
   at::Tensor out = empty_image_like(grad, fmt, at::kBool);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "ascood_invariant_mask_cpu", [&] {
-    MaskWriter<scalar_t> writer{g.const_data_ptr<scalar_t>(), out.mutable_data_ptr<bool>(), out.nbytes() >= kStreamBytes};
+    MaskWriter<scalar_t> writer{g.const_data_ptr<scalar_t>(), out.mutable_data_ptr<bool>(),
+                                out.nbytes() >= kStreamBytes};
     for_each_threshold(g.const_data_ptr<scalar_t>(), B, n, k, writer);
   });
   return out;

@@ -149,6 +149,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> zscore_cpu(const at::Tensor& h, d
   const int64_t rows = m ? h.numel() / m : 0;
   const auto acc_type = acc_scalar_type(h.scalar_type());
   at::Tensor out = at::empty(h.sizes(), h.options());
+  advise_huge_pages(out);
   at::Tensor mean = at::empty(row_shape(h), h.options().dtype(acc_type));
   at::Tensor rstd = at::empty(row_shape(h), h.options().dtype(acc_type));
   if (rows == 0) return {out, mean, rstd};
@@ -176,6 +177,7 @@ at::Tensor zscore_backward_cpu(const at::Tensor& grad_out, const at::Tensor& h, 
   const int64_t m = h.size(-1);
   const int64_t rows = h.numel() / m;
   at::Tensor dh = at::empty(h.sizes(), h.options());
+  advise_huge_pages(dh);
   if (rows == 0) return dh;
   const at::Tensor gc = grad_out.contiguous(), hc = h.contiguous();
   const at::Tensor mc = mean.contiguous(), rc = rstd.contiguous();
