@@ -17,6 +17,7 @@ import os
 import subprocess
 import sys
 from typing import Sequence
+from ._argtypes import positive_int
 
 __all__ = ["main", "build_parser"]
 
@@ -59,14 +60,6 @@ def _positive(text: str) -> float:
     return v
 
 
-def _posint(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}")
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
 
 
 def _floats(text: str) -> list[float]:
@@ -92,7 +85,7 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
                    help="how to read data paths: auto-detect (default), class folders, a flat folder of images, "
                         "an OpenOOD image list ('relative/path label' lines; see --root), or CIFAR python batches")
     p.add_argument("--root", help="root directory that image-list paths are relative to (default: the list's folder)")
-    p.add_argument("--batch-size", type=_posint, default=128, help="batch size (default 128)")
+    p.add_argument("--batch-size", type=positive_int, default=128, help="batch size (default 128)")
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default 0)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
 
@@ -113,13 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", default="runs/ascood", help="output directory: last.pt, config.json, log.jsonl, figures")
     t.add_argument("--model", choices=MODEL_NAMES, default="small_cnn",
                    help="backbone: small_cnn (tiny images), resnet18_32x32 (CIFAR-size), resnet18/34/50 (224 px)")
-    t.add_argument("--width", type=_posint, help="channel width of small_cnn / resnet18_32x32")
+    t.add_argument("--width", type=positive_int, help="channel width of small_cnn / resnet18_32x32")
     t.add_argument("--weights", help="local file with backbone weights (e.g. ImageNet ResNet); never downloaded")
-    t.add_argument("--image-size", type=_posint, default=32, help="images are resized/cropped to this size (default 32)")
+    t.add_argument("--image-size", type=positive_int, default=32, help="images are resized/cropped to this size (default 32)")
     t.add_argument("--channels", type=int, choices=(1, 3), default=3, help="1 = greyscale, 3 = RGB (default 3)")
     t.add_argument("--mean", type=_floats, help="normalisation mean per channel (default: estimated from the data)")
     t.add_argument("--std", type=_floats, help="normalisation std per channel (default: estimated from the data)")
-    t.add_argument("--epochs", type=_posint, default=100, help="training epochs (paper: 100 from scratch, 30 fine-tuning)")
+    t.add_argument("--epochs", type=positive_int, default=100, help="training epochs (paper: 100 from scratch, 30 fine-tuning)")
     t.add_argument("--ood-type", choices=OOD_TYPES, default="gradient",
                    help="outlier synthesis: gradient = x + alpha * G on the invariant (top |G|) elements (the "
                         "paper's method); shuffle = permute the most salient pixels; gaussian = alpha * N(0, 1); "

@@ -50,6 +50,7 @@ from typing import NamedTuple, Sequence
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
+from ._argtypes import non_negative_int, positive_int
 
 __all__ = ["SettingConfig", "SETTING_CONFIGS", "METHODS", "DEFAULT_SCORERS", "QUICK_SCORERS", "main", "run_demo",
            "build_parser"]
@@ -152,24 +153,6 @@ class _OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{PROG}: error: {message}\n")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
-    return v
 
 
 def _settings_list(text: str) -> list[str]:
@@ -212,21 +195,21 @@ def build_parser() -> argparse.ArgumentParser:
                      "positive, x100), mean +- std over seeds, plus ID accuracy. ODIN / i-ODIN hyperparameters are "
                      "chosen on the validation split (APS), never on the test split."),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--seeds", type=_positive_int, default=None,
+    p.add_argument("--seeds", type=positive_int, default=None,
                    help="number of seeds (0 .. N-1 from --first-seed); default 3, or 1 with --quick")
-    p.add_argument("--first-seed", type=_non_negative_int, default=0, help="first seed")
+    p.add_argument("--first-seed", type=non_negative_int, default=0, help="first seed")
     p.add_argument("--quick", action="store_true",
                    help=f"CI smoke run: 1 seed, {QUICK_OVERRIDES['epochs']} epochs, scorers "
                         f"{','.join(QUICK_SCORERS)} (under 90 s on 2 CPU cores)")
     p.add_argument("--settings", type=_settings_list, default=None,
                    help="comma-separated subset of fine-grained,spurious,conventional (default: all three)")
-    p.add_argument("--epochs", type=_positive_int, default=None,
+    p.add_argument("--epochs", type=positive_int, default=None,
                    help="override every setting's epochs (the stated hyperparameters are then not the tuned ones)")
     p.add_argument("--scorers", type=_scorer_list, default=None,
                    help=f"comma-separated post-hoc scorers (default {','.join(DEFAULT_SCORERS)}; MSP always "
                         "included)")
     p.add_argument("--out", default="demo_out", help="output folder for the table (CSV + markdown) and figures")
-    p.add_argument("--threads", type=_positive_int, default=None,
+    p.add_argument("--threads", type=positive_int, default=None,
                    help="torch intra-op threads (default 1: fastest measured on a shared 2-core machine)")
     p.add_argument("--ablations", action="store_true",
                    help="also train 'CE (z-score head)' and 'ASCOOD (alpha = 0: x' = x)' (which part gives the gain?)")
