@@ -2,7 +2,9 @@
 # One-step setup on a fresh machine: a virtual environment in .venv with the
 # dependencies, then the package installed in editable mode, which compiles
 # ascood_kernels._C (C++ CPU kernels; CUDA kernels too when a toolkit is found).
-#   USE_CUDA=auto|0|1   (default auto: compile the CUDA kernels when torch has CUDA and a toolkit exists)
+#   USE_CUDA=auto|0|1   (default: auto on a machine with an NVIDIA GPU -- compile the CUDA kernels when
+#                        torch has CUDA and a toolkit exists -- and 0 without one, which saves minutes
+#                        of nvcc; CI sets 1 to keep the CUDA sources compiling)
 #   PYTHON=python3.11   (interpreter used to create .venv)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,6 +18,10 @@ echo "[setup] installing dependencies (requirements.txt)"
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
   export CUDA_HOME=/usr/local/cuda
 fi
+if [ -z "${USE_CUDA:-}" ]; then
+  if nvidia-smi -L >/dev/null 2>&1; then USE_CUDA=auto; else USE_CUDA=0; fi
+fi
+export USE_CUDA
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 echo "[setup] building ascood_kernels._C (USE_CUDA=${USE_CUDA:-auto}, MAX_JOBS=$MAX_JOBS)"
 .venv/bin/python -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e .
