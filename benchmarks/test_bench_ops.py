@@ -23,6 +23,11 @@ CHECK = {"image": [(128, 3, 32, 32), (64, 3, 224, 224)], "feature": [(4096, 2048
 
 _compiled: dict = {}
 
+# One compiled baseline serves every (shape, dtype, grad mode) case of its op: more
+# specialisations than dynamo's default limit of 8 would silently fall back to eager
+# and make the "compile" column measure eager code.
+torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+
 
 def compiled(fn):
     """torch.compile of an eager baseline (one compiled function per baseline, specialised per shape)."""
