@@ -114,10 +114,14 @@ class MDS(FeatureScorer):
     def fit(self, model: nn.Module, id_train_loader) -> "MDS":
         data = self.collect(model, id_train_loader)
         if "label" not in data:
-            raise ValueError("mds needs labels in id_train_loader")
-        self.means, self.precision = _class_stats(data["feature"], data["label"])
+            raise ValueError(f"{self.name} needs labels in id_train_loader")
+        self._fit_stats(data)
         self.fitted = True
         return self
+
+    def _fit_stats(self, data: dict) -> None:
+        """Class means and the tied precision of the collected ID-train features."""
+        self.means, self.precision = _class_stats(data["feature"], data["label"])
 
     @torch.no_grad()
     def score(self, model: nn.Module, x: torch.Tensor):
@@ -127,21 +131,15 @@ class MDS(FeatureScorer):
         return logits.argmax(1), (-d).amax(1).float()
 
 
-class RMDS(FeatureScorer):
+class RMDS(MDS):
     """Relative Mahalanobis: max_c -(MD_c(h) - MD_0(h)), MD_0 with the global mean and covariance."""
 
     name = "rmds"
-    needs_fit = True
 
-    def fit(self, model: nn.Module, id_train_loader) -> "RMDS":
-        data = self.collect(model, id_train_loader)
-        if "label" not in data:
-            raise ValueError("rmds needs labels in id_train_loader")
-        self.means, self.precision = _class_stats(data["feature"], data["label"])
+    def _fit_stats(self, data: dict) -> None:
+        super()._fit_stats(data)
         zeros = torch.zeros(data["feature"].shape[0], dtype=torch.long)
         self.whole_mean, self.whole_precision = _class_stats(data["feature"], zeros)
-        self.fitted = True
-        return self
 
     @torch.no_grad()
     def score(self, model: nn.Module, x: torch.Tensor):
