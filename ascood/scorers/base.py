@@ -135,6 +135,11 @@ class FeatureScorer(Scorer):
             raise ValueError(f"feature_space must be 'raw' or 'head', got {feature_space!r}")
         self.feature_space = feature_space
 
+    def fitted_features(self, model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, features) of a batch, after checking that ``fit`` ran."""
+        self._check_fitted()
+        return model_features(model, x, self.feature_space)
+
     @torch.no_grad()
     def collect(self, model: nn.Module, loader) -> dict[str, torch.Tensor]:
         """Stream ``loader`` once: CPU tensors "feature" (N, m), "logits" (N, K), "label" (N,)."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import FeatureScorer, energy, model_features
+from .base import FeatureScorer, energy
 
 __all__ = ["KNN", "MDS", "RMDS", "ViM", "NNGuide", "Relation", "l2_normalize"]
 
@@ -78,8 +78,7 @@ class KNN(FeatureScorer):
 
     @torch.no_grad()
     def score(self, model: nn.Module, x: torch.Tensor):
-        self._check_fitted()
-        logits, h = model_features(model, x, self.feature_space)
+        logits, h = self.fitted_features(model, x)
         # K is capped at the bank size (a tiny ID set), so the K-th neighbour always exists.
         kth = topk_similarity(l2_normalize(h), self.bank, min(self.K, self.bank.cpu.shape[0]))[:, -1]
         return logits.argmax(1), -(2.0 - 2.0 * kth)
@@ -125,8 +124,7 @@ class MDS(FeatureScorer):
 
     @torch.no_grad()
     def score(self, model: nn.Module, x: torch.Tensor):
-        self._check_fitted()
-        logits, h = model_features(model, x, self.feature_space)
+        logits, h = self.fitted_features(model, x)
         d = _mahalanobis(h.double(), self.means.to(h.device), self.precision.to(h.device))
         return logits.argmax(1), (-d).amax(1).float()
 
@@ -143,8 +141,7 @@ class RMDS(MDS):
 
     @torch.no_grad()
     def score(self, model: nn.Module, x: torch.Tensor):
-        self._check_fitted()
-        logits, h = model_features(model, x, self.feature_space)
+        logits, h = self.fitted_features(model, x)
         h = h.double()
         d = _mahalanobis(h, self.means.to(h.device), self.precision.to(h.device))
         d0 = _mahalanobis(h, self.whole_mean.to(h.device), self.whole_precision.to(h.device))
@@ -193,8 +190,7 @@ class ViM(FeatureScorer):
 
     @torch.no_grad()
     def score(self, model: nn.Module, x: torch.Tensor):
-        self._check_fitted()
-        logits, h = model_features(model, x, self.feature_space)
+        logits, h = self.fitted_features(model, x)
         h = h.double()
         dev = h.device
         z = h @ self.W.to(dev).T + self.b.to(dev)
@@ -240,8 +236,7 @@ class NNGuide(FeatureScorer):
 
     @torch.no_grad()
     def score(self, model: nn.Module, x: torch.Tensor):
-        self._check_fitted()
-        logits, h = model_features(model, x, self.feature_space)
+        logits, h = self.fitted_features(model, x)
         guidance = topk_similarity(l2_normalize(h), self.bank, self.K).mean(1)
         return logits.argmax(1), guidance * energy(logits)
 
@@ -275,8 +270,7 @@ class Relation(FeatureScorer):
 
     @torch.no_grad()
     def score(self, model: nn.Module, x: torch.Tensor):
-        self._check_fitted()
-        logits, h = model_features(model, x, self.feature_space)
+        logits, h = self.fitted_features(model, x)
         feat, prob = l2_normalize(h), torch.softmax(logits, 1)
         total = torch.zeros(h.shape[0], device=h.device, dtype=torch.float32)
         for _, block in self.bank.chunks(h.device):
