@@ -169,15 +169,19 @@ def _launch_fwd(h, sigma, eps, out, mean, rstd) -> None:
     is64 = h.dtype == torch.float64
     sb, eb = C.f64_bits(sigma), C.f64_bits(eps)
     with C.device_guard(hc):
-        if m <= _tile(is64):
-            block_m = C.next_pow2(m)
-            nrows = _tile_rows(block_m, is64)
-            wrap_triton(_zscore_fwd_tile_kernel)[(triton.cdiv(rows, nrows),)](
-                hc, out, mean, rstd, rows, m, sb, eb, ROWS=nrows, BLOCK_M=block_m, IS64=is64,
-                num_warps=C.warps_for(nrows * block_m, is64))
-        else:
-            wrap_triton(_zscore_fwd_loop_kernel)[(rows,)](
-                hc, out, mean, rstd, m, sb, eb, BLOCK_M=_tile(is64), IS64=is64, num_warps=8)
+        _launch_rows(_zscore_fwd_tile_kernel, _zscore_fwd_loop_kernel, (hc, out, mean, rstd), (sb, eb), rows, m, is64)
+
+
+def _launch_rows(tile_kernel, loop_kernel, tensors, scalars, rows: int, m: int, is64: bool) -> None:
+    """Rows that fit one tile: several rows per program; longer rows: one looping program per row."""
+    if m <= _tile(is64):
+        block_m = C.next_pow2(m)
+        nrows = _tile_rows(block_m, is64)
+        wrap_triton(tile_kernel)[(triton.cdiv(rows, nrows),)](
+            *tensors, rows, m, *scalars, ROWS=nrows, BLOCK_M=block_m, IS64=is64,
+            num_warps=C.warps_for(nrows * block_m, is64))
+    else:
+        wrap_triton(loop_kernel)[(rows,)](*tensors, m, *scalars, BLOCK_M=_tile(is64), IS64=is64, num_warps=8)
 
 
 def _launch_bwd(grad_out, h, mean, rstd, sigma, dh) -> None:
@@ -194,15 +198,7 @@ def _launch_bwd(grad_out, h, mean, rstd, sigma, dh) -> None:
     is64 = h.dtype == torch.float64
     sb = C.f64_bits(sigma)
     with C.device_guard(hc):
-        if m <= _tile(is64):
-            block_m = C.next_pow2(m)
-            nrows = _tile_rows(block_m, is64)
-            wrap_triton(_zscore_bwd_tile_kernel)[(triton.cdiv(rows, nrows),)](
-                goc, hc, mc, rc, dh, rows, m, sb, ROWS=nrows, BLOCK_M=block_m, IS64=is64,
-                num_warps=C.warps_for(nrows * block_m, is64))
-        else:
-            wrap_triton(_zscore_bwd_loop_kernel)[(rows,)](
-                goc, hc, mc, rc, dh, m, sb, BLOCK_M=_tile(is64), IS64=is64, num_warps=8)
+        _launch_rows(_zscore_bwd_tile_kernel, _zscore_bwd_loop_kernel, (goc, hc, mc, rc, dh), (sb,), rows, m, is64)
 
 
 # ----------------------------------------------------------------------------- registration
