@@ -9,21 +9,64 @@ with ``torch.load(..., weights_only=True)`` (no pickled code runs):
 
 ``config.json`` beside it repeats ``train_config``/``model_build`` for humans
 and for ``ascood eval``.
+
+Atomic writes go through ``<name>.ascood.XXXXXXXX.tmp`` in the target's
+directory; the temporary is removed on any failure, and a run that holds its
+output directory's lock removes the ones a killed run left behind
+(:func:`remove_stale_temporaries`). Files get the process umask's mode
+(``0o666 & ~umask``), like ``open()``, not mkstemp's 0600.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
+import re
 import tempfile
 
 import numpy as np
 import torch
 
 __all__ = ["FORMAT", "atomic_save", "atomic_write_text", "load_checkpoint", "load_model", "get_rng_state",
-           "set_rng_state"]
+           "set_rng_state", "remove_stale_temporaries", "current_umask", "describe_state_dict_mismatch",
+           "load_state_dict_checked"]
 
 FORMAT = "ascood-checkpoint-v1"
+
+TMP_TAG = ".ascood."
+TMP_SUFFIX = ".tmp"
+# mkstemp's random part: 8 characters of [a-z0-9_].
+_TMP_RE = re.compile(r"^.+" + re.escape(TMP_TAG) + r"[a-z0-9_]{8}" + re.escape(TMP_SUFFIX) + r"$")
+# What versions before the ".ascood." tag left behind for the files a run writes.
+_LEGACY_TMP_RE = re.compile(r"^(last\.pt|best\.pt|config\.json|log\.jsonl|results\.csv|results\.json)"
+                            r"\.[a-z0-9_]{8}\.tmp$")
+_NO_SPACE = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+
+
+def current_umask() -> int:
+    """The process umask (read from /proc on Linux, so it is not changed even for an instant)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _no_space_error(err: BaseException) -> OSError | None:
+    """The ENOSPC/EDQUOT OSError behind ``err`` (torch.save wraps the file's error in a RuntimeError)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in _NO_SPACE:
+            return err
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def _atomic(path: str, write) -> None:
@@ -31,21 +74,48 @@ def _atomic(path: str, write) -> None:
 
     os.replace is atomic on POSIX and Windows, so a reader (or a resumed run
     after a crash) sees either the old complete file or the new complete one.
+    The temp file is removed on any failure (also KeyboardInterrupt); a full
+    disk is reported as "no space left writing <path>".
     """
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + TMP_TAG, suffix=TMP_SUFFIX, dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; honour the umask like open() does
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        full = _no_space_error(err) if isinstance(err, Exception) else None
+        if full is not None:
+            raise OSError(full.errno, f"no space left writing {path} ({os.strerror(full.errno)})") from err
         raise
+
+
+def remove_stale_temporaries(directory: str | os.PathLike) -> list[str]:
+    """Delete the atomic writer's leftover temporaries (``*.ascood.XXXXXXXX.tmp``) in ``directory``.
+
+    Only call this while holding the directory's lock (:mod:`ascood.rundir`):
+    then no live writer owns them. Returns the removed paths.
+    """
+    directory = os.fspath(directory)
+    removed = []
+    if not os.path.isdir(directory):
+        return removed
+    for name in sorted(os.listdir(directory)):
+        full = os.path.join(directory, name)
+        if (_TMP_RE.match(name) or _LEGACY_TMP_RE.match(name)) and os.path.isfile(full):
+            try:
+                os.unlink(full)
+                removed.append(full)
+            except FileNotFoundError:
+                pass
+    return removed
 
 
 def atomic_save(obj, path: str | os.PathLike) -> None:
@@ -106,10 +176,17 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    # torch.save writes a zip archive (PK\3\4); the legacy format starts with a pickle header (0x80).
+    if not (head == b"PK\x03\x04" or head[:1] == b"\x80"):
+        raise RuntimeError(f"{path} is not a torch checkpoint file (expected last.pt written by `ascood train` "
+                           "or torch.save)")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:
-        raise RuntimeError(f"cannot read checkpoint {path}: {err}") from err
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise RuntimeError(f"cannot read checkpoint {path}: {first}") from err
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise RuntimeError(f"{path} is not an ascood checkpoint (format {FORMAT!r} expected)")
     return ckpt
@@ -129,9 +206,41 @@ def load_model(path: str | os.PathLike, map_location="cpu"):
         raise RuntimeError(f"checkpoint {os.fspath(path)} has no model_build record (model was not made by "
                            "ascood.build_model); rebuild the model yourself and load ckpt['model']")
     model = build_model(**build)
-    model.load_state_dict(ckpt["model"])
+    load_state_dict_checked(model, ckpt["model"], os.fspath(path))
     model.eval()
     return model, ckpt
+
+
+def describe_state_dict_mismatch(model_state: dict, saved_state: dict, limit: int = 3) -> str:
+    """One line naming what differs between a model's state dict and a saved one (shapes, missing, extra keys)."""
+    parts = []
+    shapes = [f"{k} {tuple(saved_state[k].shape)} in the checkpoint vs {tuple(v.shape)} in the model"
+              for k, v in model_state.items()
+              if k in saved_state and hasattr(saved_state[k], "shape") and tuple(saved_state[k].shape) != tuple(v.shape)]
+    missing = [k for k in model_state if k not in saved_state]
+    extra = [k for k in saved_state if k not in model_state]
+
+    def few(items: list[str]) -> str:
+        more = f" (+{len(items) - limit} more)" if len(items) > limit else ""
+        return ", ".join(items[:limit]) + more
+
+    if shapes:
+        parts.append(f"shape mismatch: {few(shapes)}")
+    if missing:
+        parts.append(f"missing from the checkpoint: {few(missing)}")
+    if extra:
+        parts.append(f"not in the model: {few(extra)}")
+    return "; ".join(parts) or "state dicts differ"
+
+
+def load_state_dict_checked(model: torch.nn.Module, state: dict, source: str) -> None:
+    """``model.load_state_dict(state)`` with a one-line error naming ``source`` and the real difference."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        detail = describe_state_dict_mismatch(model.state_dict(), state)
+        raise RuntimeError(f"checkpoint {source} does not fit this model ({detail}): was it trained with another "
+                           "--model, --width, --channels or number of classes?") from err
 
 
 def write_json(obj, path: str | os.PathLike) -> None:

@@ -4,17 +4,22 @@
 * :class:`ImageListDataset`: OpenOOD-style lists, one ``relative/path label``
   per line, paths relative to a root directory.
 * :class:`CIFARDataset`: the CIFAR-10/100 *python* pickle batches
-  (``data_batch_1..5``/``test_batch`` or ``train``/``test``).
+  (``data_batch_1..5``/``test_batch`` or ``train``/``test``), read with a
+  restricted unpickler that only rebuilds numpy arrays, dicts, lists, strings
+  and numbers (a crafted batch file cannot run code).
 * :class:`ArrayDataset`: numpy arrays in memory (N, H, W[, C]) uint8 or float.
 * :func:`build_transforms`: train (random crop pad 4 + flip for <= 64 px,
   RandomResizedCrop + flip otherwise) / test transforms, then normalise.
 
 A missing or unreadable file raises :class:`DataError` naming the file.
+16-bit greyscale images (PIL modes ``I;16*``/``I``) are scaled to 8 bits
+(value / 257), not clipped.
 """
 from __future__ import annotations
 
 import os
 import pickle
+import warnings
 from typing import Callable, Sequence
 
 import numpy as np
@@ -24,7 +29,8 @@ from torch.utils.data import DataLoader, Dataset
 
 __all__ = ["DataError", "IMAGE_EXTENSIONS", "build_transforms", "image_folder", "ImageListDataset", "CIFARDataset",
            "FlatImageDataset", "dataset_from_path", "detect_format", "DATA_FORMATS",
-           "ArrayDataset", "open_image", "make_loader", "estimate_mean_std"]
+           "ArrayDataset", "open_image", "make_loader", "estimate_mean_std", "read_cifar_batch",
+           "looks_like_pickle"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
@@ -33,13 +39,25 @@ class DataError(RuntimeError):
     """A data file is missing, unreadable or malformed (the message names it)."""
 
 
+#: PIL modes of 16-bit greyscale images (PNG/TIFF); ``I`` is what some Pillow versions give 16-bit PNGs.
+_WIDE_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """A 16-bit greyscale image as 8-bit "L", scaled by 255/65535 (PIL's own convert clips at 255)."""
+    a = np.asarray(img).astype(np.float64)
+    return Image.fromarray(np.clip(np.rint(a / 257.0), 0, 255).astype(np.uint8), mode="L")
+
+
 def open_image(path: str, mode: str = "RGB") -> Image.Image:
-    """Open an image fully (so a truncated file fails here, naming the file)."""
+    """Open an image fully (so a truncated file fails here, naming the file), converted to ``mode``."""
     if not os.path.isfile(path):
         raise DataError(f"image file not found: {path}")
     try:
         with Image.open(path) as img:
             img.load()
+            if img.mode in _WIDE_GREY_MODES:
+                img = _to_8bit(img)
             return img.convert(mode)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
         raise DataError(f"cannot read image {path}: {err}") from err
@@ -85,6 +103,11 @@ def image_folder(root: str | os.PathLike, transform: Callable | None = None, mod
     root = os.fspath(root)
     if not os.path.isdir(root):
         raise DataError(f"image folder not found: {root}")
+    loose = [n for n in os.listdir(root) if n.lower().endswith(IMAGE_EXTENSIONS)
+             and os.path.isfile(os.path.join(root, n))]
+    if loose:
+        warnings.warn(f"{root}: {len(loose)} image(s) directly beside the class folders are ignored "
+                      f"(e.g. {sorted(loose)[0]}); only root/<class>/<image> is read", stacklevel=2)
     try:
         return ImageFolder(root, transform=transform, loader=_Loader(mode), is_valid_file=lambda p: p.lower().endswith(IMAGE_EXTENSIONS))
     except FileNotFoundError as err:
@@ -106,18 +129,23 @@ class ImageListDataset(Dataset):
         if not os.path.isdir(root):
             raise DataError(f"image root not found: {root}")
         self.root, self.transform, self.mode = root, transform, mode
+        self.list_file = list_file
         self.samples: list[tuple[str, int]] = []
-        with open(list_file, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                line = line.strip()
-                if not line or line.startswith("#"):
-                    continue
-                parts = line.rsplit(maxsplit=1)
-                if len(parts) == 2 and _is_int(parts[1]):
-                    path, label = parts[0], int(parts[1])
-                else:
-                    path, label = line, -1
-                self.samples.append((os.path.join(root, path), label))
+        #: line number in ``list_file`` of each sample (for messages that point at a line).
+        self.lines: list[int] = []
+        for lineno, line in enumerate(_read_text_list(list_file), 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            parts = line.rsplit(maxsplit=1)
+            if len(parts) == 2 and _is_int(parts[1]):
+                path, label = parts[0], int(parts[1])
+            elif len(parts) == 2 and _is_float(parts[1]):
+                raise DataError(f"{list_file}:{lineno}: label {parts[1]!r} is not an integer class index")
+            else:
+                path, label = line, -1
+            self.samples.append((os.path.join(root, path), label))
+            self.lines.append(lineno)
         if not self.samples:
             raise DataError(f"image list {list_file} has no entries")
         self.targets = [lab for _, lab in self.samples]
@@ -131,9 +159,30 @@ class ImageListDataset(Dataset):
         return (self.transform(img) if self.transform else img), label
 
 
+def _read_text_list(list_file: str) -> list[str]:
+    """The lines of a UTF-8 text file; a binary file (an image, a checkpoint) is a DataError saying so."""
+    with open(list_file, "rb") as f:
+        raw = f.read()
+    try:
+        if b"\0" in raw:
+            raise UnicodeDecodeError("utf-8", raw, raw.index(b"\0"), raw.index(b"\0") + 1, "NUL byte")
+        return raw.decode("utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise DataError(f"{list_file} is not a text image list (expected UTF-8 lines 'relative/path label'); "
+                        "for a folder of images pass the folder") from None
+
+
 def _is_int(s: str) -> bool:
     try:
         int(s)
+        return True
+    except ValueError:
+        return False
+
+
+def _is_float(s: str) -> bool:
+    try:
+        float(s)
         return True
     except ValueError:
         return False
@@ -196,15 +245,89 @@ class CIFARDataset(ArrayDataset):
             path = os.path.join(root, name)
             if not os.path.isfile(path):
                 raise DataError(f"CIFAR batch file not found: {path}")
+            entry = read_cifar_batch(path)
             try:
-                with open(path, "rb") as f:
-                    entry = pickle.load(f, encoding="latin1")
-                data.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-                labels.extend(entry[key])
-            except Exception as err:  # truncated pickle, wrong keys, wrong sizes
+                images = entry["data"]
+                if not (isinstance(images, np.ndarray) and images.dtype.kind in "ui"):
+                    raise TypeError(f"'data' must be an integer numpy array, got {type(images).__name__}")
+                data.append(np.asarray(images, dtype=np.uint8).reshape(-1, 3, 32, 32))
+                labels.extend(int(v) for v in entry[key])
+            except Exception as err:  # wrong keys, wrong sizes, non-numeric labels
                 raise DataError(f"cannot read CIFAR batch {path}: {type(err).__name__}: {err}") from err
         super().__init__(np.concatenate(data).transpose(0, 2, 3, 1), np.asarray(labels), transform)
         self.classes = list(range(num_classes))
+
+
+def _allowed_global(module: str, name: str):
+    import importlib
+
+    for mod in (module.replace("numpy.core", "numpy._core"), module):  # numpy 2 renamed numpy.core
+        try:
+            return getattr(importlib.import_module(mod), name)
+        except (ImportError, AttributeError):
+            continue
+    return None
+
+
+#: The only globals a CIFAR batch needs: numpy's array reconstruction (protocols 0-5). None of these calls
+#: back into arbitrary code; object arrays are refused after loading.
+_CIFAR_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),  # numpy scalars (labels)
+    ("numpy", "ndarray"), ("numpy", "dtype"),
+    # Python 3's protocol-2 pickles store bytes as _codecs.encode(str, "latin1"): a pure string function.
+    ("_codecs", "encode"),
+}
+
+
+class _CIFARUnpickler(pickle.Unpickler):
+    """Unpickler that admits numpy arrays and plain containers only (refuses every other global)."""
+
+    def __init__(self, file, path: str) -> None:
+        super().__init__(file, encoding="latin1")
+        self.path = path
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in _CIFAR_GLOBALS:
+            obj = _allowed_global(module, name)
+            if obj is not None:
+                return obj
+        raise DataError(f"{self.path} is not a plain CIFAR batch: it references the Python global "
+                        f"{module}.{name}, which is refused (a CIFAR batch holds only numpy arrays, lists "
+                        "and strings; a file that names other globals could run code)")
+
+    def persistent_load(self, pid):
+        raise DataError(f"{self.path} is not a plain CIFAR batch (persistent references are refused)")
+
+
+def looks_like_pickle(path: str) -> bool:
+    """True when ``path`` is a file starting with a pickle protocol-2+ header (byte 0x80), as CIFAR batches do."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(1) == b"\x80"
+    except OSError:
+        return False
+
+
+def read_cifar_batch(path: str) -> dict:
+    """One CIFAR python batch as a dict (keys as str), via :class:`_CIFARUnpickler`; DataError naming the file."""
+    if not looks_like_pickle(path):
+        raise DataError(f"{path} is not a CIFAR python batch (it does not start with a pickle header)")
+    try:
+        with open(path, "rb") as f:
+            entry = _CIFARUnpickler(f, path).load()
+    except DataError:
+        raise
+    except Exception as err:  # truncated or corrupt pickle
+        raise DataError(f"cannot read CIFAR batch {path}: {type(err).__name__}: {err}") from err
+    if not isinstance(entry, dict):
+        raise DataError(f"cannot read CIFAR batch {path}: expected a dict, got {type(entry).__name__}")
+    entry = {(k.decode("latin1") if isinstance(k, bytes) else k): v for k, v in entry.items()}
+    for k, v in entry.items():
+        if isinstance(v, np.ndarray) and v.dtype.hasobject:
+            raise DataError(f"cannot read CIFAR batch {path}: {k!r} is an object array (refused)")
+    return entry
 
 
 def make_loader(dataset: Dataset, batch_size: int, train: bool, workers: int = 0, seed: int | None = None) -> DataLoader:
@@ -264,9 +387,14 @@ def detect_format(path: str) -> str:
     if not os.path.isdir(path):
         raise DataError(f"data path not found: {path}")
     names = set(os.listdir(path))
-    if "data_batch_1" in names or "test_batch" in names:
+    # CIFAR needs unpickling (with a restricted unpickler); only pick it for files that are pickles at all.
+    def pickles(*files: str) -> bool:
+        present = [n for n in files if n in names]
+        return bool(present) and all(looks_like_pickle(os.path.join(path, n)) for n in present)
+
+    if pickles("data_batch_1", "test_batch"):
         return "cifar10"
-    if {"train", "test"} & names and all(os.path.isfile(os.path.join(path, n)) for n in {"train", "test"} & names):
+    if pickles("train", "test"):
         return "cifar100"
     has_class_dirs = any(os.path.isdir(os.path.join(path, n)) for n in names)
     return "folder" if has_class_dirs else "flat"
@@ -277,8 +405,9 @@ def dataset_from_path(path: str | os.PathLike, transform: Callable | None, *, tr
     """A dataset from a path: class folders, a flat folder, an image list (with ``root``) or CIFAR batches.
 
     ``fmt="auto"`` detects: a file is an image list (root defaults to the
-    list's directory); a directory with ``data_batch_1``/``test_batch`` is
-    CIFAR-10, one with ``train``/``test`` files CIFAR-100; a directory with
+    list's directory); a directory with ``data_batch_1``/``test_batch`` pickle
+    files is CIFAR-10, one with ``train``/``test`` pickle files CIFAR-100
+    (read with a restricted unpickler: no code runs); a directory with
     subdirectories is a class-per-folder tree; otherwise a flat folder of
     unlabelled images. For CIFAR, ``train`` picks the train or test batches.
     """

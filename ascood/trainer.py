@@ -28,7 +28,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from . import _ops
-from .checkpoint import FORMAT, atomic_save, atomic_write_text, get_rng_state, load_checkpoint, set_rng_state, write_json
+from .checkpoint import (FORMAT, atomic_save, atomic_write_text, get_rng_state, load_checkpoint,
+                         load_state_dict_checked, set_rng_state, write_json)
 from .distributed import DistContext, all_reduce_sum, distributed_loader, init_from_env
 from .outliers import ALPHA_MODES, OOD_TYPES, SALIENCY_MODES, alpha_at, synthesize_outliers
 
@@ -206,11 +207,15 @@ class Trainer:
         if os.path.isdir(path):
             path = os.path.join(path, CHECKPOINT_NAME)
         ckpt = load_checkpoint(path, map_location=self.device)
-        saved = ckpt.get("train_config", {})
-        if saved.get("epochs") not in (None, self.config.epochs):
-            raise ValueError(f"checkpoint {path} was made for epochs={saved['epochs']}, not {self.config.epochs}: "
-                             "the lr and alpha schedules would not continue exactly")
-        self.raw_model.load_state_dict(ckpt["model"])
+        # Every setting the saved optimizer, schedules and outlier stream depend on must match,
+        # otherwise "resume" would silently train something config.json does not describe.
+        from .resume import format_differences, resume_differences
+
+        diffs = resume_differences(ckpt, self.config, amp=self.amp, steps_per_epoch=len(self.loader),
+                                   model_build=getattr(self.raw_model, "build_args", None))
+        if diffs:
+            raise ValueError(format_differences(path, diffs))
+        load_state_dict_checked(self.raw_model, ckpt["model"], path)
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         if ckpt.get("scaler"):
@@ -260,10 +265,12 @@ class Trainer:
         # instead of some ranks waiting forever in the gradient all-reduce.
         checked = all_reduce_sum(loss.detach(), self.dist)
         if not torch.isfinite(checked):
+            saved = self.checkpoint_path if self.checkpoint_path and os.path.isfile(self.checkpoint_path) else None
+            kept = (f"the last good checkpoint ({saved}, epoch {self.epoch}) is intact" if saved
+                    else "no checkpoint was written yet (they are saved at the end of each epoch)")
             raise NonFiniteLossError(
                 f"non-finite loss ({loss.item()}) at epoch {self.epoch + 1}, step {self._step_in_epoch + 1}: "
-                f"training stopped; the last good checkpoint ({self.checkpoint_path or 'none written'}) is intact. "
-                "Lower lr or alpha, or check the data for NaN/inf.")
+                f"training stopped; {kept}. Lower lr or alpha, or check the data for NaN/inf.")
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
@@ -317,6 +324,7 @@ class Trainer:
             "rng": rng,
             "seed": self.seed,
             "train_config": dataclasses.asdict(self.config),
+            "steps_per_epoch": len(self.loader),  # the per-step cosine schedule depends on it
             "history": self.history,
             "world_size": self.dist.world_size,
             "extra": self.extra,
@@ -352,7 +360,19 @@ class Trainer:
 
     # -- driver ------------------------------------------------------------------------------------
     def fit(self) -> nn.Module:
-        """Train the remaining epochs; returns the (raw, unwrapped) model."""
+        """Train the remaining epochs; returns the (raw, unwrapped) model.
+
+        With ``out_dir``, rank 0 holds the directory's lock while training (a
+        second run on it fails at once; see :mod:`ascood.rundir`).
+        """
+        if not (self.out_dir and self.dist.is_main):
+            return self._fit_epochs()
+        from .rundir import claim_output_dir
+
+        with claim_output_dir(self.out_dir, flag="out_dir", outputs=(CHECKPOINT_NAME, "config.json", "log.jsonl")):
+            return self._fit_epochs()
+
+    def _fit_epochs(self) -> nn.Module:
         self._step_in_epoch = 0
         while self.epoch < self.config.epochs:
             metrics = self.train_epoch()
