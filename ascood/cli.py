@@ -17,6 +17,8 @@ import os
 import subprocess
 import sys
 from typing import Sequence
+
+from . import cli_checks as checks
 from ._argtypes import positive_int
 
 __all__ = ["main", "build_parser"]
@@ -29,8 +31,7 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-class CLIError(Exception):
-    """A user-facing error: printed as one line, exit status 2."""
+CLIError = checks.InputError  # a user-facing error: printed as one line, exit status 2
 
 
 def _fraction(text: str) -> float:
@@ -103,49 +104,58 @@ def build_parser() -> argparse.ArgumentParser:
                                    "loss CE(z, y) + w * KL(U || softmax(z(x'))) on standardised features.")
     t.add_argument("data", help="training data: class-per-folder directory, image list file, or CIFAR batch directory")
     _add_data_args(t)
-    t.add_argument("--out", default="runs/ascood", help="output directory: last.pt, config.json, log.jsonl, figures")
+    t.add_argument("--out", default="runs/ascood", help="output directory: last.pt, config.json, log.jsonl, figures (default %(default)s); "
+                        "locked while the run lasts")
     t.add_argument("--model", choices=MODEL_NAMES, default="small_cnn",
-                   help="backbone: small_cnn (tiny images), resnet18_32x32 (CIFAR-size), resnet18/34/50 (224 px)")
+                   help="backbone: small_cnn (tiny images), resnet18_32x32 (CIFAR-size), resnet18/34/50 (224 px) "
+                        "(default %(default)s)")
     t.add_argument("--width", type=positive_int, help="channel width of small_cnn / resnet18_32x32")
     t.add_argument("--weights", help="local file with backbone weights (e.g. ImageNet ResNet); never downloaded")
     t.add_argument("--image-size", type=positive_int, default=32, help="images are resized/cropped to this size (default 32)")
     t.add_argument("--channels", type=int, choices=(1, 3), default=3, help="1 = greyscale, 3 = RGB (default 3)")
     t.add_argument("--mean", type=_floats, help="normalisation mean per channel (default: estimated from the data)")
     t.add_argument("--std", type=_floats, help="normalisation std per channel (default: estimated from the data)")
-    t.add_argument("--epochs", type=positive_int, default=100, help="training epochs (paper: 100 from scratch, 30 fine-tuning)")
+    t.add_argument("--epochs", type=positive_int, default=100, help="training epochs (default %(default)s; paper: 100 from scratch, 30 fine-tuning)")
     t.add_argument("--ood-type", choices=OOD_TYPES, default="gradient",
                    help="outlier synthesis: gradient = x + alpha * G on the invariant (top |G|) elements (the "
                         "paper's method); shuffle = permute the most salient pixels; gaussian = alpha * N(0, 1); "
-                        "none = plain cross-entropy baseline")
+                        "none = plain cross-entropy baseline (default %(default)s)")
     t.add_argument("--p-inv", type=_fraction, default=0.1,
                    help="p_inv: fraction of input elements with the largest |G| treated as invariant features "
-                        "and perturbed (paper default 0.1; CIFAR-10 shuffle 0.15); in (0, 1]")
+                        "and perturbed; in (0, 1] (default %(default)s, the paper's; CIFAR-10 shuffle 0.15)")
     t.add_argument("--alpha-max", type=_nonneg, default=300.0,
-                   help="alpha at the first epoch: step size of x' = x + alpha * G (paper: 300 for CIFAR, Waterbirds)")
+                   help="alpha at the first epoch: step size of x' = x + alpha * G (default %(default)s; paper: 300 "
+                        "for CIFAR, Waterbirds)")
     t.add_argument("--alpha-min", type=_nonneg, default=30.0,
-                   help="alpha decays linearly per epoch from alpha_max towards alpha_min (paper: 30)")
+                   help="alpha decays linearly per epoch from alpha_max towards alpha_min (default %(default)s; "
+                        "paper: 30)")
     t.add_argument("--alpha-mode", choices=ALPHA_MODES, default="absolute",
                    help="absolute = the paper's x + alpha * G; relative = G rescaled per sample so the perturbed "
-                        "elements move by alpha on average, in normalised-input units (one alpha for any model/data)")
+                        "elements move by alpha on average, in normalised-input units (one alpha for any model/data) "
+                        "(default %(default)s)")
     t.add_argument("--w", type=_nonneg, default=1.0,
-                   help="w: weight of the outlier term KL(U || softmax(z(x'))) (paper default 1.0; CIFAR-100 5.0)")
+                   help="w: weight of the outlier term KL(U || softmax(z(x'))) (default %(default)s, the paper's; "
+                        "CIFAR-100 5.0)")
     t.add_argument("--sigma", type=_positive, default=0.5,
-                   help="sigma: scale of the standardised feature h~ = (h - mean) / std * sigma (paper default 0.5)")
+                   help="sigma: scale of the standardised feature h~ = (h - mean) / std * sigma (default %(default)s, "
+                        "the paper's)")
     t.add_argument("--head", choices=("zscore", "linear"), default="zscore",
-                   help="zscore = ASCOOD's standardised-feature head; linear = plain head (baseline)")
+                   help="zscore = ASCOOD's standardised-feature head; linear = plain head (baseline) (default %(default)s)")
     t.add_argument("--saliency-mode", choices=SALIENCY_MODES, default="eval",
-                   help="network mode while computing G (the reference uses eval)")
-    t.add_argument("--lr", type=_positive, default=0.1, help="SGD learning rate (paper: 0.1 from scratch, 0.01 fine-tuning)")
-    t.add_argument("--momentum", type=_nonneg, default=0.9, help="SGD momentum (0.9)")
-    t.add_argument("--weight-decay", type=_nonneg, default=5e-4, help="SGD weight decay (5e-4)")
+                   help="network mode while computing G (default %(default)s, as the reference)")
+    t.add_argument("--lr", type=_positive, default=0.1, help="SGD learning rate (default %(default)s; paper: 0.1 from scratch, 0.01 fine-tuning)")
+    t.add_argument("--momentum", type=_nonneg, default=0.9, help="SGD momentum (default %(default)s)")
+    t.add_argument("--weight-decay", type=_nonneg, default=5e-4, help="SGD weight decay (default %(default)s)")
     t.add_argument("--no-nesterov", dest="nesterov", action="store_false", help="plain momentum instead of Nesterov")
     t.add_argument("--fc-lr-factor", type=_positive, default=1.0,
-                   help="learning-rate multiplier of the final linear layer (paper: 1.0; CIFAR-100 0.05)")
+                   help="learning-rate multiplier of the final linear layer (default %(default)s; paper: 1.0; "
+                        "CIFAR-100 0.05)")
     t.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="mixed precision (default: on with CUDA)")
     t.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     t.add_argument("--resume", nargs="?", const="", default=None,
-                   help="continue from a checkpoint (default: OUT/last.pt)")
+                   help="continue from a checkpoint (default: OUT/last.pt); flags not given take the checkpoint's "
+                        "saved values, a flag given with another value is an error")
     t.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     t.add_argument("--no-figures", dest="figures", action="store_false", help="skip the outlier-grid figure")
 
@@ -187,17 +197,47 @@ def _require_path(path: str, what: str) -> None:
         raise CLIError(f"{what} not found: {path}")
 
 
-def _num_classes(ds) -> int:
-    classes = getattr(ds, "classes", None)
-    if classes:
-        return len(classes)
-    targets = [t for t in getattr(ds, "targets", []) if t >= 0]
-    if not targets:
-        raise CLIError("training data has no labels")
-    return max(targets) + 1
+TRAIN_OUTPUTS = ("last.pt", "config.json", "log.jsonl", "outliers.png")
+EVAL_OUTPUTS = ("results.csv", "results.json")
+
+
+def _claim(out: str | None, outputs: Sequence[str]):
+    """The output-directory claim (lock + checks) for rank 0; a no-op for other ranks or without --out."""
+    import contextlib
+
+    from .rundir import claim_output_dir
+
+    if out is None or int(os.environ.get("RANK", "0")) != 0:
+        return contextlib.nullcontext(out)
+    return claim_output_dir(out, flag="--out", outputs=outputs)
 
 
 def cmd_train(args) -> int:
+    from .checkpoint import load_checkpoint
+    from .resume import fill_from_checkpoint
+
+    _require_path(args.data, "data path")
+    if args.weights:
+        _require_path(args.weights, "weights file")
+    resume = None
+    if args.resume is not None:
+        resume = args.resume or os.path.join(args.out, "last.pt")
+        _require_path(resume, "checkpoint")
+        # Flags not typed now take the checkpoint's values: `--resume` alone continues the saved run.
+        filled = fill_from_checkpoint(args, getattr(args, "explicit", set()), load_checkpoint(resume))
+        if filled:
+            print(f"resuming {resume} with its saved settings for: {', '.join(filled)}", file=sys.stderr)
+    if args.alpha_min > args.alpha_max:
+        raise CLIError(f"--alpha-min ({args.alpha_min}) must be <= --alpha-max ({args.alpha_max})")
+    checks.check_normalisation(args.mean, args.std, args.channels)
+    with _claim(args.out, TRAIN_OUTPUTS):
+        if resume is None and os.path.exists(os.path.join(args.out, "last.pt")):
+            raise CLIError(f"{os.path.join(args.out, 'last.pt')} exists: pass --resume to continue it or choose "
+                           "another --out")
+        return _train(args, resume)
+
+
+def _train(args, resume: str | None) -> int:
     import torch
 
     from . import data as D
@@ -205,18 +245,11 @@ def cmd_train(args) -> int:
     from .outliers import synthesize_outliers
     from .trainer import TrainConfig, Trainer
 
-    _require_path(args.data, "data path")
-    if args.weights:
-        _require_path(args.weights, "weights file")
-    if args.alpha_min > args.alpha_max:
-        raise CLIError(f"--alpha-min ({args.alpha_min}) must be <= --alpha-max ({args.alpha_max})")
-    resume = None
-    if args.resume is not None:
-        resume = args.resume or os.path.join(args.out, "last.pt")
-        _require_path(resume, "checkpoint")
-    elif os.path.exists(os.path.join(args.out, "last.pt")):
-        raise CLIError(f"{os.path.join(args.out, 'last.pt')} exists: pass --resume to continue it or choose "
-                       "another --out")
+    def build(num_classes: int, weights=None):
+        return build_model(args.model, num_classes, in_channels=args.channels, head=args.head, sigma=args.sigma,
+                           weights=weights, width=args.width)
+
+    checks.check_image_size(lambda: build(2), args.image_size, args.channels, args.model)
     mode = "L" if args.channels == 1 else "RGB"
     torch.manual_seed(args.seed)
     if args.mean is None or args.std is None:
@@ -226,14 +259,12 @@ def cmd_train(args) -> int:
                                                       root=args.root, mode=mode))
     mean = args.mean or est[0]
     std = args.std or est[1]
-    if len(mean) != args.channels or len(std) != args.channels:
-        raise CLIError(f"--mean/--std need {args.channels} values")
+    checks.check_normalisation(mean, std, args.channels)
     ds = D.dataset_from_path(args.data, D.build_transforms(args.image_size, mean, std, train=True), train=True,
                              fmt=args.data_format, root=args.root, mode=mode)
-    num_classes = _num_classes(ds)
+    num_classes = checks.training_num_classes(ds, args.data)
     loader = D.make_loader(ds, args.batch_size, train=True, workers=args.workers, seed=args.seed)
-    model = build_model(args.model, num_classes, in_channels=args.channels, head=args.head, sigma=args.sigma,
-                        weights=args.weights, width=args.width)
+    model = build(num_classes, args.weights)
     config = TrainConfig(epochs=args.epochs, ood_type=args.ood_type, p_inv=args.p_inv, alpha_min=args.alpha_min,
                          alpha_max=args.alpha_max, alpha_mode=args.alpha_mode, w=args.w, lr=args.lr,
                          momentum=args.momentum, nesterov=args.nesterov, weight_decay=args.weight_decay,
@@ -241,7 +272,7 @@ def cmd_train(args) -> int:
                          seed=args.seed)
     extra = {"mean": list(map(float, mean)), "std": list(map(float, std)), "image_size": args.image_size,
              "channels": args.channels, "classes": [str(c) for c in getattr(ds, "classes", range(num_classes))],
-             "data": os.path.abspath(args.data), "data_format": args.data_format}
+             "data": os.path.abspath(args.data), "data_format": args.data_format, "batch_size": args.batch_size}
     trainer = Trainer(model, loader, config, out_dir=args.out, resume=resume, device=args.device,
                       progress=args.progress, extra=extra)
     model = trainer.fit()
@@ -269,11 +300,6 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    import torch
-
-    from . import data as D
-    from .checkpoint import load_model
-    from .evaluator import evaluate
     from .scorers import get_scorer
 
     _require_path(args.checkpoint, "checkpoint")
@@ -287,6 +313,24 @@ def cmd_eval(args) -> int:
         _require_path(args.train, "training data path")
     if not (args.ood or args.near or args.far):
         raise CLIError("give at least one OOD set with --ood, --near or --far")
+    if bool(args.aps_id) != bool(args.aps_ood):
+        raise CLIError("APS needs both --aps-id and --aps-ood")
+    # Built here to check names and needs before any work; rebuilt with the model's std once it is loaded.
+    probes = checks.parse_scorer_names(args.scorers, get_scorer)
+    checks.check_scorers_have_train(probes, bool(args.train))
+    names = [s.name for s in probes]
+    with _claim(args.out, EVAL_OUTPUTS):
+        return _evaluate(args, names)
+
+
+def _evaluate(args, names: list[str]) -> int:
+    import torch
+
+    from . import data as D
+    from .checkpoint import load_model
+    from .evaluator import evaluate
+    from .scorers import get_scorer
+
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, ckpt = load_model(args.checkpoint, map_location="cpu")
     model.to(device)
@@ -295,42 +339,34 @@ def cmd_eval(args) -> int:
     mode = "L" if extra.get("channels", 3) == 1 else "RGB"
     tf = D.build_transforms(size, mean, std, train=False)
 
-    def loader(path: str, train: bool = False):
-        ds = D.dataset_from_path(path, tf, train=train, fmt=args.data_format, root=args.root, mode=mode)
+    def dataset(path: str, train: bool = False):
+        return D.dataset_from_path(path, tf, train=train, fmt=args.data_format, root=args.root, mode=mode)
+
+    def loader(ds):
         return D.make_loader(ds, args.batch_size, train=False, workers=args.workers)
 
     ood: dict = {}
     for name, path in args.ood:
-        ood[name] = loader(path)
+        ood[name] = loader(dataset(path))
     for group, items in (("near", args.near), ("far", args.far)):
         if items:
-            ood[group] = {name: loader(path) for name, path in items}
-    scorers = []
-    for name in [s for s in args.scorers.split(",") if s.strip()]:
-        key = name.strip().lower()
-        kw = {"std": std} if key in ("odin", "iodin", "i-odin") else {}
-        try:
-            scorers.append(get_scorer(key, **kw))
-        except ValueError as err:
-            raise CLIError(str(err))
-    train_loader = loader(args.train, train=True) if args.train else None
-    if args.aps_id or args.aps_ood:
-        if not (args.aps_id and args.aps_ood):
-            raise CLIError("APS needs both --aps-id and --aps-ood")
+            ood[group] = {name: loader(dataset(path)) for name, path in items}
+    scorers = [get_scorer(key, **({"std": std} if key in ("odin", "iodin") else {})) for key in names]
+    train_loader = loader(dataset(args.train, train=True)) if args.train else None
+    if args.aps_id:
         from .scorers import sweep
 
-        val_id, val_ood = loader(args.aps_id), loader(args.aps_ood)
+        val_id, val_ood = loader(dataset(args.aps_id)), loader(dataset(args.aps_ood))
         for scorer in scorers:
             if scorer.default_grid:
-                if scorer.needs_fit and train_loader is None:
-                    raise CLIError(f"scorer {scorer.name} needs --train to fit")
                 res = sweep(scorer, model, val_id, val_ood, id_train_loader=train_loader)
                 print(f"APS {scorer.name}: {res.best_params} (validation AUROC {100 * res.best_auroc:.2f})")
-    table = evaluate(model, loader(args.id), ood, scorers=scorers, id_train_loader=train_loader,
+    id_ds = dataset(args.id)
+    checks.warn_unlabelled_id(id_ds, args.id)
+    table = evaluate(model, loader(id_ds), ood, scorers=scorers, id_train_loader=train_loader,
                      convention=args.convention, model_name=None)
     print(table)
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
         table.to_csv(os.path.join(args.out, "results.csv"))
         table.to_json(os.path.join(args.out, "results.json"))
         from .plots import score_histograms
@@ -387,8 +423,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return 2
+    if args.command == "train":  # which flags were typed: on --resume the others come from the checkpoint
+        args.explicit = checks.explicit_dests(build_parser, argv)
     try:
-        return COMMANDS[args.command](args)
+        with checks.one_line_warnings(args.command):
+            return COMMANDS[args.command](args)
     except KeyboardInterrupt:
         print("ascood: interrupted", file=sys.stderr)
         return 130

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .checkpoint import atomic_write_text
 from .metrics import CONVENTION_TEXT, CONVENTIONS, ood_metrics
 from .scorers import Scorer, get_scorer, loader_scores
 
@@ -57,7 +59,13 @@ class ScoreCache:
     def get(self, scorer_key: str, scorer: Scorer, model: nn.Module, dataset: str, loader):
         key = (scorer_key, dataset)
         if key not in self._data:
-            self._data[key] = loader_scores(scorer, model, loader)
+            try:
+                self._data[key] = loader_scores(scorer, model, loader)
+            except ValueError as err:
+                if str(err) == "loader is empty":  # say which set
+                    raise ValueError(f"{'ID test' if dataset == 'ID' else 'OOD'} set {dataset!r} yields no "
+                                     "batches (its loader is empty)") from None
+                raise
         return self._data[key]
 
     def scores(self, scorer_key: str, dataset: str) -> np.ndarray:
@@ -93,25 +101,25 @@ class ResultTable:
 
     def to_csv(self, path: str | os.PathLike) -> None:
         """CSV with one row per (scorer, OOD set / group mean); a comment line names the convention."""
-        with open(path, "w", newline="") as f:
-            f.write(f"# {self.convention_text}; metrics x100\n")
-            writer = csv.DictWriter(f, fieldnames=list(HEADERS))
-            writer.writeheader()
-            for r in self.rows:
-                writer.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in HEADERS})
+        f = io.StringIO(newline="")
+        f.write(f"# {self.convention_text}; metrics x100\n")
+        writer = csv.DictWriter(f, fieldnames=list(HEADERS))
+        writer.writeheader()
+        for r in self.rows:
+            writer.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in HEADERS})
+        atomic_write_text(f.getvalue(), path)
 
     def to_json(self, path: str | os.PathLike) -> None:
-        with open(path, "w") as f:
-            json.dump({"convention": self.convention, "convention_text": self.convention_text, "scale": 100,
-                       "rows": self.rows}, f, indent=2)
+        atomic_write_text(json.dumps({"convention": self.convention, "convention_text": self.convention_text,
+                                      "scale": 100, "rows": self.rows}, indent=2), path)
 
     def format(self) -> str:
         """Aligned text table; the first line names the convention."""
         cols = [k for k in HEADERS if k != "model" or any(r.get("model") for r in self.rows)]
         cells = [[HEADERS[c] for c in cols]]
         for r in self.rows:
-            cells.append([f"{r[c]:.2f}" if isinstance(r.get(c), float) else ("" if r.get(c) is None else str(r[c]))
-                          for c in cols])
+            cells.append([f"{r[c]:.2f}" if isinstance(r.get(c), float)
+                          else ("n/a" if c == "id_acc" else "") if r.get(c) is None else str(r[c]) for c in cols])
         widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
         numeric = {c for c in cols if c in METRIC_KEYS or c == "id_acc"}
         lines = [f"[{self.convention_text}; metrics x100]"]
@@ -186,7 +194,10 @@ def evaluate(model: nn.Module, id_loader, ood_loaders: Mapping, scorers: Sequenc
             with torch.enable_grad():
                 scorer.fit(model, id_train_loader)
         pred, s_id, labels = cache.get(key, scorer, model, "ID", id_loader)
-        acc = float((pred == labels).double().mean() * 100) if labels is not None else None
+        # Accuracy over the labelled ID samples only; unlabelled ID data (label -1) gives None (n/a), not 0.
+        labelled = labels >= 0 if labels is not None else None
+        acc = (float((pred[labelled] == labels[labelled]).double().mean() * 100)
+               if labelled is not None and bool(labelled.any()) else None)
         raw_scores[key] = {"ID": s_id.numpy()}
         per_group: dict[str | None, list[dict]] = {}  # insertion order = order of first appearance
         for group, name, loader in sets:

@@ -82,9 +82,34 @@ def non_negative(name: str, v) -> float:
     return v
 
 
-def positive_int(name: str, v) -> int:
+INT64_MAX = 2 ** 63 - 1
+
+
+def positive_int(name: str, v, hint: str = "") -> int:
+    """An int in [1, 2**63 - 1] (the ops take int64); ``hint`` is appended to the range error."""
     if isinstance(v, bool) or not isinstance(v, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(v).__name__}")
-    if v < 1:
-        raise ValueError(f"{name} must be >= 1, got {v}")
+    if not 1 <= v <= INT64_MAX:
+        raise ValueError(f"{name} must be in [1, 2**63 - 1]{hint}, got {v}")
     return int(v)
+
+
+def permutation_rows(name: str, perm, rows: int, n: int) -> None:
+    """``perm`` must be a (rows, n) int64 tensor whose every row is a permutation of 0..n-1.
+
+    A row with a repeated value would copy one pixel into several places (and
+    drop others), so it is refused instead of silently duplicating pixels.
+    """
+    if not isinstance(perm, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(perm).__name__}")
+    if perm.dtype != torch.int64:
+        raise TypeError(f"{name} must have dtype int64, got {str(perm.dtype).replace('torch.', '')}")
+    if tuple(perm.shape) != (rows, n):
+        raise ValueError(f"{name} must have shape (B, npix) = ({rows}, {n}), got {tuple(perm.shape)}")
+    if rows == 0 or n == 0 or torch.compiler.is_compiling():
+        return
+    good = (perm.sort(dim=1).values == torch.arange(n, device=perm.device)).all(dim=1)
+    if not bool(good.all()):
+        row = int((~good).nonzero()[0, 0])
+        raise ValueError(f"{name} must hold a permutation of 0..{n - 1} in every row (each value exactly once); "
+                         f"row {row} is not")

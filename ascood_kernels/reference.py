@@ -15,6 +15,8 @@ import math
 
 import torch
 
+from ._validate import permutation_rows
+
 __all__ = [
     "magnitude_keys",
     "count_from_fraction",
@@ -175,6 +177,7 @@ def shuffle_outlier(x: torch.Tensor, saliency: torch.Tensor, p_inv: float, perm:
     B, C = x.shape[0], x.shape[1]
     P = math.prod(x.shape[2:])
     npix = count_from_fraction(p_inv, P)
+    permutation_rows("perm", perm, B, npix)
     out = x.contiguous().reshape(B, C, P).clone()
     if B and npix:
         sel = select_pixels(pixel_scores(saliency, x.dim()), npix)

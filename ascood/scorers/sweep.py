@@ -57,29 +57,34 @@ def sweep(scorer: Scorer, model: nn.Module, val_id_loader, val_ood_loader, *, gr
     if not combos or combos == [{}]:
         raise ValueError(f"{scorer.name} has no hyperparameters to sweep")
     trials, best = [], None
+    rejected: list[str] = []  # why each skipped combination was invalid (for the error if none is valid)
     for params in combos:
         try:
             scorer.set_params(**params)
-        except ValueError:
+        except ValueError as err:
+            rejected.append(f"{params}: {err}")
             continue  # e.g. ViM dim >= feature size: not a valid point of this grid
         if scorer.needs_fit and not scorer.fitted:
             if id_train_loader is None:
                 raise ValueError(f"{scorer.name} needs id_train_loader to fit")
             try:
                 scorer.fit(model, id_train_loader)
-            except ValueError:
+            except ValueError as err:
+                rejected.append(f"{params}: {err}")
                 continue
         try:
             _, s_id, _ = loader_scores(scorer, model, val_id_loader)
             _, s_ood, _ = loader_scores(scorer, model, val_ood_loader)
-        except ValueError:
+        except ValueError as err:
+            rejected.append(f"{params}: {err}")
             continue  # e.g. K larger than the bank
         auroc = ood_metrics(s_id, s_ood)["auroc"]
         trials.append((dict(params), auroc))
         if best is None or auroc > best[1]:
             best = (dict(params), auroc)
     if best is None:
-        raise ValueError(f"no valid hyperparameter combination for {scorer.name}")
+        shown = "; ".join(rejected[:3]) + (f"; ... ({len(rejected) - 3} more)" if len(rejected) > 3 else "")
+        raise ValueError(f"no valid hyperparameter combination for {scorer.name} among {len(combos)}: {shown}")
     scorer.set_params(**best[0])
     if scorer.needs_fit and not scorer.fitted:
         scorer.fit(model, id_train_loader)

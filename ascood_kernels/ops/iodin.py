@@ -34,7 +34,7 @@ def iodin_perturb(x: torch.Tensor, grad: torch.Tensor, eps: float, std: float | 
     _validate.tensor("grad", grad)
     _validate.like("x", x, "grad", grad)
     eps = _validate.non_negative("eps", eps)
-    k = _validate.positive_int("k", k)
+    k = _validate.positive_int("k", k, hint=" (any k >= C*H*W moves every element, i.e. ODIN)")
     C = x.shape[1]
     acc = acc_dtype(x.dtype)
     if isinstance(std, torch.Tensor):

@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from .. import _validate
 from . import _common as C
 
 __all__ = ["shuffle_outlier"]
@@ -87,6 +88,7 @@ def _launch(x, saliency, p_inv, perm, out) -> None:
     C.check(0 < npix <= P, f"npix = int(p_inv * P) = {npix} is outside [0, {P}]")
     C.check(saliency.dim() in (x.dim(), x.dim() - 1), "saliency must have x's shape or (B, *spatial)")
     C.check(tuple(perm.shape) == (B, npix), f"perm must have shape ({B}, {npix}), got {tuple(perm.shape)}")
+    _validate.permutation_rows("perm", perm, B, npix)  # a repeated index would duplicate pixels
     C.check(B * NC * P < 2**62 and NC * P < 2**31, "tensor too large")
     sal = saliency.contiguous()
     cs = NC if saliency.dim() == x.dim() else 1

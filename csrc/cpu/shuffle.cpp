@@ -8,6 +8,7 @@
 
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 
@@ -87,10 +88,18 @@ at::Tensor shuffle_outlier_cpu(const at::Tensor& x, const at::Tensor& saliency, 
               perm.sizes());
   const at::Tensor pc = perm.contiguous();
   const int64_t* pd = pc.const_data_ptr<int64_t>();
-  // A bad perm would index out of the sample: refuse it before any write.
-  for (int64_t i = 0; i < B * npix; ++i) {
-    TORCH_CHECK(pd[i] >= 0 && pd[i] < npix, "ascood (CPU): perm values must be in [0, npix) = [0, ", npix, "), got ",
-                pd[i]);
+  // A bad perm would index out of the sample (out of range) or copy one pixel into several places
+  // (a repeated value): refuse both before any write.
+  std::vector<char> seen(static_cast<size_t>(npix));
+  for (int64_t b = 0; b < B; ++b) {
+    std::fill(seen.begin(), seen.end(), 0);
+    for (int64_t i = 0; i < npix; ++i) {
+      const int64_t v = pd[b * npix + i];
+      TORCH_CHECK(v >= 0 && v < npix, "ascood (CPU): perm values must be in [0, npix) = [0, ", npix, "), got ", v);
+      TORCH_CHECK(!seen[v], "ascood (CPU): perm must hold a permutation of 0..npix-1 in every row (each value "
+                  "exactly once); row ", b, " repeats ", v);
+      seen[v] = 1;
+    }
   }
 
   const auto fmt = output_memory_format(x);
