@@ -101,9 +101,6 @@ def fill_from_checkpoint(args: argparse.Namespace, explicit: set[str], ckpt: dic
         for dest, key in mapping.items():
             if dest in explicit or key not in record or not hasattr(args, dest):
                 continue
-            value = record[key]
-            if dest == "amp" and value is None:
-                value = bool(ckpt.get("scaler"))
-            setattr(args, dest, value)
+            setattr(args, dest, record[key])  # amp None stays None ("auto"); its resolved value is checked
             filled.append(dest)
     return filled
