@@ -138,9 +138,9 @@ class ImageListDataset(Dataset):
             if not line or line.startswith("#"):
                 continue
             parts = line.rsplit(maxsplit=1)
-            if len(parts) == 2 and _is_int(parts[1]):
+            if len(parts) == 2 and _parses(parts[1], int):
                 path, label = parts[0], int(parts[1])
-            elif len(parts) == 2 and _is_float(parts[1]):
+            elif len(parts) == 2 and _parses(parts[1], float):
                 raise DataError(f"{list_file}:{lineno}: label {parts[1]!r} is not an integer class index")
             else:
                 path, label = line, -1
@@ -172,17 +172,9 @@ def _read_text_list(list_file: str) -> list[str]:
                         "for a folder of images pass the folder") from None
 
 
-def _is_int(s: str) -> bool:
+def _parses(s: str, kind: type) -> bool:
     try:
-        int(s)
-        return True
-    except ValueError:
-        return False
-
-
-def _is_float(s: str) -> bool:
-    try:
-        float(s)
+        kind(s)
         return True
     except ValueError:
         return False
