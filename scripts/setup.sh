@@ -23,6 +23,16 @@ if [ -z "${USE_CUDA:-}" ]; then
 fi
 export USE_CUDA
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
-echo "[setup] building ascood_kernels._C (USE_CUDA=${USE_CUDA:-auto}, MAX_JOBS=$MAX_JOBS)"
-.venv/bin/python -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e .
+echo "[setup] building ascood_kernels._C (USE_CUDA=${USE_CUDA:-auto}, MAX_JOBS=$MAX_JOBS); this takes a few"
+echo "[setup] minutes (longer with CUDA); the compiler's [n/m] steps follow"
+# pip -v shows the build's output; keep only ninja's progress lines and errors so the wait is visible.
+# The status is pip's (pipefail), and its full log is kept for a failed build.
+log=$(mktemp -t ascood-build.XXXXXX.log)
+if ! .venv/bin/python -m pip install -v --disable-pip-version-check --no-build-isolation --no-deps -e . 2>&1 \
+    | tee "$log" | { grep --line-buffered -E '^\s*\[[0-9]+/[0-9]+\]|error|Error' || true; } \
+    | sed -u -E 's/^\s*(\[[0-9]+\/[0-9]+\]) .* -c (\S+) .*/[setup]   \1 \2/'; then
+  echo "[setup] build failed; full log: $log" >&2
+  exit 1
+fi
+rm -f "$log"
 .venv/bin/python -c "import ascood_kernels as ak; print('[setup] backends:', ak.available_backends())"
