@@ -251,7 +251,8 @@ def _train(args, resume: str | None) -> int:
 
     checks.check_image_size(lambda: build(2), args.image_size, args.channels, args.model)
     mode = "L" if args.channels == 1 else "RGB"
-    torch.manual_seed(args.seed)
+    if args.seed is not None:  # None only when resuming a checkpoint made through the API without a seed
+        torch.manual_seed(args.seed)
     if args.mean is None or args.std is None:
         from torchvision import transforms as T
         plain = T.Compose([T.Resize(args.image_size), T.CenterCrop(args.image_size), T.ToTensor()])
