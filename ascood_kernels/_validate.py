@@ -89,8 +89,10 @@ def positive_int(name: str, v, hint: str = "") -> int:
     """An int in [1, 2**63 - 1] (the ops take int64); ``hint`` is appended to the range error."""
     if isinstance(v, bool) or not isinstance(v, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(v).__name__}")
-    if not 1 <= v <= INT64_MAX:
-        raise ValueError(f"{name} must be in [1, 2**63 - 1]{hint}, got {v}")
+    if v < 1:
+        raise ValueError(f"{name} must be >= 1, got {v}")
+    if v > INT64_MAX:
+        raise ValueError(f"{name} must be in [1, 2**63 - 1] (the ops take int64){hint}, got {v}")
     return int(v)
 
 
