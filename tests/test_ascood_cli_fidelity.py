@@ -6,21 +6,13 @@ import os
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import ascood
 from ascood.checkpoint import load_checkpoint
 from ascood.cli import main
 from ascood.model_selection import resolve_checkpoint
 from ascood.normalization import IMAGENET_MEAN, IMAGENET_STD, choose_normalization
-
-
-def _images(root, n, color, size=10, seed=0):
-    os.makedirs(root, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for i in range(n):
-        a = np.clip(np.array(color) + rng.normal(0, 25, (size, size, 3)), 0, 255).astype(np.uint8)
-        Image.fromarray(a).save(os.path.join(root, f"{i}.png"))
+from test_ascood_cli import _images  # same tiny image folders as the CLI's end-to-end test
 
 
 @pytest.fixture(scope="module")
