@@ -2,8 +2,9 @@
 
     table = ascood.evaluate(model, id_test_loader,
                             {"near": {"cifar100": l1, "tin": l2}, "far": {"svhn": l3}},
-                            scorers=["msp", "scale", ascood.scorers.KNN(K=50)],
-                            id_train_loader=train_loader)
+                            scorers=["msp", "scale", "react", ascood.scorers.KNN(K=50)],
+                            id_train_loader=train_loader,   # KNN, MDS, ViM, ... fit here
+                            id_val_loader=val_loader)       # ReAct, TempScale fit here (as OpenOOD)
     print(table); table.to_csv("results.csv"); table.to_json("results.json")
 """
 from __future__ import annotations
