@@ -263,7 +263,7 @@ def cmd_train(args) -> int:
     if args.weights:
         _require_path(args.weights, "weights file")
     try:
-        check_alpha_range(args.alpha_min, args.alpha_max, prefix="--")
+        check_alpha_range(args.alpha_min, args.alpha_max, names=("--alpha-min", "--alpha-max"))
     except ValueError as err:
         raise CLIError(str(err))
     resume = None

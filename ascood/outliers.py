@@ -74,18 +74,17 @@ def alpha_at(epoch: int, epochs: int, alpha_min: float, alpha_max: float) -> flo
     return (alpha_max - alpha_min) * (1.0 - epoch / epochs) + alpha_min
 
 
-def check_alpha_range(alpha_min: float, alpha_max: float, prefix: str = "") -> None:
+def check_alpha_range(alpha_min: float, alpha_max: float,
+                      names: tuple[str, str] = ("alpha_min", "alpha_max")) -> None:
     """Raise ValueError unless alpha_min/alpha_max are finite, of one sign, and |alpha_min| <= |alpha_max|.
 
     Negative values subtract the gradient (x' = x - |alpha| G, the paper's
     Table 5 ablation "gradient subtraction"); the schedule still runs from
     alpha_max (first epoch) to alpha_min (last), so for subtraction pass e.g.
-    alpha_max=-300, alpha_min=-30. ``prefix`` names the options in the message
-    (e.g. "--" for the CLI's flags).
+    alpha_max=-300, alpha_min=-30. ``names`` are the option names the message
+    uses (the CLI passes its flags).
     """
-    lo, hi = f"{prefix}alpha_min", f"{prefix}alpha_max"
-    if prefix == "--":
-        lo, hi = "--alpha-min", "--alpha-max"
+    lo, hi = names
     for name, v in ((lo, alpha_min), (hi, alpha_max)):
         if not math.isfinite(v):
             raise ValueError(f"{name} must be finite, got {v}")
