@@ -63,6 +63,16 @@ def _positive(text: str) -> float:
 
 
 
+def _finite(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}")
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"must be finite, got {text}")
+    return v
+
+
 def _floats(text: str) -> list[float]:
     try:
         return [float(t) for t in text.split(",")]
@@ -92,8 +102,10 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .models import MODEL_NAMES
-    from .outliers import ALPHA_MODES, OOD_TYPES, SALIENCY_MODES
+    from .losses import ENERGY_MARGIN_IN, ENERGY_MARGIN_OUT, OUTLIER_LOSSES
+    from .model_selection import CHECKPOINT_CHOICES
+    from .models import HEADS, MODEL_NAMES
+    from .outliers import ALPHA_MODES, OOD_TYPES, SALIENCY_MODES, SALIENCY_TARGETS, SHUFFLE_RANKS
 
     parser = _Parser(prog="ascood", description="ASCOOD out-of-distribution detection: train, evaluate, demo, bench.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
@@ -104,8 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    "loss CE(z, y) + w * KL(U || softmax(z(x'))) on standardised features.")
     t.add_argument("data", help="training data: class-per-folder directory, image list file, or CIFAR batch directory")
     _add_data_args(t)
-    t.add_argument("--out", default="runs/ascood", help="output directory: last.pt, config.json, log.jsonl, figures (default %(default)s); "
-                        "locked while the run lasts")
+    t.add_argument("--val", metavar="PATH",
+                   help="ID validation data (same formats as DATA): its accuracy is reported every epoch and the "
+                        "best epoch is kept as OUT/best.pt beside last.pt (the reference's model selection)")
+    t.add_argument("--out", default="runs/ascood",
+                   help="output directory: last.pt (best.pt with --val), config.json, log.jsonl, figures "
+                        "(default %(default)s); locked while the run lasts")
     t.add_argument("--model", choices=MODEL_NAMES, default="small_cnn",
                    help="backbone: small_cnn (tiny images), resnet18_32x32 (CIFAR-size), resnet18/34/50 (224 px) "
                         "(default %(default)s)")
@@ -113,8 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--weights", help="local file with backbone weights (e.g. ImageNet ResNet); never downloaded")
     t.add_argument("--image-size", type=positive_int, default=32, help="images are resized/cropped to this size (default 32)")
     t.add_argument("--channels", type=int, choices=(1, 3), default=3, help="1 = greyscale, 3 = RGB (default 3)")
-    t.add_argument("--mean", type=_floats, help="normalisation mean per channel (default: estimated from the data)")
-    t.add_argument("--std", type=_floats, help="normalisation std per channel (default: estimated from the data)")
+    t.add_argument("--mean", type=_floats,
+                   help="normalisation mean per channel (default: ImageNet's with --weights, as the reference for "
+                        "fine-tuning; else estimated from the training data); printed and stored in the checkpoint")
+    t.add_argument("--std", type=_floats, help="normalisation std per channel (default: as --mean)")
     t.add_argument("--epochs", type=positive_int, default=100, help="training epochs (default %(default)s; paper: 100 from scratch, 30 fine-tuning)")
     t.add_argument("--ood-type", choices=OOD_TYPES, default="gradient",
                    help="outlier synthesis: gradient = x + alpha * G on the invariant (top |G|) elements (the "
@@ -123,12 +141,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--p-inv", type=_fraction, default=0.1,
                    help="p_inv: fraction of input elements with the largest |G| treated as invariant features "
                         "and perturbed; in (0, 1] (default %(default)s, the paper's; CIFAR-10 shuffle 0.15)")
-    t.add_argument("--alpha-max", type=_nonneg, default=300.0,
-                   help="alpha at the first epoch: step size of x' = x + alpha * G (default %(default)s; paper: 300 "
-                        "for CIFAR, Waterbirds)")
-    t.add_argument("--alpha-min", type=_nonneg, default=30.0,
-                   help="alpha decays linearly per epoch from alpha_max towards alpha_min (default %(default)s; "
-                        "paper: 30)")
+    t.add_argument("--alpha-max", type=_finite, default=300.0,
+                   help="alpha_max: step size of x' = x + alpha * G at the start (default %(default)s, the paper's for CIFAR "
+                        "and Waterbirds); negative values with --alpha-min <= 0 subtract the gradient instead "
+                        "(the paper's Table 5 ablation 'gradient subtraction')")
+    t.add_argument("--alpha-min", type=_finite, default=30.0,
+                   help="alpha_min (default %(default)s): alpha of epoch e (1-based) of E is (max - min) * (1 - e/E) + min, "
+                        "so the last epoch uses exactly alpha_min; same sign as --alpha-max, |min| <= |max|")
     t.add_argument("--alpha-mode", choices=ALPHA_MODES, default="absolute",
                    help="absolute = the paper's x + alpha * G; relative = G rescaled per sample so the perturbed "
                         "elements move by alpha on average, in normalised-input units (one alpha for any model/data) "
@@ -137,21 +156,41 @@ def build_parser() -> argparse.ArgumentParser:
                    help="w: weight of the outlier term KL(U || softmax(z(x'))) (default %(default)s, the paper's; "
                         "CIFAR-100 5.0)")
     t.add_argument("--sigma", type=_positive, default=0.5,
-                   help="sigma: scale of the standardised feature h~ = (h - mean) / std * sigma (default %(default)s, "
-                        "the paper's)")
-    t.add_argument("--head", choices=("zscore", "linear"), default="zscore",
-                   help="zscore = ASCOOD's standardised-feature head; linear = plain head (baseline) (default %(default)s)")
+                   help="sigma: scale of the standardised feature h~ = (h - mean) / std * sigma (paper default 0.5)")
+    t.add_argument("--head", choices=HEADS, default="zscore",
+                   help="zscore = ASCOOD's standardised-feature head (default); linear = plain head (baseline); "
+                        "l2 = L2-normalised feature h / ||h||_2 (the paper's Table 6 / Figure 5 ablation)")
     t.add_argument("--saliency-mode", choices=SALIENCY_MODES, default="eval",
-                   help="network mode while computing G (default %(default)s, as the reference)")
+                   help="network mode while computing G (default eval, the reference's)")
+    t.add_argument("--saliency-target", choices=SALIENCY_TARGETS, default="logit",
+                   help="logit = G = dz_y/dx, the true-class logit's gradient (default, the paper's Eq. 2); prob = "
+                        "gradient of the true-class softmax probability (the paper's Sec. D.3 ablation)")
+    t.add_argument("--shuffle-rank", choices=SHUFFLE_RANKS, default="exp",
+                   help="pixel ranking of --ood-type shuffle: exp = sum over channels of exp(G_c), signed G (default, "
+                        "the authors' code); abs = sum of |G_c| (picks a different set; not the paper's)")
+    t.add_argument("--outlier-loss", choices=OUTLIER_LOSSES, default="kl",
+                   help="outlier term L_OOD: kl = w * KL(U || softmax(z(x'))) (default, the paper's); energy = "
+                        "w * the energy-bounded loss of Liu et al. 2020 (the paper's Table 6 ablation L_energy)")
+    t.add_argument("--energy-margin-in", type=_finite, default=ENERGY_MARGIN_IN,
+                   help=f"--outlier-loss energy: ID energy margin m_in (default {ENERGY_MARGIN_IN:g}, Liu et al.'s)")
+    t.add_argument("--energy-margin-out", type=_finite, default=ENERGY_MARGIN_OUT,
+                   help=f"--outlier-loss energy: outlier energy margin m_out (default {ENERGY_MARGIN_OUT:g}, "
+                        "Liu et al.'s)")
     t.add_argument("--lr", type=_positive, default=0.1, help="SGD learning rate (default %(default)s; paper: 0.1 from scratch, 0.01 fine-tuning)")
     t.add_argument("--momentum", type=_nonneg, default=0.9, help="SGD momentum (default %(default)s)")
     t.add_argument("--weight-decay", type=_nonneg, default=5e-4, help="SGD weight decay (default %(default)s)")
     t.add_argument("--no-nesterov", dest="nesterov", action="store_false", help="plain momentum instead of Nesterov")
     t.add_argument("--fc-lr-factor", type=_positive, default=1.0,
-                   help="learning-rate multiplier of the final linear layer (default %(default)s; paper: 1.0; "
-                        "CIFAR-100 0.05)")
-    t.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                   help="mixed precision (default: on with CUDA)")
+                   help="learning-rate multiplier of the final linear layer (default %(default)s; paper: 1.0; CIFAR-100 0.05)")
+    t.add_argument("--min-lr", type=_positive, default=1e-6,
+                   help="absolute lr at the end of the per-step cosine schedule (default 1e-6, the reference's; "
+                        "one multiplier for all layers, so the final layer ends at min_lr * fc_lr_factor)")
+    t.add_argument("--amp", action="store_true",
+                   help="mixed precision for the training forward/backward (CUDA only; off by default: the paper's "
+                        "numbers are fp32; the saliency G is computed in fp32 either way)")
+    t.add_argument("--no-sync-bn", dest="sync_bn", action="store_false",
+                   help="under multi-GPU torchrun keep per-GPU BatchNorm (default: SyncBatchNorm, as the reference; "
+                        "CPU/gloo runs always keep BatchNorm, torch's SyncBatchNorm needs a GPU)")
     t.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     t.add_argument("--resume", nargs="?", const="", default=None,
                    help="continue from a checkpoint (default: OUT/last.pt); flags not given take the checkpoint's "
@@ -161,7 +200,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="evaluate OOD detection of a trained checkpoint",
                        description="Scores ID and OOD sets with post-hoc scorers; FPR@95, AUROC, AUPR-In, AUPR-Out x100.")
-    e.add_argument("checkpoint", help="checkpoint written by `ascood train` (last.pt)")
+    e.add_argument("checkpoint",
+                   help="checkpoint written by `ascood train` (a .pt file) or its run directory (then best.pt when "
+                        "present, else last.pt; see --which)")
+    e.add_argument("--which", choices=CHECKPOINT_CHOICES,
+                   help="with a run directory: best = best ID val accuracy (the reference's model selection), "
+                        "last = the final epoch")
     e.add_argument("--id", required=True, help="ID test data (folder, list, or CIFAR directory: its test batch)")
     e.add_argument("--ood", action="append", type=_named_path, default=[], metavar="[NAME=]PATH",
                    help="an OOD set (repeatable); folder of images, class folders, list or CIFAR directory")
@@ -169,7 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a near-OOD set (repeatable; reported with a near-OOD mean)")
     e.add_argument("--far", action="append", type=_named_path, default=[], metavar="[NAME=]PATH",
                    help="a far-OOD set (repeatable; reported with a far-OOD mean)")
-    e.add_argument("--train", help="ID training data, needed by scorers that fit statistics (knn, mds, react, ...)")
+    e.add_argument("--train", help="ID training data, needed by scorers that fit statistics (knn, mds, vim, ...)")
+    e.add_argument("--val", metavar="PATH",
+                   help="ID validation data that react (clip percentile) and tempscale (T) are fitted on, as OpenOOD "
+                        "(default: --aps-id)")
     e.add_argument("--scorers", default="msp,mls,ebo,odin,scale",
                    help="comma-separated scorers: msp, tempscale, odin, iodin (i-ODIN), ebo, mls, gen, react, ash, "
                         "scale, knn, mds, rmds, vim, nnguide, relation (default msp,mls,ebo,odin,scale)")
@@ -197,7 +244,7 @@ def _require_path(path: str, what: str) -> None:
         raise CLIError(f"{what} not found: {path}")
 
 
-TRAIN_OUTPUTS = ("last.pt", "config.json", "log.jsonl", "outliers.png")
+TRAIN_OUTPUTS = ("last.pt", "best.pt", "config.json", "log.jsonl", "outliers.png")
 EVAL_OUTPUTS = ("results.csv", "results.json")
 
 
@@ -214,9 +261,12 @@ def _claim(out: str | None, outputs: Sequence[str]):
 
 def cmd_train(args) -> int:
     from .checkpoint import load_checkpoint
+    from .outliers import check_alpha_range
     from .resume import fill_from_checkpoint
 
     _require_path(args.data, "data path")
+    if args.val:
+        _require_path(args.val, "validation data path")
     if args.weights:
         _require_path(args.weights, "weights file")
     resume = None
@@ -227,8 +277,10 @@ def cmd_train(args) -> int:
         filled = fill_from_checkpoint(args, getattr(args, "explicit", set()), load_checkpoint(resume))
         if filled:
             print(f"resuming {resume} with its saved settings for: {', '.join(filled)}", file=sys.stderr)
-    if args.alpha_min > args.alpha_max:
-        raise CLIError(f"--alpha-min ({args.alpha_min}) must be <= --alpha-max ({args.alpha_max})")
+    try:
+        check_alpha_range(args.alpha_min, args.alpha_max, names=("--alpha-min", "--alpha-max"))
+    except ValueError as err:
+        raise CLIError(str(err))
     checks.check_normalisation(args.mean, args.std, args.channels)
     with _claim(args.out, TRAIN_OUTPUTS):
         if resume is None and os.path.exists(os.path.join(args.out, "last.pt")):
@@ -242,43 +294,68 @@ def _train(args, resume: str | None) -> int:
 
     from . import data as D
     from .models import build_model
+    from .normalization import choose_normalization, describe
     from .outliers import synthesize_outliers
     from .trainer import TrainConfig, Trainer
 
-    def build(num_classes: int, weights=None):
+    def build(num_classes: int, weights=None, mean=None, std=None):
         return build_model(args.model, num_classes, in_channels=args.channels, head=args.head, sigma=args.sigma,
-                           weights=weights, width=args.width)
+                           weights=weights, width=args.width, input_mean=mean, input_std=std)
 
     checks.check_image_size(lambda: build(2), args.image_size, args.channels, args.model)
     mode = "L" if args.channels == 1 else "RGB"
     if args.seed is not None:  # None only when resuming a checkpoint made through the API without a seed
         torch.manual_seed(args.seed)
-    if args.mean is None or args.std is None:
+
+    def estimate():
         from torchvision import transforms as T
         plain = T.Compose([T.Resize(args.image_size), T.CenterCrop(args.image_size), T.ToTensor()])
-        est = D.estimate_mean_std(D.dataset_from_path(args.data, plain, train=True, fmt=args.data_format,
-                                                      root=args.root, mode=mode))
-    mean = args.mean or est[0]
-    std = args.std or est[1]
+        return D.estimate_mean_std(D.dataset_from_path(args.data, plain, train=True, fmt=args.data_format,
+                                                       root=args.root, mode=mode))
+
+    try:
+        norm = choose_normalization(args.channels, mean=args.mean, std=args.std, pretrained=bool(args.weights),
+                                    estimate=estimate)
+    except ValueError as err:
+        raise CLIError(str(err))
+    mean, std = norm["mean"], norm["std"]
     checks.check_normalisation(mean, std, args.channels)
     ds = D.dataset_from_path(args.data, D.build_transforms(args.image_size, mean, std, train=True), train=True,
                              fmt=args.data_format, root=args.root, mode=mode)
     num_classes = checks.training_num_classes(ds, args.data)
     loader = D.make_loader(ds, args.batch_size, train=True, workers=args.workers, seed=args.seed)
-    model = build(num_classes, args.weights)
+    val_loader = None
+    if args.val:
+        val_ds = D.dataset_from_path(args.val, D.build_transforms(args.image_size, mean, std, train=False),
+                                     train=False, fmt=args.data_format, root=args.root, mode=mode)
+        val_loader = D.make_loader(val_ds, args.batch_size, train=False, workers=args.workers)
+    model = build(num_classes, args.weights, mean, std)
     config = TrainConfig(epochs=args.epochs, ood_type=args.ood_type, p_inv=args.p_inv, alpha_min=args.alpha_min,
                          alpha_max=args.alpha_max, alpha_mode=args.alpha_mode, w=args.w, lr=args.lr,
                          momentum=args.momentum, nesterov=args.nesterov, weight_decay=args.weight_decay,
-                         fc_lr_factor=args.fc_lr_factor, saliency_mode=args.saliency_mode, amp=args.amp,
+                         fc_lr_factor=args.fc_lr_factor, min_lr=args.min_lr, saliency_mode=args.saliency_mode,
+                         saliency_target=args.saliency_target, shuffle_rank=args.shuffle_rank,
+                         outlier_loss=args.outlier_loss, energy_margin_in=args.energy_margin_in,
+                         energy_margin_out=args.energy_margin_out, amp=args.amp, sync_bn=args.sync_bn,
                          seed=args.seed)
-    extra = {"mean": list(map(float, mean)), "std": list(map(float, std)), "image_size": args.image_size,
+    try:
+        config.validate()
+    except ValueError as err:
+        raise CLIError(str(err))
+    extra = {"mean": list(map(float, mean)), "std": list(map(float, std)), "normalization": norm,
+             "image_size": args.image_size,
              "channels": args.channels, "classes": [str(c) for c in getattr(ds, "classes", range(num_classes))],
-             "data": os.path.abspath(args.data), "data_format": args.data_format, "batch_size": args.batch_size}
-    trainer = Trainer(model, loader, config, out_dir=args.out, resume=resume, device=args.device,
-                      progress=args.progress, extra=extra)
+             "data": os.path.abspath(args.data), "data_format": args.data_format, "batch_size": args.batch_size,
+             "val": os.path.abspath(args.val) if args.val else None}
+    trainer = Trainer(model, loader, config, val_loader=val_loader, out_dir=args.out, resume=resume,
+                      device=args.device, progress=args.progress, extra=extra)
+    if trainer.dist.is_main:
+        print(describe(norm), flush=True)
     model = trainer.fit()
     if trainer.dist.is_main:
         print(f"checkpoint: {trainer.checkpoint_path}")
+        if val_loader is not None and trainer.best_val_acc is not None:
+            print(f"best checkpoint: {trainer.best_checkpoint_path} (ID val acc {100 * trainer.best_val_acc:.2f}%)")
         if args.figures and config.ood_type != "none":
             from .plots import outlier_grid
             from .trainer import unpack_batch
@@ -287,7 +364,8 @@ def _train(args, resume: str | None) -> int:
             x, y = x[:8].to(trainer.device), y[:8].to(trainer.device)
             xo = synthesize_outliers(model, x, y, ood_type=config.ood_type, p_inv=config.p_inv,
                                      alpha=config.alpha_max, alpha_mode=config.alpha_mode,
-                                     saliency_mode=config.saliency_mode, generator=trainer.generator)
+                                     saliency_mode=config.saliency_mode, saliency_target=config.saliency_target,
+                                     shuffle_rank=config.shuffle_rank, generator=trainer.generator)
             path = outlier_grid(x, xo, os.path.join(args.out, "outliers.png"), mean, std,
                                 title=f"{config.ood_type} outliers, alpha={config.alpha_max:g} ({config.alpha_mode})")
             if path:
@@ -301,15 +379,22 @@ def _train(args, resume: str | None) -> int:
 
 
 def cmd_eval(args) -> int:
+    from .model_selection import resolve_checkpoint
     from .scorers import get_scorer
 
     _require_path(args.checkpoint, "checkpoint")
+    try:
+        ckpt_path = resolve_checkpoint(args.checkpoint, args.which)
+    except ValueError as err:
+        raise CLIError(str(err))
     _require_path(args.id, "ID data path")
     for _, path in args.ood + args.near + args.far:
         _require_path(path, "OOD data path")
     for path in (args.aps_id, args.aps_ood):
         if path:
             _require_path(path, "APS validation data path")
+    if args.val:
+        _require_path(args.val, "ID validation data path")
     if args.train:
         _require_path(args.train, "training data path")
     if not (args.ood or args.near or args.far):
@@ -318,25 +403,30 @@ def cmd_eval(args) -> int:
         raise CLIError("APS needs both --aps-id and --aps-ood")
     # Built here to check names and needs before any work; rebuilt with the model's std once it is loaded.
     probes = checks.parse_scorer_names(args.scorers, get_scorer)
-    checks.check_scorers_have_train(probes, bool(args.train))
+    checks.check_scorers_have_train(probes, bool(args.train), bool(args.val or args.aps_id))
     names = [s.name for s in probes]
     with _claim(args.out, EVAL_OUTPUTS):
-        return _evaluate(args, names)
+        return _evaluate(args, names, ckpt_path)
 
 
-def _evaluate(args, names: list[str]) -> int:
+def _evaluate(args, names: list[str], ckpt_path: str) -> int:
     import torch
 
     from . import data as D
     from .checkpoint import load_model
     from .evaluator import evaluate
+    from .model_selection import describe_checkpoint
     from .scorers import get_scorer
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model, ckpt = load_model(args.checkpoint, map_location="cpu")
+    model, ckpt = load_model(ckpt_path, map_location="cpu")
+    print(describe_checkpoint(ckpt_path, ckpt), flush=True)
     model.to(device)
     extra = ckpt.get("extra") or {}
     size, mean, std = extra.get("image_size", 32), extra.get("mean", [0.5] * 3), extra.get("std", [0.5] * 3)
+    if getattr(model, "input_std", None) is None and "std" in extra:
+        # Checkpoints from before the model carried its normalisation: ODIN / i-ODIN read it from here.
+        model.input_mean, model.input_std = [float(v) for v in mean], [float(v) for v in std]
     mode = "L" if extra.get("channels", 3) == 1 else "RGB"
     tf = D.build_transforms(size, mean, std, train=False)
 
@@ -352,20 +442,23 @@ def _evaluate(args, names: list[str]) -> int:
     for group, items in (("near", args.near), ("far", args.far)):
         if items:
             ood[group] = {name: loader(dataset(path)) for name, path in items}
-    scorers = [get_scorer(key, **({"std": std} if key in ("odin", "iodin") else {})) for key in names]
+    # ODIN / i-ODIN read the model's input_std.
+    scorers = [get_scorer(key) for key in names]
+    val_path = args.val or args.aps_id
     train_loader = loader(dataset(args.train, train=True)) if args.train else None
+    val_loader = loader(dataset(val_path)) if val_path else None
     if args.aps_id:
         from .scorers import sweep
 
         val_id, val_ood = loader(dataset(args.aps_id)), loader(dataset(args.aps_ood))
         for scorer in scorers:
             if scorer.default_grid:
-                res = sweep(scorer, model, val_id, val_ood, id_train_loader=train_loader)
+                res = sweep(scorer, model, val_id, val_ood, id_train_loader=train_loader, id_val_loader=val_loader)
                 print(f"APS {scorer.name}: {res.best_params} (validation AUROC {100 * res.best_auroc:.2f})")
     id_ds = dataset(args.id)
     checks.warn_unlabelled_id(id_ds, args.id)
     table = evaluate(model, loader(id_ds), ood, scorers=scorers, id_train_loader=train_loader,
-                     convention=args.convention, model_name=None)
+                     id_val_loader=val_loader, convention=args.convention, model_name=None)
     print(table)
     if args.out:
         table.to_csv(os.path.join(args.out, "results.csv"))

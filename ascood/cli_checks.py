@@ -124,11 +124,16 @@ def parse_scorer_names(text: str, make: Callable[[str], object]) -> list:
     return scorers
 
 
-def check_scorers_have_train(scorers: Sequence, has_train: bool) -> None:
-    """Scorers that fit ID statistics need ``--train``."""
-    needs = [s.name for s in scorers if getattr(s, "needs_fit", False)]
-    if needs and not has_train:
-        raise InputError(f"scorer(s) {', '.join(needs)} fit ID statistics: pass the ID training data with --train")
+def check_scorers_have_train(scorers: Sequence, has_train: bool, has_val: bool = False) -> None:
+    """Scorers that fit ID statistics need ``--train`` (KNN, MDS, ...) or ID validation data (ReAct, TempScale)."""
+    fitted = [s for s in scorers if getattr(s, "needs_fit", False)]
+    on_train = [s.name for s in fitted if getattr(s, "fit_split", "train") == "train"]
+    on_val = [s.name for s in fitted if getattr(s, "fit_split", "train") == "val"]
+    if on_train and not has_train:
+        raise InputError(f"scorer(s) {', '.join(on_train)} fit ID statistics: pass the ID training data with --train")
+    if on_val and not has_val:
+        raise InputError(f"scorer(s) {', '.join(on_val)} are fitted on ID validation data (as OpenOOD): "
+                         "pass --val (or --aps-id)")
 
 
 def warn_unlabelled_id(ds, path: str) -> None:

@@ -299,8 +299,8 @@ def evaluate_network(model, data: _Data, scorers: Sequence[str]) -> tuple[list[d
             val_auroc[name] = 100 * res.best_auroc
         else:
             if sc.needs_fit:
-                with torch.enable_grad():
-                    sc.fit(model, train_loader)
+                with torch.enable_grad():  # ReAct / TempScale fit on ID val, the others on ID train (OpenOOD)
+                    sc.fit(model, sc.fit_loader(train_loader, val_id))
             _, s_id, _ = loader_scores(sc, model, val_id)
             _, s_ood, _ = loader_scores(sc, model, val_ood)
             val_auroc[name] = 100 * ood_metrics(s_id, s_ood)["auroc"]

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 
-__all__ = ["DistContext", "init_from_env", "distributed_loader", "all_reduce_sum"]
+__all__ = ["DistContext", "init_from_env", "distributed_loader", "all_reduce_sum", "convert_sync_batchnorm"]
 
 
 @dataclass
@@ -68,3 +68,21 @@ def all_reduce_sum(t: torch.Tensor, ctx: DistContext) -> torch.Tensor:
         t = t.clone()
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
+
+
+def convert_sync_batchnorm(model: torch.nn.Module, enabled: bool = True) -> torch.nn.Module:
+    """Every BatchNorm layer of ``model`` as a ``torch.nn.SyncBatchNorm`` (statistics over all ranks).
+
+    The reference's multi-GPU pipeline trains this way, so a batch split over
+    N GPUs normalises like one batch. ``enabled=False`` returns ``model``
+    unchanged. torch's SyncBatchNorm runs only on CUDA-like devices (its
+    forward raises on CPU tensors), so the trainer converts only when training
+    on such a device. Weights, buffers and ``build_args`` are kept: the
+    converted model's state dict loads into the unconverted one and back.
+    """
+    if not enabled:
+        return model
+    converted = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if hasattr(model, "build_args") and converted is not model:
+        converted.build_args = model.build_args
+    return converted

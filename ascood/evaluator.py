@@ -2,8 +2,9 @@
 
     table = ascood.evaluate(model, id_test_loader,
                             {"near": {"cifar100": l1, "tin": l2}, "far": {"svhn": l3}},
-                            scorers=["msp", "scale", ascood.scorers.KNN(K=50)],
-                            id_train_loader=train_loader)
+                            scorers=["msp", "scale", "react", ascood.scorers.KNN(K=50)],
+                            id_train_loader=train_loader,   # KNN, MDS, ViM, ... fit here
+                            id_val_loader=val_loader)       # ReAct, TempScale fit here (as OpenOOD)
     print(table); table.to_csv("results.csv"); table.to_json("results.json")
 """
 from __future__ import annotations
@@ -156,8 +157,8 @@ def _resolve_scorers(scorers) -> list[tuple[str, Scorer]]:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, id_loader, ood_loaders: Mapping, scorers: Sequence | Mapping | None = None,
-             id_train_loader=None, *, convention: str = "openood", model_name: str | None = None,
-             cache: ScoreCache | None = None) -> ResultTable:
+             id_train_loader=None, *, id_val_loader=None, convention: str = "openood",
+             model_name: str | None = None, cache: ScoreCache | None = None) -> ResultTable:
     """Evaluate OOD detection of ``model`` with each scorer.
 
     Args:
@@ -169,7 +170,9 @@ def evaluate(model: nn.Module, id_loader, ood_loaders: Mapping, scorers: Sequenc
         scorers: names (see :data:`ascood.scorers.SCORERS`), Scorer instances,
             or a dict label -> scorer; default MSP, MLS, EBO.
         id_train_loader: ID training data for scorers that fit statistics
-            (KNN, MDS, ReAct, ...); an error names the scorer if it is missing.
+            (KNN, MDS, ViM, ...); an error names the scorer if it is missing.
+        id_val_loader: ID validation data for the scorers OpenOOD fits there
+            (ReAct's clip percentile, TempScale's T; ``fit_split == "val"``).
         convention: "openood" (default, the paper's) or "odin".
         model_name: optional label stored in every row.
         cache: a :class:`ScoreCache` to share scores across calls.
@@ -189,10 +192,9 @@ def evaluate(model: nn.Module, id_loader, ood_loaders: Mapping, scorers: Sequenc
     raw_scores: dict = {}
     for key, scorer in items:
         if scorer.needs_fit and not scorer.fitted:
-            if id_train_loader is None:
-                raise ValueError(f"scorer {key!r} needs id_train_loader (it fits ID statistics)")
+            fit_data = scorer.fit_loader(id_train_loader, id_val_loader)
             with torch.enable_grad():
-                scorer.fit(model, id_train_loader)
+                scorer.fit(model, fit_data)
         pred, s_id, labels = cache.get(key, scorer, model, "ID", id_loader)
         # Accuracy over the labelled ID samples only; unlabelled ID data (label -1) gives None (n/a), not 0.
         labelled = labels >= 0 if labels is not None else None

@@ -3,11 +3,21 @@
 Paper notation: h = backbone(x) (B, m) is the raw feature;
 h~ = (h - mean(h)) / (std(h) + 1e-6) * sigma (unbiased std, per sample over the
 m features) is the standardised feature; logits z = W h~ + b. With
-``head="linear"`` h~ = h (the plain cross-entropy baseline's network).
+``head="linear"`` h~ = h (the plain cross-entropy baseline's network); with
+``head="l2"`` h~ = h / ||h||_2 (the paper's Table 6 / Figure 5 ablation,
+L2-normalised feature space; the paper writes it without a scale, so none is
+applied; a 1e-6 guards the all-zero feature).
+
+The model also carries the input normalisation it was trained with
+(``input_mean`` / ``input_std``, per channel, or None when unknown); it is
+part of ``build_args`` and so of every checkpoint, and ODIN / i-ODIN use
+``input_std`` to express eps in [0, 1] pixel units.
 """
 from __future__ import annotations
 
+import math
 import os
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -17,7 +27,8 @@ from .backbones import ResNet18_32x32, SmallCNN, load_backbone_weights, torchvis
 
 __all__ = ["ASCOODNet", "build_model", "MODEL_NAMES"]
 
-HEADS = ("zscore", "linear")
+HEADS = ("zscore", "linear", "l2")
+L2_EPS = 1e-6
 
 
 class ASCOODNet(nn.Module):
@@ -28,8 +39,11 @@ class ASCOODNet(nn.Module):
             ``feature_dim`` attribute unless ``feature_dim`` is given.
         num_classes: number of ID classes C.
         sigma: the paper's sigma, scale of the standardised feature (default 0.5).
-        head: "zscore" (ASCOOD) or "linear" (baseline: logits = fc(h)).
+        head: "zscore" (ASCOOD), "linear" (baseline: logits = fc(h)) or "l2"
+            (ablation, Table 6 / Fig. 5: logits = fc(h / ||h||_2)).
         feature_dim: m, when the backbone has no ``feature_dim`` attribute.
+        input_mean, input_std: per-channel normalisation of the model's inputs
+            (None = unknown); used by ODIN / i-ODIN when no ``std`` is given.
 
     Scorers that reshape features (ReAct, ASH, SCALE) or measure distances
     (KNN, MDS, ViM, ...) use :meth:`features` (raw h) and :attr:`fc`, exactly
@@ -37,7 +51,8 @@ class ASCOODNet(nn.Module):
     """
 
     def __init__(self, backbone: nn.Module, num_classes: int, sigma: float = 0.5, head: str = "zscore",
-                 feature_dim: int | None = None) -> None:
+                 feature_dim: int | None = None, input_mean: Sequence[float] | None = None,
+                 input_std: Sequence[float] | None = None) -> None:
         super().__init__()
         if head not in HEADS:
             raise ValueError(f"head must be one of {HEADS}, got {head!r}")
@@ -56,15 +71,18 @@ class ASCOODNet(nn.Module):
         self.head_type = head
         self.feature_dim = int(m)
         self.fc = nn.Linear(self.feature_dim, self.num_classes)
+        self.input_mean, self.input_std = _check_normalization(input_mean, input_std)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Raw (un-standardised) feature h: (B, C, H, W) -> (B, m)."""
         return self.backbone(x)
 
     def standardize(self, h: torch.Tensor) -> torch.Tensor:
-        """h -> h~ (the fused z-score op for the "zscore" head, identity for "linear")."""
+        """h -> h~: the fused z-score op ("zscore"), h / ||h||_2 ("l2"), identity ("linear")."""
         if self.head_type == "zscore":
             return _ops.zscore(h, self.sigma)
+        if self.head_type == "l2":
+            return h / (torch.linalg.vector_norm(h, dim=-1, keepdim=True) + L2_EPS)
         return h
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
@@ -79,14 +97,31 @@ class ASCOODNet(nn.Module):
 
     def config(self) -> dict:
         """The constructor arguments that rebuild this head (stored in checkpoints)."""
-        return {"num_classes": self.num_classes, "sigma": self.sigma, "head": self.head_type}
+        return {"num_classes": self.num_classes, "sigma": self.sigma, "head": self.head_type,
+                "input_mean": self.input_mean, "input_std": self.input_std}
+
+
+def _check_normalization(mean: Sequence[float] | None, std: Sequence[float] | None
+                         ) -> tuple[list[float] | None, list[float] | None]:
+    """Both None, or two equally long lists of finite floats with std > 0 (ValueError otherwise)."""
+    if mean is None and std is None:
+        return None, None
+    if mean is None or std is None:
+        raise ValueError("input_mean and input_std must be given together")
+    mean, std = [float(v) for v in mean], [float(v) for v in std]
+    if len(mean) != len(std) or not mean:
+        raise ValueError(f"input_mean and input_std need one value per channel, got {len(mean)} and {len(std)}")
+    if not all(math.isfinite(v) for v in mean) or not all(math.isfinite(v) and v > 0 for v in std):
+        raise ValueError(f"input_mean must be finite and input_std finite and > 0, got {mean}, {std}")
+    return mean, std
 
 
 MODEL_NAMES = ("resnet18_32x32", "resnet18", "resnet34", "resnet50", "small_cnn")
 
 
 def build_model(name: str, num_classes: int, in_channels: int = 3, head: str = "zscore", sigma: float = 0.5,
-                weights: str | os.PathLike | None = None, width: int | None = None) -> ASCOODNet:
+                weights: str | os.PathLike | None = None, width: int | None = None,
+                input_mean: Sequence[float] | None = None, input_std: Sequence[float] | None = None) -> ASCOODNet:
     """Build an :class:`ASCOODNet` by backbone name.
 
     Args:
@@ -95,17 +130,23 @@ def build_model(name: str, num_classes: int, in_channels: int = 3, head: str = "
             "small_cnn" (tiny images, 8x8..32x32).
         num_classes: number of ID classes.
         in_channels: image channels (1 for grey, 3 for RGB, ...).
-        head: "zscore" (ASCOOD) or "linear" (baseline).
+        head: "zscore" (ASCOOD), "linear" (baseline) or "l2" (Table 6 ablation).
         sigma: the standardised feature's scale.
         weights: optional local file with backbone weights (torchvision or an
             ASCOODNet/ascood checkpoint); loaded with ``weights_only=True``;
             never downloaded. For a full ascood checkpoint use
             :func:`ascood.checkpoint.load_model` instead (it restores the head too).
         width: channel width override (resnet18_32x32 default 64, small_cnn 16).
+        input_mean, input_std: the inputs' per-channel normalisation (stored
+            with the model and its checkpoints; ODIN / i-ODIN read input_std).
     """
+    input_mean, input_std = _check_normalization(input_mean, input_std)
+    if input_mean is not None and len(input_mean) != in_channels:
+        raise ValueError(f"input_mean/input_std need {in_channels} values (in_channels), got {len(input_mean)}")
+    norm = {"input_mean": input_mean, "input_std": input_std}
     # Recorded on the model so checkpoints can rebuild it (weights come from the state dict).
     build_args = {"name": name, "num_classes": int(num_classes), "in_channels": int(in_channels), "head": head,
-                  "sigma": float(sigma), "width": width}
+                  "sigma": float(sigma), "width": width, **norm}
     if name == "resnet18_32x32":
         backbone: nn.Module = ResNet18_32x32(in_channels, width or 64)
     elif name == "small_cnn":
@@ -113,13 +154,13 @@ def build_model(name: str, num_classes: int, in_channels: int = 3, head: str = "
     elif name in ("resnet18", "resnet34", "resnet50"):
         if width is not None:
             raise ValueError("width applies only to resnet18_32x32 and small_cnn")
-        model = ASCOODNet(torchvision_resnet(int(name[6:]), in_channels, weights), num_classes, sigma, head)
+        model = ASCOODNet(torchvision_resnet(int(name[6:]), in_channels, weights), num_classes, sigma, head, **norm)
         model.build_args = build_args
         return model
     else:
         raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODEL_NAMES)}")
     if weights is not None:
         load_backbone_weights(backbone, weights)
-    model = ASCOODNet(backbone, num_classes, sigma, head)
+    model = ASCOODNet(backbone, num_classes, sigma, head, **norm)
     model.build_args = build_args
     return model

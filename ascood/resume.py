@@ -24,7 +24,8 @@ __all__ = ["resume_differences", "format_differences", "fill_from_checkpoint", "
 #: CLI dest -> TrainConfig field, for flags that go into the TrainConfig.
 CLI_CONFIG_FLAGS = {name: name for name in (
     "epochs", "ood_type", "p_inv", "alpha_min", "alpha_max", "alpha_mode", "w", "lr", "momentum", "nesterov",
-    "weight_decay", "fc_lr_factor", "saliency_mode", "amp", "seed")}
+    "weight_decay", "fc_lr_factor", "min_lr", "saliency_mode", "saliency_target", "shuffle_rank", "outlier_loss",
+    "energy_margin_in", "energy_margin_out", "amp", "sync_bn", "seed")}
 #: CLI dest -> build_model argument (the checkpoint's model_build record).
 CLI_BUILD_FLAGS = {"model": "name", "width": "width", "head": "head", "sigma": "sigma", "channels": "in_channels"}
 #: CLI dest -> key of the checkpoint's ``extra`` record (data pipeline settings).

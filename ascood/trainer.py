@@ -1,17 +1,22 @@
-"""ASCOOD training (the paper's Eq. 5) with exact resume, DDP and AMP.
+"""ASCOOD training (the paper's Eq. 5) with exact resume, DDP (SyncBatchNorm) and opt-in AMP.
 
 One step, for an ID batch (x, y):
 
-1. G = d z_y / d x (true-class saliency, eval mode by default);
+1. G = d z_y / d x (true-class saliency, eval mode by default, always float32);
 2. x' = outlier of x by ``ood_type`` (see :mod:`ascood.outliers`), detached;
 3. logits = net(cat[x, x']) -- ID and outliers together, so BatchNorm sees both;
-4. loss = ascood_loss(logits[:B], y, logits[B:], w)
-        = CE(z, y) + w * KL(U || softmax(z'))   (batchmean);
+4. loss = CE(z, y) + w * L_OOD(z') with L_OOD = KL(U || softmax(z')) (batchmean;
+   the paper's) or the energy ablation (:mod:`ascood.losses`);
 5. SGD step (momentum, nesterov, weight decay), then one step of the
-   per-step cosine schedule (lr -> min_lr_ratio * lr at the end).
+   per-step cosine schedule (one LambdaLR multiplier for every parameter
+   group, from 1 to min_lr / lr, as the reference's).
 
 ``ood_type="none"`` skips 1-2 and trains with plain cross-entropy (the
-baseline). alpha decays linearly per epoch from alpha_max to alpha_min.
+baseline). alpha decays linearly per epoch from alpha_max to alpha_min, epochs
+counted from 1 (the last epoch uses alpha_min). With a validation loader the
+ID validation accuracy is measured after every epoch and the best epoch's
+checkpoint is kept as ``best.pt`` beside ``last.pt`` (the reference's model
+selection).
 """
 from __future__ import annotations
 
@@ -27,15 +32,18 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from . import _ops
 from .checkpoint import (FORMAT, atomic_save, atomic_write_text, get_rng_state, load_checkpoint,
                          load_state_dict_checked, set_rng_state, write_json)
-from .distributed import DistContext, all_reduce_sum, distributed_loader, init_from_env
-from .outliers import ALPHA_MODES, OOD_TYPES, SALIENCY_MODES, alpha_at, synthesize_outliers
+from .distributed import DistContext, all_reduce_sum, convert_sync_batchnorm, distributed_loader, init_from_env
+from .losses import ENERGY_MARGIN_IN, ENERGY_MARGIN_OUT, OUTLIER_LOSSES, outlier_loss
+from .outliers import (ALPHA_MODES, OOD_TYPES, SALIENCY_MODES, SALIENCY_TARGETS, SHUFFLE_RANKS, alpha_at,
+                       check_alpha_range, synthesize_outliers)
 
-__all__ = ["TrainConfig", "Trainer", "train", "NonFiniteLossError", "CHECKPOINT_NAME", "unpack_batch"]
+__all__ = ["TrainConfig", "Trainer", "train", "NonFiniteLossError", "CHECKPOINT_NAME", "BEST_CHECKPOINT_NAME",
+           "unpack_batch", "cosine_factor", "accuracy"]
 
 CHECKPOINT_NAME = "last.pt"
+BEST_CHECKPOINT_NAME = "best.pt"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -50,13 +58,23 @@ class TrainConfig:
     "gradient" (the paper's method), "shuffle", "gaussian" or "none" (CE
     baseline). p_inv: fraction of input elements treated as invariant
     [p_inv]. alpha_min / alpha_max: outlier step size, decaying linearly per
-    epoch from alpha_max to alpha_min [alpha]. alpha_mode: "absolute" (paper:
-    x + alpha G) or "relative" (alpha in input units, see ascood.outliers).
-    w: weight of the outlier KL term [w]. lr, momentum, nesterov,
-    weight_decay: SGD. fc_lr_factor: lr multiplier of the final linear layer.
-    min_lr_ratio: the cosine schedule ends at min_lr_ratio * lr.
-    saliency_mode: "eval" (reference) or "train". amp: mixed precision
-    (None = on for CUDA). seed: seeds the outlier generator and the
+    1-based epoch from alpha_max towards alpha_min (reached at the last epoch)
+    [alpha]; both <= 0 subtracts the gradient (Table 5 ablation).
+    alpha_mode: "absolute" (paper: x + alpha G) or "relative" (alpha in input
+    units, see ascood.outliers). w: weight of the outlier term [w].
+    lr, momentum, nesterov, weight_decay: SGD. fc_lr_factor: lr multiplier
+    of the final linear layer. min_lr: absolute lr at the end of the per-step
+    cosine schedule (reference 1e-6; the multiplier, shared by all groups,
+    runs from 1 to min_lr / lr). saliency_mode: "eval" (reference) or
+    "train". saliency_target: "logit" (paper, G = dz_y/dx) or "prob"
+    (Sec. D.3, G = dp_y/dx). shuffle_rank: pixel ranking of ood_type
+    "shuffle", "exp" (reference: sum_c exp(G_c)) or "abs" (sum_c |G_c|).
+    outlier_loss: "kl" (paper) or "energy" (Table 6 ablation, margins
+    energy_margin_in / energy_margin_out, see ascood.losses). amp: mixed
+    precision for the training forward/backward (opt-in, CUDA only; the
+    paper's numbers are fp32; the saliency is float32 either way). sync_bn:
+    convert BatchNorm to SyncBatchNorm under multi-GPU DDP (as the
+    reference's pipeline). seed: seeds the outlier generator and the
     distributed sampler (None = drawn from torch's global RNG).
     """
 
@@ -72,9 +90,15 @@ class TrainConfig:
     nesterov: bool = True
     weight_decay: float = 5e-4
     fc_lr_factor: float = 1.0
-    min_lr_ratio: float = 1e-6
+    min_lr: float = 1e-6
     saliency_mode: str = "eval"
-    amp: bool | None = None
+    saliency_target: str = "logit"
+    shuffle_rank: str = "exp"
+    outlier_loss: str = "kl"
+    energy_margin_in: float = ENERGY_MARGIN_IN
+    energy_margin_out: float = ENERGY_MARGIN_OUT
+    amp: bool = False
+    sync_bn: bool = True
     seed: int | None = None
 
     def validate(self) -> None:
@@ -87,18 +111,27 @@ class TrainConfig:
             raise ValueError(f"p_inv must be in (0, 1], got {self.p_inv}")
         if self.alpha_mode not in ALPHA_MODES:
             raise ValueError(f"alpha_mode must be one of {', '.join(ALPHA_MODES)}, got {self.alpha_mode!r}")
-        if self.saliency_mode not in SALIENCY_MODES:
-            raise ValueError(f"saliency_mode must be one of {', '.join(SALIENCY_MODES)}, got {self.saliency_mode!r}")
-        for name in ("alpha_min", "alpha_max", "w", "weight_decay", "momentum"):
+        for name, value, choices in (("saliency_mode", self.saliency_mode, SALIENCY_MODES),
+                                     ("saliency_target", self.saliency_target, SALIENCY_TARGETS),
+                                     ("shuffle_rank", self.shuffle_rank, SHUFFLE_RANKS),
+                                     ("outlier_loss", self.outlier_loss, OUTLIER_LOSSES)):
+            if value not in choices:
+                raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+        for name in ("w", "weight_decay", "momentum"):
             v = getattr(self, name)
             if not (math.isfinite(v) and v >= 0):
                 raise ValueError(f"{name} must be finite and >= 0, got {v}")
-        for name in ("lr", "fc_lr_factor", "min_lr_ratio"):
+        for name in ("lr", "fc_lr_factor", "min_lr"):
             v = getattr(self, name)
             if not (math.isfinite(v) and v > 0):
                 raise ValueError(f"{name} must be finite and > 0, got {v}")
-        if self.alpha_min > self.alpha_max:
-            raise ValueError(f"alpha_min ({self.alpha_min}) must be <= alpha_max ({self.alpha_max})")
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr ({self.min_lr}) must be <= lr ({self.lr}): the cosine schedule decays to it")
+        check_alpha_range(self.alpha_min, self.alpha_max)
+        if not (math.isfinite(self.energy_margin_in) and math.isfinite(self.energy_margin_out)
+                and self.energy_margin_in < self.energy_margin_out):
+            raise ValueError(f"energy_margin_in ({self.energy_margin_in}) must be finite and < energy_margin_out "
+                             f"({self.energy_margin_out})")
         if self.nesterov and self.momentum == 0:
             raise ValueError("nesterov needs momentum > 0")
 
@@ -108,6 +141,25 @@ def unpack_batch(batch) -> tuple[torch.Tensor, torch.Tensor]:
     if isinstance(batch, dict):
         return batch["data"], batch["label"]
     return batch[0], batch[1]
+
+
+def accuracy(model: nn.Module, loader: Iterable, device: torch.device) -> float:
+    """Top-1 accuracy (fraction) of ``model`` (eval mode, no grad) over a (x, y) loader; the mode is restored."""
+    was_training = model.training
+    model.eval()
+    correct = seen = 0
+    try:
+        with torch.no_grad():
+            for batch in loader:
+                x, y = unpack_batch(batch)
+                pred = model(x.to(device, non_blocking=True)).argmax(1).cpu()
+                correct += int((pred == torch.as_tensor(y).long().cpu()).sum())
+                seen += int(pred.numel())
+    finally:
+        model.train(was_training)
+    if seen == 0:
+        raise ValueError("val_loader yields no samples")
+    return correct / seen
 
 
 def cosine_factor(step: int, total: int, min_ratio: float) -> float:
@@ -126,8 +178,13 @@ class Trainer:
             :class:`~ascood.models.ASCOODNet` gets its ``fc`` its own lr group.
         train_loader: yields (x, y) or {"data", "label"} batches.
         config: :class:`TrainConfig`.
-        out_dir: where ``last.pt``, ``config.json`` and ``log.jsonl`` go
-            (None: no files). Only rank 0 writes.
+        val_loader: optional ID validation (x, y) loader: after every epoch
+            its accuracy is logged as ``val_acc`` and the checkpoint of the
+            best val accuracy so far (earliest on ties) is written to
+            ``out_dir/best.pt`` (same format as last.pt). Every rank evaluates
+            the whole loader with the same weights (no sharding, no collective).
+        out_dir: where ``last.pt`` (``best.pt``), ``config.json`` and
+            ``log.jsonl`` go (None: no files). Only rank 0 writes.
         resume: a checkpoint path (or ``out_dir`` holding ``last.pt``) to continue from.
         device: default CUDA (the local rank's GPU) when available, else CPU.
         progress: tqdm bars (rank 0 only).
@@ -137,7 +194,7 @@ class Trainer:
     """
 
     def __init__(self, model: nn.Module, train_loader: DataLoader, config: TrainConfig, *,
-                 out_dir: str | os.PathLike | None = None, resume: str | os.PathLike | None = None,
+                 val_loader: Iterable | None = None, out_dir: str | os.PathLike | None = None, resume: str | os.PathLike | None = None,
                  device: str | torch.device | None = None, progress: bool = True,
                  callbacks: Iterable[EpochCallback] = (), extra: dict | None = None) -> None:
         config.validate()
@@ -147,6 +204,10 @@ class Trainer:
         if device is None:
             device = f"cuda:{self.dist.local_rank}" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
+        if self.dist.enabled:
+            # The reference's multi-GPU pipeline trains with SyncBatchNorm. torch's SyncBatchNorm
+            # only runs on GPU-like devices, so on CPU (gloo) BatchNorm stays per process.
+            model = convert_sync_batchnorm(model, config.sync_bn and self.device.type != "cpu")
         self.raw_model = model.to(self.device)
         self.model: nn.Module = model
         if self.dist.enabled:
@@ -160,14 +221,18 @@ class Trainer:
         # A dedicated generator for the shuffle permutation and Gaussian noise: saved in
         # checkpoints so a resumed run draws the very same outliers.
         self.generator = torch.Generator(device=self.device).manual_seed(seed + self.dist.rank)
-        self.amp = bool(config.amp if config.amp is not None else self.device.type == "cuda")
+        self.amp = bool(config.amp)
         if self.amp and self.device.type != "cuda":
             raise ValueError("amp=True needs a CUDA device")
         self.optimizer = self._make_optimizer()
         total = config.epochs * len(self.loader)
+        # One multiplier for every parameter group, from 1 to min_lr / lr, as the reference's
+        # LambdaLR: the fc group (lr * fc_lr_factor) ends at min_lr * fc_lr_factor.
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: cosine_factor(step, total, config.min_lr_ratio))
+            self.optimizer, lambda step: cosine_factor(step, total, config.min_lr / config.lr))
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        self.val_loader = val_loader
+        self.best_val_acc: float | None = None
         self.out_dir = os.fspath(out_dir) if out_dir is not None else None
         self.progress = progress
         self.callbacks = list(callbacks)
@@ -202,6 +267,11 @@ class Trainer:
     def checkpoint_path(self) -> str | None:
         return os.path.join(self.out_dir, CHECKPOINT_NAME) if self.out_dir else None
 
+    @property
+    def best_checkpoint_path(self) -> str | None:
+        """``out_dir/best.pt`` (written only with a val_loader)."""
+        return os.path.join(self.out_dir, BEST_CHECKPOINT_NAME) if self.out_dir else None
+
     def _resume(self, resume: str | os.PathLike) -> None:
         path = os.fspath(resume)
         if os.path.isdir(path):
@@ -222,6 +292,7 @@ class Trainer:
             self.scaler.load_state_dict(ckpt["scaler"])
         self.epoch = int(ckpt["epoch"])
         self.history = list(ckpt.get("history", []))
+        self.best_val_acc = ckpt.get("best_val_acc")
         self.seed = int(ckpt.get("seed", self.seed))
         self.extra = {**ckpt.get("extra", {}), **self.extra}
         if hasattr(getattr(self.loader, "sampler", None), "seed"):
@@ -233,18 +304,18 @@ class Trainer:
 
     # -- one step / one epoch ------------------------------------------------------------------
     def alpha(self, epoch: int) -> float:
-        """alpha of 0-based ``epoch`` (linear decay alpha_max -> alpha_min)."""
+        """alpha of 1-based ``epoch`` (linear decay towards alpha_min, reached at the last epoch)."""
         c = self.config
         return alpha_at(epoch, c.epochs, c.alpha_min, c.alpha_max)
 
     def make_outliers(self, x: torch.Tensor, y: torch.Tensor, alpha: float) -> torch.Tensor | None:
         """Virtual outliers for one batch (uses the raw model: no DDP hooks on the saliency pass)."""
         c = self.config
-        with torch.autocast(self.device.type, enabled=self.amp):
-            xo = synthesize_outliers(self.raw_model, x, y, ood_type=c.ood_type, p_inv=c.p_inv, alpha=alpha,
-                                     alpha_mode=c.alpha_mode, saliency_mode=c.saliency_mode,
-                                     generator=self.generator)
-        return xo
+        # No autocast here: the saliency that picks the mask is computed in float32 (see true_class_saliency).
+        return synthesize_outliers(self.raw_model, x, y, ood_type=c.ood_type, p_inv=c.p_inv, alpha=alpha,
+                                   alpha_mode=c.alpha_mode, saliency_mode=c.saliency_mode,
+                                   saliency_target=c.saliency_target, shuffle_rank=c.shuffle_rank,
+                                   generator=self.generator)
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimisation step; returns (loss, number of correct ID predictions) as detached tensors."""
@@ -260,7 +331,8 @@ class Trainer:
         logits = logits.float()
         id_logits = logits[: x.shape[0]]
         ood_logits = logits[x.shape[0]:]
-        loss = _ops.ascood_loss(id_logits, y, ood_logits, c.w if xo is not None else 0.0)
+        loss = outlier_loss(id_logits, y, ood_logits, c.w if xo is not None else 0.0, kind=c.outlier_loss,
+                            energy_margin_in=c.energy_margin_in, energy_margin_out=c.energy_margin_out)
         # All ranks see the same (summed) loss, so they all stop together on a non-finite value
         # instead of some ranks waiting forever in the gradient all-reduce.
         checked = all_reduce_sum(loss.detach(), self.dist)
@@ -280,11 +352,11 @@ class Trainer:
         return loss.detach(), correct
 
     def train_epoch(self) -> dict:
-        """Run epoch ``self.epoch`` (0-based); returns its metrics (averaged over ranks)."""
+        """Run the next epoch (``self.epoch`` completed so far); returns its metrics (averaged over ranks)."""
         from tqdm.auto import tqdm
 
         epoch = self.epoch
-        alpha = self.alpha(epoch)
+        alpha = self.alpha(epoch + 1)  # the schedule counts epochs from 1
         sampler = getattr(self.loader, "sampler", None)
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)
@@ -306,8 +378,12 @@ class Trainer:
                 bar.set_postfix(loss=f"{loss.item():.4f}", acc=f"{(correct / seen).item():.3f}", alpha=f"{alpha:.4g}")
         bar.close()
         totals = all_reduce_sum(torch.stack([loss_sum, correct, seen]), self.dist)
-        return {"epoch": epoch + 1, "loss": (totals[0] / totals[2]).item(), "acc": (totals[1] / totals[2]).item(),
-                "alpha": alpha, "lr": self.optimizer.param_groups[0]["lr"], "time_s": round(time.time() - t0, 3)}
+        metrics = {"epoch": epoch + 1, "loss": (totals[0] / totals[2]).item(), "acc": (totals[1] / totals[2]).item(),
+                   "alpha": alpha, "lr": self.optimizer.param_groups[0]["lr"]}
+        if self.val_loader is not None:
+            metrics["val_acc"] = accuracy(self.raw_model, self.val_loader, self.device)
+        metrics["time_s"] = round(time.time() - t0, 3)
+        return metrics
 
     # -- checkpoints -----------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -326,6 +402,7 @@ class Trainer:
             "train_config": dataclasses.asdict(self.config),
             "steps_per_epoch": len(self.loader),  # the per-step cosine schedule depends on it
             "history": self.history,
+            "best_val_acc": self.best_val_acc,
             "world_size": self.dist.world_size,
             "extra": self.extra,
         }
@@ -341,14 +418,21 @@ class Trainer:
         dist.all_gather_object(states, get_rng_state(self._generators()))
         return {str(r): s for r, s in enumerate(states)}
 
-    def save(self) -> None:
-        """Write last.pt, config.json and log.jsonl atomically (rank 0 only)."""
+    def save(self, is_best: bool = False) -> None:
+        """Write last.pt (and best.pt when ``is_best``), config.json and log.jsonl atomically (rank 0 only).
+
+        best.pt is written first: after a crash between the two writes the
+        resumed run repeats the epoch from the older last.pt, finds the same
+        val accuracy better than its recorded best, and writes best.pt again.
+        """
         per_rank = self._gather_rng()  # collective: every rank takes part
         if not (self.out_dir and self.dist.is_main):
             return
         state = self.state_dict()
         if per_rank is not None:
             state["rng_per_rank"] = per_rank
+        if is_best:
+            atomic_save(state, self.best_checkpoint_path)
         atomic_save(state, self.checkpoint_path)
         write_json({"train_config": state["train_config"], "model_build": state["model_build"],
                     "epoch": self.epoch, "seed": self.seed, "format": FORMAT, "extra": self.extra},
@@ -369,7 +453,7 @@ class Trainer:
             return self._fit_epochs()
         from .rundir import claim_output_dir
 
-        with claim_output_dir(self.out_dir, flag="out_dir", outputs=(CHECKPOINT_NAME, "config.json", "log.jsonl")):
+        with claim_output_dir(self.out_dir, flag="out_dir", outputs=(CHECKPOINT_NAME, BEST_CHECKPOINT_NAME, "config.json", "log.jsonl")):
             return self._fit_epochs()
 
     def _fit_epochs(self) -> nn.Module:
@@ -378,10 +462,16 @@ class Trainer:
             metrics = self.train_epoch()
             self.epoch += 1
             self.history.append(metrics)
-            self.save()
+            val = metrics.get("val_acc")
+            is_best = val is not None and (self.best_val_acc is None or val > self.best_val_acc)
+            if is_best:
+                self.best_val_acc = val
+            self.save(is_best)
             if self.progress and self.dist.is_main:
+                extra = f"  val_acc {val:.4f}{' (best)' if is_best else ''}" if val is not None else ""
                 print(f"epoch {metrics['epoch']}/{self.config.epochs}  loss {metrics['loss']:.4f}  "
-                      f"acc {metrics['acc']:.4f}  alpha {metrics['alpha']:.4g}  lr {metrics['lr']:.3g}", flush=True)
+                      f"acc {metrics['acc']:.4f}{extra}  alpha {metrics['alpha']:.4g}  lr {metrics['lr']:.3g}",
+                      flush=True)
             for cb in self.callbacks:
                 cb(self, metrics)
         self.raw_model.eval()
@@ -390,16 +480,18 @@ class Trainer:
 
 def train(model: nn.Module, train_loader: DataLoader, *, epochs: int = 100, ood_type: str = "gradient",
           p_inv: float = 0.1, alpha_min: float = 30.0, alpha_max: float = 300.0, w: float = 1.0, lr: float = 0.1,
-          out_dir: str | os.PathLike | None = None, resume: str | os.PathLike | None = None,
-          device: str | torch.device | None = None, progress: bool = True,
+          val_loader: Iterable | None = None, out_dir: str | os.PathLike | None = None,
+          resume: str | os.PathLike | None = None, device: str | torch.device | None = None, progress: bool = True,
           callbacks: Iterable[EpochCallback] = (), **kwargs) -> nn.Module:
     """Train ``model`` with ASCOOD; returns it (eval mode).
 
     Keyword arguments are :class:`TrainConfig` fields (``alpha_mode``,
     ``momentum``, ``nesterov``, ``weight_decay``, ``fc_lr_factor``,
-    ``saliency_mode``, ``amp``, ``seed``, ``min_lr_ratio``) plus the
-    :class:`Trainer` options (``out_dir``, ``resume``, ``device``,
-    ``progress``, ``callbacks``).
+    ``min_lr``, ``saliency_mode``, ``saliency_target``, ``shuffle_rank``,
+    ``outlier_loss``, ``energy_margin_in``, ``energy_margin_out``, ``amp``,
+    ``sync_bn``, ``seed``) plus the :class:`Trainer` options
+    (``val_loader``, ``out_dir``, ``resume``, ``device``, ``progress``,
+    ``callbacks``).
     """
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = set(kwargs) - names
@@ -407,5 +499,5 @@ def train(model: nn.Module, train_loader: DataLoader, *, epochs: int = 100, ood_
         raise TypeError(f"train() got unknown arguments: {', '.join(sorted(unknown))}")
     config = TrainConfig(epochs=epochs, ood_type=ood_type, p_inv=p_inv, alpha_min=alpha_min, alpha_max=alpha_max,
                          w=w, lr=lr, **kwargs)
-    return Trainer(model, train_loader, config, out_dir=out_dir, resume=resume, device=device, progress=progress,
-                   callbacks=callbacks).fit()
+    return Trainer(model, train_loader, config, val_loader=val_loader, out_dir=out_dir, resume=resume, device=device,
+                   progress=progress, callbacks=callbacks).fit()

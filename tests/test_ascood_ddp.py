@@ -26,6 +26,8 @@ def _worker(rank: int, world: int, tmp: str) -> None:
                      TrainConfig(epochs=2, ood_type="gradient", p_inv=0.1, alpha_min=0.5, alpha_max=1.0, lr=0.05,
                                  seed=0), out_dir=os.path.join(tmp, "out"), progress=False)
         assert isinstance(tr.loader.sampler, DistributedSampler) and len(tr.loader) == 4  # 16 samples per rank
+        # sync_bn defaults on, but torch's SyncBatchNorm cannot run on CPU tensors: gloo keeps BatchNorm.
+        assert tr.config.sync_bn and not any(isinstance(m, torch.nn.SyncBatchNorm) for m in tr.raw_model.modules())
         init = {k: v.clone() for k, v in model.named_parameters()}
         tr.fit()
         params = {k: v.detach().clone() for k, v in model.named_parameters()}

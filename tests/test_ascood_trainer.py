@@ -39,20 +39,28 @@ def test_each_ood_type_trains(ood_type):
                                                          alpha_max=1.0, lr=0.05, seed=0), progress=False)
     tr.fit()
     m = tr.history[0]
-    assert math.isfinite(m["loss"]) and 0 <= m["acc"] <= 1 and m["alpha"] == 1.0
+    # One epoch of one: the 1-based schedule uses exactly alpha_min (reference-facts.md).
+    assert math.isfinite(m["loss"]) and 0 <= m["acc"] <= 1 and m["alpha"] == 0.5
     changed = [k for k, v in model.state_dict().items() if v.dtype.is_floating_point and not torch.equal(v, before[k])]
     assert "fc.weight" in changed and any(k.startswith("backbone") for k in changed)
 
 
 def test_alpha_schedule_values():
-    # Linear decay from alpha_max (epoch 0) towards alpha_min: (max - min) * (1 - e/E) + min.
-    assert [alpha_at(e, 4, 30, 300) for e in range(4)] == [300, 232.5, 165, 97.5]
-    assert alpha_at(0, 10, 0.1, 0.1) == pytest.approx(0.1)
+    # reference-facts.md: alpha(e) = (max - min) * (1 - e/E) + min with e counted from 1 (OpenOOD loops
+    # epochs 1..E): the first epoch uses max - (max - min)/E, the last exactly min.
+    E, a_min, a_max = 100, 30.0, 300.0
+    assert alpha_at(1, E, a_min, a_max) == pytest.approx(a_max - (a_max - a_min) / E)  # 297.3
+    assert alpha_at(E, E, a_min, a_max) == a_min
+    assert [alpha_at(e, 4, 30, 300) for e in range(1, 5)] == [232.5, 165, 97.5, 30]
+    assert alpha_at(1, 10, 0.1, 0.1) == pytest.approx(0.1)
+    for bad in (0, E + 1):
+        with pytest.raises(ValueError, match="1-based"):
+            alpha_at(bad, E, a_min, a_max)
     model = tiny_model()
     tr = Trainer(model, loader(tiny_data(16)), TrainConfig(epochs=3, alpha_min=1.0, alpha_max=4.0, lr=0.01, seed=0),
                  progress=False)
     tr.fit()
-    assert [h["alpha"] for h in tr.history] == [4.0, 3.0, 2.0]
+    assert [h["alpha"] for h in tr.history] == [3.0, 2.0, 1.0]
 
 
 def test_cosine_schedule_per_step():
@@ -62,10 +70,23 @@ def test_cosine_schedule_per_step():
     model = tiny_model()
     tr = Trainer(model, loader(tiny_data(16)), TrainConfig(epochs=1, lr=0.2, fc_lr_factor=0.05, seed=0),
                  progress=False)
+    assert TrainConfig().min_lr == 1e-6  # reference-facts.md: cosine to an absolute lr of 1e-6
     assert [g["lr"] for g in tr.optimizer.param_groups] == [0.2, pytest.approx(0.01)]
     assert tr.optimizer.param_groups[1]["params"] == list(model.fc.parameters())
-    tr.fit()  # 2 steps of 2: ends at min_lr_ratio * lr
-    assert tr.optimizer.param_groups[0]["lr"] == pytest.approx(0.2e-6)
+    seen = []
+    tr.callbacks.append(lambda t, m: seen.append([g["lr"] for g in t.optimizer.param_groups]))
+    tr.fit()  # 2 steps of 2
+    # The reference's LambdaLR multiplier runs from 1 to 1e-6 / lr and is shared by every group:
+    # the body ends at exactly 1e-6 (not 1e-6 * lr), the fc group at 1e-6 * fc_lr_factor.
+    assert seen[-1][0] == pytest.approx(1e-6, rel=1e-9)
+    assert seen[-1][1] == pytest.approx(1e-6 * 0.05, rel=1e-9)
+    # Halfway (after step 1 of 2) the cosine is at its midpoint: lr/2 + 1e-6/2.
+    tr2 = Trainer(tiny_model(), loader(tiny_data(16)), TrainConfig(epochs=1, lr=0.2, min_lr=1e-3, seed=0),
+                  progress=False)
+    tr2.train_step(*next(iter(tr2.loader)), alpha=1.0)
+    assert tr2.optimizer.param_groups[0]["lr"] == pytest.approx(0.1 + 0.5e-3)
+    with pytest.raises(ValueError, match="min_lr"):
+        TrainConfig(lr=1e-7).validate()
 
 
 def test_outlier_equals_gradient_outlier_of_true_class_saliency():

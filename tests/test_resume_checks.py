@@ -124,8 +124,8 @@ def test_cli_resume_without_flags_continues_the_saved_run(tmp_path, cli_data, mo
     assert main(["train", cli_data, "--out", str(full), *FLAGS]) == 0
     real_save = Trainer.save
 
-    def save_then_kill(self):
-        real_save(self)
+    def save_then_kill(self, *args, **kwargs):
+        real_save(self, *args, **kwargs)
         raise KeyboardInterrupt
 
     part = tmp_path / "part"

@@ -2,7 +2,8 @@
 
 A scorer maps a batch x (B, C, H, W) to ``(pred, score)``: pred (B,) int64 is
 the model's predicted class (argmax of its own logits, so ID accuracy is the
-model's whatever the scorer), score (B,) float32 is a confidence where
+model's whatever the scorer; ODIN and i-ODIN report the argmax on their
+perturbed input, as the reference), score (B,) float32 is a confidence where
 **higher means more in-distribution**. Scorers that need ID statistics
 (``needs_fit``) get them from ``fit(model, id_train_loader)``, which streams
 the loader batch by batch and keeps statistics on the CPU (a large train set's
@@ -70,22 +71,29 @@ class Scorer:
     """Base class: override :meth:`score` (and :meth:`fit` when ``needs_fit``).
 
     ``default_grid`` lists the hyperparameter values the APS sweep
-    (:func:`ascood.scorers.sweep`) tries; ``refit_params`` names those whose
-    change invalidates fitted statistics.
+    (:func:`ascood.scorers.sweep`) tries (empty: not searched, as in the
+    authors' configs for MSP, MLS, MDS, RMDS, TempScale, NNGuide);
+    ``param_names`` the hyperparameters :meth:`get_params` reports (default:
+    the grid's keys); ``refit_params`` those whose change invalidates fitted
+    statistics. ``fit_split`` is the ID split :meth:`fit` is run on, as in
+    OpenOOD: "train" (KNN, MDS, ...) or "val" (ReAct's clip percentile,
+    TempScale's T); see :meth:`fit_loader`.
     """
 
     name: str = "scorer"
     needs_fit: bool = False
     default_grid: dict[str, list] = {}
+    param_names: tuple[str, ...] = ()
     refit_params: tuple[str, ...] = ()
+    fit_split: str = "train"
 
     def __init__(self) -> None:
         self.fitted = False
 
     # hyperparameters ---------------------------------------------------------------------------
     def get_params(self) -> dict:
-        """Current hyperparameters (the keys of ``default_grid``)."""
-        return {k: getattr(self, k) for k in self.default_grid}
+        """Current hyperparameters (``param_names``, else the keys of ``default_grid``)."""
+        return {k: getattr(self, k) for k in (self.param_names or tuple(self.default_grid))}
 
     def set_params(self, **params) -> "Scorer":
         """Set hyperparameters; a change of a ``refit_params`` entry marks the scorer unfitted."""
@@ -116,6 +124,20 @@ class Scorer:
     def score(self, model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(pred (B,) int64, score (B,) float32), higher score = more ID."""
         raise NotImplementedError
+
+    def fit_loader(self, id_train_loader=None, id_val_loader=None):
+        """The loader :meth:`fit` runs on: ``id_val_loader`` when ``fit_split == "val"``, else ``id_train_loader``.
+
+        Raises ValueError naming the scorer and the missing argument.
+        """
+        if self.fit_split == "val":
+            if id_val_loader is None:
+                raise ValueError(f"scorer {self.name!r} is fitted on ID validation data (as OpenOOD): "
+                                 "pass id_val_loader")
+            return id_val_loader
+        if id_train_loader is None:
+            raise ValueError(f"scorer {self.name!r} needs id_train_loader (it fits ID training statistics)")
+        return id_train_loader
 
     def _check_fitted(self) -> None:
         if self.needs_fit and not self.fitted:

@@ -3,12 +3,15 @@
 With temperature T and step eps: pred = argmax z(x); grad = d CE(z(x)/T,
 pred) / dx; x~ = x - eps * sign(grad) / std_c on the perturbed elements
 (every element for ODIN, the k of largest |grad| per sample for i-ODIN);
-score = max softmax(z(x~) / T). ``std`` is the per-channel std of the input
-normalisation (so eps is a step in [0, 1] pixel units, as in ODIN); set it
-to your transform's std.
+score = max softmax(z(x~) / T), and the reported prediction is argmax z(x~)
+(the perturbed input's, as the reference). ``std`` is the per-channel std of
+the input normalisation (so eps is a step in [0, 1] pixel units, as in ODIN);
+by default it is read from the model (``ASCOODNet.input_std``, stored in
+ascood checkpoints); a model without one gets std 1.0 with a warning.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Sequence
 
 import torch
@@ -22,14 +25,35 @@ __all__ = ["ODIN", "IODIN"]
 IODIN_EPS_GRID = [round(0.0014 * i, 4) for i in range(1, 8)]  # 0.0014 .. 0.0098 step 0.0014
 
 
+def model_input_std(model: nn.Module) -> Sequence[float] | None:
+    """The per-channel input std a model carries (``input_std``; also through a ``module`` wrapper), or None."""
+    for m in (model, getattr(model, "module", None)):
+        std = getattr(m, "input_std", None)
+        if std is not None:
+            return std
+    return None
+
+
 class _Perturbation(Scorer):
+    # benchmarks.md: T {1, 10, 100, 1000} x eps {0.0014, ..., 0.0098} for ODIN and i-ODIN alike.
     default_grid = {"temperature": [1, 10, 100, 1000], "eps": IODIN_EPS_GRID}
 
     def __init__(self, temperature: float = 1000.0, eps: float = 0.0014,
-                 std: float | Sequence[float] = 1.0) -> None:
+                 std: float | Sequence[float] | None = None) -> None:
         super().__init__()
         self.temperature, self.eps, self.std = temperature, eps, std
+        self._warned_std = False
         self._validate()
+
+    def _input_std(self, model: nn.Module):
+        std = self.std if self.std is not None else model_input_std(model)
+        if std is None:
+            if not self._warned_std:
+                warnings.warn(f"{self.name}: the model carries no input_std and no std= was given; using 1.0 "
+                              "(eps is then in normalised-input units, not pixel units)", stacklevel=3)
+                self._warned_std = True
+            return 1.0
+        return std
 
     def _validate(self) -> None:
         if not self.temperature > 0 or self.eps < 0:
@@ -45,19 +69,21 @@ class _Perturbation(Scorer):
             pred = z.argmax(1)
             loss = nn.functional.cross_entropy(z / self.temperature, pred)
             (grad,) = torch.autograd.grad(loss, xg)
-        std = self.std if isinstance(self.std, (int, float)) else torch.as_tensor(self.std, dtype=torch.float32,
-                                                                                device=x.device)
+        std = self._input_std(model)
+        if not isinstance(std, (int, float)):
+            std = torch.as_tensor(std, dtype=torch.float32, device=x.device)
         x_t = _ops.iodin_perturb(x.detach(), grad.to(x.dtype), self.eps, std, k=self._k(x))
         with torch.no_grad():
             z_t = model(x_t).float()
-        return pred, torch.softmax(z_t / self.temperature, 1).amax(1)
+        # Both the score and the reported prediction come from the perturbed input (the reference's).
+        conf, pred_t = torch.softmax(z_t / self.temperature, 1).max(1)
+        return pred_t, conf
 
 
 class ODIN(_Perturbation):
     """ODIN: perturb every element (T = 1000, eps = 0.0014 by default)."""
 
     name = "odin"
-    default_grid = {"temperature": [1, 10, 100, 1000], "eps": [0.0014, 0.0028]}
 
     def _k(self, x: torch.Tensor) -> int:
         return x[0].numel()  # k >= n per sample is ODIN
@@ -68,7 +94,7 @@ class IODIN(_Perturbation):
 
     name = "iodin"
 
-    def __init__(self, temperature: float = 1000.0, eps: float = 0.0014, std: float | Sequence[float] = 1.0,
+    def __init__(self, temperature: float = 1000.0, eps: float = 0.0014, std: float | Sequence[float] | None = None,
                  k: int = 1) -> None:
         self.k = k
         super().__init__(temperature, eps, std)

@@ -16,7 +16,7 @@ from .base import FeatureScorer, energy, model_features
 
 __all__ = ["ReAct", "ASH", "SCALE", "top_k_count"]
 
-_PERCENTILE_GRID = [65, 70, 75, 80, 85, 90, 95, 99]
+_PERCENTILE_GRID = [65, 70, 75, 80, 85, 90, 95]  # benchmarks.md: SCALE / ASH
 
 
 def top_k_count(m: int, percentile: float) -> int:
@@ -48,10 +48,15 @@ class _Shaping(FeatureScorer):
 
 
 class ReAct(_Shaping):
-    """ReAct: clip h at the ``percentile``-th percentile of all ID-train activations (default 90)."""
+    """ReAct: clip h at the ``percentile``-th percentile of all ID activations (default 90).
+
+    The activations are collected on the ID validation split, as OpenOOD
+    (``fit_split = "val"``: the evaluator passes its ``id_val_loader``).
+    """
 
     name = "react"
     needs_fit = True
+    fit_split = "val"
     default_grid = {"percentile": [85, 90, 95, 99]}
     # Activation sample size cap: the exact percentile of up to 2**25 values, a fixed
     # uniform subsample beyond (keeps fit's CPU memory bounded on large train sets).

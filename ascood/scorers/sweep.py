@@ -42,12 +42,18 @@ def loader_scores(scorer: Scorer, model: nn.Module, loader) -> tuple[torch.Tenso
 
 
 def sweep(scorer: Scorer, model: nn.Module, val_id_loader, val_ood_loader, *, grid: dict[str, list] | None = None,
-          id_train_loader=None) -> SweepResult:
+          id_train_loader=None, id_val_loader=None) -> SweepResult:
     """Try every combination of ``grid`` (default: the scorer's ``default_grid``); keep the best.
 
-    The scorer is left set to the best combination (and fitted for it).
-    Ties keep the earlier combination. Returns a :class:`SweepResult`.
+    Scorers that fit statistics fit on ``id_train_loader`` or, for those
+    fitted on ID validation data (``fit_split == "val"``: ReAct, TempScale),
+    on ``id_val_loader`` (default: ``val_id_loader``, the APS ID split, which
+    is OpenOOD's ID val). The scorer is left set to the best combination (and
+    fitted for it). Ties keep the earlier combination. Returns a
+    :class:`SweepResult`.
     """
+    if id_val_loader is None:
+        id_val_loader = val_id_loader
     if grid is not None:
         saved, scorer.default_grid = scorer.default_grid, grid
         combos = scorer.grid()
@@ -65,10 +71,10 @@ def sweep(scorer: Scorer, model: nn.Module, val_id_loader, val_ood_loader, *, gr
             rejected.append(f"{params}: {err}")
             continue  # e.g. ViM dim >= feature size: not a valid point of this grid
         if scorer.needs_fit and not scorer.fitted:
-            if id_train_loader is None:
-                raise ValueError(f"{scorer.name} needs id_train_loader to fit")
+            fit_data = scorer.fit_loader(id_train_loader, id_val_loader)
             try:
-                scorer.fit(model, id_train_loader)
+                with torch.enable_grad():
+                    scorer.fit(model, fit_data)
             except ValueError as err:
                 rejected.append(f"{params}: {err}")
                 continue
@@ -87,5 +93,6 @@ def sweep(scorer: Scorer, model: nn.Module, val_id_loader, val_ood_loader, *, gr
         raise ValueError(f"no valid hyperparameter combination for {scorer.name} among {len(combos)}: {shown}")
     scorer.set_params(**best[0])
     if scorer.needs_fit and not scorer.fitted:
-        scorer.fit(model, id_train_loader)
+        with torch.enable_grad():
+            scorer.fit(model, scorer.fit_loader(id_train_loader, id_val_loader))
     return SweepResult(best[0], best[1], trials)

@@ -34,7 +34,8 @@ def shuffle_outlier(x: torch.Tensor, saliency: torch.Tensor, p_inv: float,
     Args:
         x: (B, C, *spatial) images, float32/float16/bfloat16/float64.
         saliency: x-shaped (summed over channels in float64) or per-pixel
-            (B, *spatial); typically ``|G|``. Ties go to the lower pixel index,
+            (B, *spatial); ascood passes logsumexp_c(G_c) (the reference ranks by
+            sum_c exp(G_c), the same order). Ties go to the lower pixel index,
             NaN ranks highest.
         p_inv: fraction of pixels to shuffle, in (0, 1].
         generator: ``torch.Generator`` for reproducible permutations (on any
