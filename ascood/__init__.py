@@ -6,6 +6,7 @@ runs the same from the command line.
 """
 from __future__ import annotations
 
+from .criterion import ASCOODCriterion  # noqa: F401
 from .models import ASCOODNet, build_model  # noqa: F401
 from .trainer import NonFiniteLossError, TrainConfig, Trainer, train  # noqa: F401
 
@@ -23,5 +24,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'ascood' has no attribute {name!r}")
 
 
-__all__ = ["ASCOODNet", "build_model", "train", "Trainer", "TrainConfig", "NonFiniteLossError", "evaluate",
+__all__ = ["ASCOODNet", "ASCOODCriterion", "build_model", "train", "Trainer", "TrainConfig", "NonFiniteLossError", "evaluate",
            "__version__"]

@@ -27,10 +27,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from . import _ops
 from .checkpoint import FORMAT, atomic_save, atomic_write_text, get_rng_state, load_checkpoint, set_rng_state, write_json
 from .distributed import DistContext, all_reduce_sum, distributed_loader, init_from_env
-from .outliers import ALPHA_MODES, OOD_TYPES, SALIENCY_MODES, alpha_at, synthesize_outliers
+from .criterion import ASCOODCriterion
+from .outliers import ALPHA_MODES, OOD_TYPES, SALIENCY_MODES
 
 __all__ = ["TrainConfig", "Trainer", "train", "NonFiniteLossError", "CHECKPOINT_NAME", "unpack_batch"]
 
@@ -159,6 +159,10 @@ class Trainer:
         # A dedicated generator for the shuffle permutation and Gaussian noise: saved in
         # checkpoints so a resumed run draws the very same outliers.
         self.generator = torch.Generator(device=self.device).manual_seed(seed + self.dist.rank)
+        # The one implementation of the loss of a step (also usable in users' own loops).
+        self.criterion = ASCOODCriterion(config.ood_type, config.p_inv, (config.alpha_max, config.alpha_min),
+                                         config.w, alpha_mode=config.alpha_mode,
+                                         saliency_mode=config.saliency_mode, generator=self.generator)
         self.amp = bool(config.amp if config.amp is not None else self.device.type == "cuda")
         if self.amp and self.device.type != "cuda":
             raise ValueError("amp=True needs a CUDA device")
@@ -228,34 +232,25 @@ class Trainer:
 
     # -- one step / one epoch ------------------------------------------------------------------
     def alpha(self, epoch: int) -> float:
-        """alpha of 0-based ``epoch`` (linear decay alpha_max -> alpha_min)."""
-        c = self.config
-        return alpha_at(epoch, c.epochs, c.alpha_min, c.alpha_max)
+        """alpha of 0-based ``epoch`` (linear decay alpha_max -> alpha_min); also sets the criterion's."""
+        return self.criterion.set_epoch(epoch + 1, self.config.epochs)
 
     def make_outliers(self, x: torch.Tensor, y: torch.Tensor, alpha: float) -> torch.Tensor | None:
-        """Virtual outliers for one batch (uses the raw model: no DDP hooks on the saliency pass)."""
-        c = self.config
-        with torch.autocast(self.device.type, enabled=self.amp):
-            xo = synthesize_outliers(self.raw_model, x, y, ood_type=c.ood_type, p_inv=c.p_inv, alpha=alpha,
-                                     alpha_mode=c.alpha_mode, saliency_mode=c.saliency_mode,
-                                     generator=self.generator)
-        return xo
+        """Virtual outliers for one batch (the criterion's saliency pass: raw model, float32)."""
+        return self.criterion.outliers(self.model, x, y, alpha)
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimisation step; returns (loss, number of correct ID predictions) as detached tensors."""
-        c = self.config
+        """One optimisation step; returns (loss, number of correct ID predictions) as detached tensors.
+
+        The loss is :class:`~ascood.criterion.ASCOODCriterion`'s (the same code a user's own
+        loop calls); the Trainer adds AMP, the non-finite check, the optimiser and the schedule.
+        """
         x = x.to(self.device, non_blocking=True)
         y = y.to(self.device, non_blocking=True).long()
-        xo = self.make_outliers(x, y, alpha)
         self.model.train()
-        batch = x if xo is None else torch.cat([x, xo], dim=0)
         with torch.autocast(self.device.type, enabled=self.amp):
-            logits = self.model(batch)
-        # The loss is evaluated in float32 even under AMP (a float16 log-sum-exp loses precision).
-        logits = logits.float()
-        id_logits = logits[: x.shape[0]]
-        ood_logits = logits[x.shape[0]:]
-        loss = _ops.ascood_loss(id_logits, y, ood_logits, c.w if xo is not None else 0.0)
+            parts = self.criterion.forward_with_parts(self.model, x, y, alpha)
+        loss = parts.loss
         # All ranks see the same (summed) loss, so they all stop together on a non-finite value
         # instead of some ranks waiting forever in the gradient all-reduce.
         checked = all_reduce_sum(loss.detach(), self.dist)
@@ -269,7 +264,7 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
-        correct = (id_logits.detach().argmax(1) == y).sum()
+        correct = (parts.id_logits.detach().argmax(1) == y).sum()
         return loss.detach(), correct
 
     def train_epoch(self) -> dict:
