@@ -17,7 +17,7 @@ import os
 import subprocess
 import sys
 from typing import Sequence
-from ._argtypes import positive_int
+from ._argtypes import model_name, positive_int
 
 __all__ = ["main", "build_parser"]
 
@@ -104,10 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("data", help="training data: class-per-folder directory, image list file, or CIFAR batch directory")
     _add_data_args(t)
     t.add_argument("--out", default="runs/ascood", help="output directory: last.pt, config.json, log.jsonl, figures")
-    t.add_argument("--model", choices=MODEL_NAMES, default="small_cnn",
-                   help="backbone: small_cnn (tiny images), resnet18_32x32 (CIFAR-size), resnet18/34/50 (224 px)")
+    t.add_argument("--model", type=model_name, default="small_cnn", metavar="MODEL",
+                   help=f"backbone: {', '.join(MODEL_NAMES)} (small_cnn: tiny images, resnet18_32x32: CIFAR-size, "
+                        "resnet18/34/50: 224 px), or any classifier as torchvision:NAME / timm:NAME (split into "
+                        "features + head by ascood.wrap; --weights then holds the whole model's state dict)")
     t.add_argument("--width", type=positive_int, help="channel width of small_cnn / resnet18_32x32")
-    t.add_argument("--weights", help="local file with backbone weights (e.g. ImageNet ResNet); never downloaded")
+    t.add_argument("--weights", help="local file with backbone weights (e.g. ImageNet ResNet), a state dict "
+                                     "loaded with weights_only=True; never downloaded")
     t.add_argument("--image-size", type=positive_int, default=32, help="images are resized/cropped to this size (default 32)")
     t.add_argument("--channels", type=int, choices=(1, 3), default=3, help="1 = greyscale, 3 = RGB (default 3)")
     t.add_argument("--mean", type=_floats, help="normalisation mean per channel (default: estimated from the data)")

@@ -86,13 +86,17 @@ MODEL_NAMES = ("resnet18_32x32", "resnet18", "resnet34", "resnet50", "small_cnn"
 
 
 def build_model(name: str, num_classes: int, in_channels: int = 3, head: str = "zscore", sigma: float = 0.5,
-                weights: str | os.PathLike | None = None, width: int | None = None) -> ASCOODNet:
+                weights: str | os.PathLike | None = None, width: int | None = None,
+                model_kwargs: dict | None = None) -> ASCOODNet:
     """Build an :class:`ASCOODNet` by backbone name.
 
     Args:
         name: one of :data:`MODEL_NAMES`: "resnet18_32x32" (CIFAR variant,
             32x32 inputs), "resnet18"/"resnet34"/"resnet50" (torchvision, 224x224),
-            "small_cnn" (tiny images, 8x8..32x32).
+            "small_cnn" (tiny images, 8x8..32x32); or "torchvision:ARCH" /
+            "timm:ARCH", any classifier of those libraries, split by
+            :func:`ascood.wrap` (``weights`` then holds the whole original
+            model's state dict; 3 input channels).
         num_classes: number of ID classes.
         in_channels: image channels (1 for grey, 3 for RGB, ...).
         head: "zscore" (ASCOOD) or "linear" (baseline).
@@ -102,10 +106,22 @@ def build_model(name: str, num_classes: int, in_channels: int = 3, head: str = "
             never downloaded. For a full ascood checkpoint use
             :func:`ascood.checkpoint.load_model` instead (it restores the head too).
         width: channel width override (resnet18_32x32 default 64, small_cnn 16).
+        model_kwargs: constructor arguments of a "torchvision:"/"timm:" model
+            (JSON-able, e.g. ``{"image_size": 64}``; stored for rebuilding).
     """
     # Recorded on the model so checkpoints can rebuild it (weights come from the state dict).
     build_args = {"name": name, "num_classes": int(num_classes), "in_channels": int(in_channels), "head": head,
                   "sigma": float(sigma), "width": width}
+    if ":" in name:
+        from .wrapping import build_external
+
+        if in_channels != 3 or width is not None:
+            raise ValueError(f"{name}: external models take 3 input channels and no width override")
+        model = build_external(name, num_classes, head=head, sigma=sigma, weights=weights, model_kwargs=model_kwargs)
+        model.build_args = {**build_args, "model_kwargs": dict(model_kwargs or {})}
+        return model
+    if model_kwargs:
+        raise ValueError("model_kwargs applies only to torchvision:/timm: models")
     if name == "resnet18_32x32":
         backbone: nn.Module = ResNet18_32x32(in_channels, width or 64)
     elif name == "small_cnn":
@@ -117,7 +133,8 @@ def build_model(name: str, num_classes: int, in_channels: int = 3, head: str = "
         model.build_args = build_args
         return model
     else:
-        raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODEL_NAMES)}")
+        raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODEL_NAMES)}, "
+                         "torchvision:ARCH or timm:ARCH")
     if weights is not None:
         load_backbone_weights(backbone, weights)
     model = ASCOODNet(backbone, num_classes, sigma, head)
