@@ -1,4 +1,4 @@
-"""Command line: ``ascood train | eval | demo | bench`` (also ``python -m ascood``).
+"""Command line: ``ascood train | eval | demo | bench | doctor`` (also ``python -m ascood``).
 
     ascood train data/train --out runs/mine --epochs 30
     ascood eval runs/mine/last.pt --id data/test --ood far=data/ood_images --train data/train
@@ -181,6 +181,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "(--quick, --json FILE, --md FILE, --bench-device cpu|cuda)",
                        add_help=False)
     b.add_argument("args", nargs=argparse.REMAINDER)
+    k = sub.add_parser("doctor", help="self-check: every kernel on every backend against the reference (run this "
+                       "after installing on a GPU; same as python -m ascood_kernels; --help for its flags)",
+                       add_help=False)
+    k.add_argument("args", nargs=argparse.REMAINDER)
     return parser
 
 
@@ -374,7 +378,14 @@ def _bench_args(args: list[str]) -> list[str]:
     return out
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "demo": cmd_demo, "bench": cmd_bench}
+def cmd_doctor(args) -> int:
+    # The self-check lives in ascood_kernels.doctor (also `python -m ascood_kernels`); this is only the hook.
+    from ascood_kernels.doctor import main as doctor_main
+
+    return doctor_main(args.args)
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "demo": cmd_demo, "bench": cmd_bench, "doctor": cmd_doctor}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -382,8 +393,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     head = 1 if argv[:1] == ["--debug"] else 0
-    if len(argv) > head and argv[head] in ("demo", "bench"):
-        # Everything after demo/bench is passed through untouched (argparse would eat "-k", "--help", ...).
+    if len(argv) > head and argv[head] in ("demo", "bench", "doctor"):
+        # Everything after demo/bench/doctor is passed through untouched (argparse would eat "-k", "--help", ...).
         args = argparse.Namespace(command=argv[head], args=argv[head + 1:], debug=bool(head))
     else:
         args = parser.parse_args(argv)
