@@ -175,3 +175,28 @@ def test_cli_accepts_external_model_names():
     assert parser.parse_args(["train", "d", "--model", "timm:convnext_atto"]).model == "timm:convnext_atto"
     with pytest.raises(SystemExit):
         parser.parse_args(["train", "d", "--model", "keras:resnet"])
+
+
+def test_cli_trains_and_evaluates_a_torchvision_model(tmp_path, capsys):
+    from test_ascood_cli import _images
+
+    from ascood.cli import main
+
+    for split, seed in (("train", 0), ("test", 1)):
+        _images(tmp_path / split / "red", 4, (220, 30, 30), size=32, seed=seed)
+        _images(tmp_path / split / "green", 4, (30, 220, 30), size=32, seed=seed + 10)
+    _images(tmp_path / "ood", 4, (128, 128, 128), size=32, seed=5)
+    src = torchvision.models.mobilenet_v3_small(weights=None)
+    torch.save(src.state_dict(), tmp_path / "mnv3.pth")  # "pretrained" weights of the whole model
+    out = tmp_path / "run"
+    assert main(["train", str(tmp_path / "train"), "--out", str(out), "--model", "torchvision:mobilenet_v3_small",
+                 "--weights", str(tmp_path / "mnv3.pth"), "--epochs", "1", "--batch-size", "4",
+                 "--image-size", "32", "--alpha-max", "1", "--alpha-min", "1", "--lr", "0.01", "--no-progress",
+                 "--no-figures"]) == 0
+    assert json.load(open(out / "config.json"))["model_build"]["name"] == "torchvision:mobilenet_v3_small"
+    assert main(["eval", str(out / "last.pt"), "--id", str(tmp_path / "test"), "--far", f"grey={tmp_path / 'ood'}",
+                 "--train", str(tmp_path / "train"), "--scorers", "msp,scale,knn", "--batch-size", "4"]) == 0
+    assert "far mean" in capsys.readouterr().out
+    assert main(["train", str(tmp_path / "train"), "--out", str(tmp_path / "r2"), "--model",
+                 "torchvision:squeezenet1_0", "--epochs", "1", "--no-progress"]) == 1
+    assert "cannot split SqueezeNet" in capsys.readouterr().err
