@@ -1,8 +1,9 @@
 """ASCOOD training (the paper's Eq. 5) with exact resume, DDP and AMP.
 
-One step, for an ID batch (x, y):
+One step, for an ID batch (x, y); steps 1-4 are :class:`ascood.criterion.ASCOODCriterion`
+(the same code users call in their own loops):
 
-1. G = d z_y / d x (true-class saliency, eval mode by default);
+1. G = d z_y / d x (true-class saliency, eval mode by default, float32 even under AMP);
 2. x' = outlier of x by ``ood_type`` (see :mod:`ascood.outliers`), detached;
 3. logits = net(cat[x, x']) -- ID and outliers together, so BatchNorm sees both;
 4. loss = ascood_loss(logits[:B], y, logits[B:], w)
