@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from .backbones import load_backbone_weights
-from .models import ASCOODNet
+from .models import HEADS, ASCOODNet
 
 __all__ = ["wrap", "split_classifier", "WrappedFeatures", "CLASSIFIER_PATHS", "build_external", "EXTERNAL_SOURCES"]
 
@@ -134,11 +134,17 @@ def wrap(model: nn.Module, num_classes: int | None = None, head: str = "zscore",
         classifier's in_features) and ``fc`` = the new (B, m) -> (B, num_classes) head,
         on the old classifier's device and dtype.
     """
+    # Arguments are checked before the model is touched, so a bad call leaves it as it was.
+    if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
+                                    or num_classes < 2):
+        raise ValueError(f"num_classes must be an int >= 2 or None, got {num_classes!r}")
+    if head not in HEADS:
+        raise ValueError(f"head must be one of {HEADS}, got {head!r}")
+    if not (isinstance(sigma, (int, float)) and sigma > 0):
+        raise ValueError(f"sigma must be > 0, got {sigma!r}")
     linear, _ = split_classifier(model)
     m, old_classes = linear.in_features, linear.out_features
     num_classes = old_classes if num_classes is None else num_classes
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int):
-        raise TypeError(f"num_classes must be an int or None, got {type(num_classes).__name__}")
     net = ASCOODNet(WrappedFeatures(model, m), num_classes, sigma=sigma, head=head)
     net.fc.to(device=linear.weight.device, dtype=linear.weight.dtype)
     if num_classes == old_classes:

@@ -122,6 +122,16 @@ def test_unsplittable_model_says_what_was_looked_for():
         ascood.wrap("resnet50")
 
 
+@pytest.mark.parametrize("kwargs, match", [(dict(num_classes=1), "num_classes must be an int >= 2"),
+                                           (dict(num_classes=2.5), "num_classes"), (dict(head="mlp"), "head must"),
+                                           (dict(sigma=0), "sigma must be > 0")])
+def test_bad_arguments_leave_the_model_alone(kwargs, match):
+    model = torchvision.models.mobilenet_v3_small(weights=None)
+    with pytest.raises(ValueError, match=match):
+        ascood.wrap(model, **kwargs)
+    assert isinstance(model.classifier[-1], nn.Linear)
+
+
 def test_bad_external_names():
     with pytest.raises(ValueError, match="torchvision:ARCH or timm:ARCH"):
         build_external("keras:resnet", 3)
