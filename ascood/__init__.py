@@ -6,7 +6,11 @@ runs the same from the command line.
 """
 from __future__ import annotations
 
+from .criterion import ASCOODCriterion  # noqa: F401
 from .models import ASCOODNet, build_model  # noqa: F401
+# The module is `wrapping`, not `wrap`: a submodule named like the function would
+# replace `ascood.wrap` by the module as soon as it is imported.
+from .wrapping import wrap  # noqa: F401,E402
 from .trainer import NonFiniteLossError, TrainConfig, Trainer, train  # noqa: F401
 
 __version__ = "0.1.0"
@@ -24,5 +28,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'ascood' has no attribute {name!r}")
 
 
-__all__ = ["ASCOODNet", "build_model", "train", "Trainer", "TrainConfig", "NonFiniteLossError", "evaluate",
-           "__version__"]
+__all__ = ["ASCOODNet", "ASCOODCriterion", "build_model", "wrap", "train", "Trainer", "TrainConfig",
+           "NonFiniteLossError", "evaluate", "__version__"]

@@ -22,3 +22,15 @@ def positive_int(text: str) -> int:
 def non_negative_int(text: str) -> int:
     """An int >= 0."""
     return _int_at_least(text, 0, "non-negative")
+
+
+def model_name(text: str) -> str:
+    """--model: a built-in backbone name, or torchvision:NAME / timm:NAME (checked when the model is built)."""
+    from .models import MODEL_NAMES
+    from .wrapping import EXTERNAL_SOURCES
+
+    source, sep, arch = text.partition(":")
+    if text in MODEL_NAMES or (sep and source in EXTERNAL_SOURCES and arch):
+        return text
+    raise argparse.ArgumentTypeError(f"expected one of {', '.join(MODEL_NAMES)}, torchvision:NAME or timm:NAME, "
+                                     f"got {text!r}")

@@ -1,4 +1,4 @@
-"""Command line: ``ascood train | eval | demo | bench`` (also ``python -m ascood``).
+"""Command line: ``ascood train | eval | demo | bench | doctor`` (also ``python -m ascood``).
 
     ascood train data/train --out runs/mine --epochs 30
     ascood eval runs/mine/last.pt --id data/test --ood far=data/ood_images --train data/train
@@ -19,7 +19,7 @@ import sys
 from typing import Sequence
 
 from . import cli_checks as checks
-from ._argtypes import positive_int
+from ._argtypes import model_name, positive_int
 
 __all__ = ["main", "build_parser"]
 
@@ -122,11 +122,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", default="runs/ascood",
                    help="output directory: last.pt (best.pt with --val), config.json, log.jsonl, figures "
                         "(default %(default)s); locked while the run lasts")
-    t.add_argument("--model", choices=MODEL_NAMES, default="small_cnn",
-                   help="backbone: small_cnn (tiny images), resnet18_32x32 (CIFAR-size), resnet18/34/50 (224 px) "
+    t.add_argument("--model", type=model_name, default="small_cnn", metavar="MODEL",
+                   help=f"backbone: {', '.join(MODEL_NAMES)} (small_cnn: tiny images, resnet18_32x32: CIFAR-size, "
+                        "resnet18/34/50: 224 px), or any classifier as torchvision:NAME / timm:NAME (split into "
+                        "features + head by ascood.wrap; --weights then holds the whole model's state dict) "
                         "(default %(default)s)")
     t.add_argument("--width", type=positive_int, help="channel width of small_cnn / resnet18_32x32")
-    t.add_argument("--weights", help="local file with backbone weights (e.g. ImageNet ResNet); never downloaded")
+    t.add_argument("--weights", help="local file with backbone weights (e.g. ImageNet ResNet), a state dict "
+                                     "loaded with weights_only=True; never downloaded")
     t.add_argument("--image-size", type=positive_int, default=32, help="images are resized/cropped to this size (default 32)")
     t.add_argument("--channels", type=int, choices=(1, 3), default=3, help="1 = greyscale, 3 = RGB (default 3)")
     t.add_argument("--mean", type=_floats,
@@ -235,6 +238,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "(--quick, --json FILE, --md FILE, --bench-device cpu|cuda)",
                        add_help=False)
     b.add_argument("args", nargs=argparse.REMAINDER)
+    k = sub.add_parser("doctor", help="self-check: every kernel on every backend against the reference (run this "
+                       "after installing on a GPU; same as python -m ascood_kernels; --help for its flags)",
+                       add_help=False)
+    k.add_argument("args", nargs=argparse.REMAINDER)
     return parser
 
 
@@ -501,7 +508,14 @@ def _bench_args(args: list[str]) -> list[str]:
     return out
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "demo": cmd_demo, "bench": cmd_bench}
+def cmd_doctor(args) -> int:
+    # The self-check lives in ascood_kernels.doctor (also `python -m ascood_kernels`); this is only the hook.
+    from ascood_kernels.doctor import main as doctor_main
+
+    return doctor_main(args.args)
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "demo": cmd_demo, "bench": cmd_bench, "doctor": cmd_doctor}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -509,8 +523,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     head = 1 if argv[:1] == ["--debug"] else 0
-    if len(argv) > head and argv[head] in ("demo", "bench"):
-        # Everything after demo/bench is passed through untouched (argparse would eat "-k", "--help", ...).
+    if len(argv) > head and argv[head] in ("demo", "bench", "doctor"):
+        # Everything after demo/bench/doctor is passed through untouched (argparse would eat "-k", "--help", ...).
         args = argparse.Namespace(command=argv[head], args=argv[head + 1:], debug=bool(head))
     else:
         args = parser.parse_args(argv)

@@ -1,6 +1,7 @@
 """ASCOOD training (the paper's Eq. 5) with exact resume, DDP (SyncBatchNorm) and opt-in AMP.
 
-One step, for an ID batch (x, y):
+One step, for an ID batch (x, y); steps 1-4 are :class:`ascood.criterion.ASCOODCriterion`
+(the same code users call in their own loops):
 
 1. G = d z_y / d x (true-class saliency, eval mode by default, always float32);
 2. x' = outlier of x by ``ood_type`` (see :mod:`ascood.outliers`), detached;
@@ -34,10 +35,11 @@ from torch.utils.data import DataLoader
 
 from .checkpoint import (FORMAT, atomic_save, atomic_write_text, get_rng_state, load_checkpoint,
                          load_state_dict_checked, set_rng_state, write_json)
+from .criterion import ASCOODCriterion
 from .distributed import DistContext, all_reduce_sum, convert_sync_batchnorm, distributed_loader, init_from_env
-from .losses import ENERGY_MARGIN_IN, ENERGY_MARGIN_OUT, OUTLIER_LOSSES, outlier_loss
-from .outliers import (ALPHA_MODES, OOD_TYPES, SALIENCY_MODES, SALIENCY_TARGETS, SHUFFLE_RANKS, alpha_at,
-                       check_alpha_range, synthesize_outliers)
+from .losses import ENERGY_MARGIN_IN, ENERGY_MARGIN_OUT, OUTLIER_LOSSES
+from .outliers import (ALPHA_MODES, OOD_TYPES, SALIENCY_MODES, SALIENCY_TARGETS, SHUFFLE_RANKS,
+                       check_alpha_range)
 
 __all__ = ["TrainConfig", "Trainer", "train", "NonFiniteLossError", "CHECKPOINT_NAME", "BEST_CHECKPOINT_NAME",
            "unpack_batch", "cosine_factor", "accuracy"]
@@ -221,6 +223,13 @@ class Trainer:
         # A dedicated generator for the shuffle permutation and Gaussian noise: saved in
         # checkpoints so a resumed run draws the very same outliers.
         self.generator = torch.Generator(device=self.device).manual_seed(seed + self.dist.rank)
+        # The one implementation of the loss of a step (also usable in users' own loops).
+        self.criterion = ASCOODCriterion(config.ood_type, config.p_inv, (config.alpha_max, config.alpha_min),
+                                         config.w, alpha_mode=config.alpha_mode,
+                                         saliency_mode=config.saliency_mode, saliency_target=config.saliency_target,
+                                         shuffle_rank=config.shuffle_rank, outlier_loss=config.outlier_loss,
+                                         energy_margin_in=config.energy_margin_in,
+                                         energy_margin_out=config.energy_margin_out, generator=self.generator)
         self.amp = bool(config.amp)
         if self.amp and self.device.type != "cuda":
             raise ValueError("amp=True needs a CUDA device")
@@ -304,35 +313,26 @@ class Trainer:
 
     # -- one step / one epoch ------------------------------------------------------------------
     def alpha(self, epoch: int) -> float:
-        """alpha of 1-based ``epoch`` (linear decay towards alpha_min, reached at the last epoch)."""
-        c = self.config
-        return alpha_at(epoch, c.epochs, c.alpha_min, c.alpha_max)
+        """alpha of 1-based ``epoch`` (linear decay towards alpha_min, reached at the last epoch); also sets
+        the criterion's."""
+        return self.criterion.set_epoch(epoch, self.config.epochs)
 
     def make_outliers(self, x: torch.Tensor, y: torch.Tensor, alpha: float) -> torch.Tensor | None:
-        """Virtual outliers for one batch (uses the raw model: no DDP hooks on the saliency pass)."""
-        c = self.config
-        # No autocast here: the saliency that picks the mask is computed in float32 (see true_class_saliency).
-        return synthesize_outliers(self.raw_model, x, y, ood_type=c.ood_type, p_inv=c.p_inv, alpha=alpha,
-                                   alpha_mode=c.alpha_mode, saliency_mode=c.saliency_mode,
-                                   saliency_target=c.saliency_target, shuffle_rank=c.shuffle_rank,
-                                   generator=self.generator)
+        """Virtual outliers for one batch (the criterion's saliency pass: raw model, float32)."""
+        return self.criterion.outliers(self.model, x, y, alpha)
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimisation step; returns (loss, number of correct ID predictions) as detached tensors."""
-        c = self.config
+        """One optimisation step; returns (loss, number of correct ID predictions) as detached tensors.
+
+        The loss is :class:`~ascood.criterion.ASCOODCriterion`'s (the same code a user's own
+        loop calls); the Trainer adds AMP, the non-finite check, the optimiser and the schedule.
+        """
         x = x.to(self.device, non_blocking=True)
         y = y.to(self.device, non_blocking=True).long()
-        xo = self.make_outliers(x, y, alpha)
         self.model.train()
-        batch = x if xo is None else torch.cat([x, xo], dim=0)
         with torch.autocast(self.device.type, enabled=self.amp):
-            logits = self.model(batch)
-        # The loss is evaluated in float32 even under AMP (a float16 log-sum-exp loses precision).
-        logits = logits.float()
-        id_logits = logits[: x.shape[0]]
-        ood_logits = logits[x.shape[0]:]
-        loss = outlier_loss(id_logits, y, ood_logits, c.w if xo is not None else 0.0, kind=c.outlier_loss,
-                            energy_margin_in=c.energy_margin_in, energy_margin_out=c.energy_margin_out)
+            parts = self.criterion.forward_with_parts(self.model, x, y, alpha)
+        loss = parts.loss
         # All ranks see the same (summed) loss, so they all stop together on a non-finite value
         # instead of some ranks waiting forever in the gradient all-reduce.
         checked = all_reduce_sum(loss.detach(), self.dist)
@@ -348,7 +348,7 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
-        correct = (id_logits.detach().argmax(1) == y).sum()
+        correct = (parts.id_logits.detach().argmax(1) == y).sum()
         return loss.detach(), correct
 
     def train_epoch(self) -> dict:

@@ -156,6 +156,27 @@ def resolve(backend: str | None, device: torch.device) -> str:
     return backend
 
 
+def resolve_without_cuda_kernel(backend: str | None, device: torch.device, op: str) -> str:
+    """:func:`resolve` for an op that has no CUDA C++ kernel (only Triton on GPUs).
+
+    The CUDA choice maps to Triton. Without Triton the backend rules apply:
+    an ``auto`` request (or ``ASCOOD_BACKEND=auto``) falls back to the
+    reference with the one-time warning; an explicit ``"cuda"`` request
+    cannot be met and raises.
+    """
+    which = resolve(backend, device)
+    if which != "cuda":
+        return which
+    if triton_loaded():
+        return "triton"
+    requested = backend if backend not in (None, "auto") else (os.environ.get("ASCOOD_BACKEND", "auto") or "auto")
+    if requested == "auto":
+        _warn_reference(f"{op} has no CUDA C++ kernel and Triton is unavailable ({_why_not('triton')})")
+        return "reference"
+    raise RuntimeError(f"backend 'cuda': {op} has no CUDA C++ kernel (it runs Triton on CUDA tensors) and Triton "
+                       f"is unavailable ({_why_not('triton')}); use backend='auto' or 'reference'")
+
+
 def op_namespace(backend: str):
     """``torch.ops`` namespace that holds ``backend``'s kernels."""
     return torch.ops.ascood_triton if backend == "triton" else torch.ops.ascood

@@ -44,11 +44,17 @@ def iodin_perturb(x: torch.Tensor, grad: torch.Tensor, eps: float, std: float | 
             raise ValueError(f"std must be a float or a tensor of {C} per-channel values, got shape {tuple(std.shape)}")
         if not std.is_floating_point():
             raise TypeError(f"std must be a floating tensor, got {std.dtype}")
+        # Checked where the values live: a CPU std is checked on the host whatever x's
+        # device; a CUDA std gets a device-side assert (no host synchronisation).
+        if not torch.compiler.is_compiling():
+            if std.device.type == "cpu":
+                if not bool((std.detach().to(acc) > 0).all()):  # in the dtype the kernels use
+                    raise ValueError("std must be > 0 in every channel")
+            elif std.device.type == "cuda":
+                torch._assert_async((std.detach() > 0).all(), "iodin_perturb: std must be > 0 in every channel")
         std_t = std.detach().to(device=x.device, dtype=acc).expand(C).contiguous()
     else:
         std_t = torch.full((C,), _validate.positive("std", std), dtype=acc, device=x.device)
-    if not torch.compiler.is_compiling() and std_t.device.type == "cpu" and not bool((std_t > 0).all()):
-        raise ValueError("std must be > 0 in every channel")
     which = _backend.resolve(backend, x.device)
     x, grad = x.detach(), grad.detach()
     if which == "reference":

@@ -41,7 +41,8 @@ def shuffle_outlier(x: torch.Tensor, saliency: torch.Tensor, p_inv: float,
         generator: ``torch.Generator`` for reproducible permutations (on any
             device; the permutation is drawn on its device).
         backend: "auto", "reference", "cpu", "cuda" or "triton" (on CUDA
-            tensors "cuda" runs the Triton kernel: this op has no CUDA C++ kernel).
+            tensors "cuda" runs the Triton kernel: this op has no CUDA C++ kernel;
+            without Triton, "auto" falls back to the reference with a warning).
 
     Returns:
         Tensor like x, not differentiable.
@@ -56,11 +57,7 @@ def shuffle_outlier(x: torch.Tensor, saliency: torch.Tensor, p_inv: float,
     p_inv = _validate.fraction("p_inv", p_inv)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-    which = _backend.resolve(backend, x.device)
-    if which == "cuda" and not _backend.triton_loaded():
-        raise RuntimeError("shuffle_outlier has no CUDA C++ kernel and Triton is unavailable; use backend='reference'")
-    if which == "cuda":
-        which = "triton"
+    which = _backend.resolve_without_cuda_kernel(backend, x.device, "shuffle_outlier")
     npix = reference.count_from_fraction(p_inv, math.prod(spatial))
     perm = _draw_permutations(x.shape[0], npix, generator, x.device)
     x, saliency = x.detach(), saliency.detach()

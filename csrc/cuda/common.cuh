@@ -209,7 +209,7 @@ __device__ __forceinline__ void find_digit(const unsigned* hist, int nbins, unsi
 // two shared slots. Called by every thread of the block; src must be readable
 // by all threads (the caller syncs after filling shared memory).
 template <typename scalar_t>
-__device__ void block_radix_select(const typename KeyTraits<scalar_t>::bits_t* src, int n, unsigned k,
+__device__ void block_radix_select(const typename KeyTraits<scalar_t>::bits_t* src, int64_t n, unsigned k,
                                    unsigned* hist, typename KeyTraits<scalar_t>::wide_t* s_prefix,
                                    unsigned* s_krem, typename KeyTraits<scalar_t>::wide_t& t, unsigned& need) {
   using G = RadixGeometry<scalar_t>;
@@ -220,7 +220,8 @@ __device__ void block_radix_select(const typename KeyTraits<scalar_t>::bits_t* s
     const int hi = G::hi(p), lo = G::lo(p), nb = G::bins(p);
     for (int i = threadIdx.x; i < nb; i += blockDim.x) hist[i] = 0u;
     __syncthreads();
-    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+    // 64-bit index: with n up to 2^31 - 1, i + blockDim.x would overflow an int.
+    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
       const wide_t key = key_of<scalar_t>(src[i]);
       if ((key >> hi) == (prefix >> hi)) {
         atomicAdd(&hist[static_cast<int>((key >> lo) & static_cast<wide_t>(nb - 1))], 1u);

@@ -54,8 +54,8 @@ __device__ __forceinline__ bool precedes(wide_t ka, int ia, wide_t kb, int ib) {
 template <typename scalar_t>
 __global__ void __launch_bounds__(kIodinThreads)
     iodin_rounds_kernel(const scalar_t* __restrict__ x, const typename KeyTraits<scalar_t>::bits_t* __restrict__ g,
-                        const acc_t<scalar_t>* __restrict__ stdv, scalar_t* __restrict__ out, int n, int64_t hw,
-                        int kk, acc_t<scalar_t> eps) {
+                        const acc_t<scalar_t>* __restrict__ stdv, scalar_t* __restrict__ out, int64_t n,
+                        int64_t hw, int kk, acc_t<scalar_t> eps) {
   using Tr = KeyTraits<scalar_t>;
   using bits_t = typename Tr::bits_t;
   using wide_t = typename Tr::wide_t;
@@ -73,7 +73,10 @@ __global__ void __launch_bounds__(kIodinThreads)
     // round has at least one eligible element.
     wide_t bk = 0;
     int bi = std::numeric_limits<int>::max();
-    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+    // 64-bit loop index: n may be up to 2^31 - 1 (host check), where i + blockDim.x
+    // overflows an int; an index itself (< n) always fits in an int.
+    for (int64_t i64 = threadIdx.x; i64 < n; i64 += blockDim.x) {
+      const int i = static_cast<int>(i64);
       const wide_t key = key_of<scalar_t>(gr[i]);
       const bool eligible = r == 0 || precedes<wide_t>(last_key, last_idx, key, i);
       if (eligible && precedes<wide_t>(key, i, bk, bi)) {
@@ -115,8 +118,8 @@ __global__ void __launch_bounds__(kIodinThreads)
 template <typename scalar_t>
 __global__ void __launch_bounds__(kIodinThreads)
     iodin_radix_kernel(const scalar_t* __restrict__ x, const typename KeyTraits<scalar_t>::bits_t* __restrict__ g,
-                       const acc_t<scalar_t>* __restrict__ stdv, scalar_t* __restrict__ out, int n, int64_t hw,
-                       unsigned kk, acc_t<scalar_t> eps) {
+                       const acc_t<scalar_t>* __restrict__ stdv, scalar_t* __restrict__ out, int64_t n,
+                       int64_t hw, unsigned kk, acc_t<scalar_t> eps) {
   using Tr = KeyTraits<scalar_t>;
   using bits_t = typename Tr::bits_t;
   using wide_t = typename Tr::wide_t;
@@ -206,10 +209,10 @@ at::Tensor iodin_perturb_cuda(const at::Tensor& x, const at::Tensor& grad, doubl
     const bits_t* gp = reinterpret_cast<const bits_t*>(gc.const_data_ptr());
     if (kk <= kRoundsMaxK) {
       iodin_rounds_kernel<scalar_t><<<static_cast<unsigned>(B), kIodinThreads, 0, stream>>>(
-          xp, gp, sp, out.data_ptr<scalar_t>(), static_cast<int>(n), hw, static_cast<int>(kk), e);
+          xp, gp, sp, out.data_ptr<scalar_t>(), n, hw, static_cast<int>(kk), e);
     } else {
       iodin_radix_kernel<scalar_t><<<static_cast<unsigned>(B), kIodinThreads, 0, stream>>>(
-          xp, gp, sp, out.data_ptr<scalar_t>(), static_cast<int>(n), hw, static_cast<unsigned>(kk), e);
+          xp, gp, sp, out.data_ptr<scalar_t>(), n, hw, static_cast<unsigned>(kk), e);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

@@ -104,7 +104,11 @@ __global__ void __launch_bounds__(256)
       const int64_t r = i / C;
       const int64_t j = i - r * C;
       const acc p = acc_exp(sub_rn(static_cast<acc>(id[i]), lse_id[r]));
-      const acc onehot = target[r] == j ? acc(1) : acc(0);
+      const int64_t t = target[r];
+      // The forward asserts too, but the backward op can be called on its own
+      // (the CPU kernel checks the range there as well).
+      CUDA_KERNEL_ASSERT(t >= 0 && t < C);
+      const acc onehot = t == j ? acc(1) : acc(0);
       d_id[i] = static_cast<scalar_t>(div_rn(mul_rn(g, sub_rn(p, onehot)), fb));
     } else {
       const int64_t i2 = i - nid;

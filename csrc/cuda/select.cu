@@ -39,6 +39,8 @@ constexpr int kSmallThreads = 512;
 constexpr int64_t kSmallBytes = 32 * 1024;
 constexpr int kLargeThreads = 256;
 constexpr int64_t kMaxGridY = 65535;
+// Candidate-list budget of the large-row path, in int32 entries (64 MiB).
+constexpr int64_t kCandBudget = int64_t(1) << 24;
 
 template <typename scalar_t>
 struct SelectTypes {
@@ -78,7 +80,7 @@ __device__ __forceinline__ void store_out(out_t<scalar_t, OUTLIER>* out, int64_t
 template <typename scalar_t, bool OUTLIER>
 __global__ void __launch_bounds__(kSmallThreads)
     select_small_kernel(const scalar_t* __restrict__ x, const typename KeyTraits<scalar_t>::bits_t* __restrict__ g,
-                        out_t<scalar_t, OUTLIER>* __restrict__ out, int n, unsigned k, acc_t<scalar_t> alpha) {
+                        out_t<scalar_t, OUTLIER>* __restrict__ out, int64_t n, unsigned k, acc_t<scalar_t> alpha) {
   using S = SelectTypes<scalar_t>;
   using bits_t = typename S::bits_t;
   using wide_t = typename S::wide_t;
@@ -88,13 +90,13 @@ __global__ void __launch_bounds__(kSmallThreads)
   __shared__ unsigned s_krem;
   bits_t* s_bits = reinterpret_cast<bits_t*>(smem_raw);
   const int64_t row = static_cast<int64_t>(blockIdx.x) * n;
-  for (int i = threadIdx.x; i < n; i += blockDim.x) s_bits[i] = g[row + i];
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) s_bits[i] = g[row + i];
   // block_radix_select starts with a barrier (after clearing its histogram),
   // so the row is complete in shared memory before it is read.
   wide_t t;
   unsigned need;
   block_radix_select<scalar_t>(s_bits, n, k, hist, &s_prefix, &s_krem, t, need);
-  for (int i = threadIdx.x; i < n; i += blockDim.x) {
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
     const bits_t gb = s_bits[i];
     const bool sel = key_of<scalar_t>(gb) >= t;
     scalar_t xv;
@@ -321,27 +323,34 @@ void run_select(const scalar_t* x, const at::Tensor& g_c, out_t<scalar_t, OUTLIE
   if (n * static_cast<int64_t>(sizeof(bits_t)) <= kSmallBytes) {
     const size_t smem = static_cast<size_t>(n) * sizeof(bits_t);
     select_small_kernel<scalar_t, OUTLIER><<<static_cast<unsigned>(B), kSmallThreads, smem, stream>>>(
-        x, g, out, static_cast<int>(n), static_cast<unsigned>(k), al);
+        x, g, out, n, static_cast<unsigned>(k), al);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
   }
 
+  // Scratch is sized for one chunk of samples and reused by the next chunk (the
+  // launches are stream-ordered; the last select_digit pass re-zeroes the
+  // histograms and pass 0 re-initialises prefix / counts). The candidate list
+  // holds up to n indices per sample, so a chunk takes at most
+  // max(1, kCandBudget / n) samples: the buffer stays near kCandBudget * 4
+  // bytes instead of B x n int32 (twice an fp16 input).
+  const int64_t per_chunk = std::min<int64_t>({B, kMaxGridY, std::max<int64_t>(1, kCandBudget / n)});
   const auto opts = g_c.options();
-  auto hist = at::zeros({B, kMaxBins}, opts.dtype(at::kInt));
-  auto prefix_t = at::empty({B}, opts.dtype(at::kLong));  // wide_t per sample (<= 8 bytes)
-  auto counts = at::empty({2, B}, opts.dtype(at::kInt));  // remaining k, candidate count
-  auto cand_t = at::empty({B, n}, opts.dtype(at::kInt));
-  unsigned* hist_p = reinterpret_cast<unsigned*>(hist.data_ptr<int>());
-  wide_t* prefix_p = reinterpret_cast<wide_t*>(prefix_t.data_ptr<int64_t>());
-  unsigned* krem_p = reinterpret_cast<unsigned*>(counts.data_ptr<int>());
-  unsigned* cnt_p = krem_p + B;
-  int* cand_p = cand_t.data_ptr<int>();
+  auto hist = at::zeros({per_chunk, kMaxBins}, opts.dtype(at::kInt));
+  auto prefix_t = at::empty({per_chunk}, opts.dtype(at::kLong));  // wide_t per sample (<= 8 bytes)
+  auto counts = at::empty({2, per_chunk}, opts.dtype(at::kInt));  // remaining k, candidate count
+  auto cand_t = at::empty({per_chunk, n}, opts.dtype(at::kInt));
+  unsigned* hb = reinterpret_cast<unsigned*>(hist.data_ptr<int>());
+  wide_t* pb = reinterpret_cast<wide_t*>(prefix_t.data_ptr<int64_t>());
+  unsigned* kb = reinterpret_cast<unsigned*>(counts.data_ptr<int>());
+  unsigned* cb = kb + per_chunk;
+  int* candb = cand_t.data_ptr<int>();
 
   const int64_t tile = static_cast<int64_t>(S::UNROLL) * kLargeThreads;
   const int64_t sms = num_sms();
   const unsigned kk = static_cast<unsigned>(k);
-  for (int64_t b0 = 0; b0 < B; b0 += kMaxGridY) {
-    const int64_t bb = std::min(kMaxGridY, B - b0);
+  for (int64_t b0 = 0; b0 < B; b0 += per_chunk) {
+    const int64_t bb = std::min(per_chunk, B - b0);
     int64_t bps = std::max<int64_t>(1, std::min(ceil_div(4 * sms, bb), ceil_div(n, tile)));
     const int64_t chunk = ceil_div(ceil_div(n, bps), tile) * tile;
     bps = ceil_div(n, chunk);
@@ -349,11 +358,6 @@ void run_select(const scalar_t* x, const at::Tensor& g_c, out_t<scalar_t, OUTLIE
     const scalar_t* xb = OUTLIER ? x + b0 * n : nullptr;
     const bits_t* gb = g + b0 * n;
     out_t<scalar_t, OUTLIER>* ob = out + b0 * n;
-    unsigned* hb = hist_p + b0 * kMaxBins;
-    wide_t* pb = prefix_p + b0;
-    unsigned* kb = krem_p + b0;
-    unsigned* cb = cnt_p + b0;
-    int* candb = cand_p + b0 * n;
 
     hist_top_kernel<scalar_t><<<grid, kLargeThreads, 0, stream>>>(gb, n, chunk, hb);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
