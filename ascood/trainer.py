@@ -32,9 +32,11 @@ from .checkpoint import FORMAT, atomic_save, atomic_write_text, get_rng_state, l
 from .distributed import DistContext, all_reduce_sum, distributed_loader, init_from_env
 from .outliers import ALPHA_MODES, OOD_TYPES, SALIENCY_MODES, alpha_at, synthesize_outliers
 
-__all__ = ["TrainConfig", "Trainer", "train", "NonFiniteLossError", "CHECKPOINT_NAME", "unpack_batch"]
+__all__ = ["TrainConfig", "Trainer", "train", "NonFiniteLossError", "CHECKPOINT_NAME", "BEST_CHECKPOINT_NAME",
+           "unpack_batch", "accuracy"]
 
 CHECKPOINT_NAME = "last.pt"
+BEST_CHECKPOINT_NAME = "best.pt"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -114,6 +116,25 @@ def cosine_factor(step: int, total: int, min_ratio: float) -> float:
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
 
 
+def accuracy(model: nn.Module, loader: Iterable, device: torch.device) -> float:
+    """Top-1 accuracy (fraction) of ``model`` on an (x, y) loader, in eval mode; the mode is restored."""
+    was_training = model.training
+    model.eval()
+    correct = seen = 0
+    try:
+        with torch.no_grad():
+            for batch in loader:
+                x, y = unpack_batch(batch)
+                pred = model(x.to(device, non_blocking=True)).argmax(1).cpu()
+                correct += int((pred == torch.as_tensor(y).long().cpu()).sum())
+                seen += int(pred.numel())
+    finally:
+        model.train(was_training)
+    if seen == 0:
+        raise ValueError("val_loader yields no samples")
+    return correct / seen
+
+
 EpochCallback = Callable[["Trainer", dict], None]
 
 
@@ -125,6 +146,9 @@ class Trainer:
             :class:`~ascood.models.ASCOODNet` gets its ``fc`` its own lr group.
         train_loader: yields (x, y) or {"data", "label"} batches.
         config: :class:`TrainConfig`.
+        val_loader: optional ID validation loader: each epoch's metrics get
+            ``val_acc`` and the best epoch so far is written to ``out_dir/best.pt``
+            (same format as last.pt, written before it).
         out_dir: where ``last.pt``, ``config.json`` and ``log.jsonl`` go
             (None: no files). Only rank 0 writes.
         resume: a checkpoint path (or ``out_dir`` holding ``last.pt``) to continue from.
@@ -136,7 +160,7 @@ class Trainer:
     """
 
     def __init__(self, model: nn.Module, train_loader: DataLoader, config: TrainConfig, *,
-                 out_dir: str | os.PathLike | None = None, resume: str | os.PathLike | None = None,
+                 val_loader: Iterable | None = None, out_dir: str | os.PathLike | None = None, resume: str | os.PathLike | None = None,
                  device: str | torch.device | None = None, progress: bool = True,
                  callbacks: Iterable[EpochCallback] = (), extra: dict | None = None) -> None:
         config.validate()
@@ -173,6 +197,8 @@ class Trainer:
         self.epoch = 0  # completed epochs
         self._step_in_epoch = 0
         self.history: list[dict] = []
+        self.val_loader = val_loader
+        self.best_val_acc: float | None = None
         if resume is not None:
             self._resume(resume)
 
@@ -201,6 +227,10 @@ class Trainer:
     def checkpoint_path(self) -> str | None:
         return os.path.join(self.out_dir, CHECKPOINT_NAME) if self.out_dir else None
 
+    @property
+    def best_checkpoint_path(self) -> str | None:
+        return os.path.join(self.out_dir, BEST_CHECKPOINT_NAME) if self.out_dir else None
+
     def _resume(self, resume: str | os.PathLike) -> None:
         path = os.fspath(resume)
         if os.path.isdir(path):
@@ -217,6 +247,7 @@ class Trainer:
             self.scaler.load_state_dict(ckpt["scaler"])
         self.epoch = int(ckpt["epoch"])
         self.history = list(ckpt.get("history", []))
+        self.best_val_acc = ckpt.get("best_val_acc")
         self.seed = int(ckpt.get("seed", self.seed))
         self.extra = {**ckpt.get("extra", {}), **self.extra}
         if hasattr(getattr(self.loader, "sampler", None), "seed"):
@@ -299,8 +330,12 @@ class Trainer:
                 bar.set_postfix(loss=f"{loss.item():.4f}", acc=f"{(correct / seen).item():.3f}", alpha=f"{alpha:.4g}")
         bar.close()
         totals = all_reduce_sum(torch.stack([loss_sum, correct, seen]), self.dist)
-        return {"epoch": epoch + 1, "loss": (totals[0] / totals[2]).item(), "acc": (totals[1] / totals[2]).item(),
-                "alpha": alpha, "lr": self.optimizer.param_groups[0]["lr"], "time_s": round(time.time() - t0, 3)}
+        metrics = {"epoch": epoch + 1, "loss": (totals[0] / totals[2]).item(), "acc": (totals[1] / totals[2]).item(),
+                   "alpha": alpha, "lr": self.optimizer.param_groups[0]["lr"]}
+        if self.val_loader is not None:
+            metrics["val_acc"] = accuracy(self.raw_model, self.val_loader, self.device)
+        metrics["time_s"] = round(time.time() - t0, 3)
+        return metrics
 
     # -- checkpoints -----------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -318,6 +353,7 @@ class Trainer:
             "seed": self.seed,
             "train_config": dataclasses.asdict(self.config),
             "history": self.history,
+            "best_val_acc": self.best_val_acc,
             "world_size": self.dist.world_size,
             "extra": self.extra,
         }
@@ -333,14 +369,16 @@ class Trainer:
         dist.all_gather_object(states, get_rng_state(self._generators()))
         return {str(r): s for r, s in enumerate(states)}
 
-    def save(self) -> None:
-        """Write last.pt, config.json and log.jsonl atomically (rank 0 only)."""
+    def save(self, is_best: bool = False) -> None:
+        """Write last.pt (best.pt first when ``is_best``), config.json and log.jsonl atomically (rank 0 only)."""
         per_rank = self._gather_rng()  # collective: every rank takes part
         if not (self.out_dir and self.dist.is_main):
             return
         state = self.state_dict()
         if per_rank is not None:
             state["rng_per_rank"] = per_rank
+        if is_best:  # before last.pt: a crash in between repeats the epoch and rewrites best.pt
+            atomic_save(state, self.best_checkpoint_path)
         atomic_save(state, self.checkpoint_path)
         write_json({"train_config": state["train_config"], "model_build": state["model_build"],
                     "epoch": self.epoch, "seed": self.seed, "format": FORMAT, "extra": self.extra},
@@ -358,7 +396,11 @@ class Trainer:
             metrics = self.train_epoch()
             self.epoch += 1
             self.history.append(metrics)
-            self.save()
+            val = metrics.get("val_acc")
+            is_best = val is not None and (self.best_val_acc is None or val > self.best_val_acc)
+            if is_best:
+                self.best_val_acc = val
+            self.save(is_best)
             if self.progress and self.dist.is_main:
                 print(f"epoch {metrics['epoch']}/{self.config.epochs}  loss {metrics['loss']:.4f}  "
                       f"acc {metrics['acc']:.4f}  alpha {metrics['alpha']:.4g}  lr {metrics['lr']:.3g}", flush=True)
