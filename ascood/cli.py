@@ -1,4 +1,4 @@
-"""Command line: ``ascood train | eval | demo | bench`` (also ``python -m ascood``).
+"""Command line: ``ascood train | eval | reproduce | demo | bench`` (also ``python -m ascood``).
 
     ascood train data/train --out runs/mine --epochs 30
     ascood eval runs/mine/last.pt --id data/test --ood far=data/ood_images --train data/train
@@ -90,6 +90,14 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
 
 
+def _add_benchmark_args(p: argparse.ArgumentParser, command: str) -> None:
+    from .openood import add_tree_args
+    from .presets import add_preset_args
+
+    add_preset_args(p, command)
+    add_tree_args(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .models import MODEL_NAMES
     from .outliers import ALPHA_MODES, OOD_TYPES, SALIENCY_MODES
@@ -101,8 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a classifier with ASCOOD (or the cross-entropy baseline)",
                        description="Train with ASCOOD: virtual outliers from the true-class saliency G = dz_y/dx, "
                                    "loss CE(z, y) + w * KL(U || softmax(z(x'))) on standardised features.")
-    t.add_argument("data", help="training data: class-per-folder directory, image list file, or CIFAR batch directory")
+    t.add_argument("data", nargs="?", help="training data: class-per-folder directory, image list file, or CIFAR batch "
+                   "directory (not needed with --data-root)")
     _add_data_args(t)
+    _add_benchmark_args(t, "train")
     t.add_argument("--out", default="runs/ascood", help="output directory: last.pt, config.json, log.jsonl, figures")
     t.add_argument("--model", choices=MODEL_NAMES, default="small_cnn",
                    help="backbone: small_cnn (tiny images), resnet18_32x32 (CIFAR-size), resnet18/34/50 (224 px)")
@@ -152,7 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="evaluate OOD detection of a trained checkpoint",
                        description="Scores ID and OOD sets with post-hoc scorers; FPR@95, AUROC, AUPR-In, AUPR-Out x100.")
     e.add_argument("checkpoint", help="checkpoint written by `ascood train` (last.pt)")
-    e.add_argument("--id", required=True, help="ID test data (folder, list, or CIFAR directory: its test batch)")
+    e.add_argument("--id", help="ID test data (folder, list, or CIFAR directory: its test batch); with --data-root: "
+                   "the benchmark's ID test list")
     e.add_argument("--ood", action="append", type=_named_path, default=[], metavar="[NAME=]PATH",
                    help="an OOD set (repeatable); folder of images, class folders, list or CIFAR directory")
     e.add_argument("--near", action="append", type=_named_path, default=[], metavar="[NAME=]PATH",
@@ -171,6 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "temperature T and step eps) are chosen by AUROC on this validation split, never the test sets")
     e.add_argument("--aps-ood", metavar="PATH", help="APS: OOD validation data (see --aps-id)")
     _add_data_args(e)
+    _add_benchmark_args(e, "eval")
+
+    from .reproduce import add_parser as add_reproduce_parser
+
+    add_reproduce_parser(sub, positive_int, _positive, _fraction, _nonneg)
 
     d = sub.add_parser("demo", help="run the bundled demo (arguments are passed to it)", add_help=False)
     d.add_argument("args", nargs=argparse.REMAINDER)
@@ -205,7 +221,17 @@ def cmd_train(args) -> int:
     from .outliers import synthesize_outliers
     from .trainer import TrainConfig, Trainer
 
-    _require_path(args.data, "data path")
+    from .openood import tree_from_args
+    from .presets import pretrained_weights_error
+
+    err = pretrained_weights_error(args.resolved, args.weights) if getattr(args, "resolved", None) else None
+    if err:
+        raise CLIError(err)
+    tree = tree_from_args(args, progress=args.progress)
+    if tree is None:
+        if args.data is None:
+            raise CLIError("give the training data path, or --data-root DIR with --preset/--benchmark")
+        _require_path(args.data, "data path")
     if args.weights:
         _require_path(args.weights, "weights file")
     if args.alpha_min > args.alpha_max:
@@ -222,15 +248,22 @@ def cmd_train(args) -> int:
     if args.mean is None or args.std is None:
         from torchvision import transforms as T
         plain = T.Compose([T.Resize(args.image_size), T.CenterCrop(args.image_size), T.ToTensor()])
-        est = D.estimate_mean_std(D.dataset_from_path(args.data, plain, train=True, fmt=args.data_format,
+        est = D.estimate_mean_std(tree.dataset("id_train", plain, mode) if tree else
+                                  D.dataset_from_path(args.data, plain, train=True, fmt=args.data_format,
                                                       root=args.root, mode=mode))
     mean = args.mean or est[0]
     std = args.std or est[1]
     if len(mean) != args.channels or len(std) != args.channels:
         raise CLIError(f"--mean/--std need {args.channels} values")
-    ds = D.dataset_from_path(args.data, D.build_transforms(args.image_size, mean, std, train=True), train=True,
-                             fmt=args.data_format, root=args.root, mode=mode)
-    num_classes = _num_classes(ds)
+    train_tf = D.build_transforms(args.image_size, mean, std, train=True)
+    if tree is not None:
+        ds = tree.dataset("id_train", train_tf, mode)
+        val_ds = tree.dataset("id_val", D.build_transforms(args.image_size, mean, std, train=False), mode)
+        num_classes = tree.benchmark.num_classes
+    else:
+        ds = D.dataset_from_path(args.data, train_tf, train=True, fmt=args.data_format, root=args.root, mode=mode)
+        val_ds, num_classes = None, _num_classes(ds)
+    val_loader = D.make_loader(val_ds, args.batch_size, train=False, workers=args.workers) if val_ds else None
     loader = D.make_loader(ds, args.batch_size, train=True, workers=args.workers, seed=args.seed)
     model = build_model(args.model, num_classes, in_channels=args.channels, head=args.head, sigma=args.sigma,
                         weights=args.weights, width=args.width)
@@ -241,9 +274,12 @@ def cmd_train(args) -> int:
                          seed=args.seed)
     extra = {"mean": list(map(float, mean)), "std": list(map(float, std)), "image_size": args.image_size,
              "channels": args.channels, "classes": [str(c) for c in getattr(ds, "classes", range(num_classes))],
-             "data": os.path.abspath(args.data), "data_format": args.data_format}
-    trainer = Trainer(model, loader, config, out_dir=args.out, resume=resume, device=args.device,
-                      progress=args.progress, extra=extra)
+             "data": tree.root if tree else os.path.abspath(args.data),
+             "data_format": "openood" if tree else args.data_format}
+    if tree is not None:
+        extra["benchmark"] = tree.benchmark.name
+    trainer = Trainer(model, loader, config, val_loader=val_loader, out_dir=args.out, resume=resume,
+                      device=args.device, progress=args.progress, extra=extra)
     model = trainer.fit()
     if trainer.dist.is_main:
         print(f"checkpoint: {trainer.checkpoint_path}")
@@ -277,6 +313,10 @@ def cmd_eval(args) -> int:
     from .scorers import get_scorer
 
     _require_path(args.checkpoint, "checkpoint")
+    if args.data_root:
+        return _eval_benchmark(args)
+    if not args.id:
+        raise CLIError("give the ID test data with --id, or --data-root DIR with --preset/--benchmark")
     _require_path(args.id, "ID data path")
     for _, path in args.ood + args.near + args.far:
         _require_path(path, "OOD data path")
@@ -339,6 +379,29 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _eval_benchmark(args) -> int:
+    """``ascood eval CKPT --benchmark NAME --data-root DIR``: APS on the benchmark's val split, then its test sets."""
+    import torch
+
+    from .checkpoint import load_model
+    from .openood import tree_from_args
+    from .reproduce import evaluate_on_benchmark
+
+    tree = tree_from_args(args, progress=True)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, ckpt = load_model(args.checkpoint, map_location="cpu")
+    model.to(device)
+    scorers = [s.strip().lower() for s in args.scorers.split(",") if s.strip()]
+    table, aps = evaluate_on_benchmark(model, ckpt.get("extra") or {}, tree, scorers, batch_size=args.batch_size,
+                                       workers=args.workers, out_dir=args.out)
+    for name, res in aps.items():
+        print(f"APS {name}: {res['params']} (validation AUROC {res['val_auroc']:.2f})")
+    print(table)
+    if tree.skipped:
+        print("skipped (missing): " + ", ".join(tree.skipped_names()))
+    return 0
+
+
 def cmd_demo(args) -> int:
     # The demo lives in its own module (a separate piece of work); this is only the hook.
     if importlib.util.find_spec("ascood.demo") is None:
@@ -371,7 +434,13 @@ def _bench_args(args: list[str]) -> list[str]:
     return out
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "demo": cmd_demo, "bench": cmd_bench}
+def cmd_reproduce(args) -> int:
+    from .reproduce import cmd
+
+    return cmd(args, sys.argv[1:])
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "reproduce": cmd_reproduce, "demo": cmd_demo, "bench": cmd_bench}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -388,6 +457,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        if args.command in ("train", "eval") and (args.preset or getattr(args, "print_config", False)):
+            from .presets import apply_cli_preset, print_config
+
+            apply_cli_preset(args, argv, build_parser)
+            if getattr(args, "print_config", False):
+                print_config(args)
+                return 0
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:
         print("ascood: interrupted", file=sys.stderr)
@@ -398,6 +474,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as err:  # one clear line for users; --debug for the traceback
         if args.debug:
             raise
+        if getattr(err, "user_facing", False):  # e.g. every missing piece of a data tree: the whole message
+            print(f"ascood {args.command}: error: {err}", file=sys.stderr)
+            return 2
         msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         print(f"ascood {args.command}: error: {msg}", file=sys.stderr)
         return 1
