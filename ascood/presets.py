@@ -28,7 +28,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 __all__ = ["Preset", "PRESETS", "PUBLISHED", "Resolved", "resolve", "get_preset", "TRAIN_KEYS", "EVAL_KEYS",
            "IMAGENET_MEAN", "IMAGENET_STD", "CIFAR10_MEAN", "CIFAR10_STD", "CIFAR100_MEAN", "CIFAR100_STD",
-           "explicit_dests", "apply_cli_preset", "pretrained_weights_error", "test_pre_size", "train_steps",
+           "explicit_dests", "apply_cli_preset", "pretrained_weights_error", "eval_pre_size", "train_steps",
            "add_preset_args", "print_config"]
 
 # OpenOOD's fixed normalisation statistics (openood/preprocessors/transform.py: normalization_dict).
@@ -46,7 +46,7 @@ def train_steps(n_train: int, batch_size: int, epochs: int) -> int:
     return -(-n_train // batch_size) * epochs
 
 
-def test_pre_size(image_size: int) -> int:
+def eval_pre_size(image_size: int) -> int:
     """Test-time resize before the centre crop (what ascood.data.build_transforms does): the shorter
     side goes to image_size * 256/224 above 64 px (256 for 224, 512 for 448), else to image_size."""
     return int(round(image_size * 256 / 224)) if image_size > 64 else int(image_size)
@@ -222,7 +222,7 @@ def resolve(preset: str | Preset | None, explicit: Mapping[str, Any], defaults: 
             out.values[key], out.sources[key] = defaults.get(key), "default"
     if info and "image_size" in out.values:
         size = out.values["image_size"]
-        out.values["pre_size"] = test_pre_size(size)
+        out.values["pre_size"] = eval_pre_size(size)
         out.sources["pre_size"] = "preset" if p is not None and out.sources["image_size"] == "preset" else "derived"
         out.values["train_aug"] = AUG_CIFAR if size <= 64 else AUG_IMAGENET
         out.sources["train_aug"] = out.sources["pre_size"]
