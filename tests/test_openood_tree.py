@@ -248,3 +248,14 @@ def test_train_and_eval_with_preset_on_the_tree(tree_root, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "APS ebo" in text and "near mean" in text and "isun" in text
     assert os.path.isfile(os.path.join(out, "eval", "results.csv"))
+
+
+def test_readme_preset_table_is_the_presets():
+    from ascood.presets import preset_table_rows
+    from ascood.reproduce import OUTPUT_FILES
+
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
+    for row in preset_table_rows():
+        assert "| " + " | ".join(row) + " |" in readme
+    for name in OUTPUT_FILES:
+        assert f"`{name}`" in readme
