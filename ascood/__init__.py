@@ -17,7 +17,8 @@ def __getattr__(name: str):
     if name == "evaluate":
         from .evaluator import evaluate
         return evaluate
-    if name in ("scorers", "metrics", "data", "evaluator", "checkpoint", "outliers", "plots"):
+    if name in ("scorers", "metrics", "data", "evaluator", "checkpoint", "outliers", "plots", "presets", "openood",
+                "reproduce"):
         import importlib
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'ascood' has no attribute {name!r}")

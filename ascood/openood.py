@@ -209,6 +209,10 @@ class ResolvedBenchmark:
     sizes: dict[str, int]
     skipped: list[tuple[SetSpec, str]]
 
+    def size(self, role: str) -> int:
+        """Number of images in the list of a single-set role (id_train, id_val, id_test, ood_val)."""
+        return self.sizes[self.spec(role).list]
+
     def spec(self, role: str) -> SetSpec:
         for s in self.present:
             if s.role == role:
@@ -239,7 +243,7 @@ class ResolvedBenchmark:
         """JSON-able: every present set with its size and every skipped one with the reason."""
         return {"benchmark": self.benchmark.name, "root": self.root,
                 "sets": [{"role": s.role, "name": s.name, "folder": s.folder, "list": s.list,
-                          "images": self.sizes[s.list + "|" + s.role]} for s in self.present],
+                          "images": self.sizes[s.list]} for s in self.present],
                 "skipped": [{"role": s.role, "name": s.name, "list": s.list, "reason": why}
                             for s, why in self.skipped]}
 
@@ -304,7 +308,7 @@ def resolve_benchmark(name: str, root: str | os.PathLike, *, allow_missing: bool
             if res.missing_count:
                 first = "; ".join(res.missing_images)
                 reasons.append(f"{res.missing_count} of {res.entries} listed images missing ({first})")
-            sizes[spec.list + "|" + spec.role] = res.entries
+            sizes[spec.list] = res.entries
         if reasons:
             missing.append((spec, "; ".join(reasons)))
         elif not res.errors:

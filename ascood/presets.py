@@ -328,7 +328,7 @@ def print_config(args) -> None:
         from .openood import tree_from_args
 
         tree = tree_from_args(args)
-        n = tree.sizes[tree.spec("id_train").list + "|id_train"]
+        n = tree.size("id_train")
         steps = train_steps(n, args.batch_size, args.epochs)
         print(f"data: {tree.benchmark.name} under {tree.root}: {n} train images -> {steps} training steps "
               f"({steps // args.epochs} per epoch x {args.epochs} epochs)")

@@ -148,9 +148,9 @@ def train_run(run_dir: str, tree: ResolvedBenchmark, values: dict, method: str, 
     resume = None
     if os.path.isfile(last):
         ckpt = load_checkpoint(last)
-        if int(ckpt["epoch"]) >= config.epochs and os.path.isfile(best):
+        if int(ckpt["epoch"]) >= config.epochs:
             write_json({"epochs": int(ckpt["epoch"])}, os.path.join(run_dir, DONE_MARKER))
-            return best, False
+            return (best if os.path.isfile(best) else last), False  # best.pt deleted by hand: the last epoch
         resume = last
     os.makedirs(run_dir, exist_ok=True)
     write_json(record, os.path.join(run_dir, RUN_RECORD))
@@ -368,7 +368,7 @@ def plan(name: str, data_root: str, overrides: dict, *, allow_missing: bool, wei
         raise ReproduceError(f"--weights file not found: {weights}")
     tree = resolve_benchmark(resolved.values.get("benchmark", name), data_root, allow_missing=allow_missing,
                              progress=progress)
-    n_train = tree.sizes[tree.spec("id_train").list + "|id_train"]
+    n_train = tree.size("id_train")
     v = resolved.values
     return Plan(resolved, tree, train_steps(n_train, v["batch_size"], v["epochs"]), n_train)
 
