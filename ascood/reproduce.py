@@ -63,7 +63,8 @@ OUTPUT_FILES = {
                          "train_done.json (written when training finished)",
     "<method>/seed<k>/eval/": "its evaluation: results.csv / results.json (per OOD set), aps.json (the "
                               "hyperparameters APS chose on the validation split and their validation AUROC), "
-                              "hist_<scorer>.png (ID vs OOD score histograms, the paper's Figure 4)",
+                              "hist_<scorer>.png (ID vs OOD score histograms, the paper's Figure 4), signature.json (the scorers, "
+                              "checkpoint and sets it was made from; a re-run with other ones evaluates again)",
 }
 
 

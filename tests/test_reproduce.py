@@ -166,3 +166,15 @@ def test_seeds_flag_is_checked(capsys):
     with pytest.raises(SystemExit):
         main(["reproduce", "waterbirds", "--data-root", ".", "--seeds", "0,0"])
     assert "--seeds" in capsys.readouterr().err
+
+
+def test_every_output_file_is_documented(done, capsys):
+    documented = " ".join(f"{k} {v}" for k, v in R.OUTPUT_FILES.items())
+    with pytest.raises(SystemExit):
+        main(["reproduce", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    for dirpath, _, files in os.walk(done["out"]):
+        for name in files:
+            key = "hist_<scorer>.png" if name.startswith("hist_") else name
+            assert key in documented, f"{os.path.join(dirpath, name)} is not explained"
+            assert key in help_text, f"{name} is not in ascood reproduce --help"
