@@ -22,7 +22,7 @@ def __getattr__(name: str):
         from .evaluator import evaluate
         return evaluate
     if name in ("scorers", "metrics", "data", "evaluator", "checkpoint", "outliers", "plots", "losses",
-                "normalization", "model_selection"):
+                "normalization", "model_selection", "presets", "openood", "reproduce"):
         import importlib
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'ascood' has no attribute {name!r}")

@@ -1,4 +1,4 @@
-"""Command line: ``ascood train | eval | demo | bench | doctor`` (also ``python -m ascood``).
+"""Command line: ``ascood train | eval | reproduce | demo | bench | doctor`` (also ``python -m ascood``).
 
     ascood train data/train --out runs/mine --epochs 30
     ascood eval runs/mine/last.pt --id data/test --ood far=data/ood_images --train data/train
@@ -101,6 +101,14 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
 
 
+def _add_benchmark_args(p: argparse.ArgumentParser, command: str) -> None:
+    from .openood import add_tree_args
+    from .presets import add_preset_args
+
+    add_preset_args(p, command)
+    add_tree_args(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .losses import ENERGY_MARGIN_IN, ENERGY_MARGIN_OUT, OUTLIER_LOSSES
     from .model_selection import CHECKPOINT_CHOICES
@@ -114,11 +122,13 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a classifier with ASCOOD (or the cross-entropy baseline)",
                        description="Train with ASCOOD: virtual outliers from the true-class saliency G = dz_y/dx, "
                                    "loss CE(z, y) + w * KL(U || softmax(z(x'))) on standardised features.")
-    t.add_argument("data", help="training data: class-per-folder directory, image list file, or CIFAR batch directory")
+    t.add_argument("data", nargs="?", help="training data: class-per-folder directory, image list file, or CIFAR batch "
+                   "directory (not needed with --data-root)")
     _add_data_args(t)
     t.add_argument("--val", metavar="PATH",
                    help="ID validation data (same formats as DATA): its accuracy is reported every epoch and the "
                         "best epoch is kept as OUT/best.pt beside last.pt (the reference's model selection)")
+    _add_benchmark_args(t, "train")
     t.add_argument("--out", default="runs/ascood",
                    help="output directory: last.pt (best.pt with --val), config.json, log.jsonl, figures "
                         "(default %(default)s); locked while the run lasts")
@@ -209,7 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--which", choices=CHECKPOINT_CHOICES,
                    help="with a run directory: best = best ID val accuracy (the reference's model selection), "
                         "last = the final epoch")
-    e.add_argument("--id", required=True, help="ID test data (folder, list, or CIFAR directory: its test batch)")
+    e.add_argument("--id", help="ID test data (folder, list, or CIFAR directory: its test batch); with --data-root: "
+                   "the benchmark's ID test list")
     e.add_argument("--ood", action="append", type=_named_path, default=[], metavar="[NAME=]PATH",
                    help="an OOD set (repeatable); folder of images, class folders, list or CIFAR directory")
     e.add_argument("--near", action="append", type=_named_path, default=[], metavar="[NAME=]PATH",
@@ -231,6 +242,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "temperature T and step eps) are chosen by AUROC on this validation split, never the test sets")
     e.add_argument("--aps-ood", metavar="PATH", help="APS: OOD validation data (see --aps-id)")
     _add_data_args(e)
+    _add_benchmark_args(e, "eval")
+
+    from .reproduce import add_parser as add_reproduce_parser
+
+    add_reproduce_parser(sub, positive_int, _positive, _fraction, _nonneg)
 
     d = sub.add_parser("demo", help="run the bundled demo (arguments are passed to it)", add_help=False)
     d.add_argument("args", nargs=argparse.REMAINDER)
@@ -271,7 +287,17 @@ def cmd_train(args) -> int:
     from .outliers import check_alpha_range
     from .resume import fill_from_checkpoint
 
-    _require_path(args.data, "data path")
+    from .openood import tree_from_args
+    from .presets import pretrained_weights_error
+
+    err = pretrained_weights_error(args.resolved, args.weights) if getattr(args, "resolved", None) else None
+    if err:
+        raise CLIError(err)
+    tree = tree_from_args(args, progress=args.progress)
+    if tree is None:
+        if args.data is None:
+            raise CLIError("give the training data path, or --data-root DIR with --preset/--benchmark")
+        _require_path(args.data, "data path")
     if args.val:
         _require_path(args.val, "validation data path")
     if args.weights:
@@ -293,10 +319,10 @@ def cmd_train(args) -> int:
         if resume is None and os.path.exists(os.path.join(args.out, "last.pt")):
             raise CLIError(f"{os.path.join(args.out, 'last.pt')} exists: pass --resume to continue it or choose "
                            "another --out")
-        return _train(args, resume)
+        return _train(args, resume, tree)
 
 
-def _train(args, resume: str | None) -> int:
+def _train(args, resume: str | None, tree=None) -> int:
     import torch
 
     from . import data as D
@@ -317,7 +343,8 @@ def _train(args, resume: str | None) -> int:
     def estimate():
         from torchvision import transforms as T
         plain = T.Compose([T.Resize(args.image_size), T.CenterCrop(args.image_size), T.ToTensor()])
-        return D.estimate_mean_std(D.dataset_from_path(args.data, plain, train=True, fmt=args.data_format,
+        return D.estimate_mean_std(tree.dataset("id_train", plain, mode) if tree else
+                                   D.dataset_from_path(args.data, plain, train=True, fmt=args.data_format,
                                                        root=args.root, mode=mode))
 
     try:
@@ -327,15 +354,20 @@ def _train(args, resume: str | None) -> int:
         raise CLIError(str(err))
     mean, std = norm["mean"], norm["std"]
     checks.check_normalisation(mean, std, args.channels)
-    ds = D.dataset_from_path(args.data, D.build_transforms(args.image_size, mean, std, train=True), train=True,
-                             fmt=args.data_format, root=args.root, mode=mode)
-    num_classes = checks.training_num_classes(ds, args.data)
+    train_tf = D.build_transforms(args.image_size, mean, std, train=True)
+    test_tf = D.build_transforms(args.image_size, mean, std, train=False)
+    val_ds = None
+    if tree is not None:
+        ds = tree.dataset("id_train", train_tf, mode)
+        val_ds = tree.dataset("id_val", test_tf, mode)
+        num_classes = tree.benchmark.num_classes
+    else:
+        ds = D.dataset_from_path(args.data, train_tf, train=True, fmt=args.data_format, root=args.root, mode=mode)
+        num_classes = checks.training_num_classes(ds, args.data)
+    if args.val:  # an explicit --val wins over the benchmark's ID val list
+        val_ds = D.dataset_from_path(args.val, test_tf, train=False, fmt=args.data_format, root=args.root, mode=mode)
     loader = D.make_loader(ds, args.batch_size, train=True, workers=args.workers, seed=args.seed)
-    val_loader = None
-    if args.val:
-        val_ds = D.dataset_from_path(args.val, D.build_transforms(args.image_size, mean, std, train=False),
-                                     train=False, fmt=args.data_format, root=args.root, mode=mode)
-        val_loader = D.make_loader(val_ds, args.batch_size, train=False, workers=args.workers)
+    val_loader = D.make_loader(val_ds, args.batch_size, train=False, workers=args.workers) if val_ds else None
     model = build(num_classes, args.weights, mean, std)
     config = TrainConfig(epochs=args.epochs, ood_type=args.ood_type, p_inv=args.p_inv, alpha_min=args.alpha_min,
                          alpha_max=args.alpha_max, alpha_mode=args.alpha_mode, w=args.w, lr=args.lr,
@@ -352,8 +384,11 @@ def _train(args, resume: str | None) -> int:
     extra = {"mean": list(map(float, mean)), "std": list(map(float, std)), "normalization": norm,
              "image_size": args.image_size,
              "channels": args.channels, "classes": [str(c) for c in getattr(ds, "classes", range(num_classes))],
-             "data": os.path.abspath(args.data), "data_format": args.data_format, "batch_size": args.batch_size,
+             "data": tree.root if tree else os.path.abspath(args.data),
+             "data_format": "openood" if tree else args.data_format, "batch_size": args.batch_size,
              "val": os.path.abspath(args.val) if args.val else None}
+    if tree is not None:
+        extra["benchmark"] = tree.benchmark.name
     trainer = Trainer(model, loader, config, val_loader=val_loader, out_dir=args.out, resume=resume,
                       device=args.device, progress=args.progress, extra=extra)
     if trainer.dist.is_main:
@@ -394,6 +429,10 @@ def cmd_eval(args) -> int:
         ckpt_path = resolve_checkpoint(args.checkpoint, args.which)
     except ValueError as err:
         raise CLIError(str(err))
+    if args.data_root:
+        return _eval_benchmark(args, ckpt_path)
+    if not args.id:
+        raise CLIError("give the ID test data with --id, or --data-root DIR with --preset/--benchmark")
     _require_path(args.id, "ID data path")
     for _, path in args.ood + args.near + args.far:
         _require_path(path, "OOD data path")
@@ -476,6 +515,38 @@ def _evaluate(args, names: list[str], ckpt_path: str) -> int:
     return 0
 
 
+def _eval_benchmark(args, ckpt_path: str) -> int:
+    """``ascood eval CKPT --benchmark NAME --data-root DIR``: APS on the benchmark's val split, then its test sets."""
+    from .openood import tree_from_args
+    from .scorers import get_scorer
+
+    scorers = [s.name for s in checks.parse_scorer_names(args.scorers, get_scorer)]
+    tree = tree_from_args(args, progress=True)
+    with _claim(args.out, EVAL_OUTPUTS + ("aps.json",)):
+        return _evaluate_benchmark(args, ckpt_path, tree, scorers)
+
+
+def _evaluate_benchmark(args, ckpt_path: str, tree, scorers: list[str]) -> int:
+    import torch
+
+    from .checkpoint import load_model
+    from .model_selection import describe_checkpoint
+    from .reproduce import evaluate_on_benchmark
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, ckpt = load_model(ckpt_path, map_location="cpu")
+    print(describe_checkpoint(ckpt_path, ckpt), flush=True)
+    model.to(device)
+    table, aps = evaluate_on_benchmark(model, ckpt.get("extra") or {}, tree, scorers, batch_size=args.batch_size,
+                                       workers=args.workers, out_dir=args.out)
+    for name, res in aps.items():
+        print(f"APS {name}: {res['params']} (validation AUROC {res['val_auroc']:.2f})")
+    print(table)
+    if tree.skipped:
+        print("skipped (missing): " + ", ".join(tree.skipped_names()))
+    return 0
+
+
 def cmd_demo(args) -> int:
     # The demo lives in its own module (a separate piece of work); this is only the hook.
     if importlib.util.find_spec("ascood.demo") is None:
@@ -515,7 +586,14 @@ def cmd_doctor(args) -> int:
     return doctor_main(args.args)
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "demo": cmd_demo, "bench": cmd_bench, "doctor": cmd_doctor}
+def cmd_reproduce(args) -> int:
+    from .reproduce import cmd
+
+    return cmd(args, args.argv)
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "reproduce": cmd_reproduce, "demo": cmd_demo, "bench": cmd_bench,
+            "doctor": cmd_doctor}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -531,10 +609,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return 2
+    args.argv = argv
     if args.command == "train":  # which flags were typed: on --resume the others come from the checkpoint
         args.explicit = checks.explicit_dests(build_parser, argv)
     try:
         with checks.one_line_warnings(args.command):
+            if args.command in ("train", "eval") and (args.preset or getattr(args, "print_config", False)):
+                from .presets import apply_cli_preset, print_config
+
+                apply_cli_preset(args, argv, build_parser)
+                if getattr(args, "print_config", False):
+                    print_config(args)
+                    return 0
             return COMMANDS[args.command](args)
     except KeyboardInterrupt:
         print("ascood: interrupted", file=sys.stderr)
@@ -545,6 +631,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as err:  # one clear line for users; --debug for the traceback
         if args.debug:
             raise
+        if getattr(err, "user_facing", False):  # e.g. every missing piece of a data tree: the whole message
+            print(f"ascood {args.command}: error: {err}", file=sys.stderr)
+            return 2
         msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         print(f"ascood {args.command}: error: {msg}", file=sys.stderr)
         return 1
