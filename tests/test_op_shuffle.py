@@ -78,7 +78,8 @@ def _reference_with_same_perm(x, sal, p, seed):
 @pytest.mark.parametrize("p", [0.07, 0.5, 1.0], ids=str)
 def test_select_edge_cases(backend, device, dtype, kind, p):
     """The radix select + sort of the pixel scores: heavy ties, NaN/inf, negative and signed-zero scores."""
-    shape = (3, 2, 13, 11) if is_slow(backend, device) else (3, 2, 61, 47)
+    # the interpreter too gets more than one CHUNK (4096) of pixels: ties and offsets across chunks
+    shape = (2, 1, 73, 61) if is_slow(backend, device) else (3, 2, 61, 47)
     x = torch.randn(shape, dtype=torch.float64).to(dtype)
     if kind == "all_equal":
         sal = torch.full(shape, 0.25, dtype=torch.float64)
