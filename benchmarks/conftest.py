@@ -187,4 +187,8 @@ def step_summary(rows) -> list[str]:
         if ce and step:
             share = f"; synthesis {synth:.3f} ms = {100 * synth / step:.1f}% of the step" if synth else ""
             out.append(f"end-to-end ({which} ops): ASCOOD step / CE step = {step / ce:.2f}x{share}")
+    for op in ("i-ODIN batch", "ODIN batch"):
+        by = {r["provider"]: r["median_ms"] for r in rows if r["op"] == op}
+        if by.get("ours") and by.get("eager (authors)"):
+            out.append(f"{op}: authors' eager / ours = {by['eager (authors)'] / by['ours']:.2f}x")
     return out
