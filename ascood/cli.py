@@ -144,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="mixed precision (default: on with CUDA)")
     t.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    t.add_argument("--compile", action="store_true", help="torch.compile the model (both passes; Inductor)")
+    t.add_argument("--channels-last", action="store_true", help="channels-last model and batches")
     t.add_argument("--resume", nargs="?", const="", default=None,
                    help="continue from a checkpoint (default: OUT/last.pt)")
     t.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
@@ -238,7 +240,7 @@ def cmd_train(args) -> int:
                          alpha_max=args.alpha_max, alpha_mode=args.alpha_mode, w=args.w, lr=args.lr,
                          momentum=args.momentum, nesterov=args.nesterov, weight_decay=args.weight_decay,
                          fc_lr_factor=args.fc_lr_factor, saliency_mode=args.saliency_mode, amp=args.amp,
-                         seed=args.seed)
+                         seed=args.seed, compile=args.compile, channels_last=args.channels_last)
     extra = {"mean": list(map(float, mean)), "std": list(map(float, std)), "image_size": args.image_size,
              "channels": args.channels, "classes": [str(c) for c in getattr(ds, "classes", range(num_classes))],
              "data": os.path.abspath(args.data), "data_format": args.data_format}

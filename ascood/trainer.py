@@ -56,7 +56,9 @@ class TrainConfig:
     min_lr_ratio: the cosine schedule ends at min_lr_ratio * lr.
     saliency_mode: "eval" (reference) or "train". amp: mixed precision
     (None = on for CUDA). seed: seeds the outlier generator and the
-    distributed sampler (None = drawn from torch's global RNG).
+    distributed sampler (None = drawn from torch's global RNG). compile:
+    torch.compile the model for both passes (True = Inductor, or a backend
+    name). channels_last: model and input batches in channels-last layout.
     """
 
     epochs: int = 100
@@ -75,6 +77,8 @@ class TrainConfig:
     saliency_mode: str = "eval"
     amp: bool | None = None
     seed: int | None = None
+    compile: bool | str = False
+    channels_last: bool = False
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field."""
@@ -100,6 +104,8 @@ class TrainConfig:
             raise ValueError(f"alpha_min ({self.alpha_min}) must be <= alpha_max ({self.alpha_max})")
         if self.nesterov and self.momentum == 0:
             raise ValueError("nesterov needs momentum > 0")
+        if not (isinstance(self.compile, bool) or (isinstance(self.compile, str) and self.compile)):
+            raise ValueError(f"compile must be a bool or a torch.compile backend name, got {self.compile!r}")
 
 
 def unpack_batch(batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -147,10 +153,19 @@ class Trainer:
             device = f"cuda:{self.dist.local_rank}" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
         self.raw_model = model.to(self.device)
+        if config.channels_last:
+            model.to(memory_format=torch.channels_last)
         self.model: nn.Module = model
         if self.dist.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        # The saliency pass runs the raw module (no DDP hooks); with `compile` both passes run compiled
+        # wrappers of it, while raw_model stays the plain module for checkpoints and the optimiser.
+        self.saliency_model: nn.Module = model
+        if config.compile:
+            backend = "inductor" if config.compile is True else config.compile
+            self.model = torch.compile(self.model, backend=backend)
+            self.saliency_model = torch.compile(model, backend=backend)
         seed = config.seed if config.seed is not None else int(torch.randint(0, 2 ** 62, (1,)).item())
         self.seed = seed
         self.loader = distributed_loader(train_loader, self.dist, seed) if self.dist.enabled else train_loader
@@ -236,7 +251,7 @@ class Trainer:
         """Virtual outliers for one batch (uses the raw model: no DDP hooks on the saliency pass)."""
         c = self.config
         with torch.autocast(self.device.type, enabled=self.amp):
-            xo = synthesize_outliers(self.raw_model, x, y, ood_type=c.ood_type, p_inv=c.p_inv, alpha=alpha,
+            xo = synthesize_outliers(self.saliency_model, x, y, ood_type=c.ood_type, p_inv=c.p_inv, alpha=alpha,
                                      alpha_mode=c.alpha_mode, saliency_mode=c.saliency_mode,
                                      generator=self.generator)
         return xo
@@ -245,6 +260,8 @@ class Trainer:
         """One optimisation step; returns (loss, number of correct ID predictions) as detached tensors."""
         c = self.config
         x = x.to(self.device, non_blocking=True)
+        if c.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)  # the outlier ops keep the layout
         y = y.to(self.device, non_blocking=True).long()
         xo = self.make_outliers(x, y, alpha)
         self.model.train()
