@@ -1,7 +1,8 @@
 """Each fused op against eager PyTorch and torch.compile of the eager code.
 
-Shapes follow the issue: images 128x3x32x32, 256x3x32x32, 32x3x224x224,
-64x3x224x224; z-score features 256x512, 256x2048, 4096x2048; float32 plus
+Shapes follow the issues: images 128x3x32x32, 256x3x32x32, 32x3x224x224,
+64x3x224x224; z-score features 256x512, 256x2048, 4096x2048; logits 128x10,
+128x100, 256x1000, 1024x1000; float32 plus
 bfloat16 where the provider takes it. ``--quick`` uses one small shape each.
 """
 from __future__ import annotations
@@ -17,7 +18,7 @@ from conftest import _device, run
 
 IMAGE_SHAPES = [(128, 3, 32, 32), (256, 3, 32, 32), (32, 3, 224, 224), (64, 3, 224, 224)]
 FEATURE_SHAPES = [(256, 512), (256, 2048), (4096, 2048)]
-LOGIT_SHAPES = [(128, 10), (128, 100), (256, 1000)]
+LOGIT_SHAPES = [(128, 10), (128, 100), (256, 1000), (1024, 1000)]
 QUICK = {"image": [(8, 3, 32, 32)], "feature": [(64, 256)], "logits": [(32, 10)]}
 CHECK = {"image": [(128, 3, 32, 32), (64, 3, 224, 224)], "feature": [(4096, 2048)], "logits": [(128, 100)]}
 

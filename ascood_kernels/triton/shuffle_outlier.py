@@ -108,7 +108,8 @@ def _score_hist_kernel(s_ptr, hist_ptr, P, K, CHUNK: tl.constexpr, BLOCK: tl.con
 
 
 @triton.jit
-def _count_kernel(s_ptr, hist_ptr, above_ptr, ties_ptr, P, K, nchunks, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+def _count_kernel(s_ptr, hist_ptr, above_ptr, ties_ptr, P, K, row_stride, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    """Per chunk: how many scores are above the threshold and equal to it (row b of the counts at b * row_stride)."""
     b = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
     t, _k = _threshold_from_hist(hist_ptr + b * (8 * 256), K, 8)
@@ -120,8 +121,8 @@ def _count_kernel(s_ptr, hist_ptr, above_ptr, ties_ptr, P, K, nchunks, CHUNK: tl
         key = _score_key(tl.load(s_ptr + b * P + p, mask=valid, other=0.0))
         above += (valid & (key > t)).to(tl.int32)
         ties += (valid & (key == t)).to(tl.int32)
-    tl.store(above_ptr + b * nchunks + c, tl.sum(above, 0))
-    tl.store(ties_ptr + b * nchunks + c, tl.sum(ties, 0))
+    tl.store(above_ptr + b * row_stride + c, tl.sum(above, 0))
+    tl.store(ties_ptr + b * row_stride + c, tl.sum(ties, 0))
 
 
 @triton.jit
