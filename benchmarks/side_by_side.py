@@ -39,7 +39,31 @@ def cpu_ms(fn, rounds: int) -> float:
     return 1e3 * ts[len(ts) // 2]
 
 
-def ops(rounds: int) -> None:
+def _compiled(fn):
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    return torch.compile(fn, dynamic=False)
+
+
+def ops(rounds: int, with_compile: bool = False) -> None:
+    if with_compile:
+        shuffle_c, loss_c = _compiled(eager.shuffle_outlier_eager), _compiled(eager.ascood_loss_eager)
+        print("| op | shape | torch.compile ms | eager ms | ours (call) ms | ours / compile speed-up |")
+        print("|---|---|---|---|---|---|")
+        for shape in [(128, 3, 32, 32), (256, 3, 32, 32), (32, 3, 224, 224), (64, 3, 224, 224)]:
+            x, sal = torch.randn(shape), torch.randn(shape).abs()
+            c = cpu_ms(lambda: shuffle_c(x, sal, 0.15), rounds)
+            e = cpu_ms(lambda: eager.shuffle_outlier_eager(x, sal, 0.15), rounds)
+            w = cpu_ms(lambda: ak.shuffle_outlier(x, sal, 0.15, backend="cpu"), rounds)
+            print(f"| shuffle_outlier | {'x'.join(map(str, shape))} | {c:.2f} | {e:.2f} | {w:.2f} | {c / w:.2f} |")
+        for B, C in [(128, 10), (128, 100), (256, 1000), (1024, 1000)]:
+            zi, zo = torch.randn(B, C, requires_grad=True), torch.randn(B, C, requires_grad=True)
+            y = torch.randint(0, C, (B,))
+            c = cpu_ms(lambda: torch.autograd.grad(loss_c(zi, y, zo, 1.0), (zi, zo)), 3 * rounds)
+            e = cpu_ms(lambda: torch.autograd.grad(eager.ascood_loss_eager(zi, y, zo, 1.0), (zi, zo)), 3 * rounds)
+            o = cpu_ms(lambda: torch.autograd.grad(ak.ascood_loss(zi, y, zo, 1.0, backend="cpu"), (zi, zo)),
+                       3 * rounds)
+            print(f"| ascood_loss fwd+bwd | {B}x{C} | {c:.3f} | {e:.3f} | {o:.3f} | {c / o:.2f} |")
+        print()
     print("| shuffle_outlier fp32 (p 0.15) | eager ms | ours (call) ms | x eager | ours (kernel, given perm) ms | "
           "x eager | permutation draw ms | clone ms | kernel / (1.5 x clone) |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -126,10 +150,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=11)
     ap.add_argument("--only", choices=["ops", "step", "scorer"], default=None)
+    ap.add_argument("--with-compile", action="store_true", help="ops: also torch.compile of the eager code")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), thread CPU time, median of {args.rounds}\n")
-    for name, fn in [("ops", ops), ("step", step), ("scorer", scorer)]:
+    for name, fn in [("ops", lambda r: ops(r, args.with_compile)), ("step", step), ("scorer", scorer)]:
         if args.only in (None, name):
             fn(args.rounds)
 
