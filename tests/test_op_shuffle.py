@@ -113,6 +113,9 @@ def test_mixed_layouts_and_saliency_dtype(backend, device, dtype, x_cl, s_cl, sa
     out = _run(xi, si, 0.3, 5, backend)
     assert torch.equal(out, want)
     assert out.is_contiguous(memory_format=torch.channels_last if x_cl else torch.contiguous_format)
+    # per-pixel (B, H, W) saliency with either layout of x
+    pix = sal.double().sum(1)
+    assert torch.equal(_run(xi, pix, 0.3, 5, backend), _reference_with_same_perm(x, pix, 0.3, 5))
     # a non-contiguous (strided) x is read through a copy
     wide = torch.randn(4, 3, 10, 28, device=device)[..., ::2]
     assert torch.equal(_run(wide, sal, 0.3, 5, backend), _reference_with_same_perm(wide, sal, 0.3, 5))
