@@ -8,6 +8,8 @@
    by the radix select of the threshold ops (``_common``), on a 64-bit order
    key of the double (NaN largest): 8 histogram passes of 8 bits over
    (B, cdiv(P, CHUNK)) programs, int32 atomics, no host synchronisation.
+   Samples of at most SMALL_MAX pixels (CIFAR's 1024) run steps 2 and 3 in
+   one program per sample instead (keys in registers, one launch).
 3. Triton: per chunk, the number of scores above the threshold ``t`` and equal
    to it; torch (on the device) turns them into per-chunk offsets; then every
    chunk writes its selected (score, pixel) pairs, in pixel order, to a
@@ -34,9 +36,11 @@ from torch.library import triton_op, wrap_triton
 from . import _common as C
 from ._common import digit_of, pick_digit
 
-__all__ = ["shuffle_outlier", "CHUNK"]
+__all__ = ["shuffle_outlier", "CHUNK", "SMALL_MAX"]
 
 BLOCK_P = 256
+#: samples with at most this many pixels select in one program (keys in registers, one launch).
+SMALL_MAX = 4096
 #: pixels per program of the select / compaction passes, and their inner block.
 CHUNK = 4096
 BLOCK = 1024
@@ -168,6 +172,35 @@ def _compact_kernel(s_ptr, hist_ptr, above_ptr, ties_ptr, sel_s_ptr, sel_i_ptr, 
 
 
 @triton.jit
+def _select_small_kernel(s_ptr, sel_s_ptr, sel_i_ptr, P, K, npix, BLOCK_N: tl.constexpr, ALL: tl.constexpr):
+    """One program per sample (P <= SMALL_MAX): the 8 radix passes on the keys held in
+    registers, then the compaction of the selected (score, pixel) pairs in pixel order."""
+    b = tl.program_id(0).to(tl.int64)
+    p = tl.arange(0, BLOCK_N)
+    valid = p < P
+    sc = tl.load(s_ptr + b * P + p, mask=valid, other=0.0)
+    if ALL:
+        take = valid
+        pos = p.to(tl.int64)
+    else:
+        key = _score_key(sc)
+        prefix = tl.full([], 0, tl.uint64)
+        k = K
+        for i in tl.static_range(8):
+            digit, active = digit_of(key, prefix, (7 - i) * 8)
+            h = tl.histogram(digit, 256, mask=valid & active)
+            d, k = pick_digit(h, k)
+            prefix = prefix | (d.to(tl.uint64) << ((7 - i) * 8))
+        # prefix = the K-th largest key t; k = how many keys equal to t are in the top K
+        gt = valid & (key > prefix)
+        tie = valid & (key == prefix)
+        take = gt | (tie & (tl.cumsum(tie.to(tl.int32), 0) <= k))
+        pos = (tl.cumsum(take.to(tl.int32), 0) - 1).to(tl.int64)
+    tl.store(sel_s_ptr + b * npix + pos, sc, mask=take)
+    tl.store(sel_i_ptr + b * npix + pos, p.to(tl.int64), mask=take)
+
+
+@triton.jit
 def _shuffle_move_kernel(x_ptr, out_ptr, sel_ptr, perm_ptr, P, NC, npix, stride_c, stride_p,
                          BLOCK_I: tl.constexpr, BLOCK_C: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
@@ -194,6 +227,12 @@ def _select(scores: torch.Tensor, B: int, P: int, npix: int) -> torch.Tensor:
     everything = npix == P
     sel_s = torch.empty((B, npix), dtype=torch.float64, device=scores.device)
     sel_i = torch.empty((B, npix), dtype=torch.int64, device=scores.device)
+    if P <= SMALL_MAX:
+        block_n = C.next_pow2(P)
+        wrap_triton(_select_small_kernel)[(B,)](scores, sel_s, sel_i, P, npix, npix, BLOCK_N=block_n,
+                                                ALL=everything, num_warps=C.warps_for(block_n, True))
+        order = torch.sort(sel_s, dim=1, descending=True, stable=True).indices
+        return torch.gather(sel_i, 1, order)
     if everything:
         hist = above = ties = scores  # unused by the kernel
     else:
