@@ -130,6 +130,15 @@ def _count_kernel(s_ptr, hist_ptr, above_ptr, ties_ptr, P, K, row_stride, CHUNK:
 
 
 @triton.jit
+def _store_selected(sel_s_ptr, sel_i_ptr, b, npix, sc, p, take, pos, ALL: tl.constexpr):
+    """Store the (score, pixel) pairs marked ``take`` at slot ``pos`` of row b (ALL: every valid pixel at p)."""
+    if ALL:
+        pos = p.to(tl.int64)
+    tl.store(sel_s_ptr + b * npix + pos, sc, mask=take)
+    tl.store(sel_i_ptr + b * npix + pos, p.to(tl.int64), mask=take)
+
+
+@triton.jit
 def _compact_kernel(s_ptr, hist_ptr, above_ptr, ties_ptr, sel_s_ptr, sel_i_ptr, P, K, npix, nchunks,
                     CHUNK: tl.constexpr, BLOCK: tl.constexpr, ALL: tl.constexpr):
     """Write this chunk's selected (score, pixel) pairs to the sample's (npix,) buffers, in pixel order.
@@ -154,10 +163,9 @@ def _compact_kernel(s_ptr, hist_ptr, above_ptr, ties_ptr, sel_s_ptr, sel_i_ptr, 
         p = c * CHUNK + j + tl.arange(0, BLOCK)
         valid = p < P
         sc = tl.load(s_ptr + b * P + p, mask=valid, other=0.0)
-        if ALL:
-            take = valid
-            pos = p.to(tl.int64)
-        else:
+        take = valid
+        pos = p.to(tl.int64)
+        if not ALL:
             key = _score_key(sc)
             gt = valid & (key > t)
             tie = valid & (key == t)
@@ -167,8 +175,7 @@ def _compact_kernel(s_ptr, hist_ptr, above_ptr, ties_ptr, sel_s_ptr, sel_i_ptr, 
             pos = before + tl.cumsum(take.to(tl.int64), 0) - 1
             above_before += tl.sum(gt.to(tl.int64), 0)
             ties_before += tl.sum(tie.to(tl.int64), 0)
-        tl.store(sel_s_ptr + b * npix + pos, sc, mask=take)
-        tl.store(sel_i_ptr + b * npix + pos, p.to(tl.int64), mask=take)
+        _store_selected(sel_s_ptr, sel_i_ptr, b, npix, sc, p, take, pos, ALL)
 
 
 @triton.jit
@@ -179,10 +186,9 @@ def _select_small_kernel(s_ptr, sel_s_ptr, sel_i_ptr, P, K, npix, BLOCK_N: tl.co
     p = tl.arange(0, BLOCK_N)
     valid = p < P
     sc = tl.load(s_ptr + b * P + p, mask=valid, other=0.0)
-    if ALL:
-        take = valid
-        pos = p.to(tl.int64)
-    else:
+    take = valid
+    pos = p.to(tl.int64)
+    if not ALL:
         key = _score_key(sc)
         prefix = tl.full([], 0, tl.uint64)
         k = K
@@ -196,8 +202,7 @@ def _select_small_kernel(s_ptr, sel_s_ptr, sel_i_ptr, P, K, npix, BLOCK_N: tl.co
         tie = valid & (key == prefix)
         take = gt | (tie & (tl.cumsum(tie.to(tl.int32), 0) <= k))
         pos = (tl.cumsum(take.to(tl.int32), 0) - 1).to(tl.int64)
-    tl.store(sel_s_ptr + b * npix + pos, sc, mask=take)
-    tl.store(sel_i_ptr + b * npix + pos, p.to(tl.int64), mask=take)
+    _store_selected(sel_s_ptr, sel_i_ptr, b, npix, sc, p, take, pos, ALL)
 
 
 @triton.jit
