@@ -61,6 +61,10 @@ def write_build_info(cuda: bool) -> None:
 
 def extensions():
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    # Files built for a higher ISA (they say so with a target pragma and are
+    # only called after a CPU check) go last: the linker keeps the first copy
+    # of an inline function, so the baseline files never call their code.
+    sources += sorted(glob.glob(os.path.join("csrc", "cpu", "avx2", "*.cpp")))
     # No -std flag: torch adds the standard its headers need (C++20 for torch 2.14).
     cxx = ["-O3", "-fopenmp", "-Wall", "-Wno-unknown-pragmas"]
     extra = {"cxx": cxx}

@@ -205,6 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="under multi-GPU torchrun keep per-GPU BatchNorm (default: SyncBatchNorm, as the reference; "
                         "CPU/gloo runs always keep BatchNorm, torch's SyncBatchNorm needs a GPU)")
     t.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    t.add_argument("--compile", action="store_true", help="torch.compile the model (both passes; Inductor)")
+    t.add_argument("--channels-last", action="store_true", help="channels-last model and batches")
     t.add_argument("--resume", nargs="?", const="", default=None,
                    help="continue from a checkpoint (default: OUT/last.pt); flags not given take the checkpoint's "
                         "saved values, a flag given with another value is an error")
@@ -376,7 +378,7 @@ def _train(args, resume: str | None, tree=None) -> int:
                          saliency_target=args.saliency_target, shuffle_rank=args.shuffle_rank,
                          outlier_loss=args.outlier_loss, energy_margin_in=args.energy_margin_in,
                          energy_margin_out=args.energy_margin_out, amp=args.amp, sync_bn=args.sync_bn,
-                         seed=args.seed)
+                         seed=args.seed, compile=args.compile, channels_last=args.channels_last)
     try:
         config.validate()
     except ValueError as err:

@@ -176,15 +176,16 @@ class ASCOODCriterion:
         return self.alpha
 
     def outliers(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                 alpha: float | None = None) -> torch.Tensor | None:
+                 alpha: float | None = None, saliency_model: nn.Module | None = None) -> torch.Tensor | None:
         """Virtual outliers x' (detached, like x) for the batch, or None for ``ood_type="none"``.
 
-        The saliency pass runs on ``unwrap_model(model)`` with autocast off (float32).
+        The saliency pass runs on ``saliency_model`` (default ``unwrap_model(model)``; the Trainer
+        passes a compiled copy of the raw module under ``compile``) with autocast off (float32).
         """
         alpha = self.alpha if alpha is None else float(alpha)
         if self.ood_type == "none":
             return None
-        raw = unwrap_model(model)
+        raw = unwrap_model(model) if saliency_model is None else saliency_model
         with torch.autocast(x.device.type, enabled=False):
             return synthesize_outliers(raw, x, y, ood_type=self.ood_type, p_inv=self.p_inv, alpha=alpha,
                                        alpha_mode=self.alpha_mode, saliency_mode=self.saliency_mode,
@@ -192,8 +193,9 @@ class ASCOODCriterion:
                                        generator=self.generator)
 
     def forward_with_parts(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                           alpha: float | None = None) -> StepParts:
-        """One step's loss and parts (:class:`StepParts`); ``alpha`` overrides the schedule's value.
+                           alpha: float | None = None, saliency_model: nn.Module | None = None) -> StepParts:
+        """One step's loss and parts (:class:`StepParts`); ``alpha`` overrides the schedule's value,
+        ``saliency_model`` the module of the saliency pass (see :meth:`outliers`).
 
         x: (B, C, H, W) float on the model's device; y: (B,) integer labels on the same device.
         """
@@ -203,7 +205,7 @@ class ASCOODCriterion:
             raise ValueError(f"y must have shape ({x.shape[0]},) to match x, got {tuple(y.shape)}")
         y = y.long()
         alpha = self.alpha if alpha is None else float(alpha)
-        xo = self.outliers(model, x, y, alpha)
+        xo = self.outliers(model, x, y, alpha, saliency_model)
         batch = x if xo is None else torch.cat([x, xo.to(x.dtype)], dim=0)
         logits = model(batch)
         # The loss is evaluated in float32 even under AMP (a float16 log-sum-exp loses precision).

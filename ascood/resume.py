@@ -32,6 +32,9 @@ CLI_BUILD_FLAGS = {"model": "name", "width": "width", "head": "head", "sigma": "
 CLI_EXTRA_FLAGS = {"image_size": "image_size", "mean": "mean", "std": "std", "batch_size": "batch_size",
                    "data_format": "data_format"}
 
+# TrainConfig fields that change how fast a step runs, not what it computes: a resumed run may switch them.
+_SPEED_ONLY = {"compile", "channels_last"}
+
 # build_model arguments that do not change what trains after the first epoch (weights come from the checkpoint).
 _BUILD_IGNORED = {"weights"}
 
@@ -59,6 +62,8 @@ def resume_differences(ckpt: dict, config, *, amp: bool, steps_per_epoch: int,
     diffs: list[tuple[str, Any, Any]] = []
     for f in dataclasses.fields(config):
         given = getattr(config, f.name)
+        if f.name in _SPEED_ONLY:
+            continue
         if f.name == "amp":
             was = bool(ckpt.get("scaler")) if saved.get("amp") is None else bool(saved["amp"])
             if was != amp:

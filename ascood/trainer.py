@@ -77,7 +77,9 @@ class TrainConfig:
     paper's numbers are fp32; the saliency is float32 either way). sync_bn:
     convert BatchNorm to SyncBatchNorm under multi-GPU DDP (as the
     reference's pipeline). seed: seeds the outlier generator and the
-    distributed sampler (None = drawn from torch's global RNG).
+    distributed sampler (None = drawn from torch's global RNG). compile:
+    torch.compile the model for both passes (True = Inductor, or a backend
+    name). channels_last: model and input batches in channels-last layout.
     """
 
     epochs: int = 100
@@ -102,6 +104,8 @@ class TrainConfig:
     amp: bool = False
     sync_bn: bool = True
     seed: int | None = None
+    compile: bool | str = False
+    channels_last: bool = False
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field."""
@@ -136,6 +140,8 @@ class TrainConfig:
                              f"({self.energy_margin_out})")
         if self.nesterov and self.momentum == 0:
             raise ValueError("nesterov needs momentum > 0")
+        if not (isinstance(self.compile, bool) or (isinstance(self.compile, str) and self.compile)):
+            raise ValueError(f"compile must be a bool or a torch.compile backend name, got {self.compile!r}")
 
 
 def unpack_batch(batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -211,10 +217,19 @@ class Trainer:
             # only runs on GPU-like devices, so on CPU (gloo) BatchNorm stays per process.
             model = convert_sync_batchnorm(model, config.sync_bn and self.device.type != "cpu")
         self.raw_model = model.to(self.device)
+        if config.channels_last:
+            model.to(memory_format=torch.channels_last)
         self.model: nn.Module = model
         if self.dist.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        # The saliency pass runs the raw module (no DDP hooks); with `compile` both passes run compiled
+        # wrappers of it, while raw_model stays the plain module for checkpoints and the optimiser.
+        self.saliency_model: nn.Module = model
+        if config.compile:
+            backend = "inductor" if config.compile is True else config.compile
+            self.model = torch.compile(self.model, backend=backend)
+            self.saliency_model = torch.compile(model, backend=backend)
         seed = config.seed if config.seed is not None else int(torch.randint(0, 2 ** 62, (1,)).item())
         self.seed = seed
         self.loader = distributed_loader(train_loader, self.dist, seed) if self.dist.enabled else train_loader
@@ -319,7 +334,7 @@ class Trainer:
 
     def make_outliers(self, x: torch.Tensor, y: torch.Tensor, alpha: float) -> torch.Tensor | None:
         """Virtual outliers for one batch (the criterion's saliency pass: raw model, float32)."""
-        return self.criterion.outliers(self.model, x, y, alpha)
+        return self.criterion.outliers(self.model, x, y, alpha, self.saliency_model)
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimisation step; returns (loss, number of correct ID predictions) as detached tensors.
@@ -328,10 +343,12 @@ class Trainer:
         loop calls); the Trainer adds AMP, the non-finite check, the optimiser and the schedule.
         """
         x = x.to(self.device, non_blocking=True)
+        if self.config.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)  # the outlier ops keep the layout
         y = y.to(self.device, non_blocking=True).long()
         self.model.train()
         with torch.autocast(self.device.type, enabled=self.amp):
-            parts = self.criterion.forward_with_parts(self.model, x, y, alpha)
+            parts = self.criterion.forward_with_parts(self.model, x, y, alpha, self.saliency_model)
         loss = parts.loss
         # All ranks see the same (summed) loss, so they all stop together on a non-finite value
         # instead of some ranks waiting forever in the gradient all-reduce.

@@ -178,13 +178,30 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
 
 
 def step_summary(rows) -> list[str]:
-    """ASCOOD step / CE step, and the outlier synthesis' share of the step (ours vs eager)."""
-    med = {r["provider"]: r["median_ms"] for r in rows if r["op"] in ("train step", "outlier synthesis")}
+    """Per model: ASCOOD step / CE step for each step row, and the outlier synthesis' share of the step."""
     out = []
-    ce = med.get("CE step")
-    for which in ("ours", "eager"):
-        step, synth = med.get(f"ASCOOD step ({which})"), med.get(f"synthesis ({which})")
-        if ce and step:
-            share = f"; synthesis {synth:.3f} ms = {100 * synth / step:.1f}% of the step" if synth else ""
-            out.append(f"end-to-end ({which} ops): ASCOOD step / CE step = {step / ce:.2f}x{share}")
+    models = sorted({r["op"][len("train step "):] for r in rows if r["op"].startswith("train step ")})
+    for model in models:
+        med = {r["provider"]: r["median_ms"] for r in rows
+               if r["op"] in (f"train step {model}", f"outlier synthesis {model}")}
+        ce = med.get("CE step")
+        parts = []
+        for prov, step in med.items():
+            if not ce or "step" not in prov or prov.startswith("CE step"):
+                continue
+            base = med.get("CE step (compile)", ce) if "compile" in prov else ce
+            parts.append(f"{prov} / CE = {step / base:.2f}x")
+        step = med.get("ASCOOD step (ours)")
+        for synth in ("saliency + op (ours)", "op only (ours)"):
+            if step and med.get(synth):
+                parts.append(f"{synth} = {100 * med[synth] / step:.1f}% of ASCOOD step (ours)")
+        eager_step, eager_op = med.get("ASCOOD step (eager)"), med.get("op only (eager)")
+        if eager_step and eager_op:
+            parts.append(f"op only (eager) = {100 * eager_op / eager_step:.1f}% of ASCOOD step (eager)")
+        if parts:
+            out.append(f"end-to-end {model}: " + "; ".join(parts))
+    for op in ("i-ODIN batch", "ODIN batch"):
+        by = {r["provider"]: r["median_ms"] for r in rows if r["op"] == op}
+        if by.get("ours") and by.get("eager (authors)"):
+            out.append(f"{op}: authors' eager / ours = {by['eager (authors)'] / by['ours']:.2f}x")
     return out

@@ -60,3 +60,30 @@ def ascood_loss_eager(id_logits: torch.Tensor, target: torch.Tensor, ood_logits:
     uniform = torch.full_like(ood_logits, 1.0 / C)
     kl = F.kl_div(F.log_softmax(ood_logits, dim=1), uniform, reduction="batchmean")
     return F.cross_entropy(id_logits, target) + w * kl
+
+
+def perturbation_score_eager(model, x: torch.Tensor, temperature: float, eps: float, std: torch.Tensor,
+                             k: int | None = 1):
+    """ODIN / i-ODIN as the authors' (OpenOOD-style) post-processor writes it, per batch.
+
+    Forward with ``x.requires_grad``, CE(logits / T, argmax) and ``loss.backward()``
+    (which also fills every parameter's ``.grad``), the sign of ``x.grad`` on every
+    element (ODIN, ``k=None``) or on the top-k |grad| per sample (i-ODIN), divided by
+    the channel std, ``x - eps * step``, a second forward (with autograd on, as there),
+    then the max softmax of the logits / T. Returns (pred, score); pred is the argmax on the perturbed
+    input, as the reference reports it.
+    """
+    x = x.detach().clone().requires_grad_(True)
+    out = model(x)
+    labels = out.detach().argmax(1)
+    loss = F.cross_entropy(out / temperature, labels)
+    loss.backward()
+    if k is None:
+        gradient = (torch.ge(x.grad.detach(), 0).float() - 0.5) * 2
+        gradient = gradient / std.view(1, -1, *([1] * (x.dim() - 2)))
+        x_t = torch.add(x.detach(), gradient, alpha=-eps)
+    else:
+        x_t = iodin_perturb_eager(x.detach(), x.grad.detach(), eps, std, k)
+    logits = model(x_t) / temperature
+    score, pred = logits.detach().softmax(1).max(1)
+    return pred, score

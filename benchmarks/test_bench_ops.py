@@ -1,7 +1,8 @@
 """Each fused op against eager PyTorch and torch.compile of the eager code.
 
-Shapes follow the issue: images 128x3x32x32, 256x3x32x32, 32x3x224x224,
-64x3x224x224; z-score features 256x512, 256x2048, 4096x2048; float32 plus
+Shapes follow the issues: images 128x3x32x32, 256x3x32x32, 32x3x224x224,
+64x3x224x224; z-score features 256x512, 256x2048, 4096x2048; logits 128x10,
+128x100, 256x1000, 1024x1000; float32 plus
 bfloat16 where the provider takes it. ``--quick`` uses one small shape each.
 """
 from __future__ import annotations
@@ -17,7 +18,7 @@ from conftest import _device, run
 
 IMAGE_SHAPES = [(128, 3, 32, 32), (256, 3, 32, 32), (32, 3, 224, 224), (64, 3, 224, 224)]
 FEATURE_SHAPES = [(256, 512), (256, 2048), (4096, 2048)]
-LOGIT_SHAPES = [(128, 10), (128, 100), (256, 1000)]
+LOGIT_SHAPES = [(128, 10), (128, 100), (256, 1000), (1024, 1000)]
 QUICK = {"image": [(8, 3, 32, 32)], "feature": [(64, 256)], "logits": [(32, 10)]}
 CHECK = {"image": [(128, 3, 32, 32), (64, 3, 224, 224)], "feature": [(4096, 2048)], "logits": [(128, 100)]}
 
@@ -65,6 +66,25 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+# Before anything is timed, each provider's output is checked against the eager code's:
+# the fused kernels round once in float32 where eager bfloat16 rounds per op.
+CHECK_TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
+
+
+def check_same(op: str, got, want, dtype) -> None:
+    if op == "shuffle_outlier":
+        # eager ranks a float32 channel sum with topk, the package a float64 sum with the
+        # documented tie rule: near-ties may pick other pixels, so compare what must hold --
+        # every sample is a permutation of its own pixels.
+        B = got.shape[0]
+        assert torch.equal(got.reshape(B, -1).sort(1).values, want.reshape(B, -1).sort(1).values), op
+        return
+    if got.dtype == torch.bool:
+        assert torch.equal(got, want), op
+        return
+    torch.testing.assert_close(got, want, **CHECK_TOL[dtype], msg=lambda m: f"{op}: {m}")
+
+
 @pytest.mark.parametrize("op", ["gradient_outlier", "invariant_mask", "shuffle_outlier", "iodin_perturb"])
 def test_image_op(benchmark, bench_env, op, shape, dtype, provider):
     device = bench_env["device"]
@@ -102,6 +122,13 @@ def test_image_op(benchmark, bench_env, op, shape, dtype, provider):
         fn = lambda: cfn(*cargs)  # noqa: E731
     else:
         fn = call
+    if provider != "eager":
+        check_same(op, fn(), base(), dtype)
+    if op == "shuffle_outlier" and provider not in ("eager", "compile"):
+        # exact against the reference for one permutation (the permutation draw is shared by all providers)
+        gen = lambda: torch.Generator(device=device).manual_seed(1)  # noqa: E731
+        assert torch.equal(ak.shuffle_outlier(x, sal, 0.15, gen(), backend=provider),
+                           ak.shuffle_outlier(x, sal, 0.15, gen(), backend="reference"))
     run(benchmark, bench_env, fn, op=op, shape=shape, dtype=dtype, provider=provider, nbytes=nbytes)
 
 
@@ -116,6 +143,9 @@ def test_zscore(benchmark, bench_env, mode, shape, dtype, provider):
         f = compiled(eager.zscore_eager)
     else:
         f = lambda t: ak.zscore(t, backend=provider)  # noqa: E731
+    if provider != "eager":
+        with torch.no_grad():
+            check_same("zscore", f(h), eager.zscore_eager(h), dtype)
     if mode == "fwd":
         def fn():
             with torch.no_grad():
@@ -144,6 +174,9 @@ def test_ascood_loss(benchmark, bench_env, shape, dtype, provider):
     else:
         f = lambda a, t, b, w: ak.ascood_loss(a, t, b, w, backend=provider)  # noqa: E731
     fn = lambda: torch.autograd.grad(f(zi, y, zo, 1.0), (zi, zo))  # noqa: E731
+    if provider != "eager":
+        for got, want in zip(fn(), torch.autograd.grad(eager.ascood_loss_eager(zi, y, zo, 1.0), (zi, zo))):
+            check_same("ascood_loss", got, want, dtype)
     run(benchmark, bench_env, fn, op="ascood_loss fwd+bwd", shape=shape, dtype=dtype, provider=provider,
         nbytes=3 * 2 * B * C * zi.element_size())
 

@@ -156,3 +156,44 @@ def test_iodin_default_grid_matches_paper():
     grid = get_scorer("iodin").default_grid
     assert grid["temperature"] == [1, 10, 100, 1000]
     assert grid["eps"] == pytest.approx([0.0014 * i for i in range(1, 8)])
+
+
+def _bench_eager():
+    import importlib.util
+    import pathlib
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "eager.py"
+    spec = importlib.util.spec_from_file_location("bench_eager", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("name", ["odin", "iodin"])
+def test_perturbation_scorer_equals_authors_eager_and_skips_weight_grads(name):
+    """Same (pred, score) as the authors' eager post-processor on a conv net, while the
+    input-gradient pass asks no backward node for a weight gradient and fills no .grad."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    torch.manual_seed(0)
+    model = ascood.build_model("small_cnn", 5, in_channels=3).eval()
+    x = torch.randn(6, 3, 16, 16)
+    std = (0.2, 0.25, 0.3)
+    scorer = get_scorer(name, temperature=100, eps=0.004, std=std)
+
+    masks = []
+
+    class ConvBackwardSpy(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.convolution_backward.default:
+                masks.append(tuple(args[-1]))  # output_mask: (input, weight, bias)
+            return func(*args, **(kwargs or {}))
+
+    with ConvBackwardSpy():
+        pred, score = scorer.score(model, x)
+    assert masks and all(m[1] is False and m[2] is False for m in masks), masks
+    assert all(p.grad is None for p in model.parameters())
+    want_pred, want_score = _bench_eager().perturbation_score_eager(
+        model, x, 100, 0.004, torch.tensor(std), None if name == "odin" else 1)
+    assert torch.equal(pred, want_pred)
+    torch.testing.assert_close(score, want_score, rtol=1e-5, atol=1e-6)
+    assert not score.is_inference()

@@ -226,3 +226,33 @@ def test_train_function_returns_eval_model():
     model = ascood.train(tiny_model(), loader(tiny_data(8)), epochs=1, ood_type="gradient", p_inv=0.1,
                          alpha_min=1, alpha_max=2, w=1.0, lr=0.01, alpha_mode="relative", progress=False, seed=0)
     assert not model.training
+
+
+@pytest.mark.parametrize("ood_type", ["gradient", "shuffle"])
+def test_compile_and_channels_last_give_the_same_step(ood_type):
+    """compile (dynamo, with the fast 'eager' backend here) and channels_last change how the step
+    runs, not what it computes: same loss and parameters after one step as the plain trainer."""
+    x, y = tiny_data(8).tensors
+    results = []
+    for opts in ({}, {"compile": "eager"}, {"channels_last": True}, {"compile": "eager", "channels_last": True}):
+        model = tiny_model()
+        cfg = TrainConfig(epochs=1, ood_type=ood_type, p_inv=0.2, alpha_min=0.5, alpha_max=1.0, lr=0.05, seed=0,
+                          **opts)
+        tr = Trainer(model, loader(tiny_data()), cfg, progress=False)
+        loss, _ = tr.train_step(x, y, 1.0)
+        if opts.get("channels_last"):
+            conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+            assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+        assert tr.raw_model is model and not any(k.startswith("_orig_mod") for k in model.state_dict())
+        results.append((loss, [p.detach().clone() for p in model.parameters()]))
+    for loss, params in results[1:]:
+        torch.testing.assert_close(loss, results[0][0], rtol=1e-5, atol=1e-6)
+        for a, b in zip(params, results[0][1]):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_compile_option_validated():
+    with pytest.raises(ValueError, match="compile"):
+        TrainConfig(compile="").validate()
+    with pytest.raises(ValueError, match="compile"):
+        TrainConfig(compile=3).validate()

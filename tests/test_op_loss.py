@@ -60,3 +60,41 @@ def test_proposition_1_and_empty(backend, device, dtype):
     # uniform outlier logits: the KL term vanishes
     assert ak.ascood_loss(empty, y[:0], torch.zeros(3, 4, device=device), 1.0, backend=backend).abs().item() < 1e-6
     assert math.isfinite(ak.ascood_loss(zi * 1e4, y, zo * 1e4, 1.0, backend=backend).item())
+
+
+@pytest.mark.parametrize("backend,device,dtype", combos(cpu_dtypes=(torch.float32,), gpu_dtypes=(torch.float32,)))
+@pytest.mark.parametrize("C", [1, 7, 8, 9, 16, 17, 31, 33])
+def test_row_tails_and_specials(backend, device, dtype, C):
+    """Row lengths around the vector width (the CPU's AVX2 rows: 8 floats, 2 registers) and
+    rows holding +-inf / NaN / huge logits: same loss and gradients as the float64 formula."""
+    B, B2 = 6, 5
+    zi = (torch.randn(B, C, dtype=torch.float64) * 4)
+    zo = (torch.randn(B2, C, dtype=torch.float64) * 4)
+    zi[1] *= 3e3  # exp underflows for all but the max
+    zo[2] -= 80.0  # every exp(z) underflows without the max shift
+    y = torch.randint(0, C, (B,))
+    zi32, zo32 = zi.to(device=device, dtype=dtype).requires_grad_(), zo.to(device=device, dtype=dtype).requires_grad_()
+    loss = ak.ascood_loss(zi32, y.to(device), zo32, 0.7, backend=backend)
+    gi, go = torch.autograd.grad(loss, (zi32, zo32))
+    zi64, zo64 = zi.to(dtype).double().requires_grad_(), zo.to(dtype).double().requires_grad_()
+    want = torch_loss(zi64, y, zo64, 0.7)
+    wgi, wgo = torch.autograd.grad(want, (zi64, zo64))
+    torch.testing.assert_close(loss.double().cpu(), want, **L_TOL[dtype])
+    torch.testing.assert_close(gi.double().cpu(), wgi, **L_TOL[dtype])
+    torch.testing.assert_close(go.double().cpu(), wgo, **L_TOL[dtype])
+    # +-inf / NaN rows: lse follows torch.logsumexp (NaN poisons its row, -inf rows give -inf)
+    zs = torch.randn(4, C, dtype=dtype)
+    zs[0, C // 2] = float("nan")
+    zs[1] = -float("inf")
+    zs[2, 0] = float("inf")
+    zs[3, -1] = -float("inf")
+    _, lse_id, lse_ood = _raw(backend)(zs.to(device), torch.zeros(4, dtype=torch.long, device=device),
+                                       zs.to(device), 1.0)
+    want_lse = torch.logsumexp(zs.double(), 1).float()
+    torch.testing.assert_close(lse_id.cpu(), want_lse, equal_nan=True)
+    torch.testing.assert_close(lse_ood.cpu(), want_lse, equal_nan=True)
+
+
+def _raw(backend):
+    from ascood_kernels import _backend, reference
+    return reference.ascood_loss if backend == "reference" else _backend.op_namespace(backend).ascood_loss

@@ -64,3 +64,64 @@ def test_per_pixel_saliency_layouts_and_generator(backend, device, dtype):
 def test_empty_batch(backend, device, dtype):
     x = torch.empty(0, 3, 4, 4, device=device)
     assert _run(x, x, 0.5, 0, backend).shape == x.shape
+
+
+def _reference_with_same_perm(x, sal, p, seed):
+    B = x.shape[0]
+    npix = int(p * math.prod(x.shape[2:]))
+    perm = torch.rand(B, npix, generator=torch.Generator(device="cpu").manual_seed(seed)).argsort(dim=1)
+    return reference.shuffle_outlier(x, sal, p, perm.to(x.device))
+
+
+@pytest.mark.parametrize("backend,device,dtype", combos(cpu_dtypes=(torch.float32, torch.float64), cuda=False))
+@pytest.mark.parametrize("kind", ["all_equal", "signed_zeros", "nan_inf_negative", "two_values", "tiny_range"])
+@pytest.mark.parametrize("p", [0.07, 0.5, 1.0], ids=str)
+def test_select_edge_cases(backend, device, dtype, kind, p):
+    """The radix select + sort of the pixel scores: heavy ties, NaN/inf, negative and signed-zero scores."""
+    # Triton: one program per sample up to SMALL_MAX (4096) pixels, chunked programs above:
+    # the interpreter runs both (ties and offsets across chunks too).
+    shapes = [(3, 2, 13, 11), (2, 1, 73, 61)] if is_slow(backend, device) else [(3, 2, 61, 47)]
+    for shape in shapes:
+        _check_edge_case(backend, device, dtype, kind, p, shape)
+
+
+def _check_edge_case(backend, device, dtype, kind, p, shape):
+    x = torch.randn(shape, dtype=torch.float64).to(dtype)
+    if kind == "all_equal":
+        sal = torch.full(shape, 0.25, dtype=torch.float64)
+    elif kind == "signed_zeros":
+        sal = torch.where(torch.rand(shape) < 0.5, -0.0, 0.0).double()
+        sal[:, :, ::5] = 1.0
+    elif kind == "nan_inf_negative":
+        sal = torch.randn(shape, dtype=torch.float64)
+        flat = sal.view(-1)
+        flat[torch.randperm(flat.numel())[:flat.numel() // 20]] = float("nan")
+        flat[torch.randperm(flat.numel())[:flat.numel() // 50]] = float("inf")
+        flat[torch.randperm(flat.numel())[:flat.numel() // 50]] = -float("inf")
+    elif kind == "two_values":
+        sal = torch.randint(0, 2, shape).double()
+    else:  # distinct scores within a few ulps: many radix levels share their digits
+        sal = 1.0 + torch.randint(0, 64, shape).double() * 2.0 ** -52
+    x, sal = x.to(device), sal.to(device=device, dtype=dtype)
+    out = _run(x, sal, p, 3, backend)
+    assert torch.equal(out, _reference_with_same_perm(x, sal, p, 3)), shape
+
+
+@pytest.mark.parametrize("backend,device,dtype", combos(cpu_dtypes=(torch.float32,), cuda=False))
+@pytest.mark.parametrize("x_cl,s_cl", [(True, False), (False, True), (True, True)])
+@pytest.mark.parametrize("sal_dtype", [torch.float64, torch.bfloat16])
+def test_mixed_layouts_and_saliency_dtype(backend, device, dtype, x_cl, s_cl, sal_dtype):
+    x = torch.randn(4, 3, 10, 14, device=device)
+    sal = torch.randn(4, 3, 10, 14, device=device).abs().to(sal_dtype)
+    want = _reference_with_same_perm(x, sal, 0.3, 5)
+    xi = x.to(memory_format=torch.channels_last) if x_cl else x
+    si = sal.to(memory_format=torch.channels_last) if s_cl else sal
+    out = _run(xi, si, 0.3, 5, backend)
+    assert torch.equal(out, want)
+    assert out.is_contiguous(memory_format=torch.channels_last if x_cl else torch.contiguous_format)
+    # per-pixel (B, H, W) saliency with either layout of x
+    pix = sal.double().sum(1)
+    assert torch.equal(_run(xi, pix, 0.3, 5, backend), _reference_with_same_perm(x, pix, 0.3, 5))
+    # a non-contiguous (strided) x is read through a copy
+    wide = torch.randn(4, 3, 10, 28, device=device)[..., ::2]
+    assert torch.equal(_run(wide, sal, 0.3, 5, backend), _reference_with_same_perm(wide, sal, 0.3, 5))

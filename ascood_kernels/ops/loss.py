@@ -47,7 +47,7 @@ def ascood_loss(id_logits: torch.Tensor, target: torch.Tensor, ood_logits: torch
     # A range check needs the values on the host: only free for CPU tensors
     # (CUDA kernels assert on the device instead of synchronising).
     if not torch.compiler.is_compiling() and target.device.type == "cpu" and target.numel():
-        lo, hi = int(target.min()), int(target.max())
+        lo, hi = (int(v) for v in torch.aminmax(target))  # one reduction for both bounds
         if lo < 0 or hi >= C:
             raise ValueError(f"target must hold class indices in [0, {C}), got values in [{lo}, {hi}]")
     target = target.long()

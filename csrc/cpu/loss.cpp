@@ -2,14 +2,18 @@
 // loss = mean CE(id_logits, target) + w * mean KL(U || softmax(ood_logits)),
 // with KL(U || p) = lse - mean_j(z_j) - log C. Per-row terms are computed in
 // parallel, then summed pairwise (deterministic for any thread count).
+// float32 rows use the AVX2 (Sleef) exp of vec_rows.h when the CPU has it;
+// the other dtypes, and CPUs without AVX2, use the scalar loops here.
 #include "common.h"
 #include "convert.h"
 #include "reduce.h"
+#include "vec_rows.h"
 
 #include <torch/library.h>
 
 #include <cmath>
 #include <limits>
+#include <type_traits>
 
 namespace ascood {
 namespace cpu {
@@ -35,6 +39,41 @@ acc row_logsumexp(const scalar_t* z, int64_t C) {
 template <typename scalar_t, typename acc = acc_t<scalar_t>>
 acc row_mean(const scalar_t* z, int64_t C) {
   return lane_sum<acc>(C, [&](int64_t j) { return to_acc<acc>(z[j]); }) / static_cast<acc>(C);
+}
+
+// The vectorised float32 rows (vec_rows.h): only instantiated for float, the
+// other dtypes never take them (use_vec_rows is false).
+template <typename scalar_t>
+bool use_vec_rows() {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return vec_rows::available();
+  } else {
+    return false;
+  }
+}
+
+template <typename scalar_t, typename acc = acc_t<scalar_t>>
+acc vec_rows_logsumexp(const scalar_t* z, int64_t C) {
+  if constexpr (std::is_same_v<scalar_t, float>) return vec_rows::logsumexp(z, C);
+  return acc(0);
+}
+
+template <typename scalar_t, typename acc = acc_t<scalar_t>>
+acc vec_rows_sum(const scalar_t* z, int64_t C) {
+  if constexpr (std::is_same_v<scalar_t, float>) return vec_rows::sum(z, C);
+  return acc(0);
+}
+
+// d = g * (softmax(z) - sub) / den for a row.
+template <typename scalar_t, typename acc = acc_t<scalar_t>>
+void vec_rows_backward(const scalar_t* z, acc lse, acc g, acc sub, acc den, scalar_t* d, int64_t C) {
+  if constexpr (std::is_same_v<scalar_t, float>) vec_rows::scaled_softmax_minus(z, lse, g, sub, den, d, C);
+}
+
+// The one-hot entry of the ID gradient: g * (p_y - 1) / den.
+template <typename scalar_t, typename acc = acc_t<scalar_t>>
+void vec_rows_fix_target(const scalar_t* z, acc lse, acc g, acc den, scalar_t* d, int64_t y) {
+  if constexpr (std::is_same_v<scalar_t, float>) d[y] = g * (vec_rows::softmax_at(z[y], lse) - 1.0f) / den;
 }
 
 void check_logits(const at::Tensor& id_logits, const at::Tensor& target, const at::Tensor& ood_logits) {
@@ -80,18 +119,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ascood_loss_cpu(const at::Tensor&
     std::vector<acc> ce(B), kl(B2);
     const acc log_c = static_cast<acc>(std::log(static_cast<double>(C)));
     const int64_t grain = std::max<int64_t>(1, kGrainElems / C);
+    const bool vec = use_vec_rows<scalar_t>();
+    // parallel_for runs inline (no thread pool) when the rows fit one grain.
     at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
         const scalar_t* z = zid + b * C;
-        li[b] = row_logsumexp(z, C);
+        li[b] = vec ? vec_rows_logsumexp(z, C) : row_logsumexp(z, C);
         ce[b] = li[b] - to_acc<acc>(z[td[b]]);
       }
     });
     at::parallel_for(0, B2, grain, [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
         const scalar_t* z = zod + b * C;
-        lo[b] = row_logsumexp(z, C);
-        kl[b] = lo[b] - row_mean(z, C) - log_c;
+        lo[b] = vec ? vec_rows_logsumexp(z, C) : row_logsumexp(z, C);
+        kl[b] = lo[b] - (vec ? vec_rows_sum(z, C) / static_cast<acc>(C) : row_mean(z, C)) - log_c;
       }
     });
     // An empty batch sums to 0, so its term vanishes (divide by max(B, 1)).
@@ -131,7 +172,8 @@ std::tuple<at::Tensor, at::Tensor> ascood_loss_backward_cpu(const at::Tensor& gr
   advise_huge_pages(d_ood);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, id_logits.scalar_type(), "ascood_loss_backward_cpu", [&] {
     using acc = acc_t<scalar_t>;
-    const acc g = static_cast<acc>(grad.to(at::kDouble).item<double>());
+    const acc g = static_cast<acc>(grad.item<double>());
+    const bool vec = use_vec_rows<scalar_t>();
     const acc gw = g * static_cast<acc>(w);
     const acc inv_c = static_cast<acc>(1.0 / static_cast<double>(C));
     const acc den_id = static_cast<acc>(std::max<int64_t>(B, 1));
@@ -150,6 +192,11 @@ std::tuple<at::Tensor, at::Tensor> ascood_loss_backward_cpu(const at::Tensor& gr
         scalar_t* d = did + b * C;
         const acc l = lid[b];
         const int64_t y = td[b];
+        if (vec) {
+          vec_rows_backward(z, l, g, acc(0), den_id, d, C);
+          vec_rows_fix_target(z, l, g, den_id, d, y);
+          continue;
+        }
         for (int64_t j = 0; j < C; ++j) {
           const acc p = std::exp(to_acc<acc>(z[j]) - l);
           d[j] = from_acc<scalar_t>(g * (p - (j == y ? acc(1) : acc(0))) / den_id);
@@ -162,6 +209,10 @@ std::tuple<at::Tensor, at::Tensor> ascood_loss_backward_cpu(const at::Tensor& gr
         const scalar_t* z = zod + b * C;
         scalar_t* d = dod + b * C;
         const acc l = lod[b];
+        if (vec) {
+          vec_rows_backward(z, l, gw, inv_c, den_ood, d, C);
+          continue;
+        }
         for (int64_t j = 0; j < C; ++j) {
           const acc q = std::exp(to_acc<acc>(z[j]) - l);
           d[j] = from_acc<scalar_t>(gw * (q - inv_c) / den_ood);

@@ -16,6 +16,7 @@
 
 #include <cstring>
 #include <functional>
+#include <type_traits>
 
 namespace ascood {
 namespace cpu {
@@ -196,7 +197,7 @@ key_t refine_select(key_t* buf, int64_t count, int64_t k, int64_t prefix, int le
     for (int64_t i = 0; i < count; ++i) {
       const key_t key = buf[i];
       buf[j] = key;
-      j += ((key >> shift) & mask) == digit;
+      j += ((key >> shift) & mask) == static_cast<key_t>(digit);
     }
     count = j;
   }
@@ -216,6 +217,51 @@ key_of_t<scalar_t> kth_largest_key(const scalar_t* g, int64_t n, int64_t k, Sele
   if (s.buf.size() < static_cast<size_t>(count + 1)) s.buf.resize(count + 1);
   compact_top_digit(g, 0, n, digit, s.buf.data());
   return refine_select<key_of_t<scalar_t>, T::kBits>(s.buf.data(), count, k, digit, 1, hist);
+}
+
+// The k-th largest (1 <= k <= n) of the offsets keys[i] - base of n
+// unsigned keys (all keys >= base), where every offset is below
+// 2^(top_bit + 1) (top_bit = -1: all zero); on the calling thread. The digits
+// start at the highest bit the offsets can use, so keys of a narrow range
+// need few, well-filled levels whatever their type. Returns the offset.
+template <typename key_t>
+key_t kth_largest_bounded(const key_t* keys, key_t base, int64_t n, int64_t k, int top_bit,
+                          SelectScratch<key_t>& s) {
+  static_assert(std::is_unsigned_v<key_t>, "bounded select takes unsigned keys");
+  if (top_bit < 0) return 0;
+  int64_t* hist = s.hist.data();
+  const key_t* src = keys;  // level 0 reads the row, later levels the compacted buffer
+  int64_t count = n;
+  key_t prefix = 0;
+  while (top_bit >= 0) {
+    if (src != keys && count <= kSmallSelect) {
+      std::nth_element(s.buf.data(), s.buf.data() + (k - 1), s.buf.data() + count, std::greater<key_t>());
+      return s.buf[k - 1];
+    }
+    const int width = std::min(kDigitBits, top_bit + 1);
+    const int shift = top_bit + 1 - width;
+    const int64_t nbins = int64_t{1} << width;
+    const key_t mask = static_cast<key_t>(nbins - 1);
+    std::fill(hist, hist + nbins, 0);
+    const key_t sub = src == keys ? base : key_t{0};  // level 0 reads keys, later ones offsets
+    for (int64_t i = 0; i < count; ++i) ++hist[((src[i] - sub) >> shift) & mask];
+    const int64_t digit = pick_bucket(hist, nbins, k);
+    prefix = static_cast<key_t>((prefix << width) | static_cast<key_t>(digit));
+    top_bit = shift - 1;
+    if (hist[digit] == count && src != keys) continue;  // one bin holds them all: nothing to drop
+    if (s.buf.size() < static_cast<size_t>(hist[digit] + 1)) s.buf.resize(hist[digit] + 1);
+    key_t* dst = s.buf.data();
+    const key_t want = static_cast<key_t>(digit);
+    int64_t j = 0;
+    for (int64_t i = 0; i < count; ++i) {  // in place on the buffer after level 0
+      const key_t key = src[i] - sub;
+      dst[j] = key;
+      j += ((key >> shift) & mask) == want;
+    }
+    count = j;
+    src = dst;
+  }
+  return prefix;  // all digits fixed: the prefix is the key itself
 }
 
 // Same result with the top-digit passes split over `nchunks` threads: each

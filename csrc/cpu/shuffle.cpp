@@ -2,9 +2,20 @@
 // largest channel-summed saliency (ties to the lower pixel index, NaN
 // largest) trade places as `perm` says; all channels move together.
 //
-// Work is on plain-contiguous (NCHW) copies because the tie-break is on the
-// logical pixel index; the result is converted to the output layout last.
+// Per sample, on one thread (a sample's working set stays in L2/L3):
+// 1. the float64 pixel scores, turned at once into 64-bit order keys;
+// 2. the exact npix-th largest key by radix select (select.h), so only the
+//    selected pixels (not all P) are ever sorted;
+// 3. the selected pixels, gathered in index order and sorted by key
+//    descending with a stable MSD radix sort (index order breaks ties);
+// 4. one sweep writing the output: each channel (or, channels-last, the whole
+//    sample) is copied, then the npix moved pixels are overwritten while the
+//    copy is still in cache.
+// Contiguous and channels-last inputs are read in their own layout (no
+// transposing copies); the output has the layout docs/OPS.md prescribes.
 #include "common.h"
+#include "convert.h"
+#include "select.h"
 
 #include <torch/library.h>
 
@@ -16,49 +27,233 @@ namespace ascood {
 namespace cpu {
 namespace {
 
-// Per-pixel score s (float64), summed over channels in order 0, 1, 2, ...
-// so every backend gets the same bits. sal points at one sample.
-template <typename sal_t>
-void pixel_scores(const sal_t* sal, int64_t channels, int64_t P, double* s) {
-  if (channels == 0) {  // x with no channels: nothing to sum, nothing moves visibly
-    std::fill(s, s + P, 0.0);
-    return;
-  }
-  for (int64_t p = 0; p < P; ++p) s[p] = static_cast<double>(sal[p]);
-  for (int64_t c = 1; c < channels; ++c) {
-    const sal_t* sc = sal + c * P;
-    for (int64_t p = 0; p < P; ++p) s[p] += static_cast<double>(sc[p]);
-  }
-}
-
-// A total order on scores as one integer: larger key = ranked first. NaN is
-// the largest, -0 ties +0 (they compare equal as floats), and finite values
-// order like the doubles. Ties are then broken by the pixel index.
-inline uint64_t score_key(double v) {
-  if (std::isnan(v)) return ~uint64_t{0};
+// A total order on float64 scores as one unsigned integer: larger key =
+// ranked first. NaN is the largest, -0 ties +0 (they compare equal as
+// floats), and the other values order like the doubles.
+C10_ALWAYS_INLINE uint64_t score_key(double v) {
   if (v == 0.0) v = 0.0;  // canonicalise -0
   uint64_t bits;
   std::memcpy(&bits, &v, sizeof(bits));
   constexpr uint64_t kSign = uint64_t{1} << 63;
-  return (bits & kSign) ? ~bits : (bits | kSign);
+  const uint64_t key = (bits & kSign) ? ~bits : (bits | kSign);
+  return std::isnan(v) ? ~uint64_t{0} : key;
 }
 
-struct Ranked {
-  uint64_t key;
-  int64_t index;
+// Layout of one sample of a (B, C, *spatial) tensor: element (c, p) sits at
+// c * channel_stride + p * pixel_stride (contiguous: P, 1; channels-last: 1, C).
+struct SampleLayout {
+  int64_t channel_stride;
+  int64_t pixel_stride;
 };
 
-// sel[0, npix) = the npix best pixels, best first: key descending, index
-// ascending. nth_element + sort of the head only: O(P + npix log npix).
-void select_pixels(const double* s, int64_t P, int64_t npix, std::vector<Ranked>& work, int64_t* sel) {
-  work.resize(P);
-  for (int64_t p = 0; p < P; ++p) work[p] = {score_key(s[p]), p};
-  const auto before = [](const Ranked& a, const Ranked& b) {
-    return a.key != b.key ? a.key > b.key : a.index < b.index;
-  };
-  if (npix < P) std::nth_element(work.begin(), work.begin() + npix, work.end(), before);
-  std::sort(work.begin(), work.begin() + npix, before);
-  for (int64_t i = 0; i < npix; ++i) sel[i] = work[i].index;
+inline SampleLayout layout_of(at::MemoryFormat fmt, int64_t channels, int64_t P) {
+  return fmt == at::MemoryFormat::ChannelsLast ? SampleLayout{1, channels} : SampleLayout{P, 1};
+}
+
+// keys[p] = score_key(sum_c sal[c, p]), the float64 sum taken channel 0 first
+// then 1, 2, ... (so every backend gets the same bits). Pixels go in tiles so
+// the partial sums stay in L1 whatever the layout.
+// Also sets key_min / key_max (P >= 1).
+template <typename sal_t>
+void pixel_keys(const sal_t* sal, int64_t channels, int64_t P, SampleLayout lay, uint64_t* keys, uint64_t& key_min,
+                uint64_t& key_max) {
+  constexpr int64_t kTile = 512;
+  uint64_t mn = ~uint64_t{0}, mx = 0;
+  double s[kTile];
+  for (int64_t p0 = 0; p0 < P; p0 += kTile) {
+    const int64_t len = std::min(kTile, P - p0);
+    const sal_t* base = sal + p0 * lay.pixel_stride;
+    if (channels == 0) {  // x with no channels: nothing to sum, nothing moves visibly
+      std::fill(s, s + len, 0.0);
+    } else if (lay.pixel_stride == 1) {
+      for (int64_t j = 0; j < len; ++j) s[j] = static_cast<double>(to_acc<float>(base[j]));
+      for (int64_t c = 1; c < channels; ++c) {
+        const sal_t* sc = base + c * lay.channel_stride;
+        for (int64_t j = 0; j < len; ++j) s[j] += static_cast<double>(to_acc<float>(sc[j]));
+      }
+    } else {
+      for (int64_t j = 0; j < len; ++j) {
+        const sal_t* px = base + j * lay.pixel_stride;
+        double acc = static_cast<double>(to_acc<float>(px[0]));
+        for (int64_t c = 1; c < channels; ++c) acc += static_cast<double>(to_acc<float>(px[c * lay.channel_stride]));
+        s[j] = acc;
+      }
+    }
+    for (int64_t j = 0; j < len; ++j) {
+      const uint64_t k = score_key(s[j]);
+      keys[p0 + j] = k;
+      mn = std::min(mn, k);
+      mx = std::max(mx, k);
+    }
+  }
+  key_min = mn;
+  key_max = mx;
+}
+
+// float64 saliency needs no widening (to_acc<float> would round it).
+template <>
+void pixel_keys<double>(const double* sal, int64_t channels, int64_t P, SampleLayout lay, uint64_t* keys,
+                        uint64_t& key_min, uint64_t& key_max) {
+  uint64_t mn = ~uint64_t{0}, mx = 0;
+  for (int64_t p = 0; p < P; ++p) {
+    const double* px = sal + p * lay.pixel_stride;
+    double acc = channels == 0 ? 0.0 : px[0];
+    for (int64_t c = 1; c < channels; ++c) acc += px[c * lay.channel_stride];
+    const uint64_t k = score_key(acc);
+    keys[p] = k;
+    mn = std::min(mn, k);
+    mx = std::max(mx, k);
+  }
+  key_min = mn;
+  key_max = mx;
+}
+
+// Scratch one thread reuses for all its samples.
+struct ShuffleScratch {
+  std::vector<uint64_t> keys;
+  SelectScratch<uint64_t> select;
+  std::vector<uint64_t> sel_key, tmp_key;
+  std::vector<int64_t> sel_idx, tmp_idx;
+  std::vector<int64_t> src;
+  uint64_t key_min = 0, key_max = 0;  // of keys, set by pixel_keys
+};
+
+// Stable sort of (d, idx)[0, n) by d ascending, where every d < 2^(top_bit+1).
+// MSD radix sort: one counting pass per digit from the top, a digit all keys
+// share is skipped, and buckets of at most kInsertion entries finish with an
+// insertion sort. Why not std::sort: the selected pixels' keys are nearly
+// uniformly spread, so one 11-bit digit already leaves buckets of a few
+// entries, and the whole sort costs ~3 passes over the selection instead of
+// log2(n) mispredicted compare passes.
+constexpr int64_t kInsertion = 24;
+
+void insertion_sort(uint64_t* d, int64_t* idx, int64_t n) {
+  for (int64_t i = 1; i < n; ++i) {
+    const uint64_t k = d[i];
+    const int64_t v = idx[i];
+    int64_t j = i;
+    for (; j > 0 && d[j - 1] > k; --j) {
+      d[j] = d[j - 1];
+      idx[j] = idx[j - 1];
+    }
+    d[j] = k;
+    idx[j] = v;
+  }
+}
+
+void msd_sort(uint64_t* d, int64_t* idx, uint64_t* d2, int64_t* idx2, int64_t n, int top_bit) {
+  while (true) {
+    if (n <= kInsertion) {
+      if (top_bit >= 0) insertion_sort(d, idx, n);
+      return;
+    }
+    if (top_bit < 0) return;  // all digits consumed: the keys are equal, already in index order
+    int width = 4;
+    while (width < kDigitBits && (int64_t{1} << width) < n) ++width;  // ~n bins: buckets of ~1
+    width = std::min(width, top_bit + 1);
+    const int shift = top_bit + 1 - width;
+    const uint64_t mask = (uint64_t{1} << width) - 1;
+    const int64_t nbins = int64_t{1} << width;
+    int32_t hist[kMaxBins + 1];
+    std::fill(hist, hist + nbins + 1, 0);
+    for (int64_t i = 0; i < n; ++i) ++hist[((d[i] >> shift) & mask) + 1];
+    if (hist[((d[0] >> shift) & mask) + 1] == n) {  // one bucket holds all: next digit, no move
+      top_bit = shift - 1;
+      continue;
+    }
+    for (int64_t b = 0; b < nbins; ++b) hist[b + 1] += hist[b];  // hist[b] = start of bucket b
+    int32_t start[kMaxBins + 1];
+    std::copy(hist, hist + nbins + 1, start);
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t pos = hist[(d[i] >> shift) & mask]++;
+      d2[pos] = d[i];
+      idx2[pos] = idx[i];
+    }
+    std::memcpy(d, d2, n * sizeof(*d));
+    std::memcpy(idx, idx2, n * sizeof(*idx));
+    for (int64_t b = 0; b < nbins; ++b) {
+      const int64_t len = start[b + 1] - start[b];
+      if (len > 1) msd_sort(d + start[b], idx + start[b], d2, idx2, len, shift - 1);
+    }
+    return;
+  }
+}
+
+// w.sel_idx[0, npix) = the npix best pixels of one sample, best first (key
+// descending, index ascending), from w.keys[0, P).
+void select_pixels(ShuffleScratch& w, int64_t P, int64_t npix) {
+  const uint64_t* keys = w.keys.data();
+  uint64_t* sk = w.sel_key.data();
+  int64_t* si = w.sel_idx.data();
+  int64_t m = 0;
+  uint64_t t = 0;
+  if (npix == P) {
+    for (int64_t p = 0; p < P; ++p) {
+      sk[p] = keys[p];
+      si[p] = p;
+    }
+    m = P;
+  } else {
+    // Select on the offsets from the smallest key: their range is narrow, so
+    // the radix digits start where the keys actually differ.
+    const uint64_t range = w.key_max - w.key_min;
+    t = w.key_min + kth_largest_bounded(keys, w.key_min, P, npix, range == 0 ? -1 : 63 - __builtin_clzll(range),
+                                        w.select);
+    // Every key >= t, in index order (branch-free: each is stored, the
+    // cursor moves on a match; sk has room for P entries).
+    for (int64_t p = 0; p < P; ++p) {
+      const uint64_t k = keys[p];
+      sk[m] = k;
+      si[m] = p;
+      m += k >= t;
+    }
+    if (m > npix) {
+      // More ties at t than places: keep the first (npix - #above) of them.
+      int64_t above = 0;
+      for (int64_t i = 0; i < m; ++i) above += sk[i] > t;
+      int64_t ties_left = npix - above;
+      int64_t j = 0;
+      for (int64_t i = 0; i < m; ++i) {
+        const bool take = sk[i] > t || ties_left > 0;
+        ties_left -= sk[i] == t && take;
+        sk[j] = sk[i];
+        si[j] = si[i];
+        j += take;
+      }
+      m = j;
+    }
+  }
+  TORCH_INTERNAL_ASSERT(m == npix, "ascood (CPU): shuffle selection found ", m, " pixels, want ", npix);
+  // Descending keys = ascending distance from the largest selected key.
+  uint64_t top = t;
+  for (int64_t i = 0; i < m; ++i) top = std::max(top, sk[i]);
+  for (int64_t i = 0; i < m; ++i) sk[i] = top - sk[i];
+  const uint64_t range = top - (npix == P ? w.key_min : t);
+  const int top_bit = range == 0 ? -1 : 63 - __builtin_clzll(range);
+  msd_sort(sk, si, w.tmp_key.data(), w.tmp_idx.data(), m, top_bit);
+}
+
+// out = x with out[:, sel[i]] = x[:, src[i]] for every channel, one sample.
+template <typename scalar_t>
+void write_sample(const scalar_t* x, scalar_t* out, int64_t channels, int64_t P, SampleLayout lay,
+                  const int64_t* sel, const int64_t* src, int64_t npix) {
+  if (lay.pixel_stride == 1) {
+    // Channel by channel: the copy of one channel is still in L1/L2 when its
+    // moved pixels are overwritten.
+    for (int64_t c = 0; c < channels; ++c) {
+      const scalar_t* xc = x + c * P;
+      scalar_t* oc = out + c * P;
+      std::memcpy(oc, xc, P * sizeof(scalar_t));
+      for (int64_t i = 0; i < npix; ++i) oc[sel[i]] = xc[src[i]];
+    }
+    return;
+  }
+  std::memcpy(out, x, channels * P * sizeof(scalar_t));
+  for (int64_t i = 0; i < npix; ++i) {
+    const scalar_t* s = x + src[i] * channels;
+    scalar_t* d = out + sel[i] * channels;
+    for (int64_t c = 0; c < channels; ++c) d[c] = s[c];
+  }
 }
 
 at::Tensor shuffle_outlier_cpu(const at::Tensor& x, const at::Tensor& saliency, double p_inv, const at::Tensor& perm) {
@@ -104,11 +299,15 @@ at::Tensor shuffle_outlier_cpu(const at::Tensor& x, const at::Tensor& saliency, 
 
   const auto fmt = output_memory_format(x);
   if (B == 0 || npix == 0) return empty_image_like(x, fmt).copy_(x);
-  const at::Tensor xc = x.contiguous();
-  // Work in NCHW order (unselected pixels are copies of x), change layout last.
-  at::Tensor out = empty_image_like(x, at::MemoryFormat::Contiguous).copy_(xc);
-  const at::Tensor sc = saliency.contiguous();
+  // x is read in the output's layout (a no-op for contiguous and
+  // channels-last inputs); the saliency in its own when that is one of the two.
+  const at::Tensor xc = x.contiguous(fmt);
+  const auto sal_fmt = per_channel ? output_memory_format(saliency) : at::MemoryFormat::Contiguous;
+  const at::Tensor sc = saliency.contiguous(sal_fmt);
   const int64_t sal_channels = per_channel ? C : 1;
+  const SampleLayout x_lay = layout_of(fmt, C, P);
+  const SampleLayout s_lay = layout_of(sal_fmt, sal_channels, P);
+  at::Tensor out = empty_image_like(x, fmt);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ascood_shuffle_outlier_cpu", [&] {
     const scalar_t* xd = xc.const_data_ptr<scalar_t>();
     scalar_t* od = out.mutable_data_ptr<scalar_t>();
@@ -116,23 +315,23 @@ at::Tensor shuffle_outlier_cpu(const at::Tensor& x, const at::Tensor& saliency, 
       using sal_t = scalar_t;
       const sal_t* sd = sc.const_data_ptr<sal_t>();
       at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-        std::vector<double> s(P);
-        std::vector<Ranked> work;
-        std::vector<int64_t> sel(npix);
+        ShuffleScratch w;
+        w.keys.resize(P);
+        for (auto* v : {&w.sel_key, &w.tmp_key}) v->resize(P);
+        for (auto* v : {&w.sel_idx, &w.tmp_idx}) v->resize(P);
+        w.src.resize(npix);
         for (int64_t b = begin; b < end; ++b) {
-          pixel_scores(sd + b * sal_channels * P, sal_channels, P, s.data());
-          select_pixels(s.data(), P, npix, work, sel.data());
+          pixel_keys(sd + b * sal_channels * P, sal_channels, P, s_lay, w.keys.data(), w.key_min, w.key_max);
+          select_pixels(w, P, npix);
+          const int64_t* sel = w.sel_idx.data();
           const int64_t* pb = pd + b * npix;
-          for (int64_t c = 0; c < C; ++c) {
-            const auto* xs = xd + (b * C + c) * P;
-            auto* os = od + (b * C + c) * P;
-            for (int64_t i = 0; i < npix; ++i) os[sel[i]] = xs[sel[pb[i]]];
-          }
+          for (int64_t i = 0; i < npix; ++i) w.src[i] = sel[pb[i]];
+          write_sample(xd + b * C * P, od + b * C * P, C, P, x_lay, sel, w.src.data(), npix);
         }
       });
     });
   });
-  return out.contiguous(fmt);
+  return out;
 }
 
 }  // namespace
