@@ -246,19 +246,7 @@ def pretrained_weights_error(resolved: Resolved, weights: str | None, flag: str 
 
 
 # -- argparse glue (the CLI calls these; keeps cli.py thin) ---------------------------------------------------
-def explicit_dests(parser_factory: Callable[[], argparse.ArgumentParser], argv: Sequence[str]) -> set[str]:
-    """The argparse dests the user actually gave in ``argv`` (parse again with every default suppressed)."""
-    parser = parser_factory()
-    stack = [parser]
-    while stack:
-        p = stack.pop()
-        for action in p._actions:
-            if isinstance(action, argparse._SubParsersAction):
-                stack.extend(action.choices.values())
-            else:
-                action.default = argparse.SUPPRESS
-    ns = parser.parse_args(list(argv))
-    return set(vars(ns))
+from .cli_checks import explicit_dests  # noqa: E402  (one definition of "which flags were typed")
 
 
 def command_defaults(parser_factory: Callable[[], argparse.ArgumentParser], command: str) -> dict[str, Any]:
