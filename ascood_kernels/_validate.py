@@ -115,3 +115,18 @@ def permutation_rows(name: str, perm, rows: int, n: int) -> None:
         row = int((~good).nonzero()[0, 0])
         raise ValueError(f"{name} must hold a permutation of 0..{n - 1} in every row (each value exactly once); "
                          f"row {row} is not")
+
+
+def random_permutation_args(name: str, seeds, n) -> None:
+    """``seeds``: a 1-D int64 tensor of values in [0, 2^32); ``n``: an int >= 0 (random_permutations)."""
+    if not isinstance(seeds, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(seeds).__name__}")
+    if seeds.dtype != torch.int64 or seeds.dim() != 1:
+        raise ValueError(f"{name} must be a 1-D int64 tensor, got {str(seeds.dtype).replace('torch.', '')} "
+                         f"of shape {tuple(seeds.shape)}")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"n must be an int >= 0, got {n!r}")
+    if seeds.numel() and not torch.compiler.is_compiling():
+        lo, hi = torch.aminmax(seeds)
+        if int(lo) < 0 or int(hi) > 0xFFFFFFFF:
+            raise ValueError(f"{name} must hold values in [0, 2^32), got [{int(lo)}, {int(hi)}]")

@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from ._validate import permutation_rows
+from ._validate import permutation_rows, random_permutation_args
 
 __all__ = [
     "magnitude_keys",
@@ -27,6 +27,8 @@ __all__ = [
     "pixel_scores",
     "select_pixels",
     "shuffle_outlier",
+    "mix32",
+    "random_permutations",
     "iodin_perturb",
     "ascood_loss",
     "ascood_loss_backward",
@@ -163,16 +165,23 @@ def pixel_scores(saliency: torch.Tensor, x_dim: int) -> torch.Tensor:
 
 
 def select_pixels(scores: torch.Tensor, npix: int) -> torch.Tensor:
-    """(B, P) float64 -> (B, npix) pixel indices by score descending, ties by lower index, NaN first."""
+    """(B, P) float64 -> (B, npix) indices of the npix largest scores, in ascending pixel order.
+
+    Which pixels: the npix largest scores, ties at the threshold to the lower
+    pixel index, NaN largest. Their order is the pixel order, so no backend
+    sorts the selection: ``perm`` is a uniform random permutation, and any
+    fixed order of the selected set gives the same distribution of outputs.
+    """
     # NaN sorts as the largest in a descending sort; stable keeps lower indices first on ties.
     order = torch.sort(scores, dim=1, descending=True, stable=True).indices
-    return order[:, :npix]
+    return torch.sort(order[:, :npix], dim=1).values
 
 
 def shuffle_outlier(x: torch.Tensor, saliency: torch.Tensor, p_inv: float, perm: torch.Tensor) -> torch.Tensor:
     """Permute the ``int(p_inv * P)`` most salient pixels of each sample among themselves.
 
-    ``out[b, :, sel[i]] = x[b, :, sel[perm[b, i]]]`` (all channels move together).
+    ``out[b, :, sel[i]] = x[b, :, sel[perm[b, i]]]`` (all channels move
+    together), ``sel`` from :func:`select_pixels` (ascending pixel order).
     """
     B, C = x.shape[0], x.shape[1]
     P = math.prod(x.shape[2:])
@@ -186,6 +195,48 @@ def shuffle_outlier(x: torch.Tensor, saliency: torch.Tensor, p_inv: float, perm:
         moved = torch.gather(xf, 2, src[:, None, :].expand(B, C, npix))
         out.scatter_(2, sel[:, None, :].expand(B, C, npix), moved)
     return out.reshape(x.shape).contiguous(memory_format=output_memory_format(x))
+
+
+_M32 = 0xFFFFFFFF
+
+
+def mix32(v: torch.Tensor) -> torch.Tensor:
+    """A bijective 32-bit integer hash (C. Wellons' lowbias32, its improved constants).
+
+    ``v``: int64 tensor of values in [0, 2^32); returns the same. Both
+    multipliers are below 2^31, so every product with a 32-bit value fits in
+    int64: exact in plain PyTorch integer arithmetic.
+    """
+    v = v ^ (v >> 16)
+    v = (v * 0x21F0AAAD) & _M32
+    v = v ^ (v >> 15)
+    v = (v * 0x735A2D97) & _M32
+    return v ^ (v >> 15)
+
+
+def random_permutations(seeds: torch.Tensor, n: int) -> torch.Tensor:
+    """(R,) int64 seeds in [0, 2^32) -> (R, n) int64; row r is a permutation of 0..n-1 drawn from seeds[r].
+
+    Fisher-Yates (Durstenfeld) from the top: ``perm = 0..n-1``; for
+    ``i = n-1, ..., 1``: ``u = mix32(mix32(seed) ^ i)``,
+    ``j = (u * (i + 1)) >> 32`` (Lemire's multiply-shift: j in [0, i], bias
+    below (i + 1) / 2^32), then swap ``perm[i]`` and ``perm[j]``. The draw is
+    counter-based: every backend gives the same permutation for one seed,
+    and rows are independent (no shared random stream to walk).
+    """
+    random_permutation_args("seeds", seeds, n)
+    R = seeds.shape[0]
+    perm = torch.arange(n, device=seeds.device).expand(R, n).clone()
+    if R == 0 or n < 2:
+        return perm
+    rows = torch.arange(R, device=seeds.device)
+    base = mix32(seeds)
+    for i in range(n - 1, 0, -1):
+        j = (mix32(base ^ i) * (i + 1)) >> 32
+        at_i = perm[:, i].clone()
+        perm[:, i] = perm[rows, j]
+        perm[rows, j] = at_i
+    return perm
 
 
 def _topk_by_key_then_index(keys: torch.Tensor, k: int) -> torch.Tensor:

@@ -25,6 +25,7 @@ TORCH_LIBRARY(ascood, m) {
   m.def("zscore(Tensor h, float sigma, float eps) -> (Tensor, Tensor, Tensor)");
   m.def("zscore_backward(Tensor grad_out, Tensor h, Tensor mean, Tensor rstd, float sigma) -> Tensor");
   m.def("shuffle_outlier(Tensor x, Tensor saliency, float p_inv, Tensor perm) -> Tensor");
+  m.def("random_permutations(Tensor seeds, int n) -> Tensor");
   m.def("iodin_perturb(Tensor x, Tensor grad, float eps, Tensor std, int k) -> Tensor");
   m.def("ascood_loss(Tensor id_logits, Tensor target, Tensor ood_logits, float w) -> (Tensor, Tensor, Tensor)");
   m.def(

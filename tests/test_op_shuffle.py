@@ -6,6 +6,7 @@ import torch
 
 import ascood_kernels as ak
 from ascood_kernels import reference
+from ascood_kernels.ops.permutations import draw_permutations
 from backends import combos, is_slow
 
 SHAPES = [(1, 1, 1, 1), (5, 3, 17, 19), (8, 3, 32, 32), (2, 3, 224, 224)]
@@ -31,7 +32,7 @@ def test_matches_reference(backend, device, dtype, shape, p, kind):
     npix = int(p * P)
     B, C = shape[:2]
     gen = torch.Generator(device="cpu").manual_seed(7)
-    perm = torch.rand(B, npix, generator=gen).argsort(dim=1).to(device)
+    perm = draw_permutations(B, npix, gen, device)
     want = reference.shuffle_outlier(x.double(), sal.double(), p, perm).to(dtype)
     assert torch.equal(out, want)
     # It is a per-sample permutation of whole pixels: the multiset of pixel vectors is unchanged.
@@ -69,15 +70,15 @@ def test_empty_batch(backend, device, dtype):
 def _reference_with_same_perm(x, sal, p, seed):
     B = x.shape[0]
     npix = int(p * math.prod(x.shape[2:]))
-    perm = torch.rand(B, npix, generator=torch.Generator(device="cpu").manual_seed(seed)).argsort(dim=1)
-    return reference.shuffle_outlier(x, sal, p, perm.to(x.device))
+    perm = draw_permutations(B, npix, torch.Generator(device="cpu").manual_seed(seed), x.device)
+    return reference.shuffle_outlier(x, sal, p, perm)
 
 
 @pytest.mark.parametrize("backend,device,dtype", combos(cpu_dtypes=(torch.float32, torch.float64), cuda=False))
 @pytest.mark.parametrize("kind", ["all_equal", "signed_zeros", "nan_inf_negative", "two_values", "tiny_range"])
 @pytest.mark.parametrize("p", [0.07, 0.5, 1.0], ids=str)
 def test_select_edge_cases(backend, device, dtype, kind, p):
-    """The radix select + sort of the pixel scores: heavy ties, NaN/inf, negative and signed-zero scores."""
+    """The radix select of the pixel scores: heavy ties, NaN/inf, negative and signed-zero scores."""
     # Triton: one program per sample up to SMALL_MAX (4096) pixels, chunked programs above:
     # the interpreter runs both (ties and offsets across chunks too).
     shapes = [(3, 2, 13, 11), (2, 1, 73, 61)] if is_slow(backend, device) else [(3, 2, 61, 47)]
@@ -125,3 +126,38 @@ def test_mixed_layouts_and_saliency_dtype(backend, device, dtype, x_cl, s_cl, sa
     # a non-contiguous (strided) x is read through a copy
     wide = torch.randn(4, 3, 10, 28, device=device)[..., ::2]
     assert torch.equal(_run(wide, sal, 0.3, 5, backend), _reference_with_same_perm(wide, sal, 0.3, 5))
+
+
+@pytest.mark.parametrize("backend,device,dtype", combos(cpu_dtypes=(torch.float32, torch.float64), cuda=False))
+def test_selection_is_in_pixel_order_worked_example(backend, device, dtype):
+    """docs/OPS.md by hand: sel is the selected pixels in ascending pixel order, out[sel[i]] = x[sel[perm[i]]]."""
+    x = torch.tensor([[[10.0, 11.0, 12.0, 13.0, 14.0, 15.0]], [[20.0, 21.0, 22.0, 23.0, 24.0, 25.0]]])
+    x = torch.stack([x[:, 0], -x[:, 0]], 1).to(device=device, dtype=dtype)  # (2, 2, 6): channels move together
+    sal = torch.tensor([[5.0, 1.0, 4.0, 0.0, 3.0, 2.0], [0.0, 9.0, 9.0, 1.0, 9.0, 8.0]], device=device)
+    perm = torch.tensor([[1, 2, 0], [2, 0, 1]], device=device)
+    # sample 0: sel = [0, 2, 4]; sample 1: the top 3 are pixels 1, 2, 4 (ties of 9) -> sel = [1, 2, 4]
+    want0 = [12.0, 11.0, 14.0, 13.0, 10.0, 15.0]
+    want1 = [20.0, 24.0, 21.0, 23.0, 22.0, 25.0]
+    want = torch.tensor([want0, want1], dtype=dtype, device=device)
+    out = _backend_op(backend)(x, sal, 0.5, perm)
+    assert torch.equal(out[:, 0], want) and torch.equal(out[:, 1], -want)
+
+
+def _backend_op(backend):
+    if backend == "reference":
+        return reference.shuffle_outlier
+    return getattr(torch.ops, "ascood_triton" if backend == "triton" else "ascood").shuffle_outlier
+
+
+@pytest.mark.parametrize("backend,device,dtype", combos(cpu_dtypes=(torch.float32,), cuda=False))
+def test_kernel_takes_any_permutation(backend, device, dtype):
+    """The kernels apply whatever valid perm they are given (not only the wrapper's draw)."""
+    x = torch.randn(3, 3, 12, 10, device=device)
+    sal = torch.randn(3, 3, 12, 10, device=device)
+    npix = int(0.4 * 120)
+    for perm in (torch.rand(3, npix).argsort(1), torch.arange(npix).flip(0).expand(3, npix).contiguous(),
+                 torch.arange(npix).expand(3, npix).contiguous()):
+        perm = perm.to(device)
+        assert torch.equal(_backend_op(backend)(x, sal, 0.4, perm), reference.shuffle_outlier(x, sal, 0.4, perm))
+    identity = torch.arange(npix, device=device).expand(3, npix).contiguous()
+    assert torch.equal(_backend_op(backend)(x, sal, 0.4, identity), x)

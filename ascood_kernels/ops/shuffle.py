@@ -7,20 +7,9 @@ import torch
 
 from .. import _backend, _validate, reference
 from ._common import empty_image_like, register_fake
+from .permutations import draw_permutations
 
 __all__ = ["shuffle_outlier"]
-
-
-def _draw_permutations(batch: int, npix: int, generator: torch.Generator | None,
-                       device: torch.device) -> torch.Tensor:
-    """(batch, npix) int64, each row a uniform random permutation of 0..npix-1.
-
-    Drawn here, once, from the caller's generator (on the generator's device),
-    so every backend applies the very same permutation for one generator state.
-    """
-    gen_device = generator.device if generator is not None else device
-    keys = torch.rand(batch, npix, generator=generator, device=gen_device)
-    return keys.argsort(dim=1).to(device)
 
 
 def shuffle_outlier(x: torch.Tensor, saliency: torch.Tensor, p_inv: float,
@@ -29,7 +18,9 @@ def shuffle_outlier(x: torch.Tensor, saliency: torch.Tensor, p_inv: float,
 
     Per sample, the ``int(p_inv * P)`` pixels (P = number of spatial positions)
     with the largest channel-summed saliency are randomly permuted, all
-    channels of a pixel moving together; every other pixel stays.
+    channels of a pixel moving together; every other pixel stays. The
+    permutation comes from :func:`~ascood_kernels.ops.permutations.draw_permutations`
+    (one draw from ``generator``, the same for every backend).
 
     Args:
         x: (B, C, *spatial) images, float32/float16/bfloat16/float64.
@@ -59,7 +50,7 @@ def shuffle_outlier(x: torch.Tensor, saliency: torch.Tensor, p_inv: float,
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     which = _backend.resolve_without_cuda_kernel(backend, x.device, "shuffle_outlier")
     npix = reference.count_from_fraction(p_inv, math.prod(spatial))
-    perm = _draw_permutations(x.shape[0], npix, generator, x.device)
+    perm = draw_permutations(x.shape[0], npix, generator, x.device)
     x, saliency = x.detach(), saliency.detach()
     if which == "reference":
         return reference.shuffle_outlier(x, saliency, p_inv, perm)

@@ -12,13 +12,11 @@
    one program per sample instead (keys in registers, one launch).
 3. Triton: per chunk, the number of scores above the threshold ``t`` and equal
    to it; torch (on the device) turns them into per-chunk offsets; then every
-   chunk writes its selected (score, pixel) pairs, in pixel order, to a
-   (B, npix) buffer: all scores above ``t`` and the first (npix - #above)
-   equal to ``t`` (ties to the lower pixel index).
-4. torch: ``sort(selected scores, descending, stable)`` -- only the npix
-   selected, not all P pixels -- gives ``sel``, ordered by score descending,
-   ties by lower index (stable on the pixel-ordered buffer), NaN first.
-5. Triton: ``out`` starts as a copy of x (in the output layout) and one kernel
+   chunk writes its selected pixels, in pixel order, to the (B, npix) ``sel``:
+   all scores above ``t`` and the first (npix - #above) equal to ``t`` (ties
+   to the lower pixel index). Pixel order is the order docs/OPS.md
+   prescribes, so nothing is sorted.
+4. Triton: ``out`` starts as a copy of x (in the output layout) and one kernel
    moves all channels of each selected pixel, ``out[b, :, sel[i]] =
    x[b, :, sel[perm[b, i]]]`` as (pixels x channels) tiles. Out-of-range perm
    entries are ignored (the wrapper validates perm).
@@ -131,18 +129,17 @@ def _count_kernel(s_ptr, hist_ptr, above_ptr, ties_ptr, P, K, row_stride, CHUNK:
 
 
 @triton.jit
-def _store_selected(sel_s_ptr, sel_i_ptr, b, npix, sc, p, take, pos, ALL: tl.constexpr):
-    """Store the (score, pixel) pairs marked ``take`` at slot ``pos`` of row b (ALL: every valid pixel at p)."""
+def _store_selected(sel_i_ptr, b, npix, p, take, pos, ALL: tl.constexpr):
+    """Store the pixels marked ``take`` at slot ``pos`` of row b (ALL: every valid pixel at p)."""
     if ALL:
         pos = p.to(tl.int64)
-    tl.store(sel_s_ptr + b * npix + pos, sc, mask=take)
     tl.store(sel_i_ptr + b * npix + pos, p.to(tl.int64), mask=take)
 
 
 @triton.jit
-def _compact_kernel(s_ptr, hist_ptr, above_ptr, ties_ptr, sel_s_ptr, sel_i_ptr, P, K, npix, nchunks,
+def _compact_kernel(s_ptr, hist_ptr, above_ptr, ties_ptr, sel_i_ptr, P, K, npix, nchunks,
                     CHUNK: tl.constexpr, BLOCK: tl.constexpr, ALL: tl.constexpr):
-    """Write this chunk's selected (score, pixel) pairs to the sample's (npix,) buffers, in pixel order.
+    """Write this chunk's selected pixels to the sample's row of ``sel``, in pixel order.
 
     above_ptr / ties_ptr hold the exclusive prefix sums over chunks (int64):
     the selected pixels before this chunk are #above + min(#ties, r), with
@@ -163,11 +160,10 @@ def _compact_kernel(s_ptr, hist_ptr, above_ptr, ties_ptr, sel_s_ptr, sel_i_ptr, 
     for j in tl.range(0, CHUNK, BLOCK):
         p = c * CHUNK + j + tl.arange(0, BLOCK)
         valid = p < P
-        sc = tl.load(s_ptr + b * P + p, mask=valid, other=0.0)
         take = valid
         pos = p.to(tl.int64)
         if not ALL:
-            key = _score_key(sc)
+            key = _score_key(tl.load(s_ptr + b * P + p, mask=valid, other=0.0))
             gt = valid & (key > t)
             tie = valid & (key == t)
             tie_rank = ties_before + tl.cumsum(tie.to(tl.int64), 0) - 1  # 0-based among the sample's ties
@@ -176,21 +172,20 @@ def _compact_kernel(s_ptr, hist_ptr, above_ptr, ties_ptr, sel_s_ptr, sel_i_ptr, 
             pos = before + tl.cumsum(take.to(tl.int64), 0) - 1
             above_before += tl.sum(gt.to(tl.int64), 0)
             ties_before += tl.sum(tie.to(tl.int64), 0)
-        _store_selected(sel_s_ptr, sel_i_ptr, b, npix, sc, p, take, pos, ALL)
+        _store_selected(sel_i_ptr, b, npix, p, take, pos, ALL)
 
 
 @triton.jit
-def _select_small_kernel(s_ptr, sel_s_ptr, sel_i_ptr, P, K, npix, BLOCK_N: tl.constexpr, ALL: tl.constexpr):
+def _select_small_kernel(s_ptr, sel_i_ptr, P, K, npix, BLOCK_N: tl.constexpr, ALL: tl.constexpr):
     """One program per sample (P <= SMALL_MAX): the 8 radix passes on the keys held in
-    registers, then the compaction of the selected (score, pixel) pairs in pixel order."""
+    registers, then the compaction of the selected pixels in pixel order."""
     b = tl.program_id(0).to(tl.int64)
     p = tl.arange(0, BLOCK_N)
     valid = p < P
-    sc = tl.load(s_ptr + b * P + p, mask=valid, other=0.0)
     take = valid
     pos = p.to(tl.int64)
     if not ALL:
-        key = _score_key(sc)
+        key = _score_key(tl.load(s_ptr + b * P + p, mask=valid, other=0.0))
         prefix = tl.full([], 0, tl.uint64)
         k = K
         for i in tl.static_range(8):
@@ -203,7 +198,7 @@ def _select_small_kernel(s_ptr, sel_s_ptr, sel_i_ptr, P, K, npix, BLOCK_N: tl.co
         tie = valid & (key == prefix)
         take = gt | (tie & (tl.cumsum(tie.to(tl.int32), 0) <= k))
         pos = (tl.cumsum(take.to(tl.int32), 0) - 1).to(tl.int64)
-    _store_selected(sel_s_ptr, sel_i_ptr, b, npix, sc, p, take, pos, ALL)
+    _store_selected(sel_i_ptr, b, npix, p, take, pos, ALL)
 
 
 @triton.jit
@@ -226,19 +221,17 @@ def _shuffle_move_kernel(x_ptr, out_ptr, sel_ptr, perm_ptr, P, NC, npix, stride_
 
 
 def _select(scores: torch.Tensor, B: int, P: int, npix: int) -> torch.Tensor:
-    """(B, npix) int64 pixel indices: score descending, ties by lower index, NaN first."""
+    """(B, npix) int64: the npix best pixels (ties to the lower index, NaN best), in pixel order."""
     chunk = max(BLOCK, CHUNK // BLOCK * BLOCK)  # a multiple of BLOCK: chunks must not overlap
     nchunks = triton.cdiv(P, chunk)
     C.check(nchunks <= C.MAX_GRID_YZ, f"{P} pixels per sample need {nchunks} chunks (> {C.MAX_GRID_YZ})")
     everything = npix == P
-    sel_s = torch.empty((B, npix), dtype=torch.float64, device=scores.device)
-    sel_i = torch.empty((B, npix), dtype=torch.int64, device=scores.device)
+    sel = torch.empty((B, npix), dtype=torch.int64, device=scores.device)
     if P <= SMALL_MAX:
         block_n = C.next_pow2(P)
-        wrap_triton(_select_small_kernel)[(B,)](scores, sel_s, sel_i, P, npix, npix, BLOCK_N=block_n,
+        wrap_triton(_select_small_kernel)[(B,)](scores, sel, P, npix, npix, BLOCK_N=block_n,
                                                 ALL=everything, num_warps=C.warps_for(block_n, True))
-        order = torch.sort(sel_s, dim=1, descending=True, stable=True).indices
-        return torch.gather(sel_i, 1, order)
+        return sel
     if everything:
         hist = above = ties = scores  # unused by the kernel
     else:
@@ -252,10 +245,9 @@ def _select(scores: torch.Tensor, B: int, P: int, npix: int) -> torch.Tensor:
         # exclusive prefix sums per sample; entry nchunks is the sample's total
         offsets = counts.to(torch.int64).cumsum(2).contiguous()
         above, ties = offsets[0], offsets[1]
-    wrap_triton(_compact_kernel)[(B, nchunks)](scores, hist, above, ties, sel_s, sel_i, P, npix, npix, nchunks,
+    wrap_triton(_compact_kernel)[(B, nchunks)](scores, hist, above, ties, sel, P, npix, npix, nchunks,
                                                CHUNK=chunk, BLOCK=BLOCK, ALL=everything, num_warps=8)
-    order = torch.sort(sel_s, dim=1, descending=True, stable=True).indices
-    return torch.gather(sel_i, 1, order)
+    return sel
 
 
 def _launch(x, saliency, p_inv, perm, out) -> None:

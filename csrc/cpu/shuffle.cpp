@@ -4,13 +4,12 @@
 //
 // Per sample, on one thread (a sample's working set stays in L2/L3):
 // 1. the float64 pixel scores, turned at once into 64-bit order keys;
-// 2. the exact npix-th largest key by radix select (select.h), so only the
-//    selected pixels (not all P) are ever sorted;
-// 3. the selected pixels, gathered in index order and sorted by key
-//    descending with a stable MSD radix sort (index order breaks ties);
+// 2. the exact npix-th largest key by radix select (select.h);
+// 3. the selected pixels gathered in index order (the order docs/OPS.md
+//    prescribes, so nothing is sorted);
 // 4. one sweep writing the output: each channel (or, channels-last, the whole
 //    sample) is copied, then the npix moved pixels are overwritten while the
-//    copy is still in cache.
+//    copy is still in cache (in ascending destination order).
 // Contiguous and channels-last inputs are read in their own layout (no
 // transposing copies); the output has the layout docs/OPS.md prescribes.
 #include "common.h"
@@ -112,75 +111,14 @@ void pixel_keys<double>(const double* sal, int64_t channels, int64_t P, SampleLa
 struct ShuffleScratch {
   std::vector<uint64_t> keys;
   SelectScratch<uint64_t> select;
-  std::vector<uint64_t> sel_key, tmp_key;
-  std::vector<int64_t> sel_idx, tmp_idx;
+  std::vector<uint64_t> sel_key;
+  std::vector<int64_t> sel_idx;
   std::vector<int64_t> src;
   uint64_t key_min = 0, key_max = 0;  // of keys, set by pixel_keys
 };
 
-// Stable sort of (d, idx)[0, n) by d ascending, where every d < 2^(top_bit+1).
-// MSD radix sort: one counting pass per digit from the top, a digit all keys
-// share is skipped, and buckets of at most kInsertion entries finish with an
-// insertion sort. Why not std::sort: the selected pixels' keys are nearly
-// uniformly spread, so one 11-bit digit already leaves buckets of a few
-// entries, and the whole sort costs ~3 passes over the selection instead of
-// log2(n) mispredicted compare passes.
-constexpr int64_t kInsertion = 24;
-
-void insertion_sort(uint64_t* d, int64_t* idx, int64_t n) {
-  for (int64_t i = 1; i < n; ++i) {
-    const uint64_t k = d[i];
-    const int64_t v = idx[i];
-    int64_t j = i;
-    for (; j > 0 && d[j - 1] > k; --j) {
-      d[j] = d[j - 1];
-      idx[j] = idx[j - 1];
-    }
-    d[j] = k;
-    idx[j] = v;
-  }
-}
-
-void msd_sort(uint64_t* d, int64_t* idx, uint64_t* d2, int64_t* idx2, int64_t n, int top_bit) {
-  while (true) {
-    if (n <= kInsertion) {
-      if (top_bit >= 0) insertion_sort(d, idx, n);
-      return;
-    }
-    if (top_bit < 0) return;  // all digits consumed: the keys are equal, already in index order
-    int width = 4;
-    while (width < kDigitBits && (int64_t{1} << width) < n) ++width;  // ~n bins: buckets of ~1
-    width = std::min(width, top_bit + 1);
-    const int shift = top_bit + 1 - width;
-    const uint64_t mask = (uint64_t{1} << width) - 1;
-    const int64_t nbins = int64_t{1} << width;
-    int32_t hist[kMaxBins + 1];
-    std::fill(hist, hist + nbins + 1, 0);
-    for (int64_t i = 0; i < n; ++i) ++hist[((d[i] >> shift) & mask) + 1];
-    if (hist[((d[0] >> shift) & mask) + 1] == n) {  // one bucket holds all: next digit, no move
-      top_bit = shift - 1;
-      continue;
-    }
-    for (int64_t b = 0; b < nbins; ++b) hist[b + 1] += hist[b];  // hist[b] = start of bucket b
-    int32_t start[kMaxBins + 1];
-    std::copy(hist, hist + nbins + 1, start);
-    for (int64_t i = 0; i < n; ++i) {
-      const int64_t pos = hist[(d[i] >> shift) & mask]++;
-      d2[pos] = d[i];
-      idx2[pos] = idx[i];
-    }
-    std::memcpy(d, d2, n * sizeof(*d));
-    std::memcpy(idx, idx2, n * sizeof(*idx));
-    for (int64_t b = 0; b < nbins; ++b) {
-      const int64_t len = start[b + 1] - start[b];
-      if (len > 1) msd_sort(d + start[b], idx + start[b], d2, idx2, len, shift - 1);
-    }
-    return;
-  }
-}
-
-// w.sel_idx[0, npix) = the npix best pixels of one sample, best first (key
-// descending, index ascending), from w.keys[0, P).
+// w.sel_idx[0, npix) = the npix best pixels of one sample (ties at the
+// threshold to the lower index), in ascending pixel order, from w.keys[0, P).
 void select_pixels(ShuffleScratch& w, int64_t P, int64_t npix) {
   const uint64_t* keys = w.keys.data();
   uint64_t* sk = w.sel_key.data();
@@ -188,10 +126,7 @@ void select_pixels(ShuffleScratch& w, int64_t P, int64_t npix) {
   int64_t m = 0;
   uint64_t t = 0;
   if (npix == P) {
-    for (int64_t p = 0; p < P; ++p) {
-      sk[p] = keys[p];
-      si[p] = p;
-    }
+    for (int64_t p = 0; p < P; ++p) si[p] = p;
     m = P;
   } else {
     // Select on the offsets from the smallest key: their range is narrow, so
@@ -224,13 +159,6 @@ void select_pixels(ShuffleScratch& w, int64_t P, int64_t npix) {
     }
   }
   TORCH_INTERNAL_ASSERT(m == npix, "ascood (CPU): shuffle selection found ", m, " pixels, want ", npix);
-  // Descending keys = ascending distance from the largest selected key.
-  uint64_t top = t;
-  for (int64_t i = 0; i < m; ++i) top = std::max(top, sk[i]);
-  for (int64_t i = 0; i < m; ++i) sk[i] = top - sk[i];
-  const uint64_t range = top - (npix == P ? w.key_min : t);
-  const int top_bit = range == 0 ? -1 : 63 - __builtin_clzll(range);
-  msd_sort(sk, si, w.tmp_key.data(), w.tmp_idx.data(), m, top_bit);
 }
 
 // out = x with out[:, sel[i]] = x[:, src[i]] for every channel, one sample.
@@ -317,8 +245,8 @@ at::Tensor shuffle_outlier_cpu(const at::Tensor& x, const at::Tensor& saliency, 
       at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
         ShuffleScratch w;
         w.keys.resize(P);
-        for (auto* v : {&w.sel_key, &w.tmp_key}) v->resize(P);
-        for (auto* v : {&w.sel_idx, &w.tmp_idx}) v->resize(P);
+        w.sel_key.resize(P);
+        w.sel_idx.resize(P);
         w.src.resize(npix);
         for (int64_t b = begin; b < end; ++b) {
           pixel_keys(sd + b * sal_channels * P, sal_channels, P, s_lay, w.keys.data(), w.key_min, w.key_max);
