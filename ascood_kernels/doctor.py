@@ -32,7 +32,7 @@ __all__ = ["environment", "check_backends", "run", "main", "CheckResult"]
 
 CHECKED_BACKENDS = ("cpu", "cuda", "triton")
 DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64", torch.float16: "float16",
-               torch.bfloat16: "bfloat16"}
+               torch.bfloat16: "bfloat16", torch.int64: "int64"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -189,6 +189,18 @@ def _zscore_case(shape, constant_row=False):
     return fn
 
 
+def _permutation_case(rows, n):
+    """random_permutations (the shuffle's draw): the C++ kernel against the reference, bit for bit."""
+    def fn(backend, device, dtype, gen):
+        from .ops.permutations import random_permutations
+
+        seeds = torch.randint(0, 2 ** 32, (rows,), generator=gen)
+        out = random_permutations(seeds, n, backend="cpu")
+        want = random_permutations(seeds, n, backend="reference")
+        return [("permutations", out, want, None)]
+    return fn
+
+
 def _shuffle_case(shape, kind, p, per_pixel=False, channels_last=False):
     def fn(backend, device, dtype, gen):
         import ascood_kernels as ak
@@ -261,6 +273,8 @@ def plan(device: torch.device, backend: str, quick: bool) -> list[_Case]:
         _Case("ascood_loss", "B=5 B2=7 C=10", dtypes, _loss_case(5, 7, 10, 0.7)),
         _Case("ascood_loss", "B=4 B2=0 C=3", dtypes, _loss_case(4, 0, 3)),
     ]
+    if backend == "cpu" and device.type == "cpu":  # a CPU-only op: its kernel takes CPU seeds
+        cases.append(_Case("random_permutations", "5 rows x 300", (torch.int64,), _permutation_case(5, 300)))
     if quick:
         return cases
     # Rows large enough for the multi-block paths (CUDA select: > 8192 float32 / 16384 16-bit

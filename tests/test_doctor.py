@@ -10,7 +10,8 @@ import torch
 
 from ascood_kernels import _backend, doctor
 
-OPS = {"invariant_mask+gradient_outlier", "zscore", "shuffle_outlier", "iodin_perturb", "ascood_loss"}
+OPS = {"invariant_mask+gradient_outlier", "zscore", "shuffle_outlier", "iodin_perturb", "ascood_loss",
+       "random_permutations"}
 
 
 def _run_json(capsys, *args):
@@ -25,7 +26,7 @@ def test_all_backends_pass(capsys):
     assert "cpu" in report["checked_backends"]
     assert {r["op"] for r in report["results"]} == OPS
     assert {r["dtype"] for r in report["results"] if r["backend"] == "cpu"} == {
-        "float32", "float16", "bfloat16", "float64"}
+        "float32", "float16", "bfloat16", "float64", "int64"}  # int64: random_permutations
     assert report["skipped_backends"].get("cuda")  # no GPU here: skipped with a reason, not failed
     env = report["environment"]
     assert env["torch"] == torch.__version__ and "available_backends" in env
