@@ -1,4 +1,4 @@
-"""Triton ``shuffle_outlier`` (docs/OPS.md): radix select, compaction, a sort of the selection only.
+"""Triton ``shuffle_outlier`` (docs/OPS.md): radix select and compaction in pixel order; nothing is sorted.
 
 1. Triton: per-pixel score ``s[b, p]`` in float64, the saliency summed over
    channels sequentially (channel 0, then + channel 1, ...: the same bits as
