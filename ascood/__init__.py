@@ -3,27 +3,74 @@
 Train (:func:`train`), score (:mod:`ascood.scorers`) and evaluate
 (:func:`evaluate`) with OpenOOD's metric conventions; ``python -m ascood``
 runs the same from the command line.
+
+The package is five layers, each a folder, imports pointing one way
+(docs/ARCHITECTURE.md): ``data`` -> ``nets`` -> ``training`` -> ``scoring`` ->
+``apps`` (a layer imports only the ones before it), with ``files`` (atomic
+writes) and ``_ops`` (the fused ops) below them all.
 """
 from __future__ import annotations
 
-from .criterion import ASCOODCriterion  # noqa: F401
-from .models import ASCOODNet, build_model  # noqa: F401
-# The module is `wrapping`, not `wrap`: a submodule named like the function would
-# replace `ascood.wrap` by the module as soon as it is imported.
-from .wrapping import wrap  # noqa: F401,E402
-from .trainer import NonFiniteLossError, TrainConfig, Trainer, train  # noqa: F401
+import importlib
+import importlib.abc
+import importlib.util
+import sys
+
+from .nets import ASCOODNet, build_model, wrap  # noqa: F401
+from .training import ASCOODCriterion, NonFiniteLossError, TrainConfig, Trainer, train  # noqa: F401
 
 __version__ = "0.1.0"
+
+#: Where the modules of the flat layout (ascood <= 0.1 before the layers) live now. ``import ascood.scorers``,
+#: ``from ascood.checkpoint import load_model``, ``ascood.presets.PRESETS`` ... keep working.
+MOVED_MODULES = {
+    "scorers": "ascood.scoring.scorers", "metrics": "ascood.scoring.metrics",
+    "evaluator": "ascood.scoring.evaluator", "plots": "ascood.scoring.plots",
+    "checkpoint": "ascood.training.checkpoint", "outliers": "ascood.training.outliers",
+    "losses": "ascood.training.losses", "criterion": "ascood.training.criterion",
+    "trainer": "ascood.training.trainer", "resume": "ascood.training.resume",
+    "distributed": "ascood.training.distributed", "rundir": "ascood.training.rundir",
+    "model_selection": "ascood.training.model_selection",
+    "models": "ascood.nets", "backbones": "ascood.nets.backbones", "wrapping": "ascood.nets.wrapping",
+    "openood": "ascood.data.openood", "bundled": "ascood.data.bundled",
+    "normalization": "ascood.data.normalization",
+    "presets": "ascood.apps.presets", "reproduce": "ascood.apps.reproduce", "demo": "ascood.apps.demo",
+    "cli": "ascood.apps.main",
+}
+
+
+class _MovedModuleFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Answers ``import ascood.<old name>`` with the module at its new place (the same module object)."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        head, _, rest = fullname.partition(".")
+        if head != "ascood" or not rest:
+            return None
+        first, _, tail = rest.partition(".")
+        if first not in MOVED_MODULES:
+            return None
+        return importlib.util.spec_from_loader(fullname, self)
+
+    def create_module(self, spec):
+        first, _, tail = spec.name.partition(".")[2].partition(".")
+        return importlib.import_module(MOVED_MODULES[first] + ("." + tail if tail else ""))
+
+    def exec_module(self, module):  # the target module is already executed
+        pass
+
+
+if not any(isinstance(f, _MovedModuleFinder) for f in sys.meta_path):
+    sys.meta_path.insert(0, _MovedModuleFinder())  # first: the old parent's __path__ must not find the file
 
 
 def __getattr__(name: str):
     # Heavier modules load on first use so `import ascood` stays quick.
     if name == "evaluate":
-        from .evaluator import evaluate
+        from .scoring.evaluator import evaluate
         return evaluate
-    if name in ("scorers", "metrics", "data", "evaluator", "checkpoint", "outliers", "plots", "losses",
-                "normalization", "model_selection", "presets", "openood", "reproduce"):
-        import importlib
+    if name in MOVED_MODULES:
+        return importlib.import_module(MOVED_MODULES[name])
+    if name in ("data", "nets", "training", "scoring", "apps", "files"):
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'ascood' has no attribute {name!r}")
 

@@ -1,6 +1,6 @@
 """``python -m ascood`` = the ``ascood`` console script."""
 import sys
 
-from .cli import main
+from .apps.main import main
 
 sys.exit(main())

@@ -30,7 +30,7 @@ grep -E "registers|spill" "$LOG/build.log" | sort | uniq -c | sort -rn | head -2
 "$PY" -c "import ascood_kernels as ak; print('backends', ak.available_backends())" | tee -a "$LOG/machine.txt"
 
 step "CUDA and Triton tests (op tests on the GPU; CPU cases too, they are fast)"
-timeout 300 "$PY" -m pytest tests/test_op_*.py -q -rfEs -m gpu -p no:cacheprovider --maxfail=20 \
+timeout 300 "$PY" -m pytest tests/kernels/ -q -rfEs -m gpu -p no:cacheprovider --maxfail=20 \
   --junitxml="$LOG/tests.xml" 2>&1 | tee "$LOG/tests.log" | tail -25
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 

@@ -26,10 +26,11 @@ from torch.profiler import ProfilerActivity, profile, record_function
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import ascood  # noqa: E402
-from ascood import _ops, outliers  # noqa: E402
-from ascood import trainer as trainer_mod  # noqa: E402
-from ascood.scorers import get_scorer  # noqa: E402
-from ascood.scorers import perturb  # noqa: E402
+from ascood import _ops  # noqa: E402
+from ascood.training import outliers
+from ascood.training import trainer as trainer_mod  # noqa: E402
+from ascood.scoring.scorers import get_scorer  # noqa: E402
+from ascood.scoring.scorers import perturb  # noqa: E402
 
 PHASES = ["saliency pass", "outlier op", "forward", "loss", "backward", "optimizer step",
           "first forward", "backward to the input", "perturbation", "second forward"]

@@ -126,7 +126,7 @@ def step(rounds: int) -> None:
 
 def scorer(rounds: int) -> None:
     import test_bench_scorer as SC
-    from ascood.scorers import get_scorer
+    from ascood.scoring.scorers import get_scorer
 
     print("\n| scorer batch (small_cnn, 128x3x32x32) | authors' eager ms | ours ms | eager / ours |")
     print("|---|---|---|---|")

@@ -16,7 +16,7 @@ import eager
 from conftest import run
 
 ascood = pytest.importorskip("ascood")
-from ascood.scorers import get_scorer  # noqa: E402
+from ascood.scoring.scorers import get_scorer  # noqa: E402
 
 STD = (0.2470, 0.2435, 0.2616)  # CIFAR-10's normalisation std
 T, EPS = 1000.0, 0.0014

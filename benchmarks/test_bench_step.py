@@ -29,8 +29,8 @@ from conftest import run
 
 ascood = pytest.importorskip("ascood")
 from ascood import _ops  # noqa: E402
-from ascood.outliers import synthesize_outliers  # noqa: E402
-from ascood.trainer import TrainConfig, Trainer  # noqa: E402
+from ascood.training.outliers import synthesize_outliers  # noqa: E402
+from ascood.training.trainer import TrainConfig, Trainer  # noqa: E402
 
 MODELS = ["small_cnn", "resnet18_32x32"]
 

@@ -4,8 +4,13 @@ Without a GPU the Triton kernels run through Triton's CPU interpreter; the
 variable must be set before triton is first imported, so it is set here.
 """
 import os
+import sys
 
 import torch
+
+# tests/ mirrors the package's layers (kernels/, data/, nets/, training/, scoring/, apps/); the helper
+# modules they share (backends, clihelpers, fake_openood) stay here, importable from every folder.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

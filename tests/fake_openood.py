@@ -6,7 +6,7 @@ import os
 import numpy as np
 from PIL import Image
 
-from ascood.openood import BENCHMARKS, SetSpec
+from ascood.data.openood import BENCHMARKS, SetSpec
 
 
 def _rel_path(spec: SetSpec, i: int) -> str:

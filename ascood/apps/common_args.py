@@ -1,0 +1,52 @@
+"""Arguments that several commands share: data loading and the OpenOOD tree (presets: :mod:`.presets`).
+
+``ascood train`` and ``ascood eval`` both read data the same way; one definition
+keeps their flags, defaults and messages identical.
+"""
+from __future__ import annotations
+
+import argparse
+
+from ..data.openood import BENCHMARKS, OpenOODTreeError, ResolvedBenchmark, resolve_benchmark
+from .argtypes import positive_int
+
+__all__ = ["add_data_args", "add_tree_args", "tree_from_args"]
+
+
+def add_data_args(p: argparse.ArgumentParser) -> None:
+    """--data-format, --root, --batch-size, --workers, --device."""
+    from ..data.datasets import DATA_FORMATS
+
+    p.add_argument("--data-format", choices=DATA_FORMATS, default="auto",
+                   help="how to read data paths: auto-detect (default), class folders, a flat folder of images, "
+                        "an OpenOOD image list ('relative/path label' lines; see --root), or CIFAR python batches")
+    p.add_argument("--root", help="root directory that image-list paths are relative to (default: the list's folder)")
+    p.add_argument("--batch-size", type=positive_int, default=128, help="batch size (default 128)")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default 0)")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
+
+
+def add_tree_args(p) -> None:
+    """--benchmark, --data-root, --allow-missing on an argparse parser."""
+    p.add_argument("--benchmark", choices=tuple(BENCHMARKS),
+                   help="read an OpenOOD v1.5 benchmark's image lists from --data-root (default with --preset: "
+                        "the preset's benchmark)")
+    p.add_argument("--data-root", metavar="DIR",
+                   help="OpenOOD v1.5 data root (benchmark_imglist/, images_classic/, images_largescale/)")
+    p.add_argument("--allow-missing", action="store_true",
+                   help="run with the OOD sets that are present when some lists/images are missing (they are "
+                        "reported as skipped); ID train/val/test are always required")
+
+
+def tree_from_args(args, progress: bool = False) -> ResolvedBenchmark | None:
+    """The resolved benchmark when --data-root is given (None otherwise); errors name every missing piece."""
+    root = getattr(args, "data_root", None)
+    if root is None:
+        if getattr(args, "benchmark", None) and getattr(args, "preset", None) is None:
+            raise OpenOODTreeError("--benchmark needs --data-root DIR (the OpenOOD v1.5 data root)")
+        return None
+    name = getattr(args, "benchmark", None)
+    if not name:
+        raise OpenOODTreeError("--data-root needs --benchmark NAME or --preset NAME "
+                               f"(one of {', '.join(BENCHMARKS)})")
+    return resolve_benchmark(name, root, allow_missing=bool(getattr(args, "allow_missing", False)), progress=progress)

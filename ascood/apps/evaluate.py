@@ -1,0 +1,187 @@
+"""``ascood eval``: OOD detection of a trained checkpoint, on folders/lists or an OpenOOD benchmark tree.
+
+    ascood eval runs/mine --id data/test --ood far=data/ood_images --train data/train
+    ascood eval runs/mine --preset cifar10 --data-root ~/openood/data
+
+Every path and scorer name is checked, and ``--out`` claimed, before a model is loaded.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+
+from . import checks
+from .argtypes import named_path
+from .common_args import add_data_args, tree_from_args
+from .presets import add_benchmark_args
+
+__all__ = ["add_parser", "run", "EVAL_OUTPUTS"]
+
+#: What an evaluation writes into --out (checked and claimed before work starts).
+EVAL_OUTPUTS = ("results.csv", "results.json")
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    """Register ``ascood eval`` on the top-level parser's subcommands."""
+    from ..training.model_selection import CHECKPOINT_CHOICES
+
+    e = sub.add_parser("eval", help="evaluate OOD detection of a trained checkpoint",
+                       description="Scores ID and OOD sets with post-hoc scorers; FPR@95, AUROC, AUPR-In, AUPR-Out x100.")
+    e.add_argument("checkpoint",
+                   help="checkpoint written by `ascood train` (a .pt file) or its run directory (then best.pt when "
+                        "present, else last.pt; see --which)")
+    e.add_argument("--which", choices=CHECKPOINT_CHOICES,
+                   help="with a run directory: best = best ID val accuracy (the reference's model selection), "
+                        "last = the final epoch")
+    e.add_argument("--id", help="ID test data (folder, list, or CIFAR directory: its test batch); with --data-root: "
+                   "the benchmark's ID test list")
+    e.add_argument("--ood", action="append", type=named_path, default=[], metavar="[NAME=]PATH",
+                   help="an OOD set (repeatable); folder of images, class folders, list or CIFAR directory")
+    e.add_argument("--near", action="append", type=named_path, default=[], metavar="[NAME=]PATH",
+                   help="a near-OOD set (repeatable; reported with a near-OOD mean)")
+    e.add_argument("--far", action="append", type=named_path, default=[], metavar="[NAME=]PATH",
+                   help="a far-OOD set (repeatable; reported with a far-OOD mean)")
+    e.add_argument("--train", help="ID training data, needed by scorers that fit statistics (knn, mds, vim, ...)")
+    e.add_argument("--val", metavar="PATH",
+                   help="ID validation data that react (clip percentile) and tempscale (T) are fitted on, as OpenOOD "
+                        "(default: --aps-id)")
+    e.add_argument("--scorers", default="msp,mls,ebo,odin,scale",
+                   help="comma-separated scorers: msp, tempscale, odin, iodin (i-ODIN), ebo, mls, gen, react, ash, "
+                        "scale, knn, mds, rmds, vim, nnguide, relation (default msp,mls,ebo,odin,scale)")
+    e.add_argument("--convention", choices=("openood", "odin"), default="openood",
+                   help="metric convention: openood (OOD positive, the paper's) or odin (ID positive)")
+    e.add_argument("--out", help="directory for results.csv, results.json and score histograms")
+    e.add_argument("--aps-id", metavar="PATH",
+                   help="APS: ID validation data; with --aps-ood, each scorer's hyperparameters (e.g. i-ODIN's "
+                        "temperature T and step eps) are chosen by AUROC on this validation split, never the test sets")
+    e.add_argument("--aps-ood", metavar="PATH", help="APS: OOD validation data (see --aps-id)")
+    add_data_args(e)
+    add_benchmark_args(e, "eval")
+    return e
+
+
+# -- the command ---------------------------------------------------------------------------------------------
+def run(args: argparse.Namespace) -> int:
+    """``ascood eval``: checks, the claim of --out, then the evaluation."""
+    from ..scoring.scorers import get_scorer
+    from ..training.model_selection import resolve_checkpoint
+
+    checks.require_path(args.checkpoint, "checkpoint")
+    try:
+        ckpt_path = resolve_checkpoint(args.checkpoint, args.which)
+    except ValueError as err:
+        raise checks.InputError(str(err))
+    if args.data_root:
+        return _eval_benchmark(args, ckpt_path)
+    if not args.id:
+        raise checks.InputError("give the ID test data with --id, or --data-root DIR with --preset/--benchmark")
+    checks.require_path(args.id, "ID data path")
+    for _, path in args.ood + args.near + args.far:
+        checks.require_path(path, "OOD data path")
+    for path in (args.aps_id, args.aps_ood):
+        if path:
+            checks.require_path(path, "APS validation data path")
+    if args.val:
+        checks.require_path(args.val, "ID validation data path")
+    if args.train:
+        checks.require_path(args.train, "training data path")
+    if not (args.ood or args.near or args.far):
+        raise checks.InputError("give at least one OOD set with --ood, --near or --far")
+    if bool(args.aps_id) != bool(args.aps_ood):
+        raise checks.InputError("APS needs both --aps-id and --aps-ood")
+    # Built here to check names and needs before any work; rebuilt with the model's std once it is loaded.
+    probes = checks.parse_scorer_names(args.scorers, get_scorer)
+    checks.check_scorers_have_train(probes, bool(args.train), bool(args.val or args.aps_id))
+    names = [s.name for s in probes]
+    with checks.claim_out(args.out, EVAL_OUTPUTS):
+        return _evaluate(args, names, ckpt_path)
+
+
+def _load_model(args, ckpt_path: str):
+    """(model on --device, checkpoint dict); prints which checkpoint it is."""
+    import torch
+
+    from ..training.checkpoint import load_model
+    from ..training.model_selection import describe_checkpoint
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, ckpt = load_model(ckpt_path, map_location="cpu")
+    print(describe_checkpoint(ckpt_path, ckpt), flush=True)
+    return model.to(device), ckpt
+
+
+def _evaluate(args, names: list[str], ckpt_path: str) -> int:
+    from ..data import datasets as D
+    from ..scoring.evaluator import evaluate
+    from ..scoring.scorers import get_scorer
+
+    model, ckpt = _load_model(args, ckpt_path)
+    extra = ckpt.get("extra") or {}
+    size, mean, std = extra.get("image_size", 32), extra.get("mean", [0.5] * 3), extra.get("std", [0.5] * 3)
+    if getattr(model, "input_std", None) is None and "std" in extra:
+        # Checkpoints from before the model carried its normalisation: ODIN / i-ODIN read it from here.
+        model.input_mean, model.input_std = [float(v) for v in mean], [float(v) for v in std]
+    mode = "L" if extra.get("channels", 3) == 1 else "RGB"
+    tf = D.build_transforms(size, mean, std, train=False)
+
+    def dataset(path: str, train: bool = False):
+        return D.dataset_from_path(path, tf, train=train, fmt=args.data_format, root=args.root, mode=mode)
+
+    def loader(ds):
+        return D.make_loader(ds, args.batch_size, train=False, workers=args.workers)
+
+    ood: dict = {}
+    for name, path in args.ood:
+        ood[name] = loader(dataset(path))
+    for group, items in (("near", args.near), ("far", args.far)):
+        if items:
+            ood[group] = {name: loader(dataset(path)) for name, path in items}
+    # ODIN / i-ODIN read the model's input_std.
+    scorers = [get_scorer(key) for key in names]
+    val_path = args.val or args.aps_id
+    train_loader = loader(dataset(args.train, train=True)) if args.train else None
+    val_loader = loader(dataset(val_path)) if val_path else None
+    if args.aps_id:
+        from ..scoring.scorers import sweep
+
+        val_id, val_ood = loader(dataset(args.aps_id)), loader(dataset(args.aps_ood))
+        for scorer in scorers:
+            if scorer.default_grid:
+                res = sweep(scorer, model, val_id, val_ood, id_train_loader=train_loader, id_val_loader=val_loader)
+                print(f"APS {scorer.name}: {res.best_params} (validation AUROC {100 * res.best_auroc:.2f})")
+    id_ds = dataset(args.id)
+    checks.warn_unlabelled_id(id_ds, args.id)
+    table = evaluate(model, loader(id_ds), ood, scorers=scorers, id_train_loader=train_loader,
+                     id_val_loader=val_loader, convention=args.convention, model_name=None)
+    print(table)
+    if args.out:
+        table.to_csv(os.path.join(args.out, "results.csv"))
+        table.to_json(os.path.join(args.out, "results.json"))
+        from ..scoring.plots import score_histograms
+        paths = score_histograms(table.scores, args.out)
+        print(f"results: {os.path.join(args.out, 'results.csv')}" + (f"; figures: {len(paths)}" if paths else ""))
+    return 0
+
+
+def _eval_benchmark(args, ckpt_path: str) -> int:
+    """``ascood eval CKPT --benchmark NAME --data-root DIR``: APS on the benchmark's val split, then its test sets."""
+    from ..scoring.scorers import get_scorer
+
+    scorers = [s.name for s in checks.parse_scorer_names(args.scorers, get_scorer)]
+    tree = tree_from_args(args, progress=True)
+    with checks.claim_out(args.out, EVAL_OUTPUTS + ("aps.json",)):
+        return _evaluate_benchmark(args, ckpt_path, tree, scorers)
+
+
+def _evaluate_benchmark(args, ckpt_path: str, tree, scorers: list[str]) -> int:
+    from ..scoring.benchmark import evaluate_on_benchmark
+
+    model, ckpt = _load_model(args, ckpt_path)
+    table, aps = evaluate_on_benchmark(model, ckpt.get("extra") or {}, tree, scorers, batch_size=args.batch_size,
+                                       workers=args.workers, out_dir=args.out)
+    for name, res in aps.items():
+        print(f"APS {name}: {res['params']} (validation AUROC {res['val_auroc']:.2f})")
+    print(table)
+    if tree.skipped:
+        print("skipped (missing): " + ", ".join(tree.skipped_names()))
+    return 0

@@ -1,0 +1,427 @@
+"""Local-disk datasets and transforms (nothing is ever downloaded).
+
+* :func:`image_folder`: class-per-folder trees (``root/<class>/<image>``).
+* :class:`ImageListDataset`: OpenOOD-style lists, one ``relative/path label``
+  per line, paths relative to a root directory.
+* :class:`CIFARDataset`: the CIFAR-10/100 *python* pickle batches
+  (``data_batch_1..5``/``test_batch`` or ``train``/``test``), read with a
+  restricted unpickler that only rebuilds numpy arrays, dicts, lists, strings
+  and numbers (a crafted batch file cannot run code).
+* :class:`ArrayDataset`: numpy arrays in memory (N, H, W[, C]) uint8 or float.
+* :func:`build_transforms`: train (random crop pad 4 + flip for <= 64 px,
+  RandomResizedCrop + flip otherwise) / test transforms, then normalise.
+
+A missing or unreadable file raises :class:`DataError` naming the file.
+16-bit greyscale images (PIL modes ``I;16*``/``I``) are scaled to 8 bits
+(value / 257), not clipped.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import warnings
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset
+
+__all__ = ["DataError", "IMAGE_EXTENSIONS", "build_transforms", "image_folder", "ImageListDataset", "CIFARDataset",
+           "FlatImageDataset", "dataset_from_path", "detect_format", "DATA_FORMATS",
+           "ArrayDataset", "open_image", "make_loader", "estimate_mean_std", "read_cifar_batch",
+           "looks_like_pickle"]
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+
+
+class DataError(RuntimeError):
+    """A data file is missing, unreadable or malformed (the message names it)."""
+
+
+#: PIL modes of 16-bit greyscale images (PNG/TIFF); ``I`` is what some Pillow versions give 16-bit PNGs.
+_WIDE_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """A 16-bit greyscale image as 8-bit "L", scaled by 255/65535 (PIL's own convert clips at 255)."""
+    a = np.asarray(img).astype(np.float64)
+    return Image.fromarray(np.clip(np.rint(a / 257.0), 0, 255).astype(np.uint8), mode="L")
+
+
+def open_image(path: str, mode: str = "RGB") -> Image.Image:
+    """Open an image fully (so a truncated file fails here, naming the file), converted to ``mode``."""
+    if not os.path.isfile(path):
+        raise DataError(f"image file not found: {path}")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if img.mode in _WIDE_GREY_MODES:
+                img = _to_8bit(img)
+            return img.convert(mode)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+        raise DataError(f"cannot read image {path}: {err}") from err
+
+
+def build_transforms(image_size: int, mean: Sequence[float], std: Sequence[float], train: bool):
+    """torchvision transforms: PIL image -> normalised float tensor (C, image_size, image_size).
+
+    Train: for image_size <= 64 a random crop with 4-pixel padding + horizontal
+    flip (the CIFAR recipe), otherwise RandomResizedCrop + flip (the 224 recipe).
+    Test: resize (shorter side to image_size * 256/224 above 64 px) + centre crop.
+    """
+    from torchvision import transforms as T
+
+    norm = [T.ToTensor(), T.Normalize(list(mean), list(std))]
+    if image_size <= 64:
+        resize = [T.Resize(image_size), T.CenterCrop(image_size)]
+        if train:
+            return T.Compose(resize + [T.RandomCrop(image_size, padding=4), T.RandomHorizontalFlip()] + norm)
+        return T.Compose(resize + norm)
+    if train:
+        return T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip()] + norm)
+    return T.Compose([T.Resize(int(round(image_size * 256 / 224))), T.CenterCrop(image_size)] + norm)
+
+
+class _Loader:
+    """ImageFolder's loader, raising DataError with the file name."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+
+    def __call__(self, path: str) -> Image.Image:
+        return open_image(path, self.mode)
+
+
+def image_folder(root: str | os.PathLike, transform: Callable | None = None, mode: str = "RGB"):
+    """torchvision ImageFolder over ``root/<class>/<image>`` (classes sorted by name).
+
+    ``mode``: PIL mode the images are converted to ("RGB", "L", ...).
+    """
+    from torchvision.datasets import ImageFolder
+
+    root = os.fspath(root)
+    if not os.path.isdir(root):
+        raise DataError(f"image folder not found: {root}")
+    loose = [n for n in os.listdir(root) if n.lower().endswith(IMAGE_EXTENSIONS)
+             and os.path.isfile(os.path.join(root, n))]
+    if loose:
+        warnings.warn(f"{root}: {len(loose)} image(s) directly beside the class folders are ignored "
+                      f"(e.g. {sorted(loose)[0]}); only root/<class>/<image> is read", stacklevel=2)
+    try:
+        return ImageFolder(root, transform=transform, loader=_Loader(mode), is_valid_file=lambda p: p.lower().endswith(IMAGE_EXTENSIONS))
+    except FileNotFoundError as err:
+        raise DataError(f"no class folders with images under {root}: {err}") from err
+
+
+class ImageListDataset(Dataset):
+    """OpenOOD-style image list: each non-empty line is ``relative/path label`` (label int, default -1).
+
+    Paths may contain spaces (the label is the last whitespace-separated field).
+    Returns (image tensor, label) pairs; OOD lists may omit the label.
+    """
+
+    def __init__(self, list_file: str | os.PathLike, root: str | os.PathLike, transform: Callable | None = None,
+                 mode: str = "RGB") -> None:
+        list_file, root = os.fspath(list_file), os.fspath(root)
+        if not os.path.isfile(list_file):
+            raise DataError(f"image list not found: {list_file}")
+        if not os.path.isdir(root):
+            raise DataError(f"image root not found: {root}")
+        self.root, self.transform, self.mode = root, transform, mode
+        self.list_file = list_file
+        self.samples: list[tuple[str, int]] = []
+        #: line number in ``list_file`` of each sample (for messages that point at a line).
+        self.lines: list[int] = []
+        for lineno, line in enumerate(_read_text_list(list_file), 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            parts = line.rsplit(maxsplit=1)
+            if len(parts) == 2 and _parses(parts[1], int):
+                path, label = parts[0], int(parts[1])
+            elif len(parts) == 2 and _parses(parts[1], float):
+                raise DataError(f"{list_file}:{lineno}: label {parts[1]!r} is not an integer class index")
+            else:
+                path, label = line, -1
+            self.samples.append((os.path.join(root, path), label))
+            self.lines.append(lineno)
+        if not self.samples:
+            raise DataError(f"image list {list_file} has no entries")
+        self.targets = [lab for _, lab in self.samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        path, label = self.samples[i]
+        img = open_image(path, self.mode)
+        return (self.transform(img) if self.transform else img), label
+
+
+def _read_text_list(list_file: str) -> list[str]:
+    """The lines of a UTF-8 text file; a binary file (an image, a checkpoint) is a DataError saying so."""
+    with open(list_file, "rb") as f:
+        raw = f.read()
+    try:
+        if b"\0" in raw:
+            raise UnicodeDecodeError("utf-8", raw, raw.index(b"\0"), raw.index(b"\0") + 1, "NUL byte")
+        return raw.decode("utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise DataError(f"{list_file} is not a text image list (expected UTF-8 lines 'relative/path label'); "
+                        "for a folder of images pass the folder") from None
+
+
+def _parses(s: str, kind: type) -> bool:
+    try:
+        kind(s)
+        return True
+    except ValueError:
+        return False
+
+
+class ArrayDataset(Dataset):
+    """Images from numpy arrays in memory.
+
+    ``images``: (N, H, W) or (N, H, W, C) uint8 (converted to PIL, so the usual
+    transforms apply) or float (N, C, H, W) already-normalised tensors (returned
+    as is, ``transform`` applied to the tensor if given). ``labels``: (N,) ints
+    or None (-1).
+    """
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray | Sequence[int] | None = None,
+                 transform: Callable | None = None) -> None:
+        images = np.asarray(images)
+        if images.ndim not in (3, 4):
+            raise ValueError(f"images must be (N, H, W), (N, H, W, C) or (N, C, H, W), got shape {images.shape}")
+        self.images = images
+        self.labels = np.full(len(images), -1, dtype=np.int64) if labels is None else np.asarray(labels, dtype=np.int64)
+        if len(self.labels) != len(images):
+            raise ValueError(f"{len(images)} images but {len(self.labels)} labels")
+        self.transform = transform
+        self.targets = self.labels.tolist()
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        img = self.images[i]
+        if img.dtype == np.uint8:
+            pil = Image.fromarray(img if img.ndim == 2 or img.shape[-1] != 1 else img[..., 0])
+            out = self.transform(pil) if self.transform else torch.from_numpy(np.ascontiguousarray(img))
+        else:
+            out = torch.as_tensor(img, dtype=torch.float32)
+            out = self.transform(out) if self.transform else out
+        return out, int(self.labels[i])
+
+
+class CIFARDataset(ArrayDataset):
+    """CIFAR-10/100 from the python pickle batches in ``root`` (e.g. ``cifar-10-batches-py``).
+
+    CIFAR-10: ``data_batch_1..5`` (train) / ``test_batch``; CIFAR-100:
+    ``train`` / ``test`` with ``fine_labels``. ``num_classes`` 10 or 100.
+    """
+
+    def __init__(self, root: str | os.PathLike, train: bool = True, num_classes: int = 10,
+                 transform: Callable | None = None) -> None:
+        root = os.fspath(root)
+        if num_classes == 10:
+            files = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
+            key = "labels"
+        elif num_classes == 100:
+            files, key = (["train"] if train else ["test"]), "fine_labels"
+        else:
+            raise ValueError(f"num_classes must be 10 or 100, got {num_classes}")
+        data, labels = [], []
+        for name in files:
+            path = os.path.join(root, name)
+            if not os.path.isfile(path):
+                raise DataError(f"CIFAR batch file not found: {path}")
+            entry = read_cifar_batch(path)
+            try:
+                images = entry["data"]
+                if not (isinstance(images, np.ndarray) and images.dtype.kind in "ui"):
+                    raise TypeError(f"'data' must be an integer numpy array, got {type(images).__name__}")
+                data.append(np.asarray(images, dtype=np.uint8).reshape(-1, 3, 32, 32))
+                labels.extend(int(v) for v in entry[key])
+            except Exception as err:  # wrong keys, wrong sizes, non-numeric labels
+                raise DataError(f"cannot read CIFAR batch {path}: {type(err).__name__}: {err}") from err
+        super().__init__(np.concatenate(data).transpose(0, 2, 3, 1), np.asarray(labels), transform)
+        self.classes = list(range(num_classes))
+
+
+def _allowed_global(module: str, name: str):
+    import importlib
+
+    for mod in (module.replace("numpy.core", "numpy._core"), module):  # numpy 2 renamed numpy.core
+        try:
+            return getattr(importlib.import_module(mod), name)
+        except (ImportError, AttributeError):
+            continue
+    return None
+
+
+#: The only globals a CIFAR batch needs: numpy's array reconstruction (protocols 0-5). None of these calls
+#: back into arbitrary code; object arrays are refused after loading.
+_CIFAR_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),  # numpy scalars (labels)
+    ("numpy", "ndarray"), ("numpy", "dtype"),
+    # Python 3's protocol-2 pickles store bytes as _codecs.encode(str, "latin1"): a pure string function.
+    ("_codecs", "encode"),
+}
+
+
+class _CIFARUnpickler(pickle.Unpickler):
+    """Unpickler that admits numpy arrays and plain containers only (refuses every other global)."""
+
+    def __init__(self, file, path: str) -> None:
+        super().__init__(file, encoding="latin1")
+        self.path = path
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in _CIFAR_GLOBALS:
+            obj = _allowed_global(module, name)
+            if obj is not None:
+                return obj
+        raise DataError(f"{self.path} is not a plain CIFAR batch: it references the Python global "
+                        f"{module}.{name}, which is refused (a CIFAR batch holds only numpy arrays, lists "
+                        "and strings; a file that names other globals could run code)")
+
+    def persistent_load(self, pid):
+        raise DataError(f"{self.path} is not a plain CIFAR batch (persistent references are refused)")
+
+
+def looks_like_pickle(path: str) -> bool:
+    """True when ``path`` is a file starting with a pickle protocol-2+ header (byte 0x80), as CIFAR batches do."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(1) == b"\x80"
+    except OSError:
+        return False
+
+
+def read_cifar_batch(path: str) -> dict:
+    """One CIFAR python batch as a dict (keys as str), via :class:`_CIFARUnpickler`; DataError naming the file."""
+    if not looks_like_pickle(path):
+        raise DataError(f"{path} is not a CIFAR python batch (it does not start with a pickle header)")
+    try:
+        with open(path, "rb") as f:
+            entry = _CIFARUnpickler(f, path).load()
+    except DataError:
+        raise
+    except Exception as err:  # truncated or corrupt pickle
+        raise DataError(f"cannot read CIFAR batch {path}: {type(err).__name__}: {err}") from err
+    if not isinstance(entry, dict):
+        raise DataError(f"cannot read CIFAR batch {path}: expected a dict, got {type(entry).__name__}")
+    entry = {(k.decode("latin1") if isinstance(k, bytes) else k): v for k, v in entry.items()}
+    for k, v in entry.items():
+        if isinstance(v, np.ndarray) and v.dtype.hasobject:
+            raise DataError(f"cannot read CIFAR batch {path}: {k!r} is an object array (refused)")
+    return entry
+
+
+def unpack_batch(batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, y) from a (x, y, ...) tuple/list or a {"data", "label"} dict (OpenOOD style)."""
+    if isinstance(batch, dict):
+        return batch["data"], batch["label"]
+    return batch[0], batch[1]
+
+
+def make_loader(dataset: Dataset, batch_size: int, train: bool, workers: int = 0, seed: int | None = None) -> DataLoader:
+    """A DataLoader; train loaders shuffle with their own seeded generator (part of exact resume)."""
+    gen = torch.Generator().manual_seed(seed) if (train and seed is not None) else None
+    return DataLoader(dataset, batch_size=batch_size, shuffle=train, num_workers=workers, generator=gen,
+                      drop_last=False, pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0)
+
+
+def estimate_mean_std(dataset: Dataset, max_samples: int = 2000) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of up to ``max_samples`` evenly spaced items (tensors in [0, 1])."""
+    n = len(dataset)
+    if n == 0:
+        raise DataError("dataset is empty")
+    idx = np.linspace(0, n - 1, min(n, max_samples)).astype(int)
+    total, total_sq, count = None, None, 0
+    for i in idx:
+        x = dataset[int(i)][0]
+        x = x.reshape(x.shape[0], -1).double()
+        total = x.sum(1) if total is None else total + x.sum(1)
+        total_sq = (x * x).sum(1) if total_sq is None else total_sq + (x * x).sum(1)
+        count += x.shape[1]
+    mean = total / count
+    std = (total_sq / count - mean ** 2).clamp_min(1e-12).sqrt()
+    return mean.tolist(), std.tolist()
+
+
+class FlatImageDataset(Dataset):
+    """All images directly under (or anywhere below) ``root``, unlabelled (label -1): typical OOD folders."""
+
+    def __init__(self, root: str | os.PathLike, transform: Callable | None = None, mode: str = "RGB") -> None:
+        root = os.fspath(root)
+        if not os.path.isdir(root):
+            raise DataError(f"image folder not found: {root}")
+        self.paths = sorted(os.path.join(d, f) for d, _, files in os.walk(root) for f in files
+                            if f.lower().endswith(IMAGE_EXTENSIONS))
+        if not self.paths:
+            raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
+        self.transform, self.mode = transform, mode
+        self.targets = [-1] * len(self.paths)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        img = open_image(self.paths[i], self.mode)
+        return (self.transform(img) if self.transform else img), -1
+
+
+DATA_FORMATS = ("auto", "folder", "flat", "list", "cifar10", "cifar100")
+
+
+def detect_format(path: str) -> str:
+    """Guess a dataset format from what is on disk (see :func:`dataset_from_path`)."""
+    if os.path.isfile(path):
+        return "list"
+    if not os.path.isdir(path):
+        raise DataError(f"data path not found: {path}")
+    names = set(os.listdir(path))
+    # CIFAR needs unpickling (with a restricted unpickler); only pick it for files that are pickles at all.
+    def pickles(*files: str) -> bool:
+        present = [n for n in files if n in names]
+        return bool(present) and all(looks_like_pickle(os.path.join(path, n)) for n in present)
+
+    if pickles("data_batch_1", "test_batch"):
+        return "cifar10"
+    if pickles("train", "test"):
+        return "cifar100"
+    has_class_dirs = any(os.path.isdir(os.path.join(path, n)) for n in names)
+    return "folder" if has_class_dirs else "flat"
+
+
+def dataset_from_path(path: str | os.PathLike, transform: Callable | None, *, train: bool, fmt: str = "auto",
+                      root: str | os.PathLike | None = None, mode: str = "RGB") -> Dataset:
+    """A dataset from a path: class folders, a flat folder, an image list (with ``root``) or CIFAR batches.
+
+    ``fmt="auto"`` detects: a file is an image list (root defaults to the
+    list's directory); a directory with ``data_batch_1``/``test_batch`` pickle
+    files is CIFAR-10, one with ``train``/``test`` pickle files CIFAR-100
+    (read with a restricted unpickler: no code runs); a directory with
+    subdirectories is a class-per-folder tree; otherwise a flat folder of
+    unlabelled images. For CIFAR, ``train`` picks the train or test batches.
+    """
+    path = os.fspath(path)
+    if fmt not in DATA_FORMATS:
+        raise ValueError(f"data format must be one of {DATA_FORMATS}, got {fmt!r}")
+    if not os.path.exists(path):
+        raise DataError(f"data path not found: {path}")
+    fmt = detect_format(path) if fmt == "auto" else fmt
+    if fmt == "list":
+        return ImageListDataset(path, root if root is not None else os.path.dirname(os.path.abspath(path)),
+                                transform, mode)
+    if fmt in ("cifar10", "cifar100"):
+        ds = CIFARDataset(path, train=train, num_classes=10 if fmt == "cifar10" else 100, transform=transform)
+        return ds
+    if fmt == "flat":
+        return FlatImageDataset(path, transform, mode)
+    return image_folder(path, transform, mode)

@@ -1,0 +1,334 @@
+"""OpenOOD v1.5 data trees: the image lists and folders of every benchmark the paper reports.
+
+    tree = resolve_benchmark("waterbirds", "/data/openood")   # raises OpenOODTreeError listing what is missing
+    train = tree.dataset("id_train", transform)
+    groups = tree.ood_groups(transform)                     # {"near": {name: ds}, "far": {name: ds}}
+
+A data root is what OpenOOD's download script makes: image lists under
+``<root>/benchmark_imglist/`` (``relative/path label`` lines, paths relative
+to the set's image folder, OOD labels -1) and images under
+``<root>/images_classic/`` and ``<root>/images_largescale/``. The list and
+folder of every set are those of ``/work/shared/paper/benchmarks.md``
+(OpenOOD v1.5 plus the authors' iSUN and spurious / fine-grained sets).
+
+Every list is checked before anything trains: each line must be
+``path label`` with an integer label (in ``[0, classes)`` for ID lists) and
+every listed image must exist; errors name the file and line. An OOD set
+whose list, folder or images are missing is a *missing piece*: all missing
+pieces are reported in one error, or skipped with ``allow_missing=True``
+(ID train/val/test are never optional; full-spectrum sets are always
+optional because the paper's table does not use them).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+from .datasets import DataError, ImageListDataset, _parses
+
+__all__ = ["SetSpec", "Benchmark", "BENCHMARKS", "OpenOODTreeError", "ResolvedBenchmark", "resolve_benchmark",
+           "read_image_list", "ID_ROLES", "OOD_ROLES"]
+
+ID_ROLES = ("id_train", "id_val", "id_test")
+OOD_ROLES = ("ood_val", "near", "far")
+CSID_ROLE = "csid"
+TREE_TEXT = ("OpenOOD v1.5's data tree is expected: <root>/benchmark_imglist/<benchmark>/*.txt image lists and the "
+             "images under <root>/images_classic/ and <root>/images_largescale/ (as OpenOOD's download script "
+             "makes them)")
+
+
+class OpenOODTreeError(DataError):
+    """The data root is not an OpenOOD tree, pieces are missing, or a list is malformed (message lists all)."""
+
+    user_facing = True  # the CLI prints the whole (multi-line) message, exit status 2
+
+
+@dataclass(frozen=True)
+class SetSpec:
+    """One image list: ``role`` (id_train, id_val, id_test, ood_val, near, far, csid), its name, its image
+    folder and list file (both relative to the data root)."""
+
+    role: str
+    name: str
+    folder: str
+    list: str
+
+    @property
+    def is_id(self) -> bool:
+        return self.role in ID_ROLES or self.role == CSID_ROLE
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    name: str
+    num_classes: int
+    sets: tuple[SetSpec, ...]
+
+    def by_role(self, role: str) -> list[SetSpec]:
+        return [s for s in self.sets if s.role == role]
+
+
+_IC, _IL = "images_classic/", "images_largescale/"
+_LIST = "benchmark_imglist/"
+
+
+def _cifar(name: str, classes: int, other: str, csid: tuple[SetSpec, ...] = ()) -> Benchmark:
+    lst = f"{_LIST}{name}/"
+    sets = [SetSpec(r, name, _IC, f"{lst}{split}_{name}.txt") for r, split in zip(ID_ROLES, ("train", "val", "test"))]
+    sets.append(SetSpec("ood_val", "tin", _IC, f"{lst}val_tin.txt"))
+    sets += [SetSpec("near", n, _IC, f"{lst}test_{n}.txt") for n in (other, "tin")]
+    sets += [SetSpec("far", n, _IC, f"{lst}test_{n}.txt") for n in ("mnist", "svhn", "texture", "places365")]
+    sets.append(SetSpec("far", "isun", f"{_IC}iSUN/", f"{_LIST}cifar10/test_isun.txt"))  # both CIFARs: cifar10's list
+    return Benchmark(name, classes, tuple(sets) + csid)
+
+
+def _finetune(name: str, classes: int, folder: str, id_prefix: str, near_name: str, near_folder: str,
+              near_list: str) -> Benchmark:
+    """Waterbirds, CelebA, Cars, Aircraft: own ID and near sets; shared OOD val and far (conventional) sets."""
+    lst = f"{_LIST}{name}/"
+    sets = [SetSpec(r, name, folder, f"{lst}{id_prefix}_{split}.txt")
+            for r, split in zip(ID_ROLES, ("train", "val", "test"))]
+    sets.append(SetSpec("ood_val", "openimage_o", _IL, f"{_LIST}imagenet200/val_openimage_o.txt"))
+    sets.append(SetSpec("near", near_name, near_folder, f"{lst}{near_list}"))
+    sets += [SetSpec("far", n, _IL, f"{_LIST}imagenet200/test_{n}.txt") for n in ("ninco", "openimage_o", "inaturalist")]
+    sets.append(SetSpec("far", "sun", _IL, f"{_LIST}sun/sun.txt"))
+    sets.append(SetSpec("far", "texture", _IC, f"{_LIST}cifar100/test_texture.txt"))
+    return Benchmark(name, classes, tuple(sets))
+
+
+def _imagenet200() -> Benchmark:
+    lst = f"{_LIST}imagenet200/"
+    sets = [SetSpec(r, "imagenet200", _IL, f"{lst}{split}_imagenet200.txt")
+            for r, split in zip(ID_ROLES, ("train", "val", "test"))]
+    sets.append(SetSpec("ood_val", "openimage_o", _IL, f"{lst}val_openimage_o.txt"))
+    sets += [SetSpec("near", n, _IL, f"{lst}test_{n}.txt") for n in ("ssb_hard", "ninco")]
+    sets += [SetSpec("far", n, _IL, f"{lst}test_{n}.txt") for n in ("inaturalist", "openimage_o")]
+    sets.append(SetSpec("far", "textures", _IC, f"{lst}test_textures.txt"))
+    # Full-spectrum (covariate-shifted ID) sets: OpenOOD v1.5's evaluation_api lists.
+    sets += [SetSpec(CSID_ROLE, n, _IL, f"{lst}test_imagenet200_{s}.txt")
+             for n, s in (("imagenet_v2", "v2"), ("imagenet_c", "c"), ("imagenet_r", "r"))]
+    return Benchmark("imagenet200", 200, tuple(sets))
+
+
+BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (
+    _cifar("cifar10", 10, "cifar100", (SetSpec(CSID_ROLE, "cifar10c", _IC, f"{_LIST}cifar10/test_cifar10c.txt"),)),
+    _cifar("cifar100", 100, "cifar10"),
+    _imagenet200(),
+    _finetune("waterbirds", 2, f"{_IL}waterbirds/", "waterbirds", "waterbirds_ood", f"{_IL}waterbirds_ood/",
+              "waterbirds_spurious_ood.txt"),
+    _finetune("celeba", 2, f"{_IL}celeba/", "celeba", "celeba_ood", f"{_IL}celeba/", "celeba_spurious_ood.txt"),
+    _finetune("cars", 150, f"{_IL}cars/", "cars", "cars_ood", f"{_IL}cars/", "cars_finegrained_ood.txt"),
+    _finetune("aircraft", 90, f"{_IL}aircraft/", "aircraft", "aircraft_ood", f"{_IL}aircraft/",
+              "aircraft_finegrained_ood.txt"),
+)}
+
+
+# -- list checking ------------------------------------------------------------------------------------------
+@dataclass
+class ListCheck:
+    """What :func:`read_image_list` found: entries, bad lines (fatal) and missing images (a missing piece)."""
+
+    path: str
+    entries: int = 0
+    errors: list[str] = field(default_factory=list)
+    missing_images: list[str] = field(default_factory=list)
+    missing_count: int = 0
+
+
+def read_image_list(list_path: str, image_dir: str, num_classes: int | None, check_images: bool = True,
+                    max_reported: int = 5) -> ListCheck:
+    """Check an OpenOOD list: ``path label`` per non-empty line (``#`` comments allowed).
+
+    ``num_classes``: ID lists need labels in ``[0, num_classes)``; None (OOD
+    lists) accepts any integer (OpenOOD writes -1). Errors and missing images
+    are reported as ``file:line: ...``, up to ``max_reported`` of each.
+    """
+    check = ListCheck(list_path)
+    try:
+        f = open(list_path, encoding="utf-8")
+    except OSError as err:
+        check.errors.append(f"{list_path}: cannot read: {err}")
+        return check
+    with f:
+        for lineno, raw in enumerate(f, 1):
+            line = raw.strip()
+            if not line or line.startswith("#"):
+                continue
+            where = f"{list_path}:{lineno}"
+            parts = line.rsplit(maxsplit=1)
+            if len(parts) != 2 or not _parses(parts[1], int):
+                if len(check.errors) < max_reported:
+                    check.errors.append(f"{where}: malformed line {line[:80]!r} (expected 'relative/path label', "
+                                        "label an integer)")
+                continue
+            label = int(parts[1])
+            if num_classes is not None and not 0 <= label < num_classes:
+                if len(check.errors) < max_reported:
+                    check.errors.append(f"{where}: label {label} out of range for {num_classes} classes "
+                                        f"(expected 0..{num_classes - 1})")
+                continue
+            check.entries += 1
+            if check_images and not os.path.isfile(os.path.join(image_dir, parts[0])):
+                check.missing_count += 1
+                if len(check.missing_images) < max_reported:
+                    check.missing_images.append(f"{where}: image {os.path.join(image_dir, parts[0])} not found")
+    if check.entries == 0 and not check.errors:
+        check.errors.append(f"{list_path}: the list has no entries")
+    return check
+
+
+# -- resolution ---------------------------------------------------------------------------------------------
+class _LineNamedDataset(ImageListDataset):
+    """ImageListDataset whose read errors also name the list file and line (a corrupt image mid-epoch)."""
+
+    def __init__(self, list_file: str, root: str, transform, mode: str = "RGB") -> None:
+        super().__init__(list_file, root, transform, mode)
+        self.list_file = list_file
+        self.line_numbers = _entry_line_numbers(list_file)
+
+    def __getitem__(self, i: int):
+        try:
+            return super().__getitem__(i)
+        except DataError as err:
+            raise DataError(f"{self.list_file}:{self.line_numbers[i]}: {err}") from err
+
+
+def _entry_line_numbers(list_file: str) -> list[int]:
+    with open(list_file, encoding="utf-8") as f:
+        return [n for n, line in enumerate(f, 1) if line.strip() and not line.strip().startswith("#")]
+
+
+@dataclass
+class ResolvedBenchmark:
+    """A benchmark's sets found under ``root``: ``present`` specs (with sizes) and ``skipped`` (spec, why)."""
+
+    benchmark: Benchmark
+    root: str
+    present: list[SetSpec]
+    sizes: dict[str, int]
+    skipped: list[tuple[SetSpec, str]]
+
+    def size(self, role: str) -> int:
+        """Number of images in the list of a single-set role (id_train, id_val, id_test, ood_val)."""
+        return self.sizes[self.spec(role).list]
+
+    def spec(self, role: str) -> SetSpec:
+        for s in self.present:
+            if s.role == role:
+                return s
+        raise KeyError(f"{self.benchmark.name} has no {role} set here")
+
+    def _dataset(self, spec: SetSpec, transform: Callable | None, mode: str = "RGB") -> ImageListDataset:
+        return _LineNamedDataset(os.path.join(self.root, spec.list), os.path.join(self.root, spec.folder),
+                                 transform, mode)
+
+    def dataset(self, role: str, transform: Callable | None, mode: str = "RGB") -> ImageListDataset:
+        """The dataset of a single-set role: id_train, id_val, id_test or ood_val."""
+        return self._dataset(self.spec(role), transform, mode)
+
+    def ood_groups(self, transform: Callable | None, mode: str = "RGB") -> dict[str, dict[str, ImageListDataset]]:
+        """{"near": {name: dataset}, "far": {...}} of the present OOD test sets (empty groups left out)."""
+        out: dict[str, dict[str, ImageListDataset]] = {}
+        for s in self.present:
+            if s.role in ("near", "far"):
+                out.setdefault(s.role, {})[s.name] = self._dataset(s, transform, mode)
+        return out
+
+    def csid(self, transform: Callable | None, mode: str = "RGB") -> dict[str, ImageListDataset]:
+        """Full-spectrum (covariate-shifted ID) sets that are present."""
+        return {s.name: self._dataset(s, transform, mode) for s in self.present if s.role == CSID_ROLE}
+
+    def summary(self) -> dict:
+        """JSON-able: every present set with its size and every skipped one with the reason."""
+        return {"benchmark": self.benchmark.name, "root": self.root,
+                "sets": [{"role": s.role, "name": s.name, "folder": s.folder, "list": s.list,
+                          "images": self.sizes[s.list]} for s in self.present],
+                "skipped": [{"role": s.role, "name": s.name, "list": s.list, "reason": why}
+                            for s, why in self.skipped]}
+
+    def skipped_names(self) -> list[str]:
+        return [f"{s.role}:{s.name}" for s, _ in self.skipped]
+
+
+def _root_problem(root: str) -> str | None:
+    if not os.path.isdir(root):
+        return f"data root {root} does not exist or is not a directory"
+    if not os.path.isdir(os.path.join(root, "benchmark_imglist")):
+        hint = ""
+        for sub in ("data", "openood_data"):
+            if os.path.isdir(os.path.join(root, sub, "benchmark_imglist")):
+                hint = f" (did you mean {os.path.join(root, sub)}?)"
+        if os.path.basename(os.path.normpath(root)) == "benchmark_imglist":
+            hint = f" (pass its parent, {os.path.dirname(os.path.normpath(root))})"
+        return f"{root} is not an OpenOOD data root: it has no benchmark_imglist/ folder{hint}"
+    return None
+
+
+def resolve_benchmark(name: str, root: str | os.PathLike, *, allow_missing: bool = False, check_images: bool = True,
+                      progress: bool = False) -> ResolvedBenchmark:
+    """Find and check every set of benchmark ``name`` under ``root``.
+
+    Raises :class:`OpenOODTreeError`: unknown benchmark; root not an OpenOOD
+    tree; malformed lists or out-of-range labels (always, with file:line);
+    missing lists, folders or images (one message listing all of them,
+    unless ``allow_missing`` and only OOD/full-spectrum sets are missing,
+    which are then skipped and recorded in ``skipped``).
+    """
+    key = str(name).lower()
+    if key not in BENCHMARKS:
+        raise OpenOODTreeError(f"unknown benchmark {name!r}; choose from {', '.join(BENCHMARKS)}")
+    bench = BENCHMARKS[key]
+    root = os.path.abspath(os.fspath(root))
+    problem = _root_problem(root)
+    if problem:
+        raise OpenOODTreeError(f"{problem}. {TREE_TEXT}.")
+    present, sizes, skipped = [], {}, []
+    missing: list[tuple[SetSpec, str]] = []
+    errors: list[str] = []
+    checked: dict[tuple[str, str, bool], ListCheck] = {}
+    sets: Iterable[SetSpec] = bench.sets
+    if progress:
+        from tqdm.auto import tqdm
+        sets = tqdm(bench.sets, desc=f"checking {bench.name} lists", leave=False)
+    for spec in sets:
+        list_path, folder = os.path.join(root, spec.list), os.path.join(root, spec.folder)
+        reasons = []
+        if not os.path.isfile(list_path):
+            reasons.append(f"list {spec.list} not found")
+        if not os.path.isdir(folder):
+            reasons.append(f"image folder {spec.folder} not found")
+        if not reasons:
+            ck = (list_path, folder, spec.is_id)
+            if ck not in checked:  # the same list can serve two roles (openimage_o: OOD val and far)
+                checked[ck] = read_image_list(list_path, folder, bench.num_classes if spec.is_id else None,
+                                              check_images)
+            res = checked[ck]
+            errors.extend(res.errors)
+            if res.missing_count:
+                first = "; ".join(res.missing_images)
+                reasons.append(f"{res.missing_count} of {res.entries} listed images missing ({first})")
+            sizes[spec.list] = res.entries
+        if reasons:
+            missing.append((spec, "; ".join(reasons)))
+        elif not res.errors:
+            present.append(spec)
+    if errors:
+        raise OpenOODTreeError(f"{bench.name}: bad image lists under {root}:\n  " + "\n  ".join(dict.fromkeys(errors)))
+    fatal = [(s, why) for s, why in missing if s.role in ID_ROLES or (s.role in OOD_ROLES and not allow_missing)]
+    if fatal:
+        lines = [f"{s.role} {s.name}: {why}" + (" (optional: full-spectrum)" if s.role == CSID_ROLE else "")
+                 for s, why in missing]
+        hint = ("" if any(s.role in ID_ROLES for s, _ in fatal)
+                else "\n(--allow-missing runs with the OOD sets that are present and says which were skipped)")
+        raise OpenOODTreeError(f"benchmark {bench.name} needs pieces missing under {root}:\n  " + "\n  ".join(lines)
+                               + f"\n{TREE_TEXT}." + hint)
+    skipped = list(missing)
+    if not any(s.role == "ood_val" for s in present):
+        raise OpenOODTreeError(f"benchmark {bench.name}: the OOD validation set is missing, and APS needs it to "
+                               "choose scorer hyperparameters:\n  "
+                               + "\n  ".join(f"{s.role} {s.name}: {why}" for s, why in skipped) + f"\n{TREE_TEXT}.")
+    if not any(s.role in ("near", "far") for s in present):
+        raise OpenOODTreeError(f"benchmark {bench.name}: no OOD test set is present under {root}:\n  "
+                               + "\n  ".join(f"{s.role} {s.name}: {why}" for s, why in skipped) + f"\n{TREE_TEXT}.")
+    return ResolvedBenchmark(bench, root, present, sizes, skipped)
