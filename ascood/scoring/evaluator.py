@@ -22,7 +22,8 @@ from torch import nn
 
 from ..files import atomic_write_text
 from .metrics import CONVENTION_TEXT, CONVENTIONS, ood_metrics
-from .scorers import Scorer, get_scorer, loader_scores
+from .scorers import FeatureCache, Scorer, get_scorer, loader_scores
+from .scorers.sweep import fit_scorer
 
 __all__ = ["evaluate", "ResultTable", "ScoreCache", "flatten_ood_loaders", "DEFAULT_SCORERS"]
 
@@ -52,16 +53,23 @@ def flatten_ood_loaders(ood_loaders: Mapping) -> list[tuple[str | None, str, obj
 
 
 class ScoreCache:
-    """(scorer key, dataset name) -> (pred, score, label); each pair is computed once."""
+    """(scorer key, dataset name) -> (pred, score, label); each pair is computed once.
 
-    def __init__(self) -> None:
+    ``features``: the :class:`~ascood.scoring.scorers.FeatureCache` the scores
+    are computed from (one model pass per split for every feature scorer).
+    """
+
+    def __init__(self, features: FeatureCache | None = None) -> None:
         self._data: dict[tuple[str, str], tuple] = {}
+        self.features = features
 
     def get(self, scorer_key: str, scorer: Scorer, model: nn.Module, dataset: str, loader):
         key = (scorer_key, dataset)
         if key not in self._data:
+            if self.features is None:
+                self.features = FeatureCache(model)
             try:
-                self._data[key] = loader_scores(scorer, model, loader)
+                self._data[key] = loader_scores(scorer, model, loader, self.features)
             except ValueError as err:
                 if str(err) == "loader is empty":  # say which set
                     raise ValueError(f"{'ID test' if dataset == 'ID' else 'OOD'} set {dataset!r} yields no "
@@ -158,7 +166,8 @@ def _resolve_scorers(scorers) -> list[tuple[str, Scorer]]:
 @torch.no_grad()
 def evaluate(model: nn.Module, id_loader, ood_loaders: Mapping, scorers: Sequence | Mapping | None = None,
              id_train_loader=None, *, id_val_loader=None, convention: str = "openood",
-             model_name: str | None = None, cache: ScoreCache | None = None) -> ResultTable:
+             model_name: str | None = None, cache: ScoreCache | None = None,
+             features: FeatureCache | None = None) -> ResultTable:
     """Evaluate OOD detection of ``model`` with each scorer.
 
     Args:
@@ -176,6 +185,10 @@ def evaluate(model: nn.Module, id_loader, ood_loaders: Mapping, scorers: Sequenc
         convention: "openood" (default, the paper's) or "odin".
         model_name: optional label stored in every row.
         cache: a :class:`ScoreCache` to share scores across calls.
+        features: a :class:`~ascood.scoring.scorers.FeatureCache` shared with
+            :func:`~ascood.scoring.scorers.sweep` (each split then runs through
+            the model once for all scorers); default: one for this call. Any
+            loader may also be a :class:`~ascood.scoring.scorers.Features` record.
 
     Returns:
         :class:`ResultTable` (metrics x100).
@@ -186,15 +199,18 @@ def evaluate(model: nn.Module, id_loader, ood_loaders: Mapping, scorers: Sequenc
     sets = flatten_ood_loaders(ood_loaders)
     if any(name == "ID" for _, name, _ in sets):
         raise ValueError("'ID' is reserved for the ID test set; rename that OOD set")
-    cache = cache if cache is not None else ScoreCache()
-    model.eval()
+    cache = cache if cache is not None else ScoreCache(features)
+    if cache.features is None:
+        cache.features = features if features is not None else FeatureCache(model)
+    if model is not None:
+        model.eval()
     rows: list[dict] = []
     raw_scores: dict = {}
     for key, scorer in items:
         if scorer.needs_fit and not scorer.fitted:
             fit_data = scorer.fit_loader(id_train_loader, id_val_loader)
             with torch.enable_grad():
-                scorer.fit(model, fit_data)
+                fit_scorer(scorer, model, fit_data, cache.features)
         pred, s_id, labels = cache.get(key, scorer, model, "ID", id_loader)
         # Accuracy over the labelled ID samples only; unlabelled ID data (label -1) gives None (n/a), not 0.
         labelled = labels >= 0 if labels is not None else None
