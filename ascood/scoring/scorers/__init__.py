@@ -41,7 +41,7 @@ from .gradnorm import GradNorm
 from .logits import EBO, GEN, KLM, MLS, MSP, Entropy, TempScale
 from .perturb import IODIN, ODIN
 from .shaping import ASH, DICE, SCALE, ReAct
-from .sweep import SweepResult, loader_scores, sweep
+from .sweep import SweepResult, fit_scorer, loader_scores, sweep
 
 SCORERS: dict[str, type[Scorer]] = {cls.name: cls for cls in (
     MSP, TempScale, ODIN, IODIN, EBO, MLS, GEN, Entropy, KLM, ReAct, ASH, SCALE, DICE, GradNorm, KNN, MDS, RMDS,
@@ -78,6 +78,7 @@ def scorer_for_model(name: str, input_std=None) -> Scorer:
 
 
 __all__ = ["Scorer", "FeatureScorer", "SCORERS", "get_scorer", "scorer_for_model", "sweep", "SweepResult", "loader_scores",
+           "fit_scorer",
            "Features", "LinearHead", "FeatureCache", "extract_features", "features_scores",
            "MSP", "TempScale", "ODIN", "IODIN", "EBO", "MLS", "GEN", "Entropy", "KLM", "ReAct", "ASH", "SCALE", "DICE",
            "GradNorm", "KNN", "MDS", "RMDS", "ViM", "NNGuide", "Relation", "SHE"]
