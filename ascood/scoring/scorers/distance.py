@@ -48,9 +48,10 @@ def l2_normalize(h: torch.Tensor) -> torch.Tensor:
 class _Bank:
     """N rows made chunk by chunk by ``block(start, stop) -> (stop - start, width)`` float32 CPU tensors.
 
-    When the whole bank takes at most ``max_device_mb`` it is built once and
-    kept on the scoring device; otherwise every scoring batch streams it in
-    ``chunk``-row blocks (peak memory: one block and its similarities).
+    When the whole bank takes at most ``max_device_mb`` it is built once, at
+    fit (:meth:`prepare`), and kept (copied once to another scoring device);
+    otherwise every scoring batch streams it in ``chunk``-row blocks (peak
+    memory: one block and its similarities).
     """
 
     def __init__(self, n: int, width: int, block: Callable[[int, int], torch.Tensor], max_device_mb: float,
@@ -58,22 +59,34 @@ class _Bank:
         self.n, self.width, self.block = n, width, block
         self.max_bytes = max_device_mb * 2 ** 20
         self.chunk = chunk
-        self._device_copy: torch.Tensor | None = None
+        self._full: torch.Tensor | None = None
 
     @property
     def nbytes(self) -> int:
         return self.n * self.width * 4
 
+    @property
+    def resident(self) -> bool:
+        """Whether the bank is kept whole (it fits under ``max_device_mb``)."""
+        return self.nbytes <= self.max_bytes
+
+    def prepare(self) -> "_Bank":
+        """Build the whole bank now when it is kept resident (a fit's work, not the first scoring's)."""
+        if self.resident and self._full is None:
+            full = torch.empty(self.n, self.width, dtype=torch.float32)
+            for start in range(0, self.n, self.chunk):
+                stop = min(self.n, start + self.chunk)
+                full[start:stop] = self.block(start, stop)
+            self._full = full
+        return self
+
     def chunks(self, device: torch.device):
         """(start row, block on ``device``) pairs covering the bank."""
-        if self.nbytes <= self.max_bytes:
-            if self._device_copy is None or self._device_copy.device != torch.device(device):
-                full = torch.empty(self.n, self.width, dtype=torch.float32, device=device)
-                for start in range(0, self.n, self.chunk):
-                    stop = min(self.n, start + self.chunk)
-                    full[start:stop] = self.block(start, stop).to(device)
-                self._device_copy = full
-            yield 0, self._device_copy
+        if self.resident:
+            self.prepare()
+            if self._full.device != torch.device(device):
+                self._full = self._full.to(device)
+            yield 0, self._full
             return
         for start in range(0, self.n, self.chunk):
             yield start, self.block(start, min(self.n, start + self.chunk)).to(device, non_blocking=True)
@@ -123,7 +136,7 @@ class KNN(FeatureScorer):
         self.in_space(feats.feature_rows(0, 1), head)  # fail now, not at scoring, without a needed head
         self.bank = _Bank(len(feats), feats.features.shape[1],
                           lambda s, e: l2_normalize(self.in_space(feats.feature_rows(s, e), head)),
-                          self.max_device_bank_mb)
+                          self.max_device_bank_mb).prepare()
         self._warned = False
 
     def _score(self, logits, h, head):
@@ -446,7 +459,7 @@ class NNGuide(FeatureScorer):
         conf = torch.cat([energy(z) for z, _, _ in src.chunks(self.chunk_rows)])
         self.bank_rows = _Bank(len(src), src.features.shape[1],
                                lambda s, e: l2_normalize(self.in_space(src.feature_rows(s, e), head)) * conf[s:e, None],
-                               self.max_device_bank_mb)
+                               self.max_device_bank_mb).prepare()
         self._warned = False
 
     def _score(self, logits, h, head):
@@ -488,7 +501,7 @@ class Relation(FeatureScorer):
             return torch.cat([l2_normalize(self.in_space(feats.feature_rows(s, e), head)),
                               torch.softmax(feats.logit_rows(s, e), 1)], 1)
 
-        self.bank = _Bank(len(feats), self.m + feats.logits.shape[1], block, self.max_device_bank_mb)
+        self.bank = _Bank(len(feats), self.m + feats.logits.shape[1], block, self.max_device_bank_mb).prepare()
 
     def _score(self, logits, h, head):
         feat, prob = l2_normalize(self.in_space(h, head)), torch.softmax(logits, 1)
