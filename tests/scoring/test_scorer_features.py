@@ -382,3 +382,19 @@ def test_plain_classifier_scores_logit_scorers_and_names_what_feature_scorers_ne
         torch.testing.assert_close(loader_scores(sc, model, loader)[1], sc.score(model, x)[1])
     with pytest.raises(ValueError, match="needs features"):
         get_scorer("knn").fit_features(feats)
+
+
+def test_pinvh_and_eigh_equal_numpy_on_a_rank_deficient_covariance():
+    from ascood.scoring.scorers.distance import eigh, pinvh
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(40, 12, generator=g, dtype=torch.float64)
+    a[:, 5] = 0.0  # a dead ReLU unit: zero variance
+    a[:, 7] = a[:, 3] - a[:, 2]  # an exact linear dependence
+    cov = a.T @ a / 40
+    want = torch.from_numpy(np.linalg.pinv(cov.numpy(), hermitian=True))
+    torch.testing.assert_close(pinvh(cov), want, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(pinvh(cov), torch.linalg.pinv(cov, hermitian=True), rtol=1e-9, atol=1e-9)
+    w, v = eigh(cov)
+    torch.testing.assert_close((v * w) @ v.T, cov, rtol=1e-12, atol=1e-12)
+    assert bool((w[1:] >= w[:-1]).all())

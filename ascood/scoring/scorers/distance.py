@@ -26,6 +26,7 @@ import warnings
 import weakref
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -35,7 +36,7 @@ from .features import LinearHead, model_features
 from .perturb import InputStd
 
 __all__ = ["KNN", "MDS", "RMDS", "ViM", "NNGuide", "Relation", "SHE", "l2_normalize", "topk_similarity",
-           "TiedGaussian", "NNGUIDE_BANKS"]
+           "TiedGaussian", "NNGUIDE_BANKS", "eigh", "pinvh"]
 
 NNGUIDE_BANKS = ("all", "random", "first")
 
@@ -206,6 +207,31 @@ class TiedGaussian:
         return torch.nonzero(present)[:, 0], self.means[present], (cov + cov.T) / 2
 
 
+def eigh(sym: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues (ascending) and eigenvectors of a symmetric (m, m) float64 CPU matrix, by LAPACK through numpy.
+
+    Why not torch.linalg.eigh: with 2 threads on a shared 2-core machine its
+    MKL divide-and-conquer took 530 ms on a 512 x 512 feature covariance that
+    numpy's LAPACK (and torch with 1 thread) decomposed in 80 ms
+    (BENCHMARKS.md, "Scorers round 2"). Same routine family, same float64 result.
+    """
+    w, v = np.linalg.eigh(sym.detach().cpu().numpy())
+    return torch.from_numpy(w), torch.from_numpy(v)
+
+
+def pinvh(sym: torch.Tensor) -> torch.Tensor:
+    """Pseudo-inverse of a symmetric (m, m) float64 matrix from :func:`eigh`.
+
+    Eigenvalues with |lambda| <= m * eps * max|lambda| are dropped: the cutoff of
+    ``torch.linalg.pinv(hermitian=True)`` and scipy's ``pinvh`` (sklearn's
+    EmpiricalCovariance precision).
+    """
+    w, v = eigh(sym)
+    keep = w.abs() > sym.shape[0] * torch.finfo(torch.float64).eps * w.abs().max()
+    v = v[:, keep]
+    return (v / w[keep]) @ v.T
+
+
 def _mahalanobis(h: torch.Tensor, means: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:
     """(B, m), (K, m), (m, m) -> (B, K) squared Mahalanobis distances."""
     hp = h @ precision
@@ -265,7 +291,7 @@ class MDS(InputStd, FeatureScorer):
 
     def _fit_stats(self, acc: dict[str, TiedGaussian]) -> None:
         self.classes, self.means, cov = acc["class"].result()
-        self.precision = torch.linalg.pinv(cov, hermitian=True)
+        self.precision = pinvh(cov)
 
     def _distances(self, h: torch.Tensor) -> torch.Tensor:
         return _mahalanobis(h, self.means.to(h.device), self.precision.to(h.device))
@@ -309,7 +335,7 @@ class RMDS(MDS):
     def _fit_stats(self, acc: dict[str, TiedGaussian]) -> None:
         super()._fit_stats(acc)
         _, self.whole_mean, cov0 = acc["whole"].result()
-        self.whole_precision = torch.linalg.pinv(cov0, hermitian=True)
+        self.whole_precision = pinvh(cov0)
 
     def _score(self, logits, h, head):
         h = self.in_space(h, head).double()
@@ -359,7 +385,7 @@ class ViM(FeatureScorer):
                 c = h.double() - u
                 gram += c.T @ c
                 n += h.shape[0]
-            eigvals, eigvecs = torch.linalg.eigh(gram / n)  # ascending
+            eigvals, eigvecs = eigh(gram / n)  # ascending
             self._eig = (u, eigvecs[:, torch.argsort(eigvals, descending=True)])
             self._eig_of = weakref.ref(feats)
         self.u, order = self._eig
