@@ -398,3 +398,26 @@ def test_pinvh_and_eigh_equal_numpy_on_a_rank_deficient_covariance():
     w, v = eigh(cov)
     torch.testing.assert_close((v * w) @ v.T, cov, rtol=1e-12, atol=1e-12)
     assert bool((w[1:] >= w[:-1]).all())
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e3])
+def test_tied_gaussian_streamed_equals_two_pass_float64(offset):
+    """Chunked class means and pooled scatter == the two-pass float64 computation, even with a common
+    offset 1000x the spread (where a one-pass sum of squares in float32 would lose every digit)."""
+    from ascood.scoring.scorers.distance import TiedGaussian
+
+    g = torch.Generator().manual_seed(1)
+    y = torch.randint(0, 7, (900,), generator=g)
+    h = torch.randn(900, 10, generator=g, dtype=torch.float64) + 3 * y[:, None] + offset
+    acc = TiedGaussian()
+    for s in range(0, 900, 128):
+        acc.update(h[s:s + 128], y[s:s + 128])
+    classes, means, cov = acc.result()
+    want_means = torch.stack([h[y == c].mean(0) for c in range(7)])
+    centred = h - want_means[y]
+    want_cov = centred.T @ centred / 900
+    assert classes.tolist() == list(range(7))
+    torch.testing.assert_close(means, want_means, rtol=1e-12, atol=1e-12 * max(1.0, offset))
+    torch.testing.assert_close(cov, want_cov, rtol=1e-9, atol=1e-9)
+    with pytest.raises(ValueError, match=">= 0"):
+        acc.update(h[:3], torch.tensor([0, -1, 2]))

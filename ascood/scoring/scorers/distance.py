@@ -26,8 +26,8 @@ import warnings
 import weakref
 from typing import Callable, Sequence
 
-import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 from torch import nn
 
 from ... import _ops
@@ -170,7 +170,7 @@ class TiedGaussian:
             return
         if bool((y < 0).any()):
             raise ValueError("labels must be class indices >= 0 (rows labelled -1 are OOD, not ID training data)")
-        h = h.double()
+        h = h.to(torch.float64, copy=True)  # our own copy: centred in place below
         k = int(y.max()) + 1
         if self.means is None:
             m = h.shape[1]
@@ -183,9 +183,14 @@ class TiedGaussian:
             self.means = torch.cat([self.means, self.means.new_zeros(grow, self.means.shape[1])])
         classes, inv = torch.unique(y, return_inverse=True)
         nb = torch.bincount(inv, minlength=classes.numel()).double()
-        mb = torch.zeros(classes.numel(), h.shape[1], dtype=torch.float64).index_add_(0, inv, h) / nb[:, None]
-        centred = h - mb[inv]
-        self.scatter += centred.T @ centred
+        # The chunk's within-class scatter, sum (h - mb_c)(h - mb_c)^T, as the scatter about the chunk mean
+        # minus its between-class part: no (b, m) gather of class means, and float64 keeps it exact to
+        # ~1e-13 relative (the cancellation is only the between- / within-class variance ratio).
+        shift = h.mean(0)
+        h -= shift
+        d = torch.zeros(classes.numel(), h.shape[1], dtype=torch.float64).index_add_(0, inv, h) / nb[:, None]
+        self.scatter += gram(h) - (d * nb[:, None]).T @ d
+        mb = d + shift
         na = self.counts[classes]
         n = na + nb
         delta = mb - self.means[classes]
@@ -207,16 +212,37 @@ class TiedGaussian:
         return torch.nonzero(present)[:, 0], self.means[present], (cov + cov.T) / 2
 
 
-def eigh(sym: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eigenvalues (ascending) and eigenvectors of a symmetric (m, m) float64 CPU matrix, by LAPACK through numpy.
+def gram(c: torch.Tensor) -> torch.Tensor:
+    """c^T c of a (b, m) matrix as a (m, m) float64 CPU tensor, by BLAS ``syrk`` (numpy's ``a.T @ a``).
 
-    Why not torch.linalg.eigh: with 2 threads on a shared 2-core machine its
-    MKL divide-and-conquer took 530 ms on a 512 x 512 feature covariance that
-    numpy's LAPACK (and torch with 1 thread) decomposed in 80 ms
-    (BENCHMARKS.md, "Scorers round 2"). Same routine family, same float64 result.
+    Why numpy: it recognises ``a.T @ a`` and computes one triangle (syrk, half
+    the multiply-adds of the general product torch calls); in float64 on one
+    thread that was 51 ms against torch's 108 ms for 8192 x 512 here
+    (BENCHMARKS.md, "Scorers round 2"). Runs on as many BLAS threads as torch
+    is set to use.
     """
-    w, v = np.linalg.eigh(sym.detach().cpu().numpy())
-    return torch.from_numpy(w), torch.from_numpy(v)
+    a = c.detach().to(device="cpu", dtype=torch.float64).contiguous().numpy()
+    with threadpool_limits(torch.get_num_threads(), user_api="blas"):
+        return torch.from_numpy(a.T @ a)
+
+
+def eigh(sym: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues (ascending) and eigenvectors of a symmetric (m, m) float64 CPU matrix, on one thread.
+
+    Why one thread: LAPACK's divide-and-conquer gains little from threads at
+    feature sizes (m <= a few thousand: O(m^3), small beside the fit's
+    O(N m^2) Gram matrix) and collapses when the cores are shared: on a
+    loaded 2-core machine a 512 x 512 feature covariance took 530 ms with
+    2 threads (MKL through torch, and 300 ms with OpenBLAS through numpy)
+    against 41 ms of CPU time on one (BENCHMARKS.md, "Scorers round 2").
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        w, v = torch.linalg.eigh(sym.detach().cpu())
+    finally:
+        torch.set_num_threads(threads)
+    return w, v
 
 
 def pinvh(sym: torch.Tensor) -> torch.Tensor:
@@ -380,21 +406,28 @@ class ViM(FeatureScorer):
         b = feats.head.bias_or_zero().detach().double().cpu()
         if self._eig_of is None or self._eig_of() is not feats:
             u = -(torch.linalg.pinv(W) @ b)
-            gram, n = torch.zeros(m, m, dtype=torch.float64), 0
+            g, n = torch.zeros(m, m, dtype=torch.float64), 0
             for _, h, _ in self.space_chunks(feats):
-                c = h.double() - u
-                gram += c.T @ c
+                g += gram(h.double() - u)
                 n += h.shape[0]
-            eigvals, eigvecs = eigh(gram / n)  # ascending
+            eigvals, eigvecs = eigh(g / n)  # ascending
             self._eig = (u, eigvecs[:, torch.argsort(eigvals, descending=True)])
             self._eig_of = weakref.ref(feats)
         self.u, order = self._eig
         self.NS = order[:, dim:].contiguous()
+        # ||c projected on the residual space|| with the smaller of the two projections: ||c NS||, or
+        # sqrt(||c||^2 - ||c PS||^2) when the principal space is the smaller (dim 256 of m = 2048: 7x fewer
+        # multiply-adds; float64 keeps the difference exact to ~1e-13 here).
+        PS = order[:, :dim].contiguous() if dim < m - dim else None
         vsum = lsum = 0.0
         n = 0
         for _, h, _ in self.space_chunks(feats):
             h = h.double()
-            vsum += float(torch.linalg.norm((h - self.u) @ self.NS, dim=1).sum())
+            c = h - self.u
+            if PS is None:
+                vsum += float(torch.linalg.norm(c @ self.NS, dim=1).sum())
+            else:
+                vsum += float(((c * c).sum(1) - (c @ PS).pow(2).sum(1)).clamp(min=0).sqrt().sum())
             lsum += float((h @ W.T + b).amax(1).sum())
             n += h.shape[0]
         self.alpha = (lsum / n) / (vsum / n)
