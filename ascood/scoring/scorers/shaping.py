@@ -84,6 +84,7 @@ class ReAct(_Shaping):
             acts = torch.cat(parts)
         self._activations = acts.numpy()
         self._thresholds = {}
+        _ = self.threshold  # the current percentile's clip value: a fit's work, not the first scoring's
 
     def _percentile(self, percentile: float) -> float:
         """The clip value of one percentile (one pass over the stored activations)."""
