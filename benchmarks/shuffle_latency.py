@@ -3,7 +3,8 @@
     python benchmarks/shuffle_latency.py --calls 80 --shape 64,3,224,224
 
 For every call of ``ascood_kernels.shuffle_outlier`` (C++ backend, float32, p_inv 0.15) it records the
-wall time and, from ``getrusage`` / ``/proc``: the CPU time of the process (all threads), its involuntary
+wall time and, from ``getrusage`` / ``/proc``: the CPU time of the process (all threads; and the part spent
+in the kernel: page faults, zeroing fresh pages), its involuntary
 context switches (the scheduler took a core away from one of its threads: another process or a kernel
 thread wanted it), minor page faults (first touches of fresh memory), and the system's compaction stalls
 and huge-page faults from ``/proc/vmstat``. A call is "slow" above 2x the median; the table compares the
@@ -44,7 +45,8 @@ def measure(fn, calls: int) -> list[dict]:
         r0, v0, c0, t0 = resource.getrusage(resource.RUSAGE_SELF), _vmstat(), time.process_time(), time.perf_counter()
         fn()
         t1, c1, v1, r1 = time.perf_counter(), time.process_time(), _vmstat(), resource.getrusage(resource.RUSAGE_SELF)
-        rows.append({"wall": 1000 * (t1 - t0), "cpu": 1000 * (c1 - c0), "nivcsw": r1.ru_nivcsw - r0.ru_nivcsw,
+        rows.append({"wall": 1000 * (t1 - t0), "cpu": 1000 * (c1 - c0), "sys": 1000 * (r1.ru_stime - r0.ru_stime),
+                     "nivcsw": r1.ru_nivcsw - r0.ru_nivcsw,
                      "minflt": r1.ru_minflt - r0.ru_minflt, **{k: v1.get(k, 0) - v0.get(k, 0) for k in VMSTAT}})
     return rows
 
@@ -61,8 +63,9 @@ def summarize(label: str, rows: list[dict]) -> str:
     p95 = walls[int(0.95 * (len(walls) - 1))]
     cells = [label, f"{med:.1f}", f"{p95:.1f}", f"{walls[-1]:.1f}", f"{walls[-1] / med:.1f}", f"{len(slow)}/{len(rows)}"]
     for rs in (rest, slow):
-        cells += [f"{mean(rs, 'wall'):.1f}", f"{mean(rs, 'cpu'):.1f}", f"{mean(rs, 'nivcsw'):.1f}",
-                  f"{mean(rs, 'minflt'):.0f}", f"{mean(rs, 'compact_stall'):.2f}"]
+        cells += [f"{mean(rs, 'wall'):.1f}", f"{mean(rs, 'cpu'):.1f}", f"{mean(rs, 'sys'):.1f}",
+                  f"{mean(rs, 'nivcsw'):.1f}", f"{mean(rs, 'minflt'):.0f}", f"{mean(rs, 'thp_fault_alloc'):.1f}",
+                  f"{mean(rs, 'compact_stall'):.2f}"]
     return "| " + " | ".join(cells) + " |"
 
 
@@ -81,8 +84,9 @@ def main() -> None:
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, shape {shape}, {args.calls} calls per row; "
           f"load average {os.getloadavg()}; THP: {open('/sys/kernel/mm/transparent_hugepage/enabled').read().strip()}")
     head = ("| threads | median ms | p95 ms | max ms | max / median | slow calls (> 2x median) | "
-            "other calls: wall ms | CPU ms | invol. switches | minor faults | compaction stalls | "
-            "slow calls: wall ms | CPU ms | invol. switches | minor faults | compaction stalls |")
+            "other calls: wall ms | CPU ms | of which kernel ms | invol. switches | minor faults | THP faults | "
+            "compaction stalls | slow calls: wall ms | CPU ms | of which kernel ms | invol. switches | minor faults | "
+            "THP faults | compaction stalls |")
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
     for threads in (1, 2):
