@@ -402,7 +402,8 @@ def add_parser(sub) -> None:
     """Register ``ascood reproduce`` on the top-level parser's subcommands."""
     import argparse
 
-    from .argtypes import fraction, non_negative as nonneg, positive as positive_float, positive_int
+    from .argtypes import device_name, fraction, non_negative as nonneg, non_negative_int, positive as positive_float
+    from .argtypes import positive_int
     from ..nets.registry import MODEL_NAMES
     from ..training.outliers import OOD_TYPES
     from .presets import PRESETS
@@ -439,8 +440,8 @@ def add_parser(sub) -> None:
     g.add_argument("--fc-lr-factor", type=positive_float)
     g.add_argument("--scorers", help="comma-separated scorers for the ASCOOD runs (MSP and the preset's "
                    "reported scorer are always run)")
-    r.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default 0)")
-    r.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
+    r.add_argument("--workers", type=non_negative_int, default=0, help="DataLoader worker processes (default 0)")
+    r.add_argument("--device", type=device_name, help="cpu, cuda or cuda:N (default: cuda when available)")
     r.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
 

@@ -25,7 +25,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
-from .datasets import DataError, ImageListDataset, _parses
+from .datasets import DataError, ImageListDataset, parses_as, list_entry_path
 
 __all__ = ["SetSpec", "Benchmark", "BENCHMARKS", "OpenOODTreeError", "ResolvedBenchmark", "resolve_benchmark",
            "read_image_list", "ID_ROLES", "OOD_ROLES"]
@@ -157,7 +157,7 @@ def read_image_list(list_path: str, image_dir: str, num_classes: int | None, che
                 continue
             where = f"{list_path}:{lineno}"
             parts = line.rsplit(maxsplit=1)
-            if len(parts) != 2 or not _parses(parts[1], int):
+            if len(parts) != 2 or not parses_as(parts[1], int):
                 if len(check.errors) < max_reported:
                     check.errors.append(f"{where}: malformed line {line[:80]!r} (expected 'relative/path label', "
                                         "label an integer)")
@@ -167,6 +167,12 @@ def read_image_list(list_path: str, image_dir: str, num_classes: int | None, che
                 if len(check.errors) < max_reported:
                     check.errors.append(f"{where}: label {label} out of range for {num_classes} classes "
                                         f"(expected 0..{num_classes - 1})")
+                continue
+            try:
+                list_entry_path(list_path, lineno, parts[0], image_dir)
+            except DataError as err:
+                if len(check.errors) < max_reported:
+                    check.errors.append(str(err))
                 continue
             check.entries += 1
             if check_images and not os.path.isfile(os.path.join(image_dir, parts[0])):

@@ -307,7 +307,7 @@ class Trainer:
         from .resume import format_differences, resume_differences
 
         diffs = resume_differences(ckpt, self.config, amp=self.amp, steps_per_epoch=len(self.loader),
-                                   model_build=getattr(self.raw_model, "build_args", None))
+                                   model_build=getattr(self.raw_model, "build_args", None), extra=self.extra)
         if diffs:
             raise ValueError(format_differences(path, diffs))
         load_state_dict_checked(self.raw_model, ckpt["model"], path)
