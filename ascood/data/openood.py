@@ -28,7 +28,7 @@ from typing import Callable, Iterable
 from .datasets import DataError, ImageListDataset, parses_as, list_entry_path
 
 __all__ = ["SetSpec", "Benchmark", "BENCHMARKS", "OpenOODTreeError", "ResolvedBenchmark", "resolve_benchmark",
-           "read_image_list", "ID_ROLES", "OOD_ROLES"]
+           "read_image_list", "ID_ROLES", "OOD_ROLES", "tree_markdown"]
 
 ID_ROLES = ("id_train", "id_val", "id_test")
 OOD_ROLES = ("ood_val", "near", "far")
@@ -338,3 +338,19 @@ def resolve_benchmark(name: str, root: str | os.PathLike, *, allow_missing: bool
         raise OpenOODTreeError(f"benchmark {bench.name}: no OOD test set is present under {root}:\n  "
                                + "\n  ".join(f"{s.role} {s.name}: {why}" for s, why in skipped) + f"\n{TREE_TEXT}.")
     return ResolvedBenchmark(bench, root, present, sizes, skipped)
+
+
+def tree_markdown() -> str:
+    """Every benchmark's list files and the image folder their paths are relative to (docs/OPENOOD_TREE.md)."""
+    out = ["# The OpenOOD v1.5 data tree, list by list", "",
+           "Generated from `ascood.data.openood.BENCHMARKS` (`tests/data/test_openood_tree.py` checks that this",
+           "file matches it). Paths are relative to `--data-root`. Each line of a list is `relative/path label`:",
+           "the path is relative to the set's image folder and may not leave it (no absolute paths, no `..`); the",
+           "label is the class index for ID lists and -1 for OOD lists. A `classes.txt` beside the lists (one",
+           "class name per line, line i naming label i) gives the labels names.", ""]
+    for name, bench in BENCHMARKS.items():
+        out += [f"## {name} ({bench.num_classes} classes)", "", "| role | set | list | image folder |",
+                "|---|---|---|---|"]
+        out += [f"| {s.role} | {s.name} | `{s.list}` | `{s.folder}` |" for s in bench.sets]
+        out.append("")
+    return "\n".join(out)

@@ -258,3 +258,13 @@ def test_readme_preset_table_is_the_presets():
         assert "| " + " | ".join(row) + " |" in readme
     for name in OUTPUT_FILES:
         assert f"`{name}`" in readme
+
+
+def test_docs_list_every_benchmark_file():
+    # The README points newcomers at docs/OPENOOD_TREE.md: it must be what BENCHMARKS says.
+    from ascood.data.openood import tree_markdown
+
+    doc = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "docs",
+                       "OPENOOD_TREE.md")
+    with open(doc, encoding="utf-8") as f:
+        assert f.read() == tree_markdown(), "regenerate docs/OPENOOD_TREE.md from ascood.data.openood.tree_markdown()"
