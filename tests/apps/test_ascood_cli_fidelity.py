@@ -2,6 +2,7 @@
 normalisation source (ImageNet with --weights, estimated from scratch), ablation flags."""
 import json
 import os
+from functools import partial
 
 import numpy as np
 import pytest
@@ -12,7 +13,9 @@ from ascood.training.checkpoint import load_checkpoint
 from ascood.apps.main import main
 from ascood.training.model_selection import resolve_checkpoint
 from ascood.data.normalization import IMAGENET_MEAN, IMAGENET_STD, choose_normalization
-from test_ascood_cli import _images  # same tiny image folders as the CLI's end-to-end test
+from clihelpers import write_images
+
+_images = partial(write_images, size=10)  # same tiny image folders as the CLI's end-to-end test
 
 
 @pytest.fixture(scope="module")
