@@ -33,7 +33,8 @@ __all__ = ["Preset", "PRESETS", "PUBLISHED", "Resolved", "resolve", "get_preset"
 
 # OpenOOD's fixed normalisation statistics (openood/preprocessors/transform.py: normalization_dict).
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
-CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
+# CIFAR-100's are OpenOOD's and the authors' fork's to the 4th digit (they also give ODIN / i-ODIN their std).
+CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 # Training augmentations, as :func:`ascood.data.datasets.build_transforms` applies them by image size.

@@ -195,7 +195,8 @@ def test_resolution_order_and_sources():
 def test_presets_match_the_paper_settings():
     c10, c100, wb, cb = (PRESETS[k] for k in ("cifar10", "cifar100", "waterbirds", "celeba"))
     assert (c10.ood_type, c10.p_inv, c10.w, c10.epochs, c10.lr, c10.batch_size) == ("shuffle", 0.15, 1.0, 100, 0.1, 128)
-    assert (c100.w, c100.fc_lr_factor, c100.scorer, c100.mean) == (5.0, 0.05, "scale", (0.5071, 0.4865, 0.4409))
+    assert (c100.w, c100.fc_lr_factor, c100.scorer, c100.mean) == (5.0, 0.05, "scale", (0.5071, 0.4867, 0.4408))
+    assert c100.std == (0.2675, 0.2565, 0.2761)  # OpenOOD's normalization_dict['cifar100']
     assert (wb.model, wb.pretrained, wb.w, wb.alpha_max, wb.alpha_min, wb.scorer) == ("resnet18", True, 0.1, 300, 30,
                                                                                      "odin")
     assert (cb.ood_type, cb.alpha_max, cb.alpha_min) == ("gaussian", 0.1, 0.1)
