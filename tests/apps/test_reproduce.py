@@ -46,7 +46,7 @@ def test_end_to_end_writes_table_with_published_numbers(done):
     for published in ("60.41 ± 1.52", "77.18 ± 0.66", "11.37 ± 0.42", "97.48 ± 0.10", "93.72", "93.59"):
         assert published in table
     assert "near OOD set (waterbirds_ood)" in table
-    assert "Skipped (missing from the data tree, --allow-missing): far sun" in table
+    assert "Skipped (missing from the data tree): far sun" in table
     summary = json.load(open(os.path.join(out, "summary.json")))
     measured = summary["methods"]["ascood"]["per_seed"][0]
     rows = list(csv.DictReader(open(os.path.join(out, "results_per_set.csv"))))
