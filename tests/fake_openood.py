@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import zlib
 
 import numpy as np
 from PIL import Image
@@ -25,9 +26,15 @@ def _rel_path(spec: SetSpec, i: int) -> str:
     return f"{spec.name}_{spec.role}/part{i % 2}/img_{i:03d}.png"
 
 
-def _image(label: int, is_id: bool, size: int, rng: np.random.Generator) -> Image.Image:
-    base = 60 + 120 * (label % 2) if is_id else 128
+def _image(label: int, is_id: bool, size: int, rng: np.random.Generator, ood_base: int = 128) -> Image.Image:
+    base = 60 + 120 * (label % 2) if is_id else ood_base
     return Image.fromarray(np.clip(rng.normal(base, 40, (size, size, 3)), 0, 255).astype(np.uint8))
+
+
+def _ood_base(spec: SetSpec) -> int:
+    """Each OOD test set its own mean intensity, so scorers give different numbers per set (and a mean over the
+    wrong sets shows); the OOD validation set stays at mid-grey."""
+    return 128 if spec.role == "ood_val" else 20 + zlib.crc32(spec.name.encode()) % 216
 
 
 def _write(root: str, spec: SetSpec, entries: list[tuple[str, int]], size: int, rng: np.random.Generator) -> None:
@@ -35,7 +42,7 @@ def _write(root: str, spec: SetSpec, entries: list[tuple[str, int]], size: int, 
     for rel, label in entries:
         path = os.path.join(folder, rel)
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        _image(label, spec.is_id, size, rng).save(path)
+        _image(label, spec.is_id, size, rng, _ood_base(spec)).save(path)
     list_path = os.path.join(root, spec.list)
     os.makedirs(os.path.dirname(list_path), exist_ok=True)
     with open(list_path, "w") as f:
