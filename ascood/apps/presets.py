@@ -36,7 +36,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Callable, Mapping, Sequence
 
-__all__ = ["Preset", "PRESETS", "PUBLISHED", "Published", "PublishedPerSet", "Resolved", "SCORER_PARAMS", "resolve", "get_preset", "TRAIN_KEYS", "EVAL_KEYS",
+__all__ = ["Preset", "PRESETS", "PUBLISHED", "Published", "PublishedPerSet", "Resolved", "SCORER_PARAMS",
+           "resolve", "get_preset", "TRAIN_KEYS", "EVAL_KEYS",
            "IMAGENET_MEAN", "IMAGENET_STD", "CIFAR10_MEAN", "CIFAR10_STD", "CIFAR100_MEAN", "CIFAR100_STD",
            "explicit_dests", "apply_cli_preset", "pretrained_weights_error", "eval_pre_size", "train_steps",
            "add_preset_args", "print_config", "preset_list_text"]

@@ -633,6 +633,33 @@ def _from_rank0(fn: Callable[[], Any], ctx: DistContext) -> Any:
     return payload
 
 
+def _on_every_rank(fn: Callable[[], Any], ctx: DistContext) -> Any:
+    """Run ``fn`` on every rank; if it fails on any, rank 0 raises (its own error, or the failing rank's
+    message) and the others raise :class:`_PeerFailed` quietly, so the error is printed once and never lost."""
+    if not ctx.enabled:
+        return fn()
+    import torch.distributed as dist
+
+    result, own = None, None
+    try:
+        result = fn()
+        outcome = None
+    except Exception as err:  # noqa: BLE001 -- reported below, once, by rank 0
+        own = err
+        outcome = (str(err), 2 if getattr(err, "user_facing", False) or type(err).__name__ == "InputError" else 1)
+    outcomes: list = [None] * ctx.world_size
+    dist.all_gather_object(outcomes, outcome)
+    failed = [(rank, o) for rank, o in enumerate(outcomes) if o is not None]
+    if not failed:
+        return result
+    if ctx.is_main:
+        if own is not None:
+            raise own
+        rank, (message, status) = failed[0]
+        raise (ReproduceError if status == 2 else RuntimeError)(f"process {rank} of torchrun: {message}")
+    raise _PeerFailed(failed[0][1][0], failed[0][1][1])
+
+
 @contextmanager
 def _claimed(out: str, ctx: DistContext) -> Iterator[None]:
     """The lock of the whole reproduction on ``out`` (rank 0 holds it; the other ranks learn the outcome)."""
@@ -700,13 +727,9 @@ def _reproduce(name, data_root, seeds, out, overrides, allow_missing, weights, c
     main_rank = ctx.is_main
     # What reproduce decides about existing runs (kept, re-evaluated, ...) is said also with --no-progress.
     say = (lambda msg: tqdm.write(msg, file=sys.stderr)) if main_rank else (lambda msg: None)
-    try:
-        p = plan(name, data_root, overrides, allow_missing=allow_missing, weights=weights, class_list=class_list,
-                 progress=progress and main_rank, world_size=ctx.world_size, device=device, workers=workers)
-    except Exception as err:
-        if main_rank:
-            raise
-        raise _PeerFailed(str(err), 2 if getattr(err, "user_facing", False) else 1) from None  # rank 0 reports it
+    p = _on_every_rank(lambda: plan(name, data_root, overrides, allow_missing=allow_missing, weights=weights,
+                                    class_list=class_list, progress=progress and main_rank,
+                                    world_size=ctx.world_size, device=device, workers=workers), ctx)
     v = p.resolved.values
     out = out or os.path.join("runs", "reproduce", name)
     jobs = [(m, s) for s in seeds for m in METHODS]

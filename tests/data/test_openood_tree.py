@@ -119,7 +119,8 @@ def test_imagenet100_class_list_errors(tree_root, tmp_path):
     assert f"{bad}:100: {wnid(0)} repeats line 1" in str(exc.value)
     unknown = tmp_path / "unknown.txt"
     unknown.write_text("\n".join([wnid(l) for l in SUBSET_LABELS[:99]] + ["n99999999"]) + "\n")
-    with pytest.raises(OpenOODTreeError, match="1 class\\(es\\) not found as a folder of .*train_imagenet.txt: n99999999"):
+    with pytest.raises(OpenOODTreeError,
+                       match="1 class\\(es\\) not found as a folder of .*train_imagenet.txt: n99999999"):
         resolve_benchmark("imagenet100", tree_root, class_list=str(unknown))
     short = tmp_path / "short.txt"
     short.write_text("1\n2\n")
