@@ -36,6 +36,9 @@ def add_tree_args(p) -> None:
     p.add_argument("--allow-missing", action="store_true",
                    help="run with the OOD sets that are present when some lists/images are missing (they are "
                         "reported as skipped); ID train/val/test are always required")
+    p.add_argument("--class-list", metavar="FILE",
+                   help="imagenet100: its 100 ImageNet classes, one per line (WordNet id such as n01440764, or "
+                        "ImageNet-1K label); not part of OpenOOD's tree")
 
 
 def tree_from_args(args, progress: bool = False) -> ResolvedBenchmark | None:
@@ -49,4 +52,5 @@ def tree_from_args(args, progress: bool = False) -> ResolvedBenchmark | None:
     if not name:
         raise OpenOODTreeError("--data-root needs --benchmark NAME or --preset NAME "
                                f"(one of {', '.join(BENCHMARKS)})")
-    return resolve_benchmark(name, root, allow_missing=bool(getattr(args, "allow_missing", False)), progress=progress)
+    return resolve_benchmark(name, root, allow_missing=bool(getattr(args, "allow_missing", False)), progress=progress,
+                             class_list=getattr(args, "class_list", None))

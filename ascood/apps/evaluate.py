@@ -213,8 +213,14 @@ def _evaluate_benchmark(args, ckpt_path: str, tree, scorers: list[str]) -> int:
     from ..scoring.benchmark import evaluate_on_benchmark
 
     model, ckpt = _load_model(args, ckpt_path)
+    # A preset's scorer arguments (NNGuide's whole-set bank, as the authors' fork) apply here as in reproduce.
+    params = None
+    if getattr(args, "preset", None):
+        from .presets import get_preset
+
+        params = {n: get_preset(args.preset).params_for(n) for n in scorers if get_preset(args.preset).params_for(n)}
     table, aps = evaluate_on_benchmark(model, ckpt.get("extra") or {}, tree, scorers, batch_size=args.batch_size,
-                                       workers=args.workers, out_dir=args.out)
+                                       workers=args.workers, out_dir=args.out, scorer_params=params)
     for name, res in aps.items():
         print(f"APS {name}: {res['params']} (validation AUROC {res['val_auroc']:.2f})")
     print(table)

@@ -108,7 +108,9 @@ def _add_method_args(t: argparse.ArgumentParser) -> None:
                         "gradient of the true-class softmax probability (the paper's Sec. D.3 ablation)")
     t.add_argument("--shuffle-rank", choices=SHUFFLE_RANKS, default="exp",
                    help="pixel ranking of --ood-type shuffle: exp = sum over channels of exp(G_c), signed G (default, "
-                        "the authors' code); abs = sum of |G_c| (picks a different set; not the paper's)")
+                        "the authors' train script); abs = sum of |G_c| (picks a different set; not the paper's); "
+                        "random = the shuffled pixels chosen at random, no saliency (the authors' published "
+                        "CIFAR-10 run, p_inv 0.2)")
     t.add_argument("--outlier-loss", choices=OUTLIER_LOSSES, default="kl",
                    help="outlier term L_OOD: kl = w * KL(U || softmax(z(x'))) (default, the paper's); energy = "
                         "w * the energy-bounded loss of Liu et al. 2020 (the paper's Table 6 ablation L_energy)")

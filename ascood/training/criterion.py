@@ -109,7 +109,8 @@ class ASCOODCriterion:
         saliency_target: "logit" (the paper's G = dz_y/dx) or "prob" (the
             true-class softmax probability, the paper's Sec. D.3 ablation).
         shuffle_rank: pixel ranking of "shuffle": "exp" (sum_c exp(G_c), the
-            authors' code) or "abs" (sum_c |G_c|).
+            authors' train script), "abs" (sum_c |G_c|) or "random" (the shuffled
+            pixels chosen at random, the authors' published CIFAR-10 run).
         outlier_loss: "kl" (the paper's) or "energy" (Table 6 ablation, with
             ``energy_margin_in`` / ``energy_margin_out``).
         generator: ``torch.Generator`` for the shuffle permutation and the

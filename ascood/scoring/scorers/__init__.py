@@ -43,16 +43,17 @@ def get_scorer(name: str, **params) -> Scorer:
     return SCORERS[key](**params)
 
 
-def scorer_for_model(name: str, input_std=None) -> Scorer:
+def scorer_for_model(name: str, input_std=None, **params) -> Scorer:
     """:func:`get_scorer` with the model's input normalisation where the scorer needs it.
 
     ODIN / i-ODIN take eps in [0, 1] pixel units and divide it by the per-channel
     ``input_std`` (a sequence of floats, or None to read ``model.input_std``);
-    every other scorer ignores it.
+    every other scorer ignores it. ``params`` go to the scorer's constructor
+    (e.g. a preset's ``bank="all"`` for NNGuide).
     """
     if SCORERS.get(name.lower().replace("_", "").replace("-", "")) in (ODIN, IODIN):
-        return get_scorer(name, std=input_std)
-    return get_scorer(name)
+        return get_scorer(name, std=input_std, **params)
+    return get_scorer(name, **params)
 
 
 __all__ = ["Scorer", "FeatureScorer", "SCORERS", "get_scorer", "scorer_for_model", "sweep", "SweepResult", "loader_scores",
