@@ -549,5 +549,4 @@ def tree_markdown() -> str:
                 "|---|---|---|---|"]
         out += [f"| {s.role} | {s.name} | `{s.list}` | `{s.folder}` |" for s in bench.sets]
         out.append("")
-    return "
-".join(out)
+    return "\n".join(out)
