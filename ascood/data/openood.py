@@ -262,7 +262,7 @@ def read_class_list(path: str, num_classes: int, source_classes: int, flag: str 
             continue
         if _WNID.match(item):
             key = item
-        elif _parses(item, int) and 0 <= int(item) < source_classes:
+        elif parses_as(item, int) and 0 <= int(item) < source_classes:
             key = str(int(item))
         else:
             errors.append(f"{path}:{lineno}: {item[:40]!r} is neither a WordNet id (n01440764) nor a label "
@@ -288,7 +288,7 @@ def _label_map(classes: Sequence[str], train_list: str, class_list: str, flag: s
         with open(train_list, encoding="utf-8", errors="replace") as f:
             for line in f:
                 parts = line.strip().rsplit(maxsplit=1)
-                if len(parts) != 2 or not _parses(parts[1], int):
+                if len(parts) != 2 or not parses_as(parts[1], int):
                     continue
                 for folder in parts[0].replace("\\", "/").split("/")[:-1]:
                     if _WNID.match(folder):
