@@ -16,8 +16,11 @@ import importlib.abc
 import importlib.util
 import sys
 
-from .nets import ASCOODNet, build_model, wrap  # noqa: F401
-from .training import ASCOODCriterion, NonFiniteLossError, TrainConfig, Trainer, train  # noqa: F401
+#: The public names, loaded on first use: ``import ascood`` (and the ``ascood`` command's start-up) stays light.
+PUBLIC = {"ASCOODNet": "ascood.nets", "build_model": "ascood.nets", "wrap": "ascood.nets",
+          "ASCOODCriterion": "ascood.training", "NonFiniteLossError": "ascood.training",
+          "TrainConfig": "ascood.training", "Trainer": "ascood.training", "train": "ascood.training",
+          "evaluate": "ascood.scoring.evaluator"}
 
 __version__ = "0.1.0"
 
@@ -64,15 +67,18 @@ if not any(isinstance(f, _MovedModuleFinder) for f in sys.meta_path):
 
 
 def __getattr__(name: str):
-    # Heavier modules load on first use so `import ascood` stays quick.
-    if name == "evaluate":
-        from .scoring.evaluator import evaluate
-        return evaluate
+    # Everything loads on first use so `import ascood` stays quick (and a Ctrl-C at start-up stays one line).
+    if name in PUBLIC:
+        return getattr(importlib.import_module(PUBLIC[name]), name)
     if name in MOVED_MODULES:
         return importlib.import_module(MOVED_MODULES[name])
     if name in ("data", "nets", "training", "scoring", "apps", "files"):
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'ascood' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(PUBLIC) | set(MOVED_MODULES))
 
 
 __all__ = ["ASCOODNet", "ASCOODCriterion", "build_model", "wrap", "train", "Trainer", "TrainConfig",

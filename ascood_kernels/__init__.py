@@ -21,12 +21,13 @@ from . import _backend
 _backend.extension_loaded()
 _backend.triton_loaded()
 
-from ._backend import available_backends  # noqa: E402
+from ._backend import BACKENDS, available_backends  # noqa: E402
 from .ops import (ascood_loss, gradient_outlier, invariant_mask, iodin_perturb,  # noqa: E402
                   shuffle_outlier, zscore)
 
 __version__ = "0.1.0"
 __all__ = [
+    "BACKENDS",
     "available_backends",
     "invariant_mask",
     "gradient_outlier",

@@ -6,11 +6,19 @@ import math
 import os
 
 __all__ = ["OneLineParser", "positive_int", "non_negative_int", "fraction", "non_negative", "positive", "finite",
-           "floats", "named_path", "model_name"]
+           "floats", "named_path", "model_name", "device_name"]
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """argparse with one-line errors (no usage dump) so scripts see a single clear message; exit status 2."""
+    """argparse with one-line errors (no usage dump) so scripts see a single clear message; exit status 2.
+
+    Long options must be typed in full: ``--epoch 3`` is an error, not ``--epochs 3`` (argparse's
+    abbreviations would silently take a typo for another flag).
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):  # noqa: D401
         self.exit(2, f"{self.prog}: error: {message}\n")
@@ -105,3 +113,23 @@ def model_name(text: str) -> str:
         return text
     raise argparse.ArgumentTypeError(f"expected one of {', '.join(MODEL_NAMES)}, torchvision:NAME or timm:NAME, "
                                      f"got {text!r}")
+
+
+def device_name(text: str) -> str:
+    """--device: cpu, cuda or cuda:N, checked against this machine (torch's own message names no flag)."""
+    import torch
+
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}") from None
+    if dev.type == "cpu":
+        return text
+    if dev.type != "cuda":
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r} (device type {dev.type!r} "
+                                         "is not supported)")
+    if not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: no CUDA device is available on this machine (use cpu)")
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return text

@@ -17,7 +17,8 @@ from typing import Callable, Iterator, Sequence
 
 __all__ = ["InputError", "explicit_dests", "check_normalisation", "min_image_size", "check_image_size",
            "training_num_classes", "parse_scorer_names", "check_scorers_have_train", "warn_unlabelled_id",
-           "one_line_warnings", "require_path", "claim_out"]
+           "one_line_warnings", "require_path", "claim_out",
+           "check_out_outside_data", "check_ood_names"]
 
 
 class InputError(Exception):
@@ -173,3 +174,38 @@ def claim_out(out: str | None, outputs: Sequence[str]):
     if out is None or int(os.environ.get("RANK", "0")) != 0:
         return contextlib.nullcontext(out)
     return claim_output_dir(out, flag="--out", outputs=outputs)
+
+
+def check_out_outside_data(out: str | None, data: Sequence[tuple[str, str | None]]) -> None:
+    """--out may not be a data folder or inside one: the next run would read its files as data.
+
+    ``data``: (flag, path) pairs; only folders count (an image list or the OpenOOD tree reads the files it
+    lists, so a run folder beside them is never read as data).
+    """
+    if not out:
+        return
+    target = os.path.realpath(out)
+    for flag, path in data:
+        if not path or not os.path.isdir(path):
+            continue
+        folder = os.path.realpath(path)
+        if target == folder or target.startswith(folder.rstrip(os.sep) + os.sep):
+            raise InputError(f"--out {out} is inside the data folder of {flag} ({folder}): the run's files "
+                             "(checkpoints, figures) would be read as data next time; choose --out outside it")
+
+
+def check_ood_names(ood: Sequence[tuple[str, str]], near: Sequence[tuple[str, str]],
+                    far: Sequence[tuple[str, str]]) -> None:
+    """Every OOD set has its own name (two sets of one name would silently keep one)."""
+    seen: dict[str, str] = {}
+    groups = {g for g, items in (("near", near), ("far", far)) if items}
+    for flag, items in (("--ood", ood), ("--near", near), ("--far", far)):
+        for name, path in items:
+            where = f"{flag} {name}={path}"
+            if flag == "--ood" and name in groups:
+                raise InputError(f"{where}: the name {name!r} is taken by the --{name} group; name the set "
+                                 "with --ood OTHER=PATH")
+            if name in seen:
+                raise InputError(f"two OOD sets are named {name!r}: {seen[name]} and {where}; name them "
+                                 "apart with NAME=PATH")
+            seen[name] = where

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 
 from ..data.openood import BENCHMARKS, OpenOODTreeError, ResolvedBenchmark, resolve_benchmark
-from .argtypes import positive_int
+from .argtypes import device_name, non_negative_int, positive_int
 
 __all__ = ["add_data_args", "add_tree_args", "tree_from_args"]
 
@@ -22,8 +22,8 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
                         "an OpenOOD image list ('relative/path label' lines; see --root), or CIFAR python batches")
     p.add_argument("--root", help="root directory that image-list paths are relative to (default: the list's folder)")
     p.add_argument("--batch-size", type=positive_int, default=128, help="batch size (default 128)")
-    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default 0)")
-    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--workers", type=non_negative_int, default=0, help="DataLoader worker processes (default 0)")
+    p.add_argument("--device", type=device_name, help="cpu, cuda or cuda:N (default: cuda when available)")
 
 
 def add_tree_args(p) -> None:
@@ -36,6 +36,9 @@ def add_tree_args(p) -> None:
     p.add_argument("--allow-missing", action="store_true",
                    help="run with the OOD sets that are present when some lists/images are missing (they are "
                         "reported as skipped); ID train/val/test are always required")
+    p.add_argument("--class-list", metavar="FILE",
+                   help="imagenet100: its 100 ImageNet classes, one per line (WordNet id such as n01440764, or "
+                        "ImageNet-1K label); not part of OpenOOD's tree")
 
 
 def tree_from_args(args, progress: bool = False) -> ResolvedBenchmark | None:
@@ -49,4 +52,5 @@ def tree_from_args(args, progress: bool = False) -> ResolvedBenchmark | None:
     if not name:
         raise OpenOODTreeError("--data-root needs --benchmark NAME or --preset NAME "
                                f"(one of {', '.join(BENCHMARKS)})")
-    return resolve_benchmark(name, root, allow_missing=bool(getattr(args, "allow_missing", False)), progress=progress)
+    return resolve_benchmark(name, root, allow_missing=bool(getattr(args, "allow_missing", False)), progress=progress,
+                             class_list=getattr(args, "class_list", None))

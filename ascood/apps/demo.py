@@ -17,7 +17,7 @@ ID / OOD split (OpenOOD's APS mode), never on the test split; the other
 scorers keep their defaults. The printed table has the paper's Table-1
 layout: rows are methods (post-hoc scorers on the CE network, then ASCOOD with
 its scorer), columns the settings, cells FPR@95 / AUROC (OpenOOD convention,
-OOD positive, x100) as mean +- std over seeds, plus the ID test accuracy.
+OOD positive, x100) as mean +- std over seeds (population std, ddof 0), plus the ID test accuracy.
 
 Hyperparameters are fixed per setting (:data:`SETTING_CONFIGS`, chosen once on
 separate tuning seeds and validation data, see RESULTS.md) and printed with
@@ -51,7 +51,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from ..scoring.summary import mean_std
+from ..scoring.summary import STD_TEXT, mean_std
 from .argtypes import OneLineParser, non_negative_int, positive_int
 
 __all__ = ["SettingConfig", "SETTING_CONFIGS", "METHODS", "DEFAULT_SCORERS", "QUICK_SCORERS", "main", "run_demo",
@@ -185,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "relative alpha) with a small CNN on the three bundled benchmarks (fine-grained, spurious, "
                      "conventional; built from scikit-learn's digits and scikit-image's photographs, nothing "
                      "downloaded) and print the paper's Table-1 layout: FPR@95 / AUROC (OpenOOD convention: OOD "
-                     "positive, x100), mean +- std over seeds, plus ID accuracy. ODIN / i-ODIN hyperparameters are "
+                     "positive, x100), mean +- std over seeds (ddof 0), plus ID accuracy. ODIN / i-ODIN hyperparameters are "
                      "chosen on the validation split (APS), never on the test split."),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--seeds", type=positive_int, default=None,
@@ -555,7 +555,7 @@ def write_outputs(res: dict, args, argv: Sequence[str]) -> dict:
     cmd = "ascood demo" + ("" if not argv else " " + " ".join(argv))
     seeds = res["seeds"]
     conv = ("FPR@95 (lower is better) / AUROC (higher), OpenOOD convention (OOD positive: FPR@95 = % of ID flagged "
-            f"OOD when 95% of OOD is caught), x100, mean ± std over {len(seeds)} seed(s) {seeds}. Conventional = "
+            f"OOD when 95% of OOD is caught), x100, mean ± {STD_TEXT}; seeds {seeds}. Conventional = "
             "mean over the textures and photos OOD sets. CE rows: post-hoc scorers on the cross-entropy network; "
             "ODIN / i-ODIN T and eps chosen on the validation ID/OOD split (APS).")
     hp = hparam_text(configs, settings)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 from . import checks
 from .argtypes import named_path
@@ -88,6 +89,10 @@ def run(args: argparse.Namespace) -> int:
         checks.require_path(args.train, "training data path")
     if not (args.ood or args.near or args.far):
         raise checks.InputError("give at least one OOD set with --ood, --near or --far")
+    checks.check_ood_names(args.ood, args.near, args.far)
+    checks.check_out_outside_data(args.out, [("--id", args.id), ("--train", args.train), ("--val", args.val),
+                                             ("--aps-id", args.aps_id), ("--aps-ood", args.aps_ood)]
+                                  + [(f"--ood {n}", p) for n, p in args.ood + args.near + args.far])
     if bool(args.aps_id) != bool(args.aps_ood):
         raise checks.InputError("APS needs both --aps-id and --aps-ood")
     # Built here to check names and needs before any work; rebuilt with the model's std once it is loaded.
@@ -109,6 +114,30 @@ def _load_model(args, ckpt_path: str):
     model, ckpt = load_model(ckpt_path, map_location="cpu")
     print(describe_checkpoint(ckpt_path, ckpt), flush=True)
     return model.to(device), ckpt
+
+
+def _model_classes(model, extra: dict) -> list[str]:
+    """The checkpoint's class names (indices for checkpoints from before names were stored)."""
+    n = int(getattr(model, "num_classes", 0) or 0)
+    classes = [str(c) for c in extra.get("classes") or range(n)]
+    if n and len(classes) != n:
+        raise checks.InputError(f"the checkpoint names {len(classes)} classes but its model has {n} outputs")
+    return classes
+
+
+def _match_labelled(ds, classes: list[str], what: str) -> None:
+    """Relabel a labelled split onto the model's classes by name (a subset is said; an unknown class is an error)."""
+    from ..data.classes import is_labelled, match_classes
+    from ..data.datasets import DataError
+
+    if not is_labelled(ds):
+        return
+    try:
+        note = match_classes(ds, classes, what=what).describe(what)
+    except DataError as err:
+        raise checks.InputError(str(err)) from None
+    if note:
+        print(f"note: {note}", file=sys.stderr)
 
 
 def _evaluate(args, names: list[str], ckpt_path: str) -> int:
@@ -141,8 +170,14 @@ def _evaluate(args, names: list[str], ckpt_path: str) -> int:
     # ODIN / i-ODIN read the model's input_std.
     scorers = [get_scorer(key) for key in names]
     val_path = args.val or args.aps_id
-    train_loader = loader(dataset(args.train, train=True)) if args.train else None
-    val_loader = loader(dataset(val_path)) if val_path else None
+    classes = _model_classes(model, extra)
+    train_ds = dataset(args.train, train=True) if args.train else None
+    val_ds = dataset(val_path) if val_path else None
+    for ds, flag, path in ((train_ds, "--train", args.train), (val_ds, "--val" if args.val else "--aps-id", val_path)):
+        if ds is not None:
+            _match_labelled(ds, classes, f"{flag} {path}")
+    train_loader = loader(train_ds) if train_ds is not None else None
+    val_loader = loader(val_ds) if val_ds is not None else None
     if args.aps_id:
         from ..scoring.scorers import sweep
 
@@ -154,6 +189,7 @@ def _evaluate(args, names: list[str], ckpt_path: str) -> int:
                 print(f"APS {scorer.name}: {res.best_params} (validation AUROC {100 * res.best_auroc:.2f})")
     id_ds = dataset(args.id)
     checks.warn_unlabelled_id(id_ds, args.id)
+    _match_labelled(id_ds, _model_classes(model, extra), f"--id {args.id}")
     table = evaluate(model, loader(id_ds), ood, scorers=scorers, id_train_loader=train_loader,
                      id_val_loader=val_loader, convention=args.convention, model_name=None, features=cache)
     print(table)
@@ -180,8 +216,14 @@ def _evaluate_benchmark(args, ckpt_path: str, tree, scorers: list[str]) -> int:
     from ..scoring.benchmark import evaluate_on_benchmark
 
     model, ckpt = _load_model(args, ckpt_path)
+    # A preset's scorer arguments (NNGuide's whole-set bank, as the authors' fork) apply here as in reproduce.
+    params = None
+    if getattr(args, "preset", None):
+        from .presets import get_preset
+
+        params = {n: get_preset(args.preset).params_for(n) for n in scorers if get_preset(args.preset).params_for(n)}
     table, aps = evaluate_on_benchmark(model, ckpt.get("extra") or {}, tree, scorers, batch_size=args.batch_size,
-                                       workers=args.workers, out_dir=args.out)
+                                       workers=args.workers, out_dir=args.out, scorer_params=params)
     for name, res in aps.items():
         print(f"APS {name}: {res['params']} (validation AUROC {res['val_auroc']:.2f})")
     print(table)

@@ -55,7 +55,35 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     return build_parser().parse_args(argv)
 
 
+def check_backend_variable() -> None:
+    """``ASCOOD_BACKEND`` (the ops' default backend) is checked before any work, naming the variable."""
+    import os
+
+    value = os.environ.get("ASCOOD_BACKEND")
+    if not value:
+        return
+    from ascood_kernels import BACKENDS
+
+    if value not in BACKENDS:
+        raise CLIError(f"environment variable ASCOOD_BACKEND={value!r}: expected one of {', '.join(BACKENDS)}")
+
+
+def error_text(err: BaseException) -> str:
+    """The whole message of ``err``; for an error raised in a DataLoader worker, the original error's message
+    (torch wraps it as "Caught X in DataLoader worker process N" + the worker's traceback)."""
+    text = str(err).strip()
+    if "Original Traceback" in text:
+        last = [line for line in text.splitlines() if line.strip()][-1].strip()
+        name, sep, rest = last.partition(": ")
+        if sep and name.replace(".", "").replace("_", "").isalnum():
+            return rest  # "ascood.data.datasets.DataError: cannot read image ..." -> the message alone
+        return last
+    return text or type(err).__name__
+
+
 def _run(args: argparse.Namespace, argv: list[str]) -> int:
+    if args.command in ("train", "eval", "reproduce", "demo"):
+        check_backend_variable()
     if args.command in ("train", "eval") and (args.preset or getattr(args, "print_config", False)):
         from .presets import apply_cli_preset, print_config
 
@@ -69,6 +97,14 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``ascood`` console script; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    try:  # Ctrl-C at any point, start-up imports included, ends with one line
+        return _main(argv)
+    except KeyboardInterrupt:
+        print("ascood: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str]) -> int:
     args = _parse(argv)
     if not args.command:
         build_parser().print_help()
@@ -79,20 +115,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with checks.one_line_warnings(args.command):
             return _run(args, argv)
-    except KeyboardInterrupt:
-        print("ascood: interrupted", file=sys.stderr)
-        return 130
     except CLIError as err:
         print(f"ascood {args.command}: error: {err}", file=sys.stderr)
         return 2
-    except Exception as err:  # one clear line for users; --debug for the traceback
+    except Exception as err:  # one clear message for users; --debug for the traceback
         if args.debug:
             raise
-        if getattr(err, "user_facing", False):  # e.g. every missing piece of a data tree: the whole message
-            print(f"ascood {args.command}: error: {err}", file=sys.stderr)
+        if getattr(err, "user_facing", False):  # e.g. every missing piece of a data tree
+            print(f"ascood {args.command}: error: {error_text(err)}", file=sys.stderr)
             return 2
-        msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        print(f"ascood {args.command}: error: {msg}", file=sys.stderr)
+        # The whole message: the file and the detail are often on its later lines.
+        print(f"ascood {args.command}: error: {error_text(err)}", file=sys.stderr)
         return 1
 
 

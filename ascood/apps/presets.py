@@ -12,28 +12,40 @@ neither set by the preset nor given as a flag keeps the command's default.
 test-time pre-size from an overridden image size).
 
 Sources: ``/work/shared/paper/benchmarks.md`` and ``reference-facts.md``
-(the paper's Sec. 4 and the authors' OpenOOD-fork scripts). imagenet200 is
-not in the paper's Table 1: its preset follows OpenOOD v1.5's ImageNet-200
-baseline (ResNet-18 at 224 from scratch, ImageNet statistics, pre-size 256,
-90 epochs, lr 0.1, batch 128) with the paper's default ASCOOD settings
-(gradient outliers, p_inv 0.1, alpha 300 -> 30, w 1.0) and SCALE as the
-scorer (as for the other from-scratch benchmarks); none of these ASCOOD
-choices is the authors'.
+(the paper's Sec. 4 and the authors' OpenOOD-fork scripts); every preset
+states its own in ``provenance`` (``ascood reproduce --list`` prints them).
+CIFAR-10 has two: ``cifar10`` is the fork's train script (saliency-ranked
+shuffle, p_inv 0.15), ``cifar10_random`` the run whose result files the fork
+publishes (pixels chosen at random, p_inv 0.2); which one produced Table 1
+is not settled. imagenet200 is not in the paper: its preset follows OpenOOD
+v1.5's ImageNet-200 baseline (ResNet-18 at 224 from scratch, ImageNet
+statistics, pre-size 256, 90 epochs, lr 0.1, batch 128) with the paper's
+default ASCOOD settings (gradient outliers, p_inv 0.1, alpha 300 -> 30, w
+1.0) and SCALE as the scorer; none of these ASCOOD choices is the authors'.
+imagenet100 is the paper's Table 3 (DreamOOD's schedule); the fork has no
+config for it, so its outlier settings are the paper's defaults, our choice.
+
+``scorer_params`` are passed to the scorers a preset runs: every preset gives
+NNGuide the fork's bank, the whole ID training set (``bank="all"``; the fork
+removed upstream OpenOOD's subsampling).
 """
 from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, Callable, Mapping, Sequence
 
-__all__ = ["Preset", "PRESETS", "PUBLISHED", "Resolved", "resolve", "get_preset", "TRAIN_KEYS", "EVAL_KEYS",
+__all__ = ["Preset", "PRESETS", "PUBLISHED", "Published", "PublishedPerSet", "Resolved", "SCORER_PARAMS",
+           "resolve", "get_preset", "TRAIN_KEYS", "EVAL_KEYS",
            "IMAGENET_MEAN", "IMAGENET_STD", "CIFAR10_MEAN", "CIFAR10_STD", "CIFAR100_MEAN", "CIFAR100_STD",
            "explicit_dests", "apply_cli_preset", "pretrained_weights_error", "eval_pre_size", "train_steps",
-           "add_preset_args", "print_config"]
+           "add_preset_args", "print_config", "preset_list_text"]
 
 # OpenOOD's fixed normalisation statistics (openood/preprocessors/transform.py: normalization_dict).
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
-CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
+# CIFAR-100's are OpenOOD's and the authors' fork's to the 4th digit (they also give ODIN / i-ODIN their std).
+CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 # Training augmentations, as :func:`ascood.data.datasets.build_transforms` applies them by image size.
@@ -86,17 +98,34 @@ class Preset:
     scorers: tuple[str, ...]
     weights_hint: str = ""
     notes: str = ""
+    #: Pixel ranking of the shuffle outliers (``TrainConfig.shuffle_rank``).
+    shuffle_rank: str = "exp"
+    #: The OpenOOD benchmark whose tree it reads (default: the preset's name).
+    benchmark: str = ""
+    #: Where the settings come from (printed by ``ascood reproduce --list``).
+    provenance: str = ""
+    #: Scorer name -> constructor arguments for the scorers this preset runs.
+    scorer_params: Mapping[str, Mapping[str, Any]] = field(default_factory=lambda: SCORER_PARAMS)
+
+    @property
+    def tree_name(self) -> str:
+        return self.benchmark or self.name
 
     def train_values(self) -> dict[str, Any]:
         """The values ``ascood train`` flags take (argparse dest -> value)."""
         return {"model": self.model, "image_size": self.image_size, "mean": list(self.mean), "std": list(self.std),
                 "epochs": self.epochs, "lr": self.lr, "batch_size": self.batch_size, "ood_type": self.ood_type,
                 "p_inv": self.p_inv, "alpha_max": self.alpha_max, "alpha_min": self.alpha_min, "w": self.w,
-                "fc_lr_factor": self.fc_lr_factor, "head": "zscore", "benchmark": self.name}
+                "fc_lr_factor": self.fc_lr_factor, "shuffle_rank": self.shuffle_rank, "head": "zscore",
+                "benchmark": self.tree_name}
 
     def eval_values(self) -> dict[str, Any]:
         """The values ``ascood eval`` flags take."""
-        return {"scorers": ",".join(self.scorers), "batch_size": self.batch_size, "benchmark": self.name}
+        return {"scorers": ",".join(self.scorers), "batch_size": self.batch_size, "benchmark": self.tree_name}
+
+    def params_for(self, scorer: str) -> dict[str, Any]:
+        """Constructor arguments of one scorer of this preset (empty for most)."""
+        return dict(self.scorer_params.get(scorer, {}))
 
     def info_values(self) -> dict[str, Any]:
         """Values no flag sets (shown by --print-config; ``pre_size`` is derived again if image_size changes)."""
@@ -104,57 +133,120 @@ class Preset:
                 "scorer": self.scorer}
 
 
+#: Scorer arguments every preset passes: NNGuide's bank is the whole ID training set, as the authors' fork
+#: (it removed upstream OpenOOD's alpha subsampling; benchmarks.md). Read-only: presets share it.
+SCORER_PARAMS: Mapping[str, Mapping[str, Any]] = MappingProxyType({"nnguide": MappingProxyType({"bank": "all"})})
+
 _R18_HINT = "torchvision's ImageNet ResNet-18 state dict, e.g. resnet18-f37072fd.pth"
+_R34_HINT = "torchvision's ImageNet ResNet-34 state dict, e.g. resnet34-b627a593.pth"
 _R50_HINT = "torchvision's ImageNet ResNet-50 state dict, e.g. resnet50-0676ba61.pth"
+_FORK = "the authors' OpenOOD fork"
 
 PRESETS: dict[str, Preset] = {p.name: p for p in (
     Preset("cifar10", "conventional", 10, "resnet18_32x32", False, 32, 32, AUG_CIFAR, CIFAR10_MEAN, CIFAR10_STD,
-           100, 0.1, 128, "shuffle", 0.15, 300.0, 30.0, 1.0, 1.0, "scale", ("msp", "scale", "iodin")),
+           100, 0.1, 128, "shuffle", 0.15, 300.0, 30.0, 1.0, 1.0, "scale", ("msp", "scale", "iodin"),
+           notes="which CIFAR-10 run produced Table 1 is not settled: cifar10_random is the run whose result "
+                 "files the fork publishes",
+           provenance=f"{_FORK}'s CIFAR-10 train script: invariant pixel shuffle of the pixels ranked by "
+                      "sum_c exp(G_c), p_inv 0.15, w 1"),
+    Preset("cifar10_random", "conventional", 10, "resnet18_32x32", False, 32, 32, AUG_CIFAR, CIFAR10_MEAN,
+           CIFAR10_STD, 100, 0.1, 128, "shuffle", 0.2, 300.0, 30.0, 1.0, 1.0, "scale", ("msp", "scale", "iodin"),
+           shuffle_rank="random", benchmark="cifar10",
+           notes="which CIFAR-10 run produced Table 1 is not settled: cifar10 is the fork's train script",
+           provenance=f"{_FORK}'s only published ASCOOD CIFAR-10 result files (run folder marked 'random'): "
+                      "shuffle of pixels chosen at random, p_inv 0.2, w 1; its i-ODIN file's per-set numbers "
+                      "are shown beside the measured i-ODIN ones"),
     Preset("cifar100", "conventional", 100, "resnet18_32x32", False, 32, 32, AUG_CIFAR, CIFAR100_MEAN, CIFAR100_STD,
-           100, 0.1, 128, "shuffle", 0.1, 300.0, 30.0, 5.0, 0.05, "scale", ("msp", "scale")),
+           100, 0.1, 128, "shuffle", 0.1, 300.0, 30.0, 5.0, 0.05, "scale", ("msp", "scale"),
+           provenance=f"{_FORK}'s CIFAR-100 train script: shuffle, p_inv 0.1, w 5, fc_lr_factor 0.05"),
+    Preset("imagenet100", "conventional", 100, "resnet34", True, 224, 256, AUG_IMAGENET, IMAGENET_MEAN,
+           IMAGENET_STD, 20, 0.0005, 40, "gradient", 0.1, 300.0, 30.0, 1.0, 1.0, "ebo", ("msp", "ebo"), _R34_HINT,
+           notes="ID sets: OpenOOD's ImageNet-1K lists filtered to the --class-list classes (ID test: 45 images "
+                 "per class, OpenOOD's split of the official val set); the outlier settings are the paper's "
+                 "defaults (our choice: the fork holds no ImageNet-100 config). The paper's text also gives "
+                 "ASCOOD's SSB-Hard AUROC, 83.91",
+           provenance="the paper's Sec. 4 (DreamOOD's setup: ResNet-34 ImageNet-pretrained, 20 epochs, batch 40, "
+                      "lr 0.0005) and Table 3 (EBO; iNaturalist, Textures, OpenImage-O); gradient outliers p_inv "
+                      "0.1, alpha 300 -> 30, w 1 are our choice"),
     Preset("imagenet200", "conventional", 200, "resnet18", False, 224, 256, AUG_IMAGENET, IMAGENET_MEAN,
            IMAGENET_STD, 90, 0.1, 128, "gradient", 0.1, 300.0, 30.0, 1.0, 1.0, "scale", ("msp", "scale"),
-           notes="not in the paper's Table 1: OpenOOD v1.5's ImageNet-200 baseline schedule with the paper's "
-                 "default ASCOOD settings (our choice, not the authors')"),
+           notes="not in the paper: OpenOOD v1.5's ImageNet-200 baseline schedule with the paper's "
+                 "default ASCOOD settings (our choice, not the authors')",
+           provenance="OpenOOD v1.5's ImageNet-200 baseline schedule; the ASCOOD settings are the paper's defaults "
+                      "(our choice)"),
     # Waterbirds / CelebA: batch 128 is the authors' dataset config (not stated in the paper).
     Preset("waterbirds", "spurious", 2, "resnet18", True, 224, 256, AUG_IMAGENET, IMAGENET_MEAN, IMAGENET_STD,
-           30, 0.01, 128, "gradient", 0.1, 300.0, 30.0, 0.1, 1.0, "odin", ("msp", "odin"), _R18_HINT),
+           30, 0.01, 128, "gradient", 0.1, 300.0, 30.0, 0.1, 1.0, "odin", ("msp", "odin"), _R18_HINT,
+           provenance=f"{_FORK}'s Waterbirds script (w 0.1, alpha 300 -> 30; batch 128 its dataset config)"),
     Preset("celeba", "spurious", 2, "resnet18", True, 224, 256, AUG_IMAGENET, IMAGENET_MEAN, IMAGENET_STD,
            30, 0.01, 128, "gaussian", 0.1, 0.1, 0.1, 1.0, 1.0, "odin", ("msp", "odin"), _R18_HINT,
-           notes="gaussian outliers alpha 0.1 (the authors' other run: gradient, p_inv 0.05, alpha 50 -> 30)"),
+           notes="gaussian outliers alpha 0.1 (the authors' other run: gradient, p_inv 0.05, alpha 50 -> 30)",
+           provenance=f"{_FORK}'s CelebA script (gaussian outliers, alpha 0.1)"),
     Preset("cars", "fine-grained", 150, "resnet50", True, 448, 512, AUG_IMAGENET, IMAGENET_MEAN, IMAGENET_STD,
-           30, 0.01, 32, "gradient", 0.1, 0.1, 0.1, 1.0, 1.0, "relation", ("msp", "relation"), _R50_HINT),
+           30, 0.01, 32, "gradient", 0.1, 0.1, 0.1, 1.0, 1.0, "relation", ("msp", "relation"), _R50_HINT,
+           provenance=f"the paper's Sec. 4 (ResNet-50 at 448, batch 32) and {_FORK}'s Car script (alpha 0.1)"),
     Preset("aircraft", "fine-grained", 90, "resnet50", True, 448, 512, AUG_IMAGENET, IMAGENET_MEAN, IMAGENET_STD,
-           30, 0.01, 32, "gradient", 0.1, 0.1, 0.1, 1.0, 1.0, "nnguide", ("msp", "nnguide"), _R50_HINT),
+           30, 0.01, 32, "gradient", 0.1, 0.1, 0.1, 1.0, 1.0, "nnguide", ("msp", "nnguide"), _R50_HINT,
+           provenance=f"the paper's Sec. 4 (ResNet-50 at 448, batch 32) and {_FORK}'s Aircraft script (alpha "
+                      "0.1); NNGuide with the fork's whole-training-set bank"),
 )}
 
 
 @dataclass(frozen=True)
+class PublishedPerSet:
+    """Published per-OOD-set numbers (FPR@95, AUROC x100) of some methods, with their scorer and source."""
+
+    source: str
+    scorer: Mapping[str, str]  # method ("ce", "ascood") -> scorer name
+    values: Mapping[str, Mapping[str, tuple[float, float]]]  # method -> OOD set -> (FPR@95, AUROC)
+    id_acc: Mapping[str, float] = field(default_factory=dict)  # method -> ID accuracy of that source
+
+
+@dataclass(frozen=True)
 class Published:
-    """The paper's Table 1 numbers (x100, OpenOOD convention; mean, std over 3 runs).
+    """The paper's numbers for one preset (x100, OpenOOD convention; (mean, std over 3 runs), std None when
+    the paper gives none).
 
     ``target``: what the number is measured on: "near" = the single near
-    set (spurious / fine-grained OOD), "all" = the mean over every near and
-    far OOD set (CIFAR's "near+far mean").
+    set (spurious / fine-grained OOD); "conventional" = the mean over the
+    conventional sets of the paper's Sec. 4 (:data:`ascood.data.openood.CONVENTIONAL_SETS`: for CIFAR
+    MNIST, SVHN, iSUN, Textures, Places365 -- no near set). ``source``: the
+    paper's table. ``per_set``: per-set numbers printed beside the measured ones.
     """
 
     target: str
-    msp_fpr95: tuple[float, float]
-    msp_auroc: tuple[float, float]
-    ascood_fpr95: tuple[float, float]
-    ascood_auroc: tuple[float, float]
+    msp_fpr95: tuple[float, float | None]
+    msp_auroc: tuple[float, float | None]
+    ascood_fpr95: tuple[float, float | None]
+    ascood_auroc: tuple[float, float | None]
     acc_ce: float
     acc_ascood: float
+    source: str = "Table 1"
+    per_set: PublishedPerSet | None = None
 
 
-# benchmarks.md, "Published numbers (paper Table 1)". imagenet200 has none.
+_CIFAR10_TABLE1 = ((29.94, 1.32), (91.06, 0.35), (7.69, 0.29), (98.32, 0.07), 95.06, 94.95)
+
+# benchmarks.md, "Published numbers". imagenet200 has none.
 PUBLISHED: dict[str, Published] = {
     "aircraft": Published("near", (63.79, 5.71), (80.53, 1.61), (47.94, 5.38), (89.75, 1.01), 87.85, 89.61),
     "cars": Published("near", (58.17, 0.99), (87.12, 0.16), (40.76, 1.13), (91.86, 0.20), 92.73, 94.20),
     "waterbirds": Published("near", (60.41, 1.52), (77.18, 0.66), (11.37, 0.42), (97.48, 0.10), 93.72, 93.59),
     "celeba": Published("near", (56.00, 2.73), (82.53, 1.19), (42.62, 0.76), (86.50, 0.89), 96.72, 96.58),
-    "cifar100": Published("all", (57.49, 0.85), (78.48, 0.42), (29.90, 0.76), (91.35, 0.13), 77.25, 76.63),
-    "cifar10": Published("all", (29.94, 1.32), (91.06, 0.35), (7.69, 0.29), (98.32, 0.07), 95.06, 94.95),
+    "cifar100": Published("conventional", (57.49, 0.85), (78.48, 0.42), (29.90, 0.76), (91.35, 0.13), 77.25, 76.63),
+    "cifar10": Published("conventional", *_CIFAR10_TABLE1),
+    # Table 1's CIFAR-10 row (which run made it is not settled) and the fork's published i-ODIN result file.
+    "cifar10_random": Published("conventional", *_CIFAR10_TABLE1, per_set=PublishedPerSet(
+        "the fork's published result file of the 'random' run (i-ODIN)", {"ascood": "iodin"},
+        {"ascood": {"cifar100": (43.67, 89.80), "tin": (28.39, 92.63), "mnist": (9.21, 97.75),
+                    "svhn": (12.08, 96.94), "texture": (13.10, 97.08), "places365": (24.58, 93.48)}},
+        {"ascood": 95.00})),
+    # Table 3: the average over iNaturalist, Textures, OpenImage-O; no std in the paper.
+    "imagenet100": Published("conventional", (41.24, None), (88.80, None), (23.12, None), (94.02, None), 87.33,
+                             87.27, source="Table 3", per_set=PublishedPerSet(
+        "the paper's Table 3", {"ce": "msp", "ascood": "ebo"},
+        {"ce": {"inaturalist": (21.09, 94.87), "textures": (62.82, 83.45), "openimage_o": (39.82, 88.08)},
+         "ascood": {"inaturalist": (18.11, 95.73), "textures": (25.20, 94.40), "openimage_o": (26.04, 91.95)}})),
 }
 
 TRAIN_KEYS = tuple(next(iter(PRESETS.values())).train_values())
@@ -285,12 +377,29 @@ def preset_table_rows() -> list[list[str]]:
     rows = []
     for p in PRESETS.values():
         alpha = f"{p.alpha_max:g}" if p.alpha_max == p.alpha_min else f"{p.alpha_max:g} -> {p.alpha_min:g}"
-        norm = "ImageNet" if p.mean == IMAGENET_MEAN else f"OpenOOD {p.name}"
+        norm = "ImageNet" if p.mean == IMAGENET_MEAN else f"OpenOOD {p.tree_name}"
+        outliers = f"{p.ood_type} ({p.shuffle_rank})" if p.ood_type == "shuffle" else p.ood_type
         rows.append([p.name, f"{p.model}{' (pretrained)' if p.pretrained else ''}", f"{p.image_size} ({p.pre_size})",
-                     norm, str(p.epochs), f"{p.lr:g}", str(p.batch_size), p.ood_type,
+                     norm, str(p.epochs), f"{p.lr:g}", str(p.batch_size), outliers,
                      f"{p.p_inv:g}" if p.ood_type in ("gradient", "shuffle") else "-", alpha if p.ood_type != "shuffle" else "-",
                      f"{p.w:g}", f"{p.fc_lr_factor:g}", p.scorer, ",".join(p.scorers)])
     return rows
+
+
+def preset_list_text() -> str:
+    """What ``ascood reproduce --list`` prints: the preset table, then each preset's provenance and notes."""
+    rows = [PRESET_TABLE_HEADER, *preset_table_rows()]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(PRESET_TABLE_HEADER))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines += ["", "Provenance:"]
+    for p in PRESETS.values():
+        pub = PUBLISHED.get(p.name)
+        published = f"published: the paper's {pub.source}" if pub else "no published numbers"
+        lines.append(f"  {p.name}: {p.provenance}; {published}"
+                     + (f"; per set: {pub.per_set.source}" if pub and pub.per_set else "")
+                     + (f". Note: {p.notes}" if p.notes else ""))
+    return "\n".join(lines)
 
 
 PRESET_TABLE_HEADER = ["preset", "backbone", "size (test pre-size)", "normalisation", "epochs", "lr", "batch",

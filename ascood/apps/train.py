@@ -108,7 +108,9 @@ def _add_method_args(t: argparse.ArgumentParser) -> None:
                         "gradient of the true-class softmax probability (the paper's Sec. D.3 ablation)")
     t.add_argument("--shuffle-rank", choices=SHUFFLE_RANKS, default="exp",
                    help="pixel ranking of --ood-type shuffle: exp = sum over channels of exp(G_c), signed G (default, "
-                        "the authors' code); abs = sum of |G_c| (picks a different set; not the paper's)")
+                        "the authors' train script); abs = sum of |G_c| (picks a different set; not the paper's); "
+                        "random = the shuffled pixels chosen at random, no saliency (the authors' published "
+                        "CIFAR-10 run, p_inv 0.2)")
     t.add_argument("--outlier-loss", choices=OUTLIER_LOSSES, default="kl",
                    help="outlier term L_OOD: kl = w * KL(U || softmax(z(x'))) (default, the paper's); energy = "
                         "w * the energy-bounded loss of Liu et al. 2020 (the paper's Table 6 ablation L_energy)")
@@ -170,6 +172,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as err:
         raise checks.InputError(str(err))
     checks.check_normalisation(args.mean, args.std, args.channels)
+    checks.check_out_outside_data(args.out, [("DATA", args.data), ("--val", args.val)])
     with checks.claim_out(args.out, TRAIN_OUTPUTS):
         if resume is None and os.path.exists(os.path.join(args.out, "last.pt")):
             raise checks.InputError(f"{os.path.join(args.out, 'last.pt')} exists: pass --resume to continue it or "
@@ -206,8 +209,9 @@ def _normalisation(args, tree, mode: str) -> dict:
 
 
 def _datasets(args, tree, mean, std, mode: str):
-    """(train dataset, val dataset or None, number of classes)."""
+    """(train dataset, val dataset or None, class names): --val is matched to the training classes by name."""
     from ..data import datasets as D
+    from ..data.classes import class_names, match_classes
 
     train_tf = D.build_transforms(args.image_size, mean, std, train=True)
     test_tf = D.build_transforms(args.image_size, mean, std, train=False)
@@ -219,9 +223,18 @@ def _datasets(args, tree, mean, std, mode: str):
     else:
         ds = D.dataset_from_path(args.data, train_tf, train=True, fmt=args.data_format, root=args.root, mode=mode)
         num_classes = checks.training_num_classes(ds, args.data)
+    classes = class_names(ds) or [str(i) for i in range(num_classes)]
     if args.val:  # an explicit --val wins over the benchmark's ID val list
         val_ds = D.dataset_from_path(args.val, test_tf, train=False, fmt=args.data_format, root=args.root, mode=mode)
-    return ds, val_ds, num_classes
+    if val_ds is not None:
+        what = f"--val {args.val}" if args.val else "the benchmark's ID val list"
+        try:
+            note = match_classes(val_ds, classes, what=what).describe(what)
+        except D.DataError as err:
+            raise checks.InputError(str(err)) from None
+        if note:
+            print(f"note: {note}", file=sys.stderr)
+    return ds, val_ds, classes
 
 
 def _config(args):
@@ -246,6 +259,7 @@ def _train(args, resume: str | None, tree=None) -> int:
     import torch
 
     from ..data import datasets as D
+    from ..data.classes import fingerprint
     from ..data.normalization import describe
     from ..training.trainer import Trainer
 
@@ -255,14 +269,16 @@ def _train(args, resume: str | None, tree=None) -> int:
         torch.manual_seed(args.seed)
     norm = _normalisation(args, tree, mode)
     mean, std = norm["mean"], norm["std"]
-    ds, val_ds, num_classes = _datasets(args, tree, mean, std, mode)
+    ds, val_ds, classes = _datasets(args, tree, mean, std, mode)
+    num_classes = len(classes)
     loader = D.make_loader(ds, args.batch_size, train=True, workers=args.workers, seed=args.seed)
     val_loader = D.make_loader(val_ds, args.batch_size, train=False, workers=args.workers) if val_ds else None
     model = _build(args, num_classes, args.weights, mean, std)
     config = _config(args)
     extra = {"mean": list(map(float, mean)), "std": list(map(float, std)), "normalization": norm,
              "image_size": args.image_size,
-             "channels": args.channels, "classes": [str(c) for c in getattr(ds, "classes", range(num_classes))],
+             "channels": args.channels, "classes": classes,
+             "num_images": len(ds), "data_fingerprint": fingerprint(ds),
              "data": tree.root if tree else os.path.abspath(args.data),
              "data_format": "openood" if tree else args.data_format, "batch_size": args.batch_size,
              "val": os.path.abspath(args.val) if args.val else None}

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 __all__ = ["DataError", "IMAGE_EXTENSIONS", "build_transforms", "image_folder", "ImageListDataset", "CIFARDataset",
            "FlatImageDataset", "dataset_from_path", "detect_format", "DATA_FORMATS",
            "ArrayDataset", "open_image", "make_loader", "estimate_mean_std", "read_cifar_batch",
-           "looks_like_pickle"]
+           "looks_like_pickle", "unpack_batch", "scan_images", "list_entry_path", "CLASS_TABLE_NAME"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
@@ -93,32 +93,156 @@ class _Loader:
         return open_image(path, self.mode)
 
 
+def _inside(path: str, root_real: str) -> bool:
+    return path == root_real or path.startswith(root_real.rstrip(os.sep) + os.sep)
+
+
+class _Skipped:
+    """What a folder scan left out, said once per dataset (hidden entries, symlinks leaving the root, loops)."""
+
+    def __init__(self) -> None:
+        self.hidden: list[str] = []
+        self.outside: list[str] = []
+        self.loops: list[str] = []
+
+    def warn(self, root: str) -> None:
+        parts = []
+        for items, what in ((self.hidden, "hidden file(s)/folder(s)"),
+                            (self.outside, "symlink(s) leading out of the data folder"),
+                            (self.loops, "symlink loop(s)")):
+            if items:
+                parts.append(f"{len(items)} {what} (e.g. {os.path.relpath(items[0], root)})")
+        if parts:
+            warnings.warn(f"{root}: skipped " + "; ".join(parts), stacklevel=3)
+
+
+def scan_images(top: str, root: str, skipped: _Skipped) -> list[str]:
+    """Image files under ``top`` (sorted), for a data folder ``root`` (a class folder, or a flat folder).
+
+    Hidden entries (names starting with ".") are skipped; symlinks are followed
+    only while they stay inside ``root``; a directory reached twice (a symlink
+    loop, or a link back to an ancestor) is read once. What was skipped is
+    recorded in ``skipped`` (said once by the caller).
+    """
+    root_real = os.path.realpath(root)
+    found: list[str] = []
+    seen: set[str] = set()
+    stack = [top]
+    while stack:
+        d = stack.pop()
+        real = os.path.realpath(d)
+        if real in seen:
+            skipped.loops.append(d)
+            continue
+        seen.add(real)
+        try:
+            entries = sorted(os.scandir(d), key=lambda e: e.name)
+        except OSError as err:
+            raise DataError(f"cannot list {d}: {err}") from err
+        for e in entries:
+            if e.name.startswith("."):
+                skipped.hidden.append(e.path)
+                continue
+            if e.is_symlink() and not _inside(os.path.realpath(e.path), root_real):
+                skipped.outside.append(e.path)
+                continue
+            try:
+                is_dir = e.is_dir()
+                is_file = not is_dir and e.is_file()
+            except OSError:  # ELOOP: a symlink cycle that never reaches a file or folder
+                skipped.loops.append(e.path)
+                continue
+            if is_dir:
+                stack.append(e.path)
+            elif is_file and e.name.lower().endswith(IMAGE_EXTENSIONS):
+                found.append(e.path)
+    return sorted(found)
+
+
+def _image_folder_class():
+    from torchvision.datasets import DatasetFolder
+
+    class SafeImageFolder(DatasetFolder):
+        """torchvision's ImageFolder with a safe scan (:func:`scan_images`): hidden folders are not classes."""
+
+        def find_classes(self, directory: str):
+            root_real = os.path.realpath(directory)
+            classes = []
+            for e in sorted(os.scandir(directory), key=lambda e: e.name):
+                if e.name.startswith("."):
+                    self._skipped.hidden.append(e.path)
+                elif e.is_symlink() and not _inside(os.path.realpath(e.path), root_real):
+                    self._skipped.outside.append(e.path)
+                elif e.is_dir():
+                    classes.append(e.name)
+            if not classes:
+                raise FileNotFoundError(f"no class folders in {directory}")
+            return classes, {c: i for i, c in enumerate(classes)}
+
+        def make_dataset(self, directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
+            samples = []
+            for name, idx in sorted(class_to_idx.items(), key=lambda kv: kv[1]):
+                # Each class folder is its own root: a link out of it (to the parent, to another class)
+                # would give other images this class's label.
+                folder = os.path.join(directory, name)
+                samples += [(p, idx) for p in scan_images(folder, folder, self._skipped)]
+            if not samples:
+                raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in the class folders of "
+                                        f"{directory}")
+            return samples
+
+        def __init__(self, root: str, transform=None, mode: str = "RGB") -> None:
+            self._skipped = _Skipped()
+            super().__init__(root, loader=_Loader(mode), extensions=IMAGE_EXTENSIONS, transform=transform)
+            self.imgs = self.samples
+            self._skipped.warn(root)
+
+    return SafeImageFolder
+
+
 def image_folder(root: str | os.PathLike, transform: Callable | None = None, mode: str = "RGB"):
-    """torchvision ImageFolder over ``root/<class>/<image>`` (classes sorted by name).
+    """A class-per-folder dataset over ``root/<class>/<image>`` (classes sorted by name), as torchvision's
+    ImageFolder but with a safe scan: hidden entries skipped, symlinks not followed out of ``root``,
+    loops read once (each said once, as a warning).
 
     ``mode``: PIL mode the images are converted to ("RGB", "L", ...).
     """
-    from torchvision.datasets import ImageFolder
-
     root = os.fspath(root)
     if not os.path.isdir(root):
         raise DataError(f"image folder not found: {root}")
-    loose = [n for n in os.listdir(root) if n.lower().endswith(IMAGE_EXTENSIONS)
+    loose = [n for n in os.listdir(root) if n.lower().endswith(IMAGE_EXTENSIONS) and not n.startswith(".")
              and os.path.isfile(os.path.join(root, n))]
     if loose:
         warnings.warn(f"{root}: {len(loose)} image(s) directly beside the class folders are ignored "
                       f"(e.g. {sorted(loose)[0]}); only root/<class>/<image> is read", stacklevel=2)
     try:
-        return ImageFolder(root, transform=transform, loader=_Loader(mode), is_valid_file=lambda p: p.lower().endswith(IMAGE_EXTENSIONS))
+        return _image_folder_class()(root, transform=transform, mode=mode)
     except FileNotFoundError as err:
         raise DataError(f"no class folders with images under {root}: {err}") from err
+
+
+def list_entry_path(list_file: str, lineno: int, entry: str, root: str) -> str:
+    """``root/entry`` for one image-list line; an absolute path or one that climbs out of ``root`` is refused."""
+    norm = os.path.normpath(entry)
+    if os.path.isabs(entry) or norm == ".." or norm.startswith(".." + os.sep):
+        raise DataError(f"{list_file}:{lineno}: path {entry!r} leaves the image root {root} (absolute or '..'); "
+                        "list paths must be relative to the root and stay inside it")
+    return os.path.join(root, norm)
+
+
+#: A class-name table beside an image list: one class name per line, line i naming label i.
+CLASS_TABLE_NAME = "classes.txt"
 
 
 class ImageListDataset(Dataset):
     """OpenOOD-style image list: each non-empty line is ``relative/path label`` (label int, default -1).
 
-    Paths may contain spaces (the label is the last whitespace-separated field).
-    Returns (image tensor, label) pairs; OOD lists may omit the label.
+    Paths may contain spaces (the label is the last whitespace-separated field);
+    they are relative to ``root`` and may not leave it (no absolute paths, no
+    ``..`` above it); every listed image must exist (checked here, not mid-epoch).
+    Returns (image tensor, label) pairs; OOD lists may omit the label. A
+    ``classes.txt`` beside the list (one name per line, line i naming label i)
+    gives the labels names, so splits are matched to a model's classes by name.
     """
 
     def __init__(self, list_file: str | os.PathLike, root: str | os.PathLike, transform: Callable | None = None,
@@ -138,17 +262,34 @@ class ImageListDataset(Dataset):
             if not line or line.startswith("#"):
                 continue
             parts = line.rsplit(maxsplit=1)
-            if len(parts) == 2 and _parses(parts[1], int):
+            if len(parts) == 2 and parses_as(parts[1], int):
                 path, label = parts[0], int(parts[1])
-            elif len(parts) == 2 and _parses(parts[1], float):
+            elif len(parts) == 2 and parses_as(parts[1], float):
                 raise DataError(f"{list_file}:{lineno}: label {parts[1]!r} is not an integer class index")
             else:
                 path, label = line, -1
-            self.samples.append((os.path.join(root, path), label))
+            full = list_entry_path(list_file, lineno, path, root)
+            if not os.path.isfile(full):  # found now, not mid-epoch
+                raise DataError(f"{list_file}:{lineno}: image {full} not found")
+            self.samples.append((full, label))
             self.lines.append(lineno)
         if not self.samples:
             raise DataError(f"image list {list_file} has no entries")
         self.targets = [lab for _, lab in self.samples]
+        #: label i -> class name, from ``classes.txt`` beside the list (None: labels are bare indices).
+        self.class_names: list[str] | None = self._read_class_table()
+
+    def _read_class_table(self) -> list[str] | None:
+        table = os.path.join(os.path.dirname(os.path.abspath(self.list_file)), CLASS_TABLE_NAME)
+        if not os.path.isfile(table):
+            return None
+        names = [ln.strip() for ln in _read_text_list(table) if ln.strip()]
+        top = max(self.targets)
+        if top >= len(names):
+            raise DataError(f"{self.list_file}: label {top} has no name in {table} ({len(names)} names)")
+        if len(set(names)) != len(names):
+            raise DataError(f"{table}: class names must be unique")
+        return names
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -172,7 +313,7 @@ def _read_text_list(list_file: str) -> list[str]:
                         "for a folder of images pass the folder") from None
 
 
-def _parses(s: str, kind: type) -> bool:
+def parses_as(s: str, kind: type) -> bool:
     try:
         kind(s)
         return True
@@ -355,14 +496,18 @@ def estimate_mean_std(dataset: Dataset, max_samples: int = 2000) -> tuple[list[f
 
 
 class FlatImageDataset(Dataset):
-    """All images directly under (or anywhere below) ``root``, unlabelled (label -1): typical OOD folders."""
+    """All images directly under (or anywhere below) ``root``, unlabelled (label -1): typical OOD folders.
+
+    Scanned like :func:`image_folder` (hidden entries skipped, symlinks kept inside ``root``, loops read once).
+    """
 
     def __init__(self, root: str | os.PathLike, transform: Callable | None = None, mode: str = "RGB") -> None:
         root = os.fspath(root)
         if not os.path.isdir(root):
             raise DataError(f"image folder not found: {root}")
-        self.paths = sorted(os.path.join(d, f) for d, _, files in os.walk(root) for f in files
-                            if f.lower().endswith(IMAGE_EXTENSIONS))
+        skipped = _Skipped()
+        self.paths = scan_images(root, root, skipped)
+        skipped.warn(root)
         if not self.paths:
             raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
         self.transform, self.mode = transform, mode
@@ -395,7 +540,7 @@ def detect_format(path: str) -> str:
         return "cifar10"
     if pickles("train", "test"):
         return "cifar100"
-    has_class_dirs = any(os.path.isdir(os.path.join(path, n)) for n in names)
+    has_class_dirs = any(os.path.isdir(os.path.join(path, n)) for n in names if not n.startswith("."))
     return "folder" if has_class_dirs else "flat"
 
 

@@ -11,6 +11,23 @@ to the set's image folder, OOD labels -1) and images under
 folder of every set are those of ``/work/shared/paper/benchmarks.md``
 (OpenOOD v1.5 plus the authors' iSUN and spurious / fine-grained sets).
 
+iSUN is one of the paper's five conventional CIFAR sets but not part of
+OpenOOD v1.5's download: it is *optional* (``SetSpec.optional``), so a tree
+without it resolves with iSUN listed as skipped, and the reproduce table
+says its conventional mean is then over the sets present.
+
+``imagenet100`` (the paper's Table 3, DreamOOD's setup) is a 100-class
+subset of ImageNet-1K: its ID sets are OpenOOD's ImageNet-1K lists
+(``benchmark_imglist/imagenet/{train,val,test}_imagenet.txt``) filtered to
+the classes of a class-list file the user gives (``class_list=``: one class
+per line, a WordNet id such as ``n01440764`` -- looked up in the train list's
+folder names -- or an ImageNet-1K label index), relabelled 0..99 in the
+file's order. The list is not part of OpenOOD's tree.
+
+:meth:`ResolvedBenchmark.fingerprint` hashes the bytes of the lists (and the
+class list) a step reads, so a run can tell when the tree it was made from
+changed.
+
 Every list is checked before anything trains: each line must be
 ``path label`` with an integer label (in ``[0, classes)`` for ID lists) and
 every listed image must exist; errors name the file and line. An OOD set
@@ -21,14 +38,17 @@ optional because the paper's table does not use them).
 """
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Mapping, Sequence
 
-from .datasets import DataError, ImageListDataset, _parses
+from .datasets import DataError, ImageListDataset, parses_as, list_entry_path
 
 __all__ = ["SetSpec", "Benchmark", "BENCHMARKS", "OpenOODTreeError", "ResolvedBenchmark", "resolve_benchmark",
-           "read_image_list", "ID_ROLES", "OOD_ROLES"]
+           "read_image_list", "read_class_list", "ID_ROLES", "OOD_ROLES", "CONVENTIONAL_SETS", "ISUN_NOTE",
+           "tree_markdown"]
 
 ID_ROLES = ("id_train", "id_val", "id_test")
 OOD_ROLES = ("ood_val", "near", "far")
@@ -53,6 +73,8 @@ class SetSpec:
     name: str
     folder: str
     list: str
+    #: Non-empty: why this OOD set may be absent without --allow-missing (it is then skipped and reported).
+    optional: str = ""
 
     @property
     def is_id(self) -> bool:
@@ -61,9 +83,13 @@ class SetSpec:
 
 @dataclass(frozen=True)
 class Benchmark:
+    """A benchmark's sets. ``source_classes``: its ID lists are those of a larger label space (ImageNet-1K's
+    1000 for imagenet100), filtered to ``num_classes`` classes named by a class-list file."""
+
     name: str
     num_classes: int
     sets: tuple[SetSpec, ...]
+    source_classes: int | None = None
 
     def by_role(self, role: str) -> list[SetSpec]:
         return [s for s in self.sets if s.role == role]
@@ -71,6 +97,15 @@ class Benchmark:
 
 _IC, _IL = "images_classic/", "images_largescale/"
 _LIST = "benchmark_imglist/"
+ISUN_NOTE = "iSUN is not part of OpenOOD v1.5's download: add images_classic/iSUN/ and its list to use it"
+
+#: The paper's conventional OOD sets (Sec. 4), by benchmark, as this module names them: the CIFAR rows of
+#: Table 1 average over these five (no near set); ImageNet-100's Table 3 over iNaturalist, Textures, OpenImage-O.
+CONVENTIONAL_SETS: dict[str, tuple[str, ...]] = {
+    "cifar10": ("mnist", "svhn", "isun", "texture", "places365"),
+    "cifar100": ("mnist", "svhn", "isun", "texture", "places365"),
+    "imagenet100": ("inaturalist", "textures", "openimage_o"),
+}
 
 
 def _cifar(name: str, classes: int, other: str, csid: tuple[SetSpec, ...] = ()) -> Benchmark:
@@ -79,7 +114,8 @@ def _cifar(name: str, classes: int, other: str, csid: tuple[SetSpec, ...] = ()) 
     sets.append(SetSpec("ood_val", "tin", _IC, f"{lst}val_tin.txt"))
     sets += [SetSpec("near", n, _IC, f"{lst}test_{n}.txt") for n in (other, "tin")]
     sets += [SetSpec("far", n, _IC, f"{lst}test_{n}.txt") for n in ("mnist", "svhn", "texture", "places365")]
-    sets.append(SetSpec("far", "isun", f"{_IC}iSUN/", f"{_LIST}cifar10/test_isun.txt"))  # both CIFARs: cifar10's list
+    # Both CIFARs read cifar10's iSUN list (benchmarks.md); optional: OpenOOD's download has no iSUN.
+    sets.append(SetSpec("far", "isun", f"{_IC}iSUN/", f"{_LIST}cifar10/test_isun.txt", optional=ISUN_NOTE))
     return Benchmark(name, classes, tuple(sets) + csid)
 
 
@@ -111,10 +147,23 @@ def _imagenet200() -> Benchmark:
     return Benchmark("imagenet200", 200, tuple(sets))
 
 
+def _imagenet100() -> Benchmark:
+    """ImageNet-1K's OpenOOD lists (ID: filtered by the class list) and OOD sets (benchmarks.md, Table 3)."""
+    lst = f"{_LIST}imagenet/"
+    sets = [SetSpec(r, "imagenet100", _IL, f"{lst}{split}_imagenet.txt")
+            for r, split in zip(ID_ROLES, ("train", "val", "test"))]
+    sets.append(SetSpec("ood_val", "openimage_o", _IL, f"{lst}val_openimage_o.txt"))
+    sets.append(SetSpec("near", "ssb_hard", _IL, f"{lst}test_ssb_hard.txt"))
+    sets += [SetSpec("far", n, _IL, f"{lst}test_{n}.txt") for n in ("inaturalist", "openimage_o")]
+    sets.append(SetSpec("far", "textures", _IC, f"{lst}test_textures.txt"))
+    return Benchmark("imagenet100", 100, tuple(sets), source_classes=1000)
+
+
 BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (
     _cifar("cifar10", 10, "cifar100", (SetSpec(CSID_ROLE, "cifar10c", _IC, f"{_LIST}cifar10/test_cifar10c.txt"),)),
     _cifar("cifar100", 100, "cifar10"),
     _imagenet200(),
+    _imagenet100(),
     _finetune("waterbirds", 2, f"{_IL}waterbirds/", "waterbirds", "waterbirds_ood", f"{_IL}waterbirds_ood/",
               "waterbirds_spurious_ood.txt"),
     _finetune("celeba", 2, f"{_IL}celeba/", "celeba", "celeba_ood", f"{_IL}celeba/", "celeba_spurious_ood.txt"),
@@ -137,12 +186,14 @@ class ListCheck:
 
 
 def read_image_list(list_path: str, image_dir: str, num_classes: int | None, check_images: bool = True,
-                    max_reported: int = 5) -> ListCheck:
+                    max_reported: int = 5, keep: Mapping[int, int] | None = None) -> ListCheck:
     """Check an OpenOOD list: ``path label`` per non-empty line (``#`` comments allowed).
 
     ``num_classes``: ID lists need labels in ``[0, num_classes)``; None (OOD
     lists) accepts any integer (OpenOOD writes -1). Errors and missing images
     are reported as ``file:line: ...``, up to ``max_reported`` of each.
+    ``keep``: only lines with these labels count as entries and have their
+    image checked (imagenet100's subset of ImageNet-1K's lists).
     """
     check = ListCheck(list_path)
     try:
@@ -157,7 +208,7 @@ def read_image_list(list_path: str, image_dir: str, num_classes: int | None, che
                 continue
             where = f"{list_path}:{lineno}"
             parts = line.rsplit(maxsplit=1)
-            if len(parts) != 2 or not _parses(parts[1], int):
+            if len(parts) != 2 or not parses_as(parts[1], int):
                 if len(check.errors) < max_reported:
                     check.errors.append(f"{where}: malformed line {line[:80]!r} (expected 'relative/path label', "
                                         "label an integer)")
@@ -168,24 +219,117 @@ def read_image_list(list_path: str, image_dir: str, num_classes: int | None, che
                     check.errors.append(f"{where}: label {label} out of range for {num_classes} classes "
                                         f"(expected 0..{num_classes - 1})")
                 continue
+            try:
+                list_entry_path(list_path, lineno, parts[0], image_dir)
+            except DataError as err:
+                if len(check.errors) < max_reported:
+                    check.errors.append(str(err))
+                continue
+            if keep is not None and label not in keep:
+                continue
             check.entries += 1
             if check_images and not os.path.isfile(os.path.join(image_dir, parts[0])):
                 check.missing_count += 1
                 if len(check.missing_images) < max_reported:
                     check.missing_images.append(f"{where}: image {os.path.join(image_dir, parts[0])} not found")
     if check.entries == 0 and not check.errors:
-        check.errors.append(f"{list_path}: the list has no entries")
+        check.errors.append(f"{list_path}: the list has no entries"
+                            + (" of the classes in the class list" if keep is not None else ""))
     return check
+
+
+_WNID = re.compile(r"^n\d{8}$")
+
+
+def read_class_list(path: str, num_classes: int, source_classes: int, flag: str = "--class-list") -> list[str]:
+    """The classes of a class-list file: one per line (``#`` comments and blank lines skipped), each a WordNet
+    id (``n01440764``) or an integer label of the source label space; exactly ``num_classes`` distinct ones.
+
+    Raises :class:`OpenOODTreeError` naming ``flag``, the file and the line of every problem found.
+    """
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+        text = raw.decode("utf-8")
+    except OSError as err:
+        raise OpenOODTreeError(f"{flag} {path}: cannot read ({err.strerror or err})") from None
+    except UnicodeDecodeError:
+        raise OpenOODTreeError(f"{flag} {path} is not a UTF-8 text file (one class per line)") from None
+    classes, errors, seen = [], [], {}
+    for lineno, line in enumerate(text.splitlines(), 1):
+        item = line.split("#", 1)[0].strip()
+        if not item:
+            continue
+        if _WNID.match(item):
+            key = item
+        elif parses_as(item, int) and 0 <= int(item) < source_classes:
+            key = str(int(item))
+        else:
+            errors.append(f"{path}:{lineno}: {item[:40]!r} is neither a WordNet id (n01440764) nor a label "
+                          f"0..{source_classes - 1}")
+            continue
+        if key in seen:
+            errors.append(f"{path}:{lineno}: {item} repeats line {seen[key]}")
+            continue
+        seen[key] = lineno
+        classes.append(key)
+    if not errors and len(classes) != num_classes:
+        errors.append(f"{path}: {len(classes)} classes, expected {num_classes}")
+    if errors:
+        raise OpenOODTreeError(f"{flag} {path}: bad class list:\n  " + "\n  ".join(errors[:10]))
+    return classes
+
+
+def _label_map(classes: Sequence[str], train_list: str, class_list: str, flag: str) -> dict[int, int]:
+    """Source label -> new label (the class's position in the class list). WordNet ids are looked up in the
+    folder names of the train list's paths (OpenOOD's ``imagenet_1k/train/<wnid>/...``)."""
+    wnid_label: dict[str, int] = {}
+    if any(_WNID.match(c) for c in classes):
+        with open(train_list, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                parts = line.strip().rsplit(maxsplit=1)
+                if len(parts) != 2 or not parses_as(parts[1], int):
+                    continue
+                for folder in parts[0].replace("\\", "/").split("/")[:-1]:
+                    if _WNID.match(folder):
+                        wnid_label.setdefault(folder, int(parts[1]))
+                        break
+    out: dict[int, int] = {}
+    unknown = []
+    for i, c in enumerate(classes):
+        if _WNID.match(c):
+            if c not in wnid_label:
+                unknown.append(c)
+                continue
+            out[wnid_label[c]] = i
+        else:
+            out[int(c)] = i
+    if unknown:
+        raise OpenOODTreeError(f"{flag} {class_list}: {len(unknown)} class(es) not found as a folder of "
+                               f"{train_list}: {', '.join(unknown[:8])}" + (" ..." if len(unknown) > 8 else ""))
+    if len(out) != len(classes):
+        raise OpenOODTreeError(f"{flag} {class_list}: two entries name the same class (a WordNet id and its label)")
+    return out
 
 
 # -- resolution ---------------------------------------------------------------------------------------------
 class _LineNamedDataset(ImageListDataset):
-    """ImageListDataset whose read errors also name the list file and line (a corrupt image mid-epoch)."""
+    """ImageListDataset whose read errors also name the list file and line (a corrupt image mid-epoch).
 
-    def __init__(self, list_file: str, root: str, transform, mode: str = "RGB") -> None:
+    ``label_map`` (source label -> label): keep only the samples of those labels, relabelled (imagenet100).
+    """
+
+    def __init__(self, list_file: str, root: str, transform, mode: str = "RGB",
+                 label_map: Mapping[int, int] | None = None) -> None:
         super().__init__(list_file, root, transform, mode)
         self.list_file = list_file
         self.line_numbers = _entry_line_numbers(list_file)
+        if label_map is not None:
+            keep = [i for i, (_, lab) in enumerate(self.samples) if lab in label_map]
+            self.samples = [(self.samples[i][0], label_map[self.samples[i][1]]) for i in keep]
+            self.lines = [self.lines[i] for i in keep]
+            self.line_numbers = [self.line_numbers[i] for i in keep]
+            self.targets = [lab for _, lab in self.samples]
 
     def __getitem__(self, i: int):
         try:
@@ -199,15 +343,30 @@ def _entry_line_numbers(list_file: str) -> list[int]:
         return [n for n, line in enumerate(f, 1) if line.strip() and not line.strip().startswith("#")]
 
 
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 @dataclass
 class ResolvedBenchmark:
-    """A benchmark's sets found under ``root``: ``present`` specs (with sizes) and ``skipped`` (spec, why)."""
+    """A benchmark's sets found under ``root``: ``present`` specs (with sizes) and ``skipped`` (spec, why).
+
+    ``class_list`` / ``label_map``: imagenet100's class-list file and its source label -> label map (None
+    for the other benchmarks).
+    """
 
     benchmark: Benchmark
     root: str
     present: list[SetSpec]
     sizes: dict[str, int]
     skipped: list[tuple[SetSpec, str]]
+    class_list: str | None = None
+    label_map: dict[int, int] | None = None
+    _digests: dict[str, str] = field(default_factory=dict, repr=False)
 
     def size(self, role: str) -> int:
         """Number of images in the list of a single-set role (id_train, id_val, id_test, ood_val)."""
@@ -220,8 +379,9 @@ class ResolvedBenchmark:
         raise KeyError(f"{self.benchmark.name} has no {role} set here")
 
     def _dataset(self, spec: SetSpec, transform: Callable | None, mode: str = "RGB") -> ImageListDataset:
+        subset = self.label_map if spec.role in ID_ROLES else None
         return _LineNamedDataset(os.path.join(self.root, spec.list), os.path.join(self.root, spec.folder),
-                                 transform, mode)
+                                 transform, mode, label_map=subset)
 
     def dataset(self, role: str, transform: Callable | None, mode: str = "RGB") -> ImageListDataset:
         """The dataset of a single-set role: id_train, id_val, id_test or ood_val."""
@@ -239,9 +399,24 @@ class ResolvedBenchmark:
         """Full-spectrum (covariate-shifted ID) sets that are present."""
         return {s.name: self._dataset(s, transform, mode) for s in self.present if s.role == CSID_ROLE}
 
+    def fingerprint(self, roles: Iterable[str] | None = None) -> dict[str, str]:
+        """sha256 of the bytes of every present list of ``roles`` (default all), keyed by the list's path
+        relative to the root, plus the class list's under "class_list" (imagenet100). Two trees with the
+        same fingerprint list the same images with the same labels (the images themselves are not hashed)."""
+        wanted = None if roles is None else set(roles)
+        out = {}
+        for s in self.present:
+            if wanted is None or s.role in wanted:
+                if s.list not in self._digests:
+                    self._digests[s.list] = _sha256(os.path.join(self.root, s.list))
+                out[s.list] = self._digests[s.list]
+        if self.class_list is not None:
+            out["class_list"] = _sha256(self.class_list)
+        return dict(sorted(out.items()))
+
     def summary(self) -> dict:
         """JSON-able: every present set with its size and every skipped one with the reason."""
-        return {"benchmark": self.benchmark.name, "root": self.root,
+        return {"benchmark": self.benchmark.name, "root": self.root, "class_list": self.class_list,
                 "sets": [{"role": s.role, "name": s.name, "folder": s.folder, "list": s.list,
                           "images": self.sizes[s.list]} for s in self.present],
                 "skipped": [{"role": s.role, "name": s.name, "list": s.list, "reason": why}
@@ -265,24 +440,50 @@ def _root_problem(root: str) -> str | None:
     return None
 
 
+def _optional_note(spec: SetSpec) -> str:
+    if spec.role == CSID_ROLE:
+        return " (optional: full-spectrum)"
+    return f" (optional: {spec.optional})" if spec.optional else ""
+
+
 def resolve_benchmark(name: str, root: str | os.PathLike, *, allow_missing: bool = False, check_images: bool = True,
-                      progress: bool = False) -> ResolvedBenchmark:
+                      progress: bool = False, class_list: str | os.PathLike | None = None) -> ResolvedBenchmark:
     """Find and check every set of benchmark ``name`` under ``root``.
 
     Raises :class:`OpenOODTreeError`: unknown benchmark; root not an OpenOOD
     tree; malformed lists or out-of-range labels (always, with file:line);
     missing lists, folders or images (one message listing all of them,
     unless ``allow_missing`` and only OOD/full-spectrum sets are missing,
-    which are then skipped and recorded in ``skipped``).
+    which are then skipped and recorded in ``skipped``). Optional sets
+    (full-spectrum, iSUN) are skipped when missing even without ``allow_missing``.
+    ``class_list``: imagenet100's class-list file (required there, refused elsewhere).
     """
     key = str(name).lower()
     if key not in BENCHMARKS:
         raise OpenOODTreeError(f"unknown benchmark {name!r}; choose from {', '.join(BENCHMARKS)}")
     bench = BENCHMARKS[key]
+    if bench.source_classes is None and class_list is not None:
+        raise OpenOODTreeError(f"--class-list applies only to a class subset (imagenet100), not to {bench.name}")
+    if bench.source_classes is not None and class_list is None:
+        raise OpenOODTreeError(f"benchmark {bench.name} needs --class-list FILE: its {bench.num_classes} ImageNet "
+                               "classes, one per line (a WordNet id such as n01440764, or an ImageNet-1K label); "
+                               "the list is not part of OpenOOD's tree (DreamOOD's ImageNet-100 classes)")
     root = os.path.abspath(os.fspath(root))
     problem = _root_problem(root)
     if problem:
         raise OpenOODTreeError(f"{problem}. {TREE_TEXT}.")
+    label_map = None
+    if class_list is not None:
+        class_list = os.path.abspath(os.fspath(class_list))
+        if not os.path.isfile(class_list):
+            raise OpenOODTreeError(f"--class-list file not found: {class_list}")
+        classes = read_class_list(class_list, bench.num_classes, bench.source_classes)
+        train = os.path.join(root, bench.by_role("id_train")[0].list)
+        if not os.path.isfile(train):
+            raise OpenOODTreeError(f"benchmark {bench.name} needs pieces missing under {root}:\n  id_train "
+                                   f"{bench.name}: list {bench.by_role('id_train')[0].list} not found\n{TREE_TEXT}.")
+        label_map = _label_map(classes, train, class_list, "--class-list")
+    id_classes = bench.source_classes or bench.num_classes
     present, sizes, skipped = [], {}, []
     missing: list[tuple[SetSpec, str]] = []
     errors: list[str] = []
@@ -301,8 +502,9 @@ def resolve_benchmark(name: str, root: str | os.PathLike, *, allow_missing: bool
         if not reasons:
             ck = (list_path, folder, spec.is_id)
             if ck not in checked:  # the same list can serve two roles (openimage_o: OOD val and far)
-                checked[ck] = read_image_list(list_path, folder, bench.num_classes if spec.is_id else None,
-                                              check_images)
+                keep = label_map if spec.role in ID_ROLES else None
+                checked[ck] = read_image_list(list_path, folder, id_classes if spec.is_id else None,
+                                              check_images, keep=keep)
             res = checked[ck]
             errors.extend(res.errors)
             if res.missing_count:
@@ -315,15 +517,15 @@ def resolve_benchmark(name: str, root: str | os.PathLike, *, allow_missing: bool
             present.append(spec)
     if errors:
         raise OpenOODTreeError(f"{bench.name}: bad image lists under {root}:\n  " + "\n  ".join(dict.fromkeys(errors)))
-    fatal = [(s, why) for s, why in missing if s.role in ID_ROLES or (s.role in OOD_ROLES and not allow_missing)]
+    fatal = [(s, why) for s, why in missing
+             if s.role in ID_ROLES or (s.role in OOD_ROLES and not allow_missing and not s.optional)]
     if fatal:
-        lines = [f"{s.role} {s.name}: {why}" + (" (optional: full-spectrum)" if s.role == CSID_ROLE else "")
-                 for s, why in missing]
+        lines = [f"{s.role} {s.name}: {why}{_optional_note(s)}" for s, why in missing]
         hint = ("" if any(s.role in ID_ROLES for s, _ in fatal)
                 else "\n(--allow-missing runs with the OOD sets that are present and says which were skipped)")
         raise OpenOODTreeError(f"benchmark {bench.name} needs pieces missing under {root}:\n  " + "\n  ".join(lines)
                                + f"\n{TREE_TEXT}." + hint)
-    skipped = list(missing)
+    skipped = [(s, why + _optional_note(s)) for s, why in missing]
     if not any(s.role == "ood_val" for s in present):
         raise OpenOODTreeError(f"benchmark {bench.name}: the OOD validation set is missing, and APS needs it to "
                                "choose scorer hyperparameters:\n  "
@@ -331,4 +533,20 @@ def resolve_benchmark(name: str, root: str | os.PathLike, *, allow_missing: bool
     if not any(s.role in ("near", "far") for s in present):
         raise OpenOODTreeError(f"benchmark {bench.name}: no OOD test set is present under {root}:\n  "
                                + "\n  ".join(f"{s.role} {s.name}: {why}" for s, why in skipped) + f"\n{TREE_TEXT}.")
-    return ResolvedBenchmark(bench, root, present, sizes, skipped)
+    return ResolvedBenchmark(bench, root, present, sizes, skipped, class_list=class_list, label_map=label_map)
+
+
+def tree_markdown() -> str:
+    """Every benchmark's list files and the image folder their paths are relative to (docs/OPENOOD_TREE.md)."""
+    out = ["# The OpenOOD v1.5 data tree, list by list", "",
+           "Generated from `ascood.data.openood.BENCHMARKS` (`tests/data/test_openood_tree.py` checks that this",
+           "file matches it). Paths are relative to `--data-root`. Each line of a list is `relative/path label`:",
+           "the path is relative to the set's image folder and may not leave it (no absolute paths, no `..`); the",
+           "label is the class index for ID lists and -1 for OOD lists. A `classes.txt` beside the lists (one",
+           "class name per line, line i naming label i) gives the labels names.", ""]
+    for name, bench in BENCHMARKS.items():
+        out += [f"## {name} ({bench.num_classes} classes)", "", "| role | set | list | image folder |",
+                "|---|---|---|---|"]
+        out += [f"| {s.role} | {s.name} | `{s.list}` | `{s.folder}` |" for s in bench.sets]
+        out.append("")
+    return "\n".join(out)

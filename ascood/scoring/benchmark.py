@@ -5,7 +5,7 @@ Used by ``ascood eval --data-root`` and by ``ascood reproduce``.
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from tqdm.auto import tqdm
 
@@ -21,13 +21,14 @@ __all__ = ["evaluate_on_benchmark"]
 
 def evaluate_on_benchmark(model, extra: dict, tree: ResolvedBenchmark, scorers: Sequence[str], *, batch_size: int,
                           workers: int = 0, out_dir: str | None = None, progress: bool = True,
-                          feature_dir: str | None = None):
+                          feature_dir: str | None = None, scorer_params: Mapping[str, Mapping] | None = None):
     """APS on ID val vs OOD val for every scorer with a grid, then ID test vs the near/far OOD sets.
 
     Every split runs through the model once; all scorers and APS grid points
     share its features (in RAM, or memory-mapped files in ``feature_dir``).
 
-    ``extra``: the checkpoint's ``extra`` (image_size, mean, std). Returns
+    ``extra``: the checkpoint's ``extra`` (image_size, mean, std).
+    ``scorer_params``: scorer name -> constructor arguments (a preset's, e.g. NNGuide's bank). Returns
     (:class:`ascood.scoring.evaluator.ResultTable`, aps dict scorer -> {params, val_auroc}).
     Writes results.csv / results.json / aps.json / hist_*.png into ``out_dir``.
     """
@@ -42,7 +43,7 @@ def evaluate_on_benchmark(model, extra: dict, tree: ResolvedBenchmark, scorers: 
     cache = FeatureCache(model, feature_dir)
     objs, aps = {}, {}
     for name in tqdm(list(scorers), desc="APS on the validation split", disable=not progress, leave=False):
-        scorer = scorer_for_model(name, [float(s) for s in std])
+        scorer = scorer_for_model(name, [float(s) for s in std], **dict((scorer_params or {}).get(name, {})))
         if scorer.needs_fit and scorer.fit_split == "train" and fit_loader is None:
             fit_loader = loader(tree.dataset("id_train", tf))
         if scorer.default_grid:

@@ -22,7 +22,7 @@ from torch import nn
 
 from ..files import atomic_write_text
 from .metrics import CONVENTION_TEXT, CONVENTIONS, ood_metrics
-from .scorers import FeatureCache, Scorer, get_scorer, loader_scores
+from .scorers import MSP, FeatureCache, Scorer, get_scorer, loader_scores
 from .scorers.sweep import fit_scorer
 
 __all__ = ["evaluate", "ResultTable", "ScoreCache", "flatten_ood_loaders", "DEFAULT_SCORERS"]
@@ -30,7 +30,10 @@ __all__ = ["evaluate", "ResultTable", "ScoreCache", "flatten_ood_loaders", "DEFA
 DEFAULT_SCORERS = ("msp", "mls", "ebo")
 METRIC_KEYS = ("fpr95", "auroc", "aupr_in", "aupr_out")
 HEADERS = {"model": "model", "scorer": "scorer", "group": "group", "dataset": "dataset", "fpr95": "FPR@95",
-           "auroc": "AUROC", "aupr_in": "AUPR-In", "aupr_out": "AUPR-Out", "id_acc": "ID-Acc"}
+           "auroc": "AUROC", "aupr_in": "AUPR-In", "aupr_out": "AUPR-Out", "id_acc": "ID-Acc",
+           "scorer_id_acc": "Scorer-ID-Acc"}
+#: The clean forward's ID accuracy is computed once per evaluation under this cache key (or reused from "msp").
+CLEAN_KEY = "__clean_forward__"
 
 
 def flatten_ood_loaders(ood_loaders: Mapping) -> list[tuple[str | None, str, object]]:
@@ -89,7 +92,11 @@ class ResultTable:
     """Evaluation rows (metrics x100) with aligned printing and CSV/JSON writers.
 
     ``rows``: dicts with model, scorer, group, dataset, fpr95, auroc, aupr_in,
-    aupr_out, id_acc; group-mean rows have dataset "<group> mean" (or "mean").
+    aupr_out, id_acc, scorer_id_acc; group-mean rows have dataset "<group>
+    mean" (or "mean"). ``id_acc`` is the accuracy of the model's clean
+    forward on ID test, the same for every scorer (OpenOOD's ACC);
+    ``scorer_id_acc`` that of the scorer's own prediction (ODIN / i-ODIN
+    predict on the perturbed input, so theirs can differ).
     ``scores``: {scorer: {dataset: np.ndarray}} raw scores, ID set under "ID".
     """
 
@@ -124,13 +131,16 @@ class ResultTable:
 
     def format(self) -> str:
         """Aligned text table; the first line names the convention."""
-        cols = [k for k in HEADERS if k != "model" or any(r.get("model") for r in self.rows)]
+        # The scorer's own-prediction accuracy is shown only where it differs from the clean one (ODIN, i-ODIN).
+        cols = [k for k in HEADERS if (k != "model" or any(r.get("model") for r in self.rows))
+                and (k != "scorer_id_acc" or any(r.get(k) != r.get("id_acc") for r in self.rows))]
         cells = [[HEADERS[c] for c in cols]]
         for r in self.rows:
             cells.append([f"{r[c]:.2f}" if isinstance(r.get(c), float)
-                          else ("n/a" if c == "id_acc" else "") if r.get(c) is None else str(r[c]) for c in cols])
+                          else ("n/a" if c in ("id_acc", "scorer_id_acc") else "") if r.get(c) is None else str(r[c])
+                          for c in cols])
         widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
-        numeric = {c for c in cols if c in METRIC_KEYS or c == "id_acc"}
+        numeric = {c for c in cols if c in METRIC_KEYS or c in ("id_acc", "scorer_id_acc")}
         lines = [f"[{self.convention_text}; metrics x100]"]
         for j, row in enumerate(cells):
             parts = [cell.rjust(w) if cols[i] in numeric else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths))]
@@ -161,6 +171,16 @@ def _resolve_scorers(scorers) -> list[tuple[str, Scorer]]:
     if len(set(keys)) != len(keys):
         raise ValueError(f"scorer names must be unique (pass a dict name -> scorer to use one twice): {keys}")
     return items
+
+
+def _accuracy(pred: torch.Tensor, labels: torch.Tensor | None) -> float | None:
+    """Accuracy x100 over the labelled ID samples only; unlabelled ID data (label -1) gives None (n/a), not 0."""
+    if labels is None:
+        return None
+    labelled = labels >= 0
+    if not bool(labelled.any()):
+        return None
+    return float((pred[labelled] == labels[labelled]).double().mean() * 100)
 
 
 @torch.no_grad()
@@ -204,6 +224,11 @@ def evaluate(model: nn.Module, id_loader, ood_loaders: Mapping, scorers: Sequenc
         cache.features = features if features is not None else FeatureCache(model)
     if model is not None:
         model.eval()
+    # OpenOOD's ACC is always the clean forward's argmax, whatever the scorer: one pass (MSP's, which is
+    # argmax z(x)), shared with an "msp" scorer of this evaluation when there is one.
+    clean_key = next((k for k, s in items if type(s) is MSP), CLEAN_KEY)
+    clean_pred, _, clean_labels = cache.get(clean_key, MSP(), model, "ID", id_loader)
+    clean_acc = _accuracy(clean_pred, clean_labels)
     rows: list[dict] = []
     raw_scores: dict = {}
     for key, scorer in items:
@@ -212,10 +237,7 @@ def evaluate(model: nn.Module, id_loader, ood_loaders: Mapping, scorers: Sequenc
             with torch.enable_grad():
                 fit_scorer(scorer, model, fit_data, cache.features)
         pred, s_id, labels = cache.get(key, scorer, model, "ID", id_loader)
-        # Accuracy over the labelled ID samples only; unlabelled ID data (label -1) gives None (n/a), not 0.
-        labelled = labels >= 0 if labels is not None else None
-        acc = (float((pred[labelled] == labels[labelled]).double().mean() * 100)
-               if labelled is not None and bool(labelled.any()) else None)
+        acc, own_acc = clean_acc, _accuracy(pred, labels)
         raw_scores[key] = {"ID": s_id.numpy()}
         per_group: dict[str | None, list[dict]] = {}  # insertion order = order of first appearance
         for group, name, loader in sets:
@@ -223,12 +245,14 @@ def evaluate(model: nn.Module, id_loader, ood_loaders: Mapping, scorers: Sequenc
             raw_scores[key][name] = s_ood.numpy()
             m = {k: v * 100 for k, v in ood_metrics(s_id, s_ood, convention).items()}
             per_group.setdefault(group, []).append(
-                {"model": model_name, "scorer": key, "group": group, "dataset": name, **m, "id_acc": acc})
+                {"model": model_name, "scorer": key, "group": group, "dataset": name, **m, "id_acc": acc,
+                 "scorer_id_acc": own_acc})
         for group, group_rows in per_group.items():
             rows.extend(group_rows)
             if group is None and len(group_rows) < 2:
                 continue
             mean = {k: float(np.mean([r[k] for r in group_rows])) for k in METRIC_KEYS}
             rows.append({"model": model_name, "scorer": key, "group": group,
-                         "dataset": f"{group} mean" if group else "mean", **mean, "id_acc": acc})
+                         "dataset": f"{group} mean" if group else "mean", **mean, "id_acc": acc,
+                         "scorer_id_acc": own_acc})
     return ResultTable(rows, convention, raw_scores)

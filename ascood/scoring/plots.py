@@ -12,7 +12,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
-__all__ = ["have_matplotlib", "score_histograms", "outlier_grid"]
+from ..files import atomic_write
+
+__all__ = ["have_matplotlib", "score_histograms", "outlier_grid", "save_figure"]
 
 
 def have_matplotlib() -> bool:
@@ -33,6 +35,27 @@ def _pyplot():
     return plt
 
 
+def save_figure(fig, path: str | os.PathLike, dpi: int = 100) -> str:
+    """``fig.savefig`` atomically (a full disk or a kill leaves no truncated PNG under ``path``)."""
+    atomic_write(path, lambda f: fig.savefig(f, dpi=dpi, format="png"))
+    return os.fspath(path)
+
+
+def _display_range(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """The x-range of a histogram: the 0.5-99.5 percentiles of both sets, so one far spike (e.g. a few ID
+    scores far from the rest) does not squash every other bar into one bin."""
+    both = np.concatenate([a, b])
+    both = both[np.isfinite(both)]
+    if both.size == 0:
+        return 0.0, 1.0
+    lo, hi = np.percentile(both, [0.5, 99.5])
+    if not hi > lo:
+        lo, hi = float(both.min()), float(both.max())
+    if not hi > lo:
+        lo, hi = lo - 0.5, hi + 0.5
+    return float(lo), float(hi)
+
+
 def score_histograms(scores: dict, out_dir: str | os.PathLike, bins: int = 50) -> list[str] | None:
     """One PNG per scorer: ``hist_<scorer>.png`` with a panel per OOD set (ID in every panel).
 
@@ -48,16 +71,18 @@ def score_histograms(scores: dict, out_dir: str | os.PathLike, bins: int = 50) -
         ood = [k for k in sets if k != "ID"]
         fig, axes = plt.subplots(1, len(ood), figsize=(4 * len(ood), 3), squeeze=False)
         for ax, name in zip(axes[0], ood):
-            both = np.concatenate([sets["ID"], sets[name]])
-            edges = np.histogram_bin_edges(both, bins=bins)
-            ax.hist(sets["ID"], bins=edges, alpha=0.6, density=True, label="ID")
-            ax.hist(sets[name], bins=edges, alpha=0.6, density=True, label=name)
+            id_s, ood_s = np.asarray(sets["ID"], dtype=np.float64), np.asarray(sets[name], dtype=np.float64)
+            lo, hi = _display_range(id_s, ood_s)
+            edges = np.linspace(lo, hi, bins + 1)
+            # Values outside the shown range are drawn in the edge bins, so no sample disappears.
+            ax.hist(np.clip(id_s, lo, hi), bins=edges, alpha=0.6, density=True, label="ID")
+            ax.hist(np.clip(ood_s, lo, hi), bins=edges, alpha=0.6, density=True, label=name)
             ax.set_title(f"{scorer}: ID vs {name}")
             ax.set_xlabel("score (higher = more ID)")
+            ax.set_ylabel("density")
             ax.legend()
         fig.tight_layout()
-        path = os.path.join(os.fspath(out_dir), f"hist_{scorer}.png")
-        fig.savefig(path, dpi=100)
+        path = save_figure(fig, os.path.join(os.fspath(out_dir), f"hist_{scorer}.png"))
         plt.close(fig)
         paths.append(path)
     return paths
@@ -75,24 +100,34 @@ def _to_display(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) ->
 
 def outlier_grid(images: torch.Tensor, outliers: torch.Tensor, path: str | os.PathLike,
                  mean: Sequence[float] = (0.0,), std: Sequence[float] = (1.0,), title: str = "") -> str | None:
-    """Top row: ID images; bottom row: their synthesized outliers. (N, C, H, W) each, up to 8 shown."""
+    """Rows: ID images, their synthesized outliers, and |x' - x| magnified. (N, C, H, W) each, up to 8 shown.
+
+    At small alpha an outlier looks like its image to the eye; the third row shows
+    where and how much it changed (pixel units, max over channels, scaled so the
+    largest change of the grid is white; the scale is printed on the row).
+    """
     plt = _pyplot()
     if plt is None:
         return None
     n = min(8, images.shape[0])
-    fig, axes = plt.subplots(2, n, figsize=(1.6 * n, 3.4), squeeze=False)
+    shown = [_to_display(images[i], mean, std) for i in range(n)]
+    perturbed = [_to_display(outliers[i], mean, std) for i in range(n)]
+    diffs = [np.abs(b - a) if a.ndim == 2 else np.abs(b - a).max(axis=2) for a, b in zip(shown, perturbed)]
+    top = max(float(d.max()) for d in diffs) if diffs else 0.0
+    fig, axes = plt.subplots(3, n, figsize=(1.6 * n, 5.0), squeeze=False)
     for i in range(n):
-        for row, src in enumerate((images, outliers)):
-            ax = axes[row][i]
-            img = _to_display(src[i], mean, std)
-            ax.imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=1)
-            ax.axis("off")
+        for row, img in enumerate((shown[i], perturbed[i])):
+            axes[row][i].imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=1)
+        axes[2][i].imshow(diffs[i] / top if top > 0 else diffs[i], cmap="magma", vmin=0, vmax=1)
+        for row in range(3):
+            axes[row][i].axis("off")
     axes[0][0].set_title("ID", loc="left", fontsize=9)
     axes[1][0].set_title("outlier", loc="left", fontsize=9)
+    gain = f"x{1 / top:.3g}" if top > 0 else "(no change)"
+    axes[2][0].set_title(f"|x' - x| {gain}", loc="left", fontsize=9)
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path)
     plt.close(fig)
     return os.fspath(path)

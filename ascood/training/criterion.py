@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -108,7 +109,8 @@ class ASCOODCriterion:
         saliency_target: "logit" (the paper's G = dz_y/dx) or "prob" (the
             true-class softmax probability, the paper's Sec. D.3 ablation).
         shuffle_rank: pixel ranking of "shuffle": "exp" (sum_c exp(G_c), the
-            authors' code) or "abs" (sum_c |G_c|).
+            authors' train script), "abs" (sum_c |G_c|) or "random" (the shuffled
+            pixels chosen at random, the authors' published CIFAR-10 run).
         outlier_loss: "kl" (the paper's) or "energy" (Table 6 ablation, with
             ``energy_margin_in`` / ``energy_margin_out``).
         generator: ``torch.Generator`` for the shuffle permutation and the
@@ -161,6 +163,7 @@ class ASCOODCriterion:
         self.generator = generator
         self.alpha = self.alpha_start
         self.last: StepParts | None = None
+        self._head_checked: set[int] = set()
 
     def set_epoch(self, epoch: int, epochs: int) -> float:
         """Set alpha for the 1-based ``epoch`` (1..epochs) of ``epochs``; returns it.
@@ -204,6 +207,7 @@ class ASCOODCriterion:
         if y.dim() != 1 or y.shape[0] != x.shape[0]:
             raise ValueError(f"y must have shape ({x.shape[0]},) to match x, got {tuple(y.shape)}")
         y = y.long()
+        self._check_head(model)
         alpha = self.alpha if alpha is None else float(alpha)
         xo = self.outliers(model, x, y, alpha, saliency_model)
         batch = x if xo is None else torch.cat([x, xo.to(x.dtype)], dim=0)
@@ -225,6 +229,21 @@ class ASCOODCriterion:
                 kl = _ops.ascood_loss(id_logits.detach()[:0], y[:0], ood_logits.detach(), 1.0)
         self.last = StepParts(loss, ce, kl, alpha, id_logits, ood_logits)
         return self.last
+
+    def _check_head(self, model: nn.Module) -> None:
+        """Warn once per model when it has no z-score head: ASCOOD's loss then trains a plain classifier's
+        features, which is not the paper's method (wrap the model with ``ascood.wrap`` first)."""
+        raw = unwrap_model(model)
+        if id(raw) in self._head_checked:
+            return
+        self._head_checked.add(id(raw))
+        from ..nets.ascoodnet import ASCOODNet
+
+        # An ASCOODNet with head "linear" / "l2" is a deliberate baseline or ablation; a bare classifier is a slip.
+        if self.ood_type != "none" and not isinstance(raw, ASCOODNet):
+            warnings.warn(f"ASCOODCriterion: the model is a {type(raw).__name__}, not an ASCOODNet; ASCOOD feeds the "
+                          "classifier the standardised feature (ascood.wrap(model, num_classes) or "
+                          "ascood.build_model(...) make one). Training continues as asked.", stacklevel=3)
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The 0-dim float32 loss of one step (parts in ``self.last``)."""

@@ -7,7 +7,10 @@
   ``saliency_target="prob"`` uses the true-class softmax probability p_y
   instead of the logit z_y (the paper's Sec. D.3 ablation).
 * :func:`shuffle_rank_key`: the per-pixel ranking of invariant pixel shuffle,
-  sum over channels of exp(G_c) (signed G, the reference's) or sum |G_c|.
+  sum over channels of exp(G_c) (signed G, the reference's) or sum |G_c|;
+  ``shuffle_rank="random"`` ranks pixels by uniform noise instead, i.e. the
+  shuffled pixels are chosen at random (the authors' published CIFAR-10 run,
+  :func:`random_rank_key`).
 * :func:`synthesize_outliers`: x' from G for ``ood_type`` "gradient" (x + alpha
   G on the top-p_inv |G| elements), "shuffle" (permute the most salient
   pixels), "gaussian" (alpha * N(0, 1)); "none" gives no outliers. A negative
@@ -48,15 +51,17 @@ from torch import nn
 from .. import _ops
 
 __all__ = ["OOD_TYPES", "ALPHA_MODES", "SALIENCY_MODES", "SALIENCY_TARGETS", "SHUFFLE_RANKS", "alpha_at",
-           "check_alpha_range", "true_class_saliency", "relative_saliency", "shuffle_rank_key", "synthesize_outliers"]
+           "check_alpha_range", "true_class_saliency", "relative_saliency", "shuffle_rank_key", "random_rank_key",
+           "synthesize_outliers"]
 
 OOD_TYPES = ("gradient", "shuffle", "gaussian", "none")
 ALPHA_MODES = ("absolute", "relative")
 SALIENCY_MODES = ("eval", "train")
 #: What G differentiates: the true-class logit z_y (the paper's Eq. 2) or its softmax probability p_y (Sec. D.3).
 SALIENCY_TARGETS = ("logit", "prob")
-#: Pixel ranking of invariant pixel shuffle: "exp" = sum_c exp(G_c) (the reference's), "abs" = sum_c |G_c|.
-SHUFFLE_RANKS = ("exp", "abs")
+#: Pixel ranking of invariant pixel shuffle: "exp" = sum_c exp(G_c) (the reference's train script), "abs" =
+#: sum_c |G_c|, "random" = uniform noise, so the pixels are chosen at random (the fork's published CIFAR-10 run).
+SHUFFLE_RANKS = ("exp", "abs", "random")
 
 
 def alpha_at(epoch: int, epochs: int, alpha_min: float, alpha_max: float) -> float:
@@ -155,6 +160,8 @@ def shuffle_rank_key(grad: torch.Tensor, rank: str = "exp") -> torch.Tensor:
     ``rank="abs"``: sum_c |G_c| (this package's former ranking, kept as an
     option; it picks a different set, about 1/3 overlap on a CIFAR ResNet-18).
     """
+    if rank == "random":
+        raise ValueError("shuffle_rank 'random' does not rank by the saliency: use random_rank_key")
     if rank not in SHUFFLE_RANKS:
         raise ValueError(f"shuffle_rank must be one of {SHUFFLE_RANKS}, got {rank!r}")
     acc = torch.float64 if grad.dtype == torch.float64 else torch.float32
@@ -162,6 +169,19 @@ def shuffle_rank_key(grad: torch.Tensor, rank: str = "exp") -> torch.Tensor:
     if rank == "exp":
         return torch.logsumexp(g, dim=1)
     return g.abs().sum(dim=1)
+
+
+def random_rank_key(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A (B, *spatial) float32 key of independent uniform [0, 1) values: the top-n pixels under it are a
+    uniformly random set of n pixels per sample.
+
+    This is the authors' ``random`` run (their shuffle with the saliency map
+    replaced by ``torch.rand`` of one value per pixel). The values are drawn
+    from ``generator`` (on its device), so a resumed run draws the same ones.
+    """
+    gen_device = generator.device if generator is not None else x.device
+    key = torch.rand((x.shape[0], *x.shape[2:]), generator=generator, device=gen_device, dtype=torch.float32)
+    return key.to(x.device)
 
 
 def synthesize_outliers(model: nn.Module, x: torch.Tensor, target: torch.Tensor, *, ood_type: str, p_inv: float,
@@ -179,7 +199,8 @@ def synthesize_outliers(model: nn.Module, x: torch.Tensor, target: torch.Tensor,
         alpha_mode: "absolute" (paper) or "relative" (see module docstring).
         saliency_mode: "eval" (reference) or "train".
         saliency_target: "logit" (paper, Eq. 2) or "prob" (Sec. D.3): what G differentiates.
-        shuffle_rank: "exp" (reference: sum_c exp(G_c)) or "abs" (sum_c |G_c|); shuffle only.
+        shuffle_rank: "exp" (reference: sum_c exp(G_c)), "abs" (sum_c |G_c|) or "random" (pixels chosen
+            at random; no saliency pass); shuffle only.
         generator: RNG for the shuffle permutation and the Gaussian noise.
 
     Returns:
@@ -195,6 +216,11 @@ def synthesize_outliers(model: nn.Module, x: torch.Tensor, target: torch.Tensor,
         gen_device = generator.device if generator is not None else x.device
         noise = torch.randn(x.shape, generator=generator, device=gen_device, dtype=torch.float32)
         return (alpha * noise).to(device=x.device, dtype=x.dtype)
+    if ood_type == "shuffle" and shuffle_rank == "random":
+        # The key and then the permutation are drawn from the one generator: a fixed order, so resume is exact.
+        return _ops.shuffle_outlier(x.detach(), random_rank_key(x, generator), p_inv, generator)
+    if shuffle_rank not in SHUFFLE_RANKS:
+        raise ValueError(f"shuffle_rank must be one of {SHUFFLE_RANKS}, got {shuffle_rank!r}")
     grad = true_class_saliency(model, x, target, saliency_mode, saliency_target)
     x = x.detach()
     if ood_type == "shuffle":

@@ -19,7 +19,7 @@ import math
 from typing import Any, Iterable
 
 __all__ = ["resume_differences", "format_differences", "fill_from_checkpoint", "CLI_CONFIG_FLAGS",
-           "CLI_BUILD_FLAGS", "CLI_EXTRA_FLAGS"]
+           "CLI_BUILD_FLAGS", "CLI_EXTRA_FLAGS", "DATA_KEYS"]
 
 #: CLI dest -> TrainConfig field, for flags that go into the TrainConfig.
 CLI_CONFIG_FLAGS = {name: name for name in (
@@ -50,13 +50,20 @@ def _same(a: Any, b: Any) -> bool:
     return a == b
 
 
+#: ``extra`` keys that describe the data and the model's input: a resumed run must read the same data the same
+#: way (keys missing on either side, e.g. in checkpoints from before they were recorded, are not compared).
+DATA_KEYS = {"image_size": "--image-size", "mean": "--mean", "std": "--std", "classes": "class names", "num_images": "number of training images",
+             "data_fingerprint": "training data (file list and labels)"}
+
+
 def resume_differences(ckpt: dict, config, *, amp: bool, steps_per_epoch: int,
-                       model_build: dict | None) -> list[tuple[str, Any, Any]]:
+                       model_build: dict | None, extra: dict | None = None) -> list[tuple[str, Any, Any]]:
     """[(name, saved, given), ...] for every setting that differs between ``ckpt`` and the new run.
 
     ``config``: the new run's TrainConfig; ``amp``: its resolved AMP flag;
     ``steps_per_epoch``: len(train loader); ``model_build``: the new model's
-    build record (None for a model not made by build_model).
+    build record (None for a model not made by build_model); ``extra``: the new
+    run's metadata (the CLI records the data and input pipeline there, :data:`DATA_KEYS`).
     """
     saved = ckpt.get("train_config") or {}
     diffs: list[tuple[str, Any, Any]] = []
@@ -81,6 +88,10 @@ def resume_differences(ckpt: dict, config, *, amp: bool, steps_per_epoch: int,
     steps = ckpt.get("steps_per_epoch")
     if steps is not None and int(steps) != int(steps_per_epoch):
         diffs.append(("batches per epoch (data size, --batch-size or world size)", int(steps), int(steps_per_epoch)))
+    saved_extra = ckpt.get("extra") or {}
+    for key, label in DATA_KEYS.items():
+        if extra and key in extra and key in saved_extra and not _same(saved_extra[key], extra[key]):
+            diffs.append((label, saved_extra[key], extra[key]))
     built = ckpt.get("model_build")
     if built and model_build:
         for key in sorted(set(built) | set(model_build)):
@@ -91,7 +102,11 @@ def resume_differences(ckpt: dict, config, *, amp: bool, steps_per_epoch: int,
 
 def format_differences(path: str, diffs: Iterable[tuple[str, Any, Any]]) -> str:
     """One line: what differs and how to start a new run instead."""
-    listed = ", ".join(f"{name}: {saved!r} -> {given!r}" for name, saved, given in diffs)
+    def short(v: Any) -> str:
+        text = repr(v)
+        return text if len(text) <= 80 else text[:77] + "..."
+
+    listed = ", ".join(f"{name}: {short(saved)} -> {short(given)}" for name, saved, given in diffs)
     return (f"cannot resume {path}: the new run differs from the one saved there ({listed}); the optimizer, lr "
             "and alpha schedules and outlier generator would not continue what was trained. To continue, drop "
             "these flags (the CLI then uses the saved values) or pass the saved settings; to train with the "

@@ -70,7 +70,8 @@ class TrainConfig:
     runs from 1 to min_lr / lr). saliency_mode: "eval" (reference) or
     "train". saliency_target: "logit" (paper, G = dz_y/dx) or "prob"
     (Sec. D.3, G = dp_y/dx). shuffle_rank: pixel ranking of ood_type
-    "shuffle", "exp" (reference: sum_c exp(G_c)) or "abs" (sum_c |G_c|).
+    "shuffle", "exp" (reference: sum_c exp(G_c)), "abs" (sum_c |G_c|) or
+    "random" (pixels chosen at random, the authors' published CIFAR-10 run).
     outlier_loss: "kl" (paper) or "energy" (Table 6 ablation, margins
     energy_margin_in / energy_margin_out, see ascood.training.losses). amp: mixed
     precision for the training forward/backward (opt-in, CUDA only; the
@@ -181,7 +182,7 @@ class Trainer:
         config: :class:`TrainConfig`.
         val_loader: optional ID validation (x, y) loader: after every epoch
             its accuracy is logged as ``val_acc`` and the checkpoint of the
-            best val accuracy so far (earliest on ties) is written to
+            best val accuracy so far (the latest epoch on ties, as the authors' recorder) is written to
             ``out_dir/best.pt`` (same format as last.pt). Every rank evaluates
             the whole loader with the same weights (no sharding, no collective).
         out_dir: where ``last.pt`` (``best.pt``), ``config.json`` and
@@ -307,7 +308,7 @@ class Trainer:
         from .resume import format_differences, resume_differences
 
         diffs = resume_differences(ckpt, self.config, amp=self.amp, steps_per_epoch=len(self.loader),
-                                   model_build=getattr(self.raw_model, "build_args", None))
+                                   model_build=getattr(self.raw_model, "build_args", None), extra=self.extra)
         if diffs:
             raise ValueError(format_differences(path, diffs))
         load_state_dict_checked(self.raw_model, ckpt["model"], path)
@@ -445,7 +446,7 @@ class Trainer:
 
         best.pt is written first: after a crash between the two writes the
         resumed run repeats the epoch from the older last.pt, finds the same
-        val accuracy better than its recorded best, and writes best.pt again.
+        val accuracy, at least its recorded best, and writes best.pt again.
         """
         per_rank = self._gather_rng()  # collective: every rank takes part
         if not (self.out_dir and self.dist.is_main):
@@ -485,7 +486,9 @@ class Trainer:
             self.epoch += 1
             self.history.append(metrics)
             val = metrics.get("val_acc")
-            is_best = val is not None and (self.best_val_acc is None or val > self.best_val_acc)
+            # ">=": on a tie the LATER epoch becomes best.pt, as the authors' recorder keeps it (ties are
+            # common on small val sets such as Waterbirds', Cars' and Aircraft's).
+            is_best = val is not None and (self.best_val_acc is None or val >= self.best_val_acc)
             if is_best:
                 self.best_val_acc = val
             self.save(is_best)

@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from ascood.apps.main import main
+from clihelpers import write_images
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -66,19 +67,11 @@ def test_demo_hook_without_module(capsys, monkeypatch):
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
 
 
-def _images(root, n, color, size=10, seed=0):
-    os.makedirs(root, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for i in range(n):
-        a = np.clip(np.array(color) + rng.normal(0, 25, (size, size, 3)), 0, 255).astype(np.uint8)
-        Image.fromarray(a).save(os.path.join(root, f"{i}.png"))
-
-
 def test_end_to_end_train_and_eval(tmp_path, capsys):
     for split, seed in (("train", 0), ("test", 1)):
-        _images(tmp_path / split / "red", 8, (220, 30, 30), seed=seed)
-        _images(tmp_path / split / "green", 8, (30, 220, 30), seed=seed + 10)
-    _images(tmp_path / "ood", 6, (128, 128, 128), seed=5)
+        write_images(tmp_path / split / "red", 8, (220, 30, 30), size=10, seed=seed)
+        write_images(tmp_path / split / "green", 8, (30, 220, 30), size=10, seed=seed + 10)
+    write_images(tmp_path / "ood", 6, (128, 128, 128), size=10, seed=5)
     out = tmp_path / "run"
     rc = main(["train", str(tmp_path / "train"), "--out", str(out), "--epochs", "2", "--batch-size", "8",
                "--image-size", "10", "--width", "4", "--alpha-mode", "relative", "--alpha-max", "1",

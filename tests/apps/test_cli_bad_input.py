@@ -44,6 +44,21 @@ def env(tmp_path_factory):
     ck["model_build"]["num_classes"] = 5
     torch.save(ck, root / "other_classes.pt")
     p["mismatch"] = str(root / "other_classes.pt")
+    # issue 25: classes by name, data that leaves its folder, duplicate OOD names, messages
+    write_images(root / "extra" / "red", 2, (220, 30, 30))
+    write_images(root / "extra" / "fish", 2, (30, 30, 220))
+    p["extra"] = str(root / "extra")
+    write_images(root / "swapped" / "cyan", 6, (220, 30, 30))  # same size as data, other classes
+    write_images(root / "swapped" / "magenta", 6, (30, 220, 30))
+    p["swapped"] = str(root / "swapped")
+    for name, text in (("escape.txt", "0.png 0\n../../pic.png 1\n"), ("absolute.txt", f"0.png 0\n{root}/pic.png 1\n"),
+                       ("missing.txt", "0.png 0\nnope.png 1\n")):
+        (root / name).write_text(text)
+        p[name] = str(root / name)
+    (root / "binary.txt").write_bytes(b"\x89PNG\x00\x01 0\n")
+    p["binary.txt"] = str(root / "binary.txt")
+    torch.save({"features.0.weight": torch.zeros(3, 3)}, root / "wrong_arch.pt")
+    p["wrong_arch"] = str(root / "wrong_arch.pt")
     p["new"] = str(root / "new_run")  # bad-input cases must leave no checkpoint here
     p["gaps_run"] = str(root / "gaps_run")
     return p
@@ -90,6 +105,44 @@ CASES = [
     ("empty-ood", ["eval", "{ckpt}", "--id", "{data}", "--far", "e={empty}"], 1, "no images", False),
     ("eval-unlabelled-id", ["eval", "{ckpt}", "--id", "{flat}", "--ood", "{data}", "--scorers", "msp"], 0,
      "--id {flat} has no labels: ID accuracy is reported as n/a", False),
+    # issue 25, item 1: classes matched by name
+    ("id-unknown-class", ["eval", "{ckpt}", "--id", "{extra}", "--ood", "{flat}", "--scorers", "msp"], 2,
+     "--id {extra}: class 'fish' is not one of the model's classes (green, red)", True),
+    ("val-unlabelled", ["train", "{data}", "--val", "{flat}", "--out", "{new}", *TINY_TRAIN], 2,
+     "--val {flat} has no labels", False),
+    ("train-other-ckpt-classes", ["eval", "{ckpt}", "--id", "{swapped}", "--ood", "{flat}", "--scorers", "msp"], 2,
+     "class 'cyan' is not one of the model's classes", False),
+    # item 3: resume compares the input pipeline and the data
+    ("resume-image-size", ["train", "{data}", "--out", "{run}", "--resume", "--image-size", "12", "--no-progress"], 1,
+     "--image-size: 8 -> 12", False),
+    ("resume-other-data", ["train", "{swapped}", "--out", "{run}", "--resume", "--no-progress"], 1,
+     "class names: ['green', 'red'] -> ['cyan', 'magenta']", False),
+    # item 4: --out inside a data folder
+    ("out-in-data", ["train", "{data}", "--out", "{data}/red/run", *TINY_TRAIN], 2,
+     "--out {data}/red/run is inside the data folder of DATA", True),
+    # item 7: duplicate OOD names
+    ("ood-same-name", ["eval", "{ckpt}", "--id", "{data}", "--ood", "x={flat}", "--ood", "x={data}"], 2,
+     "two OOD sets are named 'x': --ood x={flat} and --ood x={data}", False),
+    ("ood-name-is-group", ["eval", "{ckpt}", "--id", "{data}", "--ood", "near={flat}", "--near", "y={data}"], 2,
+     "--ood near={flat}: the name 'near' is taken by the --near group", False),
+    # item 9: list entries that leave the data root
+    ("list-dotdot", ["train", "{escape.txt}", "--root", "{gaps.txt_root}", "--out", "{new}", *TINY_TRAIN], 1,
+     "escape.txt:2: path '../../pic.png' leaves the image root", True),
+    ("list-absolute", ["train", "{absolute.txt}", "--root", "{gaps.txt_root}", "--out", "{new}", *TINY_TRAIN], 1,
+     "absolute.txt:2: path", False),
+    # item 10: messages that name the culprit
+    ("list-missing-image", ["train", "{missing.txt}", "--root", "{gaps.txt_root}", "--out", "{new}", *TINY_TRAIN], 1,
+     "missing.txt:2: image", False),
+    ("binary-ood-list", [*EVAL, "--scorers", "msp", "--ood", "b={binary.txt}"], 1,
+     "binary.txt is not a text image list", False),
+    ("wrong-arch-weights", ["train", "{data}", "--out", "{new}", "--weights", "{wrong_arch}", *TINY_TRAIN], 1,
+     "wrong_arch.pt", False),
+    ("workers-negative", ["train", "{data}", "--out", "{new}", "--workers", "-1", *TINY_TRAIN], 2,
+     "argument --workers: must be >= 0", False),
+    ("device-tpu", ["train", "{data}", "--out", "{new}", "--device", "tpu", *TINY_TRAIN], 2,
+     "argument --device: expected cpu, cuda or cuda:N, got 'tpu'", True),
+    ("abbreviated-flag", ["train", "{data}", "--out", "{new}", "--epoch", "3", "--no-progress"], 2,
+     "unrecognized arguments: --epoch 3", False),
     ("label-gaps", ["train", "{gaps.txt}", "--root", "{gaps.txt_root}", "--out", "{gaps_run}", *TINY_TRAIN], 0,
      "no samples for 2 class(es) (1, 2); training 4 classes", False),
 ]
@@ -139,3 +192,43 @@ def test_bad_input_through_python_m_ascood(case, env):
     assert _sub(needle, env) in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert len([line for line in r.stderr.splitlines() if ": error: " in line]) == 1, r.stderr
     assert _snapshot(env) == before
+
+
+# -- issue 25, item 10: cases that need an environment variable, worker processes or a signal -------------------
+def test_bad_backend_variable_names_the_variable(env, capsys, monkeypatch):
+    monkeypatch.setenv("ASCOOD_BACKEND", "bogus")
+    before = _snapshot(env)
+    assert main(["train", env["data"], "--out", env["new"], *TINY_TRAIN]) == 2
+    err = capsys.readouterr().err
+    assert "environment variable ASCOOD_BACKEND='bogus': expected one of auto" in err
+    assert "--image-size" not in err and "Traceback" not in err
+    assert _snapshot(env) == before and not os.path.exists(os.path.join(env["new"], "last.pt"))
+
+
+def test_corrupt_image_in_a_worker_process_names_the_file(tmp_path):
+    data = make_class_tree(tmp_path / "data")
+    bad = os.path.join(data, "red", "0.png")
+    with open(bad, "wb") as f:
+        f.write(b"not a png at all")
+    r = run_cli("train", data, "--out", str(tmp_path / "run"), "--workers", "2", *TINY_TRAIN)
+    assert r.returncode == 1, r.stderr
+    assert "cannot read image" in r.stderr and "0.png" in r.stderr, r.stderr
+    assert "DataLoader worker" not in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_ctrl_c_during_start_up_is_one_line(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from clihelpers import ROOT
+
+    # SIGINT while the command is still importing torch (well before any work): one line, no traceback.
+    proc = subprocess.Popen([sys.executable, "-m", "ascood", "train", str(tmp_path), "--out", str(tmp_path / "r")],
+                            cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    time.sleep(0.4)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert err.strip() == "ascood: interrupted", err

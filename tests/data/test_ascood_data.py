@@ -52,13 +52,15 @@ def test_image_list(tmp_path):
     write_png(tmp_path / "imgs" / "a b.png", 0)
     write_png(tmp_path / "imgs" / "c.png", 255)
     lst = tmp_path / "list.txt"
-    lst.write_text("imgs/a b.png 3\n\n# comment\nimgs/c.png 1\nimgs/missing.png 0\n")
+    lst.write_text("imgs/a b.png 3\n\n# comment\nimgs/c.png 1\n")
     ds = D.dataset_from_path(lst, D.build_transforms(8, MEAN, STD, False), train=True, root=tmp_path)
-    assert isinstance(ds, D.ImageListDataset) and len(ds) == 3 and ds.targets == [3, 1, 0]
+    assert isinstance(ds, D.ImageListDataset) and len(ds) == 2 and ds.targets == [3, 1]
     x, y = ds[1]
     assert y == 1 and torch.allclose(x, torch.full_like(x, 2.0))
-    with pytest.raises(D.DataError, match="missing.png"):
-        ds[2]
+    # A listed image that does not exist is found when the list is read (file and line), not mid-epoch.
+    lst.write_text("imgs/a b.png 3\n\n# comment\nimgs/c.png 1\nimgs/missing.png 0\n")
+    with pytest.raises(D.DataError, match=r"list.txt:5: image .*missing.png not found"):
+        D.dataset_from_path(lst, None, train=True, root=tmp_path)
     with pytest.raises(D.DataError, match="nolist.txt"):
         D.ImageListDataset(tmp_path / "nolist.txt", tmp_path)
 

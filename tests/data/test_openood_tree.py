@@ -11,7 +11,7 @@ from ascood.data import datasets as D
 from ascood.apps.main import main
 from ascood.data.openood import BENCHMARKS, OpenOODTreeError, read_image_list, resolve_benchmark
 from ascood.apps.presets import (PRESETS, PUBLISHED, TRAIN_KEYS, get_preset, pretrained_weights_error, resolve, eval_pre_size)
-from fake_openood import list_entry_path, make_tree
+from fake_openood import CLASS_LIST_NAME, OTHER_LABELS, SUBSET_LABELS, list_entry_path, make_tree, wnid
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,8 @@ def _names(tree, role):
 # -- every benchmark resolves, with the sets of benchmarks.md --------------------------------------------------
 @pytest.mark.parametrize("name", list(BENCHMARKS))
 def test_every_benchmark_resolves_and_loads(tree_root, name):
-    tree = resolve_benchmark(name, tree_root)
+    extra = {"class_list": os.path.join(tree_root, CLASS_LIST_NAME)} if name == "imagenet100" else {}
+    tree = resolve_benchmark(name, tree_root, **extra)
     assert not tree.skipped
     assert len(tree.present) == len(BENCHMARKS[name].sets)
     tf = D.build_transforms(8, [0.5] * 3, [0.5] * 3, train=False)
@@ -76,6 +77,71 @@ def test_sets_match_benchmarks_md(tree_root):
         t = resolve_benchmark(name, tree_root)
         assert [s.list for s in t.present if s.role == "near"] == [f"benchmark_imglist/{name}/{near}.txt"]
         assert t.benchmark.num_classes == {"celeba": 2, "cars": 150, "aircraft": 90}[name]
+
+
+def test_imagenet100_is_the_class_list_subset_of_imagenet_1k(tree_root, tmp_path):
+    classes = os.path.join(tree_root, CLASS_LIST_NAME)
+    tree = resolve_benchmark("imagenet100", tree_root, class_list=classes)
+    assert tree.benchmark.num_classes == 100
+    assert tree.spec("id_train").list == "benchmark_imglist/imagenet/train_imagenet.txt"
+    assert _names(tree, "near") == ["ssb_hard"] and _names(tree, "far") == ["inaturalist", "openimage_o", "textures"]
+    assert tree.spec("ood_val").list == "benchmark_imglist/imagenet/val_openimage_o.txt"
+    # The class list's order gives the labels; every other ImageNet class of the lists is left out.
+    order = [ln for ln in open(classes).read().splitlines() if not ln.startswith("#")]
+    expected = {SUBSET_LABELS[[wnid(l) for l in SUBSET_LABELS].index(w)]: i for i, w in enumerate(order)}
+    train = tree.dataset("id_train", None)
+    assert len(train) == 2 * len(SUBSET_LABELS) and tree.size("id_train") == len(train)
+    assert sorted(set(train.targets)) == list(range(100))
+    with open(os.path.join(tree_root, tree.spec("id_train").list)) as f:
+        source = [ln.rsplit(maxsplit=1) for ln in f.read().splitlines()]
+    kept = [(p, int(l)) for p, l in source if int(l) not in OTHER_LABELS]
+    assert [(os.path.relpath(p, os.path.join(tree_root, "images_largescale")), t) for p, t in train.samples] == [
+        (p, expected[l]) for p, l in kept]
+    assert train.line_numbers == [i + 1 for i, (p, l) in enumerate(source) if int(l) not in OTHER_LABELS]
+    assert len(tree.dataset("id_test", None)) == 100
+    # ImageNet-1K label indices work as well as WordNet ids.
+    by_label = tmp_path / "labels.txt"
+    by_label.write_text("\n".join(str(l) for l in SUBSET_LABELS) + "\n")
+    t2 = resolve_benchmark("imagenet100", tree_root, class_list=str(by_label))
+    assert t2.label_map == {l: i for i, l in enumerate(SUBSET_LABELS)}
+
+
+def test_imagenet100_class_list_errors(tree_root, tmp_path):
+    with pytest.raises(OpenOODTreeError, match="needs --class-list FILE"):
+        resolve_benchmark("imagenet100", tree_root)
+    with pytest.raises(OpenOODTreeError, match="--class-list applies only to a class subset"):
+        resolve_benchmark("cifar10", tree_root, class_list=os.path.join(tree_root, CLASS_LIST_NAME))
+    bad = tmp_path / "bad.txt"
+    bad.write_text("\n".join([wnid(l) for l in SUBSET_LABELS[:98]] + ["bogus", wnid(0)]) + "\n")
+    with pytest.raises(OpenOODTreeError) as exc:
+        resolve_benchmark("imagenet100", tree_root, class_list=str(bad))
+    assert f"{bad}:99: 'bogus' is neither a WordNet id" in str(exc.value)
+    assert f"{bad}:100: {wnid(0)} repeats line 1" in str(exc.value)
+    unknown = tmp_path / "unknown.txt"
+    unknown.write_text("\n".join([wnid(l) for l in SUBSET_LABELS[:99]] + ["n99999999"]) + "\n")
+    with pytest.raises(OpenOODTreeError,
+                       match="1 class\\(es\\) not found as a folder of .*train_imagenet.txt: n99999999"):
+        resolve_benchmark("imagenet100", tree_root, class_list=str(unknown))
+    short = tmp_path / "short.txt"
+    short.write_text("1\n2\n")
+    with pytest.raises(OpenOODTreeError, match="2 classes, expected 100"):
+        resolve_benchmark("imagenet100", tree_root, class_list=str(short))
+
+
+def test_isun_is_optional_and_fingerprint_follows_the_lists(own_tree):
+    shutil.rmtree(os.path.join(own_tree, "images_classic/iSUN"))
+    os.remove(os.path.join(own_tree, "benchmark_imglist/cifar10/test_isun.txt"))
+    tree = resolve_benchmark("cifar10", own_tree)  # no --allow-missing needed: OpenOOD's download has no iSUN
+    assert tree.skipped_names() == ["far:isun"]
+    assert "not part of OpenOOD v1.5's download" in tree.skipped[0][1]
+    fp = tree.fingerprint(["id_train"])
+    assert list(fp) == ["benchmark_imglist/cifar10/train_cifar10.txt"]
+    path = os.path.join(own_tree, "benchmark_imglist/cifar10/train_cifar10.txt")
+    import hashlib
+    assert fp[list(fp)[0]] == hashlib.sha256(open(path, "rb").read()).hexdigest()
+    with open(path, "a") as f:
+        f.write("# a comment changes the bytes\n")
+    assert resolve_benchmark("cifar10", own_tree).fingerprint(["id_train"]) != fp
 
 
 # -- missing pieces -------------------------------------------------------------------------------------------
@@ -195,7 +261,8 @@ def test_resolution_order_and_sources():
 def test_presets_match_the_paper_settings():
     c10, c100, wb, cb = (PRESETS[k] for k in ("cifar10", "cifar100", "waterbirds", "celeba"))
     assert (c10.ood_type, c10.p_inv, c10.w, c10.epochs, c10.lr, c10.batch_size) == ("shuffle", 0.15, 1.0, 100, 0.1, 128)
-    assert (c100.w, c100.fc_lr_factor, c100.scorer, c100.mean) == (5.0, 0.05, "scale", (0.5071, 0.4865, 0.4409))
+    assert (c100.w, c100.fc_lr_factor, c100.scorer, c100.mean) == (5.0, 0.05, "scale", (0.5071, 0.4867, 0.4408))
+    assert c100.std == (0.2675, 0.2565, 0.2761)  # OpenOOD's normalization_dict['cifar100']
     assert (wb.model, wb.pretrained, wb.w, wb.alpha_max, wb.alpha_min, wb.scorer) == ("resnet18", True, 0.1, 300, 30,
                                                                                      "odin")
     assert (cb.ood_type, cb.alpha_max, cb.alpha_min) == ("gaussian", 0.1, 0.1)
@@ -258,3 +325,13 @@ def test_readme_preset_table_is_the_presets():
         assert "| " + " | ".join(row) + " |" in readme
     for name in OUTPUT_FILES:
         assert f"`{name}`" in readme
+
+
+def test_docs_list_every_benchmark_file():
+    # The README points newcomers at docs/OPENOOD_TREE.md: it must be what BENCHMARKS says.
+    from ascood.data.openood import tree_markdown
+
+    doc = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "docs",
+                       "OPENOOD_TREE.md")
+    with open(doc, encoding="utf-8") as f:
+        assert f.read() == tree_markdown(), "regenerate docs/OPENOOD_TREE.md from ascood.data.openood.tree_markdown()"

@@ -188,7 +188,7 @@ def test_cli_accepts_external_model_names():
 
 
 def test_cli_trains_and_evaluates_a_torchvision_model(tmp_path, capsys):
-    from test_ascood_cli import _images
+    from clihelpers import write_images as _images
 
     from ascood.apps.main import main
 

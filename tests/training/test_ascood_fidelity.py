@@ -85,6 +85,40 @@ def test_shuffle_rank_key_no_overflow_and_same_order_as_exp_sum():
         shuffle_rank_key(G, "signed")
 
 
+class _NoForward(torch.nn.Module):
+    """A model that must not be called: the random shuffle computes no saliency."""
+
+    def forward(self, x):
+        raise AssertionError("the random shuffle ranking ran a saliency pass")
+
+
+def test_random_shuffle_ranking_picks_uniform_pixels_without_saliency():
+    # The authors' published CIFAR-10 run: n = int(H*W*p_inv) pixels chosen uniformly at random per sample,
+    # permuted among themselves (all channels together); no gradient is computed.
+    B, H, W, p_inv = 3000, 4, 4, 0.5
+    n = int(H * W * p_inv)  # 8 of 16 pixels
+    # Every pixel of every sample distinct, so a moved pixel is visible in the output.
+    x = torch.arange(B * 3 * H * W, dtype=torch.float32).reshape(B, 3, H, W)
+    y = torch.zeros(B, dtype=torch.long)
+    xo = synthesize_outliers(_NoForward(), x, y, ood_type="shuffle", p_inv=p_inv, alpha=0.0, shuffle_rank="random",
+                             generator=torch.Generator().manual_seed(0))
+    fx, fo = x.reshape(B, 3, -1), xo.reshape(B, 3, -1)
+    moved = (fx != fo).any(1)  # (B, 16)
+    # Each sample: the pixel vectors are a permutation of the input's, and at most n pixels moved.
+    assert torch.equal(fx.sort(2).values, fo.sort(2).values)
+    assert int(moved.sum(1).max()) <= n
+    # Uniform choice: P(pixel moved) = (n / P) * (1 - 1/n) = 0.5 * 7/8 for EVERY position (a uniformly random
+    # permutation of n has n - 1 non-fixed points on average); binomial sd ~0.009 at B = 3000.
+    freq = moved.double().mean(0)
+    assert torch.allclose(freq, torch.full_like(freq, 0.5 * 7 / 8), atol=0.05), freq
+    # The same generator seed gives the same outliers; another seed others.
+    again = synthesize_outliers(_NoForward(), x, y, ood_type="shuffle", p_inv=p_inv, alpha=0.0,
+                                shuffle_rank="random", generator=torch.Generator().manual_seed(0))
+    other = synthesize_outliers(_NoForward(), x, y, ood_type="shuffle", p_inv=p_inv, alpha=0.0,
+                                shuffle_rank="random", generator=torch.Generator().manual_seed(1))
+    assert torch.equal(again, xo) and not torch.equal(other, xo)
+
+
 def test_saliency_is_float32_under_autocast():
     model = _net()
     x, y = _batch()
@@ -164,7 +198,8 @@ def _toy(n, seed):
 
 @pytest.mark.parametrize("ablation", [dict(outlier_loss="energy", energy_margin_in=-2.0, energy_margin_out=-1.0),
                                       dict(saliency_target="prob"), dict(alpha_min=-0.5, alpha_max=-1.0),
-                                      dict(ood_type="shuffle", shuffle_rank="abs")])
+                                      dict(ood_type="shuffle", shuffle_rank="abs"),
+                                      dict(ood_type="shuffle", shuffle_rank="random", p_inv=0.2)])
 def test_ablations_train(ablation):
     model = _net()
     cfg = TrainConfig(**{"epochs": 1, "p_inv": 0.2, "alpha_min": 0.5, "alpha_max": 1.0, "lr": 0.05, "seed": 0,
@@ -182,7 +217,7 @@ def test_val_accuracy_and_best_checkpoint(tmp_path):
                  val_loader=val, out_dir=tmp_path, progress=False)
     tr.fit()
     accs = [h["val_acc"] for h in tr.history]
-    best_epoch = int(np.argmax(accs)) + 1  # earliest best
+    best_epoch = len(accs) - int(np.argmax(accs[::-1]))  # the latest epoch with the best accuracy
     best = load_checkpoint(tmp_path / BEST_CHECKPOINT_NAME)
     assert best["epoch"] == best_epoch and best["best_val_acc"] == max(accs)
     assert load_checkpoint(tmp_path / CHECKPOINT_NAME)["epoch"] == 3
@@ -191,6 +226,21 @@ def test_val_accuracy_and_best_checkpoint(tmp_path):
     x, y = _toy(12, 5)[:]
     with torch.no_grad():
         assert (model(x).argmax(1) == y).double().mean().item() == pytest.approx(max(accs))
+
+
+def test_best_checkpoint_tie_keeps_the_latest_epoch(tmp_path, monkeypatch):
+    """The authors' recorder keeps the LATEST epoch among those with the best val accuracy (>=)."""
+    import ascood.training.trainer as T
+
+    sequence = iter([0.50, 0.75, 0.75, 0.60])  # epochs 2 and 3 tie for best: epoch 3 must be best.pt
+    monkeypatch.setattr(T, "accuracy", lambda model, loader, device: next(sequence))
+    train = DataLoader(_toy(16, 0), batch_size=8)
+    tr = Trainer(_net(), train, TrainConfig(epochs=4, alpha_min=0.5, alpha_max=1.0, lr=0.05, seed=0),
+                 val_loader=[None], out_dir=tmp_path, progress=False)
+    tr.fit()
+    best = load_checkpoint(tmp_path / BEST_CHECKPOINT_NAME)
+    assert best["epoch"] == 3 and best["best_val_acc"] == 0.75
+    assert [h["val_acc"] for h in best["history"]] == [0.50, 0.75, 0.75]
 
 
 def test_amp_is_opt_in():

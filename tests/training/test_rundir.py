@@ -12,6 +12,7 @@ import textwrap
 import pytest
 import torch
 
+from ascood.files import atomic_write
 from ascood.training import checkpoint as ckpt_mod
 from ascood.apps.main import main
 from ascood.training.rundir import LOCK_NAME, OutputDirError, claim_output_dir, read_lock
@@ -177,7 +178,7 @@ def test_failed_write_removes_its_temporary(tmp_path):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        ckpt_mod._atomic(tmp_path / "last.pt", boom)
+        atomic_write(tmp_path / "last.pt", boom)
     assert os.listdir(tmp_path) == []
 
 

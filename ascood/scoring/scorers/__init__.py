@@ -65,16 +65,18 @@ def get_scorer(name: str, **params) -> Scorer:
     return SCORERS[key](**params)
 
 
-def scorer_for_model(name: str, input_std=None) -> Scorer:
+def scorer_for_model(name: str, input_std=None, **params) -> Scorer:
     """:func:`get_scorer` with the model's input normalisation where the scorer needs it.
 
     ODIN / i-ODIN (and MDS's optional input preprocessing) take eps in [0, 1]
     pixel units and divide it by the per-channel ``input_std`` (a sequence of
     floats, or None to read ``model.input_std``); every other scorer ignores it.
+    ``params`` go to the scorer's constructor (e.g. a preset's ``bank="all"``
+    for NNGuide).
     """
     if SCORERS.get(_key(name)) in (ODIN, IODIN, MDS):
-        return get_scorer(name, std=input_std)
-    return get_scorer(name)
+        return get_scorer(name, std=input_std, **params)
+    return get_scorer(name, **params)
 
 
 __all__ = ["Scorer", "FeatureScorer", "SCORERS", "get_scorer", "scorer_for_model", "sweep", "SweepResult", "loader_scores",

@@ -1,0 +1,126 @@
+"""Class names that travel with a model, and the mapping of every labelled split onto them by name.
+
+A checkpoint stores its training classes as names (``extra["classes"]``): the folder
+names of a class-per-folder tree, the names of an image list's class table
+(``classes.txt`` beside the list), or the decimal indices ``"0".."C-1"`` for data
+labelled by index only (image lists without a table, CIFAR batches).
+
+:func:`match_classes` rewrites a split's labels to the checkpoint's indices:
+folders and tables are matched **by name** (a subset of the classes is fine and is
+reported; an unknown class is an error naming it), index-labelled data by index
+(an index past the model's classes is an error). Unlabelled data where labels are
+needed is an error naming the flag. :func:`fingerprint` is a cheap digest of a
+dataset's file list and labels, stored with the checkpoint so a resumed run can
+tell that it is reading other data.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from .datasets import DataError
+
+__all__ = ["ClassMatch", "class_names", "is_labelled", "match_classes", "fingerprint"]
+
+
+def class_names(ds) -> list[str] | None:
+    """The names of ``ds``'s label indices (index i -> name), or None when its labels are bare indices."""
+    names = getattr(ds, "class_names", None)  # image lists with a class table
+    if names is None:
+        names = getattr(ds, "classes", None)
+        if names is not None and all(isinstance(c, (int, np.integer)) for c in names):
+            return None  # CIFAR: indices only
+    return [str(c) for c in names] if names is not None else None
+
+
+def is_labelled(ds) -> bool:
+    targets = getattr(ds, "targets", None)
+    return targets is not None and len(targets) > 0 and any(int(t) >= 0 for t in targets)
+
+
+@dataclass
+class ClassMatch:
+    """How a split's classes map onto the model's: ``present`` and ``missing`` are model class names."""
+
+    present: list[str]
+    missing: list[str]
+
+    def describe(self, what: str) -> str | None:
+        """A one-line note when the split holds only some of the classes (None when it holds all)."""
+        if not self.missing:
+            return None
+        shown = ", ".join(self.missing[:8]) + (" ..." if len(self.missing) > 8 else "")
+        return (f"{what} holds {len(self.present)} of the model's {len(self.present) + len(self.missing)} classes "
+                f"(missing: {shown}); accuracy is over the classes present")
+
+
+def _set_targets(ds, new_targets: list[int]) -> None:
+    """Write remapped labels into the dataset types this package builds."""
+    if hasattr(ds, "samples"):  # ImageFolder-like and image lists: (path, label) pairs
+        ds.samples = [(p, t) for (p, _), t in zip(ds.samples, new_targets)]
+        if hasattr(ds, "imgs"):
+            ds.imgs = ds.samples
+    elif hasattr(ds, "labels"):  # ArrayDataset / CIFAR
+        ds.labels = np.asarray(new_targets, dtype=np.int64)
+    else:
+        raise DataError(f"cannot relabel a {type(ds).__name__}")
+    ds.targets = list(new_targets)
+
+
+def match_classes(ds, model_classes: Sequence[str], *, what: str) -> ClassMatch:
+    """Relabel ``ds`` in place onto ``model_classes`` (the checkpoint's names); see the module docstring.
+
+    ``what`` names the split in messages, e.g. "--id data/test". Raises
+    :class:`DataError` for unlabelled data, an unknown class name or an index out of range.
+    """
+    model_classes = [str(c) for c in model_classes]
+    if not is_labelled(ds):
+        raise DataError(f"{what} has no labels (a flat folder or a list without labels), but labels are needed "
+                        f"here: give class folders named like the model's classes ({', '.join(model_classes[:5])}"
+                        f"{', ...' if len(model_classes) > 5 else ''})")
+    targets = [int(t) for t in ds.targets]
+    names = class_names(ds)
+    if names is None:  # bare indices: matched by index
+        bad = sorted({t for t in targets if t >= len(model_classes)})
+        if bad:
+            raise DataError(f"{what}: label {bad[0]} is not a class of the model (it has {len(model_classes)} "
+                            f"classes, 0..{len(model_classes) - 1})")
+        present_idx = sorted({t for t in targets if t >= 0})
+        present = [model_classes[i] for i in present_idx]
+        missing = [c for i, c in enumerate(model_classes) if i not in set(present_idx)]
+        return ClassMatch(present, missing)
+    index = {name: i for i, name in enumerate(model_classes)}
+    used = sorted({names[t] for t in targets if t >= 0})
+    unknown = [n for n in used if n not in index]
+    if unknown:
+        raise DataError(f"{what}: class {unknown[0]!r} is not one of the model's classes "
+                        f"({', '.join(model_classes[:10])}{', ...' if len(model_classes) > 10 else ''})"
+                        + (f"; also unknown: {', '.join(unknown[1:6])}" if len(unknown) > 1 else ""))
+    _set_targets(ds, [index[names[t]] if t >= 0 else -1 for t in targets])
+    return ClassMatch(used, [c for c in model_classes if c not in set(used)])
+
+
+def fingerprint(ds) -> str:
+    """A short digest of what ``ds`` reads: its files (relative to their root) and labels, or its arrays.
+
+    Cheap (names, not image bytes, for file datasets); two datasets with the same
+    fingerprint list the same files with the same labels.
+    """
+    h = hashlib.sha256()
+    samples = getattr(ds, "samples", None) or [(p, -1) for p in getattr(ds, "paths", [])]
+    if samples:
+        root = os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p, _ in samples])
+        for path, label in samples:
+            h.update(f"{os.path.relpath(os.path.abspath(path), root)}\t{int(label)}\n".encode("utf-8", "replace"))
+    elif hasattr(ds, "images"):
+        h.update(np.ascontiguousarray(ds.images).tobytes())
+        h.update(np.asarray(getattr(ds, "labels", []), dtype=np.int64).tobytes())
+    else:
+        raise DataError(f"cannot fingerprint a {type(ds).__name__}")
+    names = class_names(ds)
+    h.update(("\n".join(names) if names else "").encode())
+    return h.hexdigest()[:16]
