@@ -421,6 +421,7 @@ class ViM(FeatureScorer):
         PS = order[:, :dim].contiguous() if dim < m - dim else None
         vsum = lsum = 0.0
         n = 0
+        W32, b32 = W.float(), b.float()
         for _, h, _ in self.space_chunks(feats):
             h = h.double()
             c = h - self.u
@@ -428,7 +429,9 @@ class ViM(FeatureScorer):
                 vsum += float(torch.linalg.norm(c @ self.NS, dim=1).sum())
             else:
                 vsum += float(((c * c).sum(1) - (c @ PS).pow(2).sum(1)).clamp(min=0).sqrt().sum())
-            lsum += float((h @ W.T + b).amax(1).sum())
+            # The max-logit only enters alpha through its mean: float32 logits (7 digits) summed in float64
+            # halve this pass's largest product (C x m per row: 1000 x 512 at ImageNet size).
+            lsum += float((h.float() @ W32.T + b32).amax(1).double().sum())
             n += h.shape[0]
         self.alpha = (lsum / n) / (vsum / n)
         self.W, self.b = W, b
