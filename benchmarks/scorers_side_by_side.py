@@ -414,7 +414,8 @@ def big(args) -> None:
             print(f"| {name} | failed: {proc.stderr.strip().splitlines()[-1]} |")
             continue
         r = json.loads(proc.stdout.strip().splitlines()[-1])
-        print(f"| {name} | {r['fit_s']:.1f} | {r['fit_wall_s']:.1f} | {r['fit_peak_mb']:.0f} | {r['score_ms_per_query']:.2f} | "
+        print(f"| {name} | {r['fit_s']:.1f} | {r['fit_wall_s']:.1f} | {r['fit_peak_mb']:.0f} | "
+              f"{r['score_ms_per_query']:.2f} | "
               f"{r['score_peak_mb']:.0f} | {r['notes']} |", flush=True)
     print(f"load average after: {os.getloadavg()}")
 
@@ -459,7 +460,8 @@ def big_one(args) -> None:
     train = Features.load(args.dir, "train", head=head)
     m = train.features.shape[1]
     g = torch.Generator().manual_seed(1)
-    q = (hd["centres"][torch.arange(args.queries) % hd["W"].shape[0]] + torch.randn(args.queries, m, generator=g)).relu()
+    qy = torch.arange(args.queries) % hd["W"].shape[0]
+    q = (hd["centres"][qy] + torch.randn(args.queries, m, generator=g)).relu()
     queries = Features(q @ hd["W"].T + hd["b"], q, None, head)
     kw = {"knn": {"K": 50}, "nnguide": {"K": 100, "bank": "all"}, "mds": {}, "vim": {"dim": 256}}[args.scorer]
     sc = get_scorer(args.scorer, **kw)
@@ -477,7 +479,8 @@ def big_one(args) -> None:
     notes = (f"chunk_rows {sc.chunk_rows}" if bank is None else
              f"bank {bank.n} x {bank.width} kept normalised in RAM ({bank.nbytes / 2 ** 20:.0f} MiB)" if bank.resident
              else f"bank {bank.n} x {bank.width} streamed from the file in {bank.chunk}-row blocks")
-    print(json.dumps({"fit_s": fit_s, "fit_wall_s": fit_wall, "fit_peak_mb": fit_peak / 1024, "score_ms_per_query": 1000 * score_s / args.queries,
+    print(json.dumps({"fit_s": fit_s, "fit_wall_s": fit_wall, "fit_peak_mb": fit_peak / 1024,
+                      "score_ms_per_query": 1000 * score_s / args.queries,
                       "score_peak_mb": score_peak / 1024, "notes": notes}))
 
 

@@ -61,7 +61,8 @@ def summarize(label: str, rows: list[dict]) -> str:
         return statistics.mean(r[k] for r in rs) if rs else float("nan")
 
     p95 = walls[int(0.95 * (len(walls) - 1))]
-    cells = [label, f"{med:.1f}", f"{p95:.1f}", f"{walls[-1]:.1f}", f"{walls[-1] / med:.1f}", f"{len(slow)}/{len(rows)}"]
+    cells = [label, f"{med:.1f}", f"{p95:.1f}", f"{walls[-1]:.1f}", f"{walls[-1] / med:.1f}",
+             f"{len(slow)}/{len(rows)}"]
     for rs in (rest, slow):
         cells += [f"{mean(rs, 'wall'):.1f}", f"{mean(rs, 'cpu'):.1f}", f"{mean(rs, 'sys'):.1f}",
                   f"{mean(rs, 'nivcsw'):.1f}", f"{mean(rs, 'minflt'):.0f}", f"{mean(rs, 'thp_fault_alloc'):.1f}",

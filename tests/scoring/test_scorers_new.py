@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import ascood
-from ascood.scoring.scorers import LinearHead, extract_features, get_scorer
+from ascood.scoring.scorers import LinearHead, get_scorer
 
 C, M = 5, 16
 

@@ -101,7 +101,8 @@ class LinearHead:
 
     def __post_init__(self) -> None:
         if not torch.is_tensor(self.weight) or self.weight.dim() != 2:
-            raise ValueError(f"LinearHead weight must be a (C, m) tensor, got {getattr(self.weight, 'shape', self.weight)!r}")
+            got = getattr(self.weight, "shape", self.weight)
+            raise ValueError(f"LinearHead weight must be a (C, m) tensor, got {got!r}")
         if self.bias is not None and (not torch.is_tensor(self.bias) or self.bias.shape != self.weight.shape[:1]):
             raise ValueError(f"LinearHead bias must be a ({self.weight.shape[0]},) tensor, "
                              f"got {getattr(self.bias, 'shape', self.bias)!r}")
@@ -195,7 +196,7 @@ class Features:
         return 0
 
     def require(self, what: str, scorer: str) -> None:
-        """Raise ValueError naming ``scorer`` when the field ``what`` ("logits", "features", "labels", "head") is None."""
+        """Raise ValueError naming ``scorer`` when the field ``what`` (logits, features, labels, head) is None."""
         if getattr(self, what) is None:
             hint = {"head": "pass head=LinearHead(fc.weight, fc.bias) or use extract_features(model, loader)",
                     "labels": "pass labels (the ID class of each row)",
@@ -446,7 +447,8 @@ class FeatureCache:
         return len(self._data)
 
 
-def features_scores(scorer, feats: Features, rows: int = 1024) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def features_scores(scorer, feats: Features, rows: int = 1024
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(pred (N,) int64, score (N,) float32, labels (N,) or None) of a record, ``rows`` rows at a time.
 
     pred is the argmax of the record's logits (the model's prediction).
