@@ -272,27 +272,29 @@ def evaluate_network(model, data: _Data, scorers: Sequence[str]) -> tuple[list[d
     """Test metrics of every scorer (APS on val for ODIN / i-ODIN); returns (rows, raw test scores)."""
     from ..scoring.evaluator import evaluate
     from ..scoring.metrics import ood_metrics
-    from ..scoring.scorers import loader_scores, scorer_for_model, sweep
+    from ..scoring.scorers import FeatureCache, fit_scorer, loader_scores, scorer_for_model, sweep
 
     std = [float(s) for s in data.bench.std]
+    cache = FeatureCache(model)  # each split runs through the network once for every scorer and grid point
     train_loader = data.loader(data.train)
     val_id, val_ood = data.loader(data.val), data.loader(data.val_ood)
     objs, val_auroc, chosen = {}, {}, {}
     for name in scorers:
         sc = scorer_for_model(name, std)
         if name in APS_SCORERS:
-            res = sweep(sc, model, val_id, val_ood, id_train_loader=train_loader)
+            res = sweep(sc, model, val_id, val_ood, id_train_loader=train_loader, cache=cache)
             chosen[name] = res.best_params
             val_auroc[name] = 100 * res.best_auroc
         else:
             if sc.needs_fit:
                 with torch.enable_grad():  # ReAct / TempScale fit on ID val, the others on ID train (OpenOOD)
-                    sc.fit(model, sc.fit_loader(train_loader, val_id))
-            _, s_id, _ = loader_scores(sc, model, val_id)
-            _, s_ood, _ = loader_scores(sc, model, val_ood)
+                    fit_scorer(sc, model, sc.fit_loader(train_loader, val_id), cache)
+            _, s_id, _ = loader_scores(sc, model, val_id, cache)
+            _, s_ood, _ = loader_scores(sc, model, val_ood, cache)
             val_auroc[name] = 100 * ood_metrics(s_id, s_ood)["auroc"]
         objs[name] = sc
-    table = evaluate(model, data.loader(data.test), {k: data.loader(v) for k, v in data.ood.items()}, scorers=objs)
+    table = evaluate(model, data.loader(data.test), {k: data.loader(v) for k, v in data.ood.items()}, scorers=objs,
+                     features=cache)
     target = "mean" if len(data.ood) > 1 else next(iter(data.ood))
     rows = []
     for name in scorers:

@@ -47,8 +47,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="ID validation data that react (clip percentile) and tempscale (T) are fitted on, as OpenOOD "
                         "(default: --aps-id)")
     e.add_argument("--scorers", default="msp,mls,ebo,odin,scale",
-                   help="comma-separated scorers: msp, tempscale, odin, iodin (i-ODIN), ebo, mls, gen, react, ash, "
-                        "scale, knn, mds, rmds, vim, nnguide, relation (default msp,mls,ebo,odin,scale)")
+                   help="comma-separated scorers: msp, tempscale, odin, iodin (i-ODIN), ebo, mls, gen, entropy, klm, "
+                        "react, ash, scale, dice, gradnorm, knn, mds, rmds, vim, nnguide, relation, she "
+                        "(default msp,mls,ebo,odin,scale)")
     e.add_argument("--convention", choices=("openood", "odin"), default="openood",
                    help="metric convention: openood (OOD positive, the paper's) or odin (ID positive)")
     e.add_argument("--out", help="directory for results.csv, results.json and score histograms")
@@ -142,9 +143,10 @@ def _match_labelled(ds, classes: list[str], what: str) -> None:
 def _evaluate(args, names: list[str], ckpt_path: str) -> int:
     from ..data import datasets as D
     from ..scoring.evaluator import evaluate
-    from ..scoring.scorers import get_scorer
+    from ..scoring.scorers import FeatureCache, get_scorer
 
     model, ckpt = _load_model(args, ckpt_path)
+    cache = FeatureCache(model)  # each split runs through the model once, for every scorer and APS grid point
     extra = ckpt.get("extra") or {}
     size, mean, std = extra.get("image_size", 32), extra.get("mean", [0.5] * 3), extra.get("std", [0.5] * 3)
     if getattr(model, "input_std", None) is None and "std" in extra:
@@ -182,13 +184,14 @@ def _evaluate(args, names: list[str], ckpt_path: str) -> int:
         val_id, val_ood = loader(dataset(args.aps_id)), loader(dataset(args.aps_ood))
         for scorer in scorers:
             if scorer.default_grid:
-                res = sweep(scorer, model, val_id, val_ood, id_train_loader=train_loader, id_val_loader=val_loader)
+                res = sweep(scorer, model, val_id, val_ood, id_train_loader=train_loader, id_val_loader=val_loader,
+                            cache=cache)
                 print(f"APS {scorer.name}: {res.best_params} (validation AUROC {100 * res.best_auroc:.2f})")
     id_ds = dataset(args.id)
     checks.warn_unlabelled_id(id_ds, args.id)
     _match_labelled(id_ds, _model_classes(model, extra), f"--id {args.id}")
     table = evaluate(model, loader(id_ds), ood, scorers=scorers, id_train_loader=train_loader,
-                     id_val_loader=val_loader, convention=args.convention, model_name=None)
+                     id_val_loader=val_loader, convention=args.convention, model_name=None, features=cache)
     print(table)
     if args.out:
         table.to_csv(os.path.join(args.out, "results.csv"))

@@ -14,15 +14,18 @@ from ..data.openood import ResolvedBenchmark
 from ..files import write_json
 from .evaluator import evaluate
 from .plots import score_histograms
-from .scorers import scorer_for_model, sweep
+from .scorers import FeatureCache, scorer_for_model, sweep
 
 __all__ = ["evaluate_on_benchmark"]
 
 
 def evaluate_on_benchmark(model, extra: dict, tree: ResolvedBenchmark, scorers: Sequence[str], *, batch_size: int,
                           workers: int = 0, out_dir: str | None = None, progress: bool = True,
-                          scorer_params: Mapping[str, Mapping] | None = None):
+                          feature_dir: str | None = None, scorer_params: Mapping[str, Mapping] | None = None):
     """APS on ID val vs OOD val for every scorer with a grid, then ID test vs the near/far OOD sets.
+
+    Every split runs through the model once; all scorers and APS grid points
+    share its features (in RAM, or memory-mapped files in ``feature_dir``).
 
     ``extra``: the checkpoint's ``extra`` (image_size, mean, std).
     ``scorer_params``: scorer name -> constructor arguments (a preset's, e.g. NNGuide's bank). Returns
@@ -37,6 +40,7 @@ def evaluate_on_benchmark(model, extra: dict, tree: ResolvedBenchmark, scorers: 
 
     val_id, val_ood = loader(tree.dataset("id_val", tf)), loader(tree.dataset("ood_val", tf))
     fit_loader = None
+    cache = FeatureCache(model, feature_dir)
     objs, aps = {}, {}
     for name in tqdm(list(scorers), desc="APS on the validation split", disable=not progress, leave=False):
         scorer = scorer_for_model(name, [float(s) for s in std], **dict((scorer_params or {}).get(name, {})))
@@ -44,14 +48,14 @@ def evaluate_on_benchmark(model, extra: dict, tree: ResolvedBenchmark, scorers: 
             fit_loader = loader(tree.dataset("id_train", tf))
         if scorer.default_grid:
             # ReAct's clip value and TempScale's T are fitted on ID val (OpenOOD); KNN, MDS, ... on ID train.
-            res = sweep(scorer, model, val_id, val_ood, id_train_loader=fit_loader, id_val_loader=val_id)
+            res = sweep(scorer, model, val_id, val_ood, id_train_loader=fit_loader, id_val_loader=val_id, cache=cache)
             aps[name] = {"params": res.best_params, "val_auroc": 100 * res.best_auroc}
         objs[name] = scorer
     groups = {g: {n: loader(ds) for n, ds in sets.items()} for g, sets in tree.ood_groups(tf).items()}
     if progress:
         print(f"scoring ID test and {sum(len(v) for v in groups.values())} OOD sets with {', '.join(objs)}", flush=True)
     table = evaluate(model, loader(tree.dataset("id_test", tf)), groups, scorers=objs, id_train_loader=fit_loader,
-                     id_val_loader=val_id)
+                     id_val_loader=val_id, features=cache)
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
         table.to_csv(os.path.join(out_dir, "results.csv"))

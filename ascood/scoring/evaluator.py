@@ -22,7 +22,8 @@ from torch import nn
 
 from ..files import atomic_write_text
 from .metrics import CONVENTION_TEXT, CONVENTIONS, ood_metrics
-from .scorers import MSP, Scorer, get_scorer, loader_scores
+from .scorers import MSP, FeatureCache, Scorer, get_scorer, loader_scores
+from .scorers.sweep import fit_scorer
 
 __all__ = ["evaluate", "ResultTable", "ScoreCache", "flatten_ood_loaders", "DEFAULT_SCORERS"]
 
@@ -55,16 +56,23 @@ def flatten_ood_loaders(ood_loaders: Mapping) -> list[tuple[str | None, str, obj
 
 
 class ScoreCache:
-    """(scorer key, dataset name) -> (pred, score, label); each pair is computed once."""
+    """(scorer key, dataset name) -> (pred, score, label); each pair is computed once.
 
-    def __init__(self) -> None:
+    ``features``: the :class:`~ascood.scoring.scorers.FeatureCache` the scores
+    are computed from (one model pass per split for every feature scorer).
+    """
+
+    def __init__(self, features: FeatureCache | None = None) -> None:
         self._data: dict[tuple[str, str], tuple] = {}
+        self.features = features
 
     def get(self, scorer_key: str, scorer: Scorer, model: nn.Module, dataset: str, loader):
         key = (scorer_key, dataset)
         if key not in self._data:
+            if self.features is None:
+                self.features = FeatureCache(model)
             try:
-                self._data[key] = loader_scores(scorer, model, loader)
+                self._data[key] = loader_scores(scorer, model, loader, self.features)
             except ValueError as err:
                 if str(err) == "loader is empty":  # say which set
                     raise ValueError(f"{'ID test' if dataset == 'ID' else 'OOD'} set {dataset!r} yields no "
@@ -178,7 +186,8 @@ def _accuracy(pred: torch.Tensor, labels: torch.Tensor | None) -> float | None:
 @torch.no_grad()
 def evaluate(model: nn.Module, id_loader, ood_loaders: Mapping, scorers: Sequence | Mapping | None = None,
              id_train_loader=None, *, id_val_loader=None, convention: str = "openood",
-             model_name: str | None = None, cache: ScoreCache | None = None) -> ResultTable:
+             model_name: str | None = None, cache: ScoreCache | None = None,
+             features: FeatureCache | None = None) -> ResultTable:
     """Evaluate OOD detection of ``model`` with each scorer.
 
     Args:
@@ -196,6 +205,10 @@ def evaluate(model: nn.Module, id_loader, ood_loaders: Mapping, scorers: Sequenc
         convention: "openood" (default, the paper's) or "odin".
         model_name: optional label stored in every row.
         cache: a :class:`ScoreCache` to share scores across calls.
+        features: a :class:`~ascood.scoring.scorers.FeatureCache` shared with
+            :func:`~ascood.scoring.scorers.sweep` (each split then runs through
+            the model once for all scorers); default: one for this call. Any
+            loader may also be a :class:`~ascood.scoring.scorers.Features` record.
 
     Returns:
         :class:`ResultTable` (metrics x100).
@@ -206,8 +219,11 @@ def evaluate(model: nn.Module, id_loader, ood_loaders: Mapping, scorers: Sequenc
     sets = flatten_ood_loaders(ood_loaders)
     if any(name == "ID" for _, name, _ in sets):
         raise ValueError("'ID' is reserved for the ID test set; rename that OOD set")
-    cache = cache if cache is not None else ScoreCache()
-    model.eval()
+    cache = cache if cache is not None else ScoreCache(features)
+    if cache.features is None:
+        cache.features = features if features is not None else FeatureCache(model)
+    if model is not None:
+        model.eval()
     # OpenOOD's ACC is always the clean forward's argmax, whatever the scorer: one pass (MSP's, which is
     # argmax z(x)), shared with an "msp" scorer of this evaluation when there is one.
     clean_key = next((k for k, s in items if type(s) is MSP), CLEAN_KEY)
@@ -219,7 +235,7 @@ def evaluate(model: nn.Module, id_loader, ood_loaders: Mapping, scorers: Sequenc
         if scorer.needs_fit and not scorer.fitted:
             fit_data = scorer.fit_loader(id_train_loader, id_val_loader)
             with torch.enable_grad():
-                scorer.fit(model, fit_data)
+                fit_scorer(scorer, model, fit_data, cache.features)
         pred, s_id, labels = cache.get(key, scorer, model, "ID", id_loader)
         acc, own_acc = clean_acc, _accuracy(pred, labels)
         raw_scores[key] = {"ID": s_id.numpy()}

@@ -26,7 +26,25 @@ PROTOCOL = {
     "ebo": ({"temperature": 1}, {"temperature": [1]}),
     "nnguide": ({"K": 100, "alpha": 0.01}, None),
     "msp": ({}, None), "mls": ({}, None), "mds": ({}, None), "rmds": ({}, None), "tempscale": ({}, None),
+    # Issue 22's scorers, from OpenOOD's configs/postprocessors/*.yml: dice p 90, sweep p_list [90];
+    # she (metric inner_product), klm, gradnorm: no sweep; entropy (pytorch-ood): none.
+    "dice": ({"p": 90}, {"p": [90]}),
+    "she": ({}, None), "klm": ({}, None), "gradnorm": ({"temperature": 1}, None), "entropy": ({}, None),
 }
+
+
+def test_protocol_table_covers_every_scorer():
+    from ascood.scoring.scorers import SCORERS
+
+    assert set(PROTOCOL) == set(SCORERS)
+
+
+def test_fit_splits_follow_openood():
+    """ReAct, TempScale and KL-Matching fit on ID val (OpenOOD's id_loader_dict['val']); the others on train."""
+    from ascood.scoring.scorers import SCORERS
+
+    on_val = {n for n, cls in SCORERS.items() if cls.needs_fit and cls.fit_split == "val"}
+    assert on_val == {"react", "tempscale", "klm"}
 
 
 @pytest.mark.parametrize("name", sorted(PROTOCOL))

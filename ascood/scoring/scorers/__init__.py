@@ -1,4 +1,4 @@
-"""Post-hoc OOD scorers; each returns ``(pred, score)`` with higher score = more ID.
+"""Post-hoc OOD scorers; higher score = more ID. Each works on a model or on cached features.
 
 =========  ============================================================
 name       class
@@ -10,34 +10,56 @@ iodin      :class:`IODIN` i-ODIN: perturb only the top-k |grad| elements
 ebo        :class:`EBO` energy
 mls        :class:`MLS` max logit
 gen        :class:`GEN` generalized entropy
+entropy    :class:`Entropy` negative softmax entropy
+klm        :class:`KLM` KL-Matching (fit: typical posteriors on ID val)
 react      :class:`ReAct` clipped features (fit: percentile)
 ash        :class:`ASH` activation shaping
 scale      :class:`SCALE` feature rescaling
+dice       :class:`DICE` sparsified last layer (fit: mean activation)
+gradnorm   :class:`GradNorm` last-layer gradient norm (closed form)
 knn        :class:`KNN` K-th nearest-neighbour distance (fit: bank)
-mds        :class:`MDS` Mahalanobis (fit: class means, precision)
+mds        :class:`MDS` Mahalanobis (fit: class means, precision; optional input preprocessing)
 rmds       :class:`RMDS` relative Mahalanobis
 vim        :class:`ViM` virtual-logit matching
-nnguide    :class:`NNGuide` nearest-neighbour guidance
+nnguide    :class:`NNGuide` nearest-neighbour guidance (bank: random / all / first)
 relation   :class:`Relation` neural relation graph
+she        :class:`SHE` simplified Hopfield energy (fit: class patterns)
 =========  ============================================================
+
+On a model: ``scorer.fit(model, loader)``, ``scorer.score(model, x) -> (pred,
+score)``. On cached features: ``feats = extract_features(model, loader)`` once
+per split, then ``scorer.fit_features(feats)`` and
+``scorer.score_features(logits, features)`` (or :func:`features_scores`).
+ODIN and i-ODIN (and MDS with ``eps > 0``) need the images.
 """
 from __future__ import annotations
 
 from .base import FeatureScorer, Scorer
-from .distance import KNN, MDS, RMDS, NNGuide, Relation, ViM
-from .logits import EBO, GEN, MLS, MSP, TempScale
+from .distance import KNN, MDS, RMDS, SHE, NNGuide, Relation, ViM
+from .features import FeatureCache, Features, LinearHead, extract_features, features_scores
+from .gradnorm import GradNorm
+from .logits import EBO, GEN, KLM, MLS, MSP, Entropy, TempScale
 from .perturb import IODIN, ODIN
-from .shaping import ASH, SCALE, ReAct
-from .sweep import SweepResult, loader_scores, sweep
+from .shaping import ASH, DICE, SCALE, ReAct
+from .sweep import SweepResult, fit_scorer, loader_scores, sweep
 
 SCORERS: dict[str, type[Scorer]] = {cls.name: cls for cls in (
-    MSP, TempScale, ODIN, IODIN, EBO, MLS, GEN, ReAct, ASH, SCALE, KNN, MDS, RMDS, ViM, NNGuide, Relation)}
+    MSP, TempScale, ODIN, IODIN, EBO, MLS, GEN, Entropy, KLM, ReAct, ASH, SCALE, DICE, GradNorm, KNN, MDS, RMDS,
+    ViM, NNGuide, Relation, SHE)}
+
+_ALIASES = {"energy": "ebo", "maxlogit": "mls", "temperature": "tempscale", "mahalanobis": "mds",
+            "klmatching": "klm", "kl": "klm"}
+
+
+def _key(name: str) -> str:
+    key = name.lower().replace("_", "").replace("-", "")
+    return _ALIASES.get(key, key)
 
 
 def get_scorer(name: str, **params) -> Scorer:
-    """A scorer by its name (case-insensitive; "energy" = ebo, "maxlogit" = mls, "i-odin" = iodin)."""
-    key = name.lower().replace("_", "").replace("-", "")
-    key = {"energy": "ebo", "maxlogit": "mls", "temperature": "tempscale", "mahalanobis": "mds"}.get(key, key)
+    """A scorer by its name (case-insensitive; "energy" = ebo, "maxlogit" = mls, "i-odin" = iodin,
+    "kl-matching" = klm)."""
+    key = _key(name)
     if key not in SCORERS:
         raise ValueError(f"unknown scorer {name!r}; choose from {', '.join(SCORERS)}")
     return SCORERS[key](**params)
@@ -46,16 +68,19 @@ def get_scorer(name: str, **params) -> Scorer:
 def scorer_for_model(name: str, input_std=None, **params) -> Scorer:
     """:func:`get_scorer` with the model's input normalisation where the scorer needs it.
 
-    ODIN / i-ODIN take eps in [0, 1] pixel units and divide it by the per-channel
-    ``input_std`` (a sequence of floats, or None to read ``model.input_std``);
-    every other scorer ignores it. ``params`` go to the scorer's constructor
-    (e.g. a preset's ``bank="all"`` for NNGuide).
+    ODIN / i-ODIN (and MDS's optional input preprocessing) take eps in [0, 1]
+    pixel units and divide it by the per-channel ``input_std`` (a sequence of
+    floats, or None to read ``model.input_std``); every other scorer ignores it.
+    ``params`` go to the scorer's constructor (e.g. a preset's ``bank="all"``
+    for NNGuide).
     """
-    if SCORERS.get(name.lower().replace("_", "").replace("-", "")) in (ODIN, IODIN):
+    if SCORERS.get(_key(name)) in (ODIN, IODIN, MDS):
         return get_scorer(name, std=input_std, **params)
     return get_scorer(name, **params)
 
 
 __all__ = ["Scorer", "FeatureScorer", "SCORERS", "get_scorer", "scorer_for_model", "sweep", "SweepResult", "loader_scores",
-           "MSP", "TempScale", "ODIN", "IODIN", "EBO", "MLS", "GEN", "ReAct", "ASH", "SCALE", "KNN", "MDS", "RMDS",
-           "ViM", "NNGuide", "Relation"]
+           "fit_scorer",
+           "Features", "LinearHead", "FeatureCache", "extract_features", "features_scores",
+           "MSP", "TempScale", "ODIN", "IODIN", "EBO", "MLS", "GEN", "Entropy", "KLM", "ReAct", "ASH", "SCALE", "DICE",
+           "GradNorm", "KNN", "MDS", "RMDS", "ViM", "NNGuide", "Relation", "SHE"]

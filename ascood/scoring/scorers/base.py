@@ -1,74 +1,52 @@
-"""Scorer protocol and feature helpers shared by the post-hoc scorers.
+"""Scorer protocol shared by the post-hoc scorers: one implementation on features, two ways in.
 
-A scorer maps a batch x (B, C, H, W) to ``(pred, score)``: pred (B,) int64 is
-the model's predicted class (argmax of its own logits, so ID accuracy is the
-model's whatever the scorer; ODIN and i-ODIN report the argmax on their
-perturbed input, as the reference), score (B,) float32 is a confidence where
-**higher means more in-distribution**. Scorers that need ID statistics
-(``needs_fit``) get them from ``fit(model, id_train_loader)``, which streams
-the loader batch by batch and keeps statistics on the CPU (a large train set's
-features never sit on the GPU all at once).
+Every scorer maps model outputs to a score (N,) float32 where **higher means
+more in-distribution**, and can be used two ways:
+
+* on cached features (pytorch-ood's ``fit_features`` / ``predict_features``
+  style): ``fit_features(features, labels, logits=..., head=...)`` or
+  ``fit_features(record)`` with a :class:`~.features.Features` record, then
+  ``score_features(logits (B, C), features (B, m), head=None) -> (B,)``;
+* on a model: ``fit(model, loader)`` and ``score(model, x) -> (pred, score)``,
+  which run the model and call the two methods above (one implementation).
+  pred (B,) int64 is the model's predicted class (argmax of its own logits,
+  so ID accuracy is the model's whatever the scorer; ODIN and i-ODIN report
+  the argmax on their perturbed input, as the reference).
+
+Scorers that need the input itself (``needs_input``: ODIN, i-ODIN, MDS with
+input preprocessing) perturb images with input gradients; they score only
+through ``score(model, x)`` and say so when given cached features.
+
+Scorers that need ID statistics (``needs_fit``) read them in row chunks
+(``chunk_rows``) from a record, a memory-mapped feature file or, for the
+one-pass statistics (``streams_fit``), straight from a loader; see each
+scorer's docstring for its memory bound.
 
 Feature-based scorers use ``feature_space``:
 
 * ``"raw"`` (default, as the authors' code): the backbone's raw feature h, and
   the linear layer applied directly to it (``fc(h)``) wherever a scorer
-  reshapes features (ReAct, ASH, SCALE) or needs the head's weights (ViM).
-  For an ASCOOD model this bypasses the z-score: SCALE's rescaling would
-  otherwise be undone by the standardisation.
+  reshapes features (ReAct, ASH, SCALE, DICE) or needs the head's weights
+  (ViM). For an ASCOOD model this bypasses the z-score: SCALE's rescaling
+  would otherwise be undone by the standardisation.
 * ``"head"``: the vector the linear layer sees in the model (h~ for the
   z-score head), so fc(feature) are exactly the model's logits.
 """
 from __future__ import annotations
 
 import itertools
-from typing import Iterator
 
 import torch
 from torch import nn
 
-from ...data.datasets import unpack_batch
+from .features import (LinearHead, StreamedFeatures, as_features, energy, extract_features, iterate_loader,
+                       model_device, model_features)
 
-__all__ = ["Scorer", "FeatureScorer", "model_features", "iterate_loader", "energy"]
-
-
-def iterate_loader(loader, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(x on device, y on CPU) per batch of a (x, y) / {"data", "label"} loader."""
-    for batch in loader:
-        x, y = unpack_batch(batch) if isinstance(batch, (dict, list, tuple)) else (batch, None)
-        yield x.to(device), (torch.as_tensor(y) if y is not None else None)
-
-
-def model_device(model: nn.Module) -> torch.device:
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
-def energy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """T * logsumexp(z / T) per row, (B, C) -> (B,) (negative free energy; higher = more ID)."""
-    return temperature * torch.logsumexp(logits.float() / temperature, dim=1)
-
-
-def model_features(model: nn.Module, x: torch.Tensor, space: str = "raw") -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits (B, K), feature (B, m)) of ``model`` on x; feature per ``space`` ("raw" or "head").
-
-    Needs a model with ``features(x)`` and ``head(h)`` (an
-    :class:`~ascood.nets.ASCOODNet`); ``standardize`` is used for "head".
-    """
-    if not (hasattr(model, "features") and hasattr(model, "head") and hasattr(model, "fc")):
-        raise TypeError("feature-based scorers need a model with features(x), head(h) and fc "
-                        "(e.g. ascood.ASCOODNet)")
-    h = model.features(x)
-    logits = model.head(h)
-    if space == "head":
-        h = model.standardize(h) if hasattr(model, "standardize") else h
-    elif space != "raw":
-        raise ValueError(f"feature_space must be 'raw' or 'head', got {space!r}")
-    return logits.float(), h.float()
+__all__ = ["Scorer", "FeatureScorer", "model_features", "iterate_loader", "energy", "model_device"]
 
 
 class Scorer:
-    """Base class: override :meth:`score` (and :meth:`fit` when ``needs_fit``).
+    """Base class: override :meth:`_score` (and :meth:`_fit` when ``needs_fit``).
 
     ``default_grid`` lists the hyperparameter values the APS sweep
     (:func:`ascood.scoring.scorers.sweep`) tries (empty: not searched, as in the
@@ -77,7 +55,12 @@ class Scorer:
     the grid's keys); ``refit_params`` those whose change invalidates fitted
     statistics. ``fit_split`` is the ID split :meth:`fit` is run on, as in
     OpenOOD: "train" (KNN, MDS, ...) or "val" (ReAct's clip percentile,
-    TempScale's T); see :meth:`fit_loader`.
+    TempScale's T, KL-Matching's typical posteriors); see :meth:`fit_loader`.
+
+    ``uses_features``: the scorer reads the feature vectors (else the logits
+    alone); ``needs_input``: it can only score images (input gradients);
+    ``streams_fit``: its fit is one pass of running statistics, so
+    :meth:`fit` streams the loader without storing features.
     """
 
     name: str = "scorer"
@@ -86,9 +69,15 @@ class Scorer:
     param_names: tuple[str, ...] = ()
     refit_params: tuple[str, ...] = ()
     fit_split: str = "train"
+    uses_features: bool = False
+    needs_input: bool = False
+    streams_fit: bool = False
+    #: Rows per chunk when a fit reads a feature record (bounds a fit's working memory).
+    chunk_rows: int = 8192
 
     def __init__(self) -> None:
         self.fitted = False
+        self.head: LinearHead | None = None
 
     # hyperparameters ---------------------------------------------------------------------------
     def get_params(self) -> dict:
@@ -114,16 +103,71 @@ class Scorer:
         keys = list(self.default_grid)
         return [dict(zip(keys, vals)) for vals in itertools.product(*(self.default_grid[k] for k in keys))]
 
-    # protocol ----------------------------------------------------------------------------------------
-    def fit(self, model: nn.Module, id_train_loader) -> "Scorer":
-        """Collect ID statistics (no-op for scorers that need none)."""
+    # the feature-level API ---------------------------------------------------------------------------
+    @property
+    def supports_features(self) -> bool:
+        """Whether :meth:`score_features` works (False for input-gradient scorers and score()-only subclasses)."""
+        return not self.needs_input and type(self)._score is not Scorer._score
+
+    def fit_features(self, data=None, labels: torch.Tensor | None = None, *, logits: torch.Tensor | None = None,
+                     head: LinearHead | None = None) -> "Scorer":
+        """Fit from cached outputs: a :class:`~.features.Features` record, or features (N, m) float32,
+        labels (N,) int64, logits (N, C) float32 and the model's :class:`~.features.LinearHead`
+        (each only where the scorer needs it; a ValueError names a missing one). Returns self."""
+        feats = as_features(data, labels, logits=logits, head=head)
+        if feats.head is not None:
+            self.head = feats.head  # the default head of later score_features calls
+        if self.needs_fit:
+            self._fit(feats)
         self.fitted = True
         return self
 
+    def score_features(self, logits: torch.Tensor, features: torch.Tensor | None = None,
+                       head: LinearHead | None = None) -> torch.Tensor:
+        """Scores (B,) float32 of cached outputs: logits (B, C), the raw features (B, m) where the
+        scorer uses them, and the model's head where it needs one (default: the head seen at fit)."""
+        if self.needs_input:
+            raise TypeError(f"{self.name} perturbs the input along its gradient: it needs the model and the "
+                            "images (score(model, x)) and cannot score cached features")
+        if not self.supports_features:
+            raise TypeError(f"{type(self).__name__} implements score(model, x) only")
+        self._check_fitted()
+        if self.uses_features and features is None:
+            raise ValueError(f"{self.name} needs features (B, m), the model's raw feature")
+        if logits is None:
+            raise ValueError(f"{self.name} needs logits (B, C)")
+        return self._score(logits.float(), None if features is None else features.float(), head or self.head)
+
+    def _fit(self, feats) -> None:
+        """Collect ID statistics from a record (``feats.chunks(rows)``); overridden by fitted scorers."""
+
+    def _score(self, logits: torch.Tensor, features: torch.Tensor | None, head: LinearHead | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    # the model path ----------------------------------------------------------------------------------
+    def fit(self, model: nn.Module, id_train_loader) -> "Scorer":
+        """Collect ID statistics from a loader through the model (one pass; no-op for scorers that need none)."""
+        if not self.needs_fit:
+            self.fitted = True
+            return self
+        if self.streams_fit:
+            data = StreamedFeatures(model, id_train_loader, with_features=self.uses_features)
+        else:
+            data = extract_features(model, id_train_loader, with_features=self.uses_features)
+        return self.fit_features(data)
+
     @torch.no_grad()
     def score(self, model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(pred (B,) int64, score (B,) float32), higher score = more ID."""
-        raise NotImplementedError
+        """(pred (B,) int64, score (B,) float32) of images x, higher score = more ID."""
+        if not self.supports_features:
+            raise NotImplementedError(f"{type(self).__name__} must implement score() or _score()")
+        self._check_fitted()
+        if self.uses_features:
+            logits, h = model_features(model, x, "raw")
+            head = LinearHead.from_model(model)
+        else:
+            logits, h, head = model(x).float(), None, None
+        return logits.argmax(1), self.score_features(logits, h, head=head)
 
     def fit_loader(self, id_train_loader=None, id_val_loader=None):
         """The loader :meth:`fit` runs on: ``id_val_loader`` when ``fit_split == "val"``, else ``id_train_loader``.
@@ -141,7 +185,13 @@ class Scorer:
 
     def _check_fitted(self) -> None:
         if self.needs_fit and not self.fitted:
-            raise RuntimeError(f"{self.name}: call fit(model, id_train_loader) before score()")
+            raise RuntimeError(f"{self.name}: call fit(model, loader) or fit_features(...) before scoring")
+
+    def _need_head(self, head: LinearHead | None) -> LinearHead:
+        if head is None:
+            raise ValueError(f"{self.name} needs the model's linear head: pass head=LinearHead(fc.weight, fc.bias) "
+                             "(or LinearHead.from_model(model)), or fit/score through the model")
+        return head
 
     def __repr__(self) -> str:
         params = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
@@ -149,7 +199,9 @@ class Scorer:
 
 
 class FeatureScorer(Scorer):
-    """A scorer that works on features (see the module docstring for ``feature_space``)."""
+    """A scorer that reads features (see the module docstring for ``feature_space``)."""
+
+    uses_features = True
 
     def __init__(self, feature_space: str = "raw") -> None:
         super().__init__()
@@ -157,25 +209,17 @@ class FeatureScorer(Scorer):
             raise ValueError(f"feature_space must be 'raw' or 'head', got {feature_space!r}")
         self.feature_space = feature_space
 
-    def fitted_features(self, model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logits, features) of a batch, after checking that ``fit`` ran."""
-        self._check_fitted()
-        return model_features(model, x, self.feature_space)
+    def in_space(self, h: torch.Tensor, head: LinearHead | None) -> torch.Tensor:
+        """Raw features (B, m) -> the scorer's feature space (the head's standardisation for "head")."""
+        if self.feature_space == "raw":
+            return h
+        if head is None:
+            raise ValueError(f"{self.name} with feature_space='head' needs the model's head (its standardisation): "
+                             "pass head=LinearHead(fc.weight, fc.bias, standardize) or use extract_features")
+        return head.to_space(h, "head")
 
-    @torch.no_grad()
-    def collect(self, model: nn.Module, loader) -> dict[str, torch.Tensor]:
-        """Stream ``loader`` once: CPU tensors "feature" (N, m), "logits" (N, K), "label" (N,)."""
-        device = model_device(model)
-        feats, logits, labels = [], [], []
-        for x, y in iterate_loader(loader, device):
-            z, h = model_features(model, x, self.feature_space)
-            feats.append(h.cpu())
-            logits.append(z.cpu())
-            if y is not None:
-                labels.append(y.long().cpu())
-        if not feats:
-            raise ValueError(f"{self.name}: id_train_loader is empty")
-        out = {"feature": torch.cat(feats), "logits": torch.cat(logits)}
-        if labels:
-            out["label"] = torch.cat(labels)
-        return out
+    def space_chunks(self, feats, rows: int | None = None):
+        """(logits, features in the scorer's space, labels) per chunk of a record."""
+        feats.require("features", self.name)
+        for z, h, y in feats.chunks(rows or self.chunk_rows):
+            yield z, self.in_space(h, feats.head), y

@@ -17,6 +17,9 @@ op, the std tensor is built once per device (no host-to-device copy, hence no
 host synchronisation, per batch), and the second forward runs under
 ``torch.inference_mode``. ``benchmarks/test_bench_scorer.py`` times it against
 the authors' eager code.
+
+They need the model and the images (``needs_input``): ``score_features``
+raises a TypeError saying so.
 """
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ from torch import nn
 from ... import _ops
 from .base import Scorer
 
-__all__ = ["ODIN", "IODIN"]
+__all__ = ["ODIN", "IODIN", "InputStd", "model_input_std"]
 
 IODIN_EPS_GRID = [round(0.0014 * i, 4) for i in range(1, 8)]  # 0.0014 .. 0.0098 step 0.0014
 
@@ -43,16 +46,11 @@ def model_input_std(model: nn.Module) -> Sequence[float] | None:
     return None
 
 
-class _Perturbation(Scorer):
-    # benchmarks.md: T {1, 10, 100, 1000} x eps {0.0014, ..., 0.0098} for ODIN and i-ODIN alike.
-    default_grid = {"temperature": [1, 10, 100, 1000], "eps": IODIN_EPS_GRID}
+class InputStd:
+    """The per-channel input std an input-perturbing scorer divides its step by (``self.std`` or the model's)."""
 
-    def __init__(self, temperature: float = 1000.0, eps: float = 0.0014,
-                 std: float | Sequence[float] | None = None) -> None:
-        super().__init__()
-        self.temperature, self.eps, self.std = temperature, eps, std
-        self._warned_std = False
-        self._validate()
+    std: float | Sequence[float] | None = None
+    _warned_std = False
 
     def _input_std(self, model: nn.Module):
         std = self.std if self.std is not None else model_input_std(model)
@@ -64,13 +62,6 @@ class _Perturbation(Scorer):
             return 1.0
         return std
 
-    def _validate(self) -> None:
-        if not self.temperature > 0 or self.eps < 0:
-            raise ValueError(f"{self.name} needs temperature > 0 and eps >= 0, got {self.temperature}, {self.eps}")
-
-    def _k(self, x: torch.Tensor) -> int:
-        raise NotImplementedError
-
     def _std_on(self, std, device: torch.device) -> float | torch.Tensor:
         """``std`` as iodin_perturb takes it: a float, or a (C,) float32 tensor made once per device."""
         if isinstance(std, (int, float)):
@@ -80,6 +71,26 @@ class _Perturbation(Scorer):
         if key not in cache:
             cache[key] = torch.as_tensor(key[0], dtype=torch.float32, device=device)
         return cache[key]
+
+
+class _Perturbation(InputStd, Scorer):
+    # benchmarks.md: T {1, 10, 100, 1000} x eps {0.0014, ..., 0.0098} for ODIN and i-ODIN alike.
+    default_grid = {"temperature": [1, 10, 100, 1000], "eps": IODIN_EPS_GRID}
+    needs_input = True
+
+    def __init__(self, temperature: float = 1000.0, eps: float = 0.0014,
+                 std: float | Sequence[float] | None = None) -> None:
+        super().__init__()
+        self.temperature, self.eps, self.std = temperature, eps, std
+        self._warned_std = False
+        self._validate()
+
+    def _validate(self) -> None:
+        if not self.temperature > 0 or self.eps < 0:
+            raise ValueError(f"{self.name} needs temperature > 0 and eps >= 0, got {self.temperature}, {self.eps}")
+
+    def _k(self, x: torch.Tensor) -> int:
+        raise NotImplementedError
 
     def score(self, model: nn.Module, x: torch.Tensor):
         with torch.enable_grad():

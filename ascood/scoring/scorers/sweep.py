@@ -2,6 +2,10 @@
 
 Never pass the test split here: the point of APS is that the hyperparameters
 are chosen without looking at the sets the final numbers are reported on.
+
+Each split is run through the model once (:class:`~.features.FeatureCache`)
+and every grid point fits and scores from those features; only scorers that
+need the images (ODIN, i-ODIN) run the model per grid point.
 """
 from __future__ import annotations
 
@@ -12,8 +16,9 @@ from torch import nn
 
 from ..metrics import ood_metrics
 from .base import Scorer, iterate_loader, model_device
+from .features import FeatureCache, Features, features_scores
 
-__all__ = ["SweepResult", "sweep", "loader_scores"]
+__all__ = ["SweepResult", "sweep", "loader_scores", "fit_scorer"]
 
 
 @dataclass
@@ -25,32 +30,62 @@ class SweepResult:
     trials: list[tuple[dict, float]] = field(default_factory=list)
 
 
-def loader_scores(scorer: Scorer, model: nn.Module, loader) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(pred, score, label) of a whole loader on the CPU; label None when the loader has none."""
+def loader_scores(scorer: Scorer, model: nn.Module | None, loader, cache: FeatureCache | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(pred, score, label) of a whole loader (or :class:`~.features.Features` record) on the CPU.
+
+    A scorer that works on features scores the split's cached features
+    (extracted through ``cache``, or once here without one); the others run
+    the model batch by batch. label is None when the loader has none.
+    """
+    if scorer.supports_features:
+        cache = cache if cache is not None else FeatureCache(model)
+        return features_scores(scorer, cache.get(loader))
+    if isinstance(loader, Features):
+        raise TypeError(f"{scorer.name} needs the model and the images: pass a loader, not cached Features")
     device = model_device(model)
     preds, scores, labels = [], [], []
+    was_training = model.training
     model.eval()
-    for x, y in iterate_loader(loader, device):
-        pred, score = scorer.score(model, x)
-        preds.append(pred.detach().cpu())
-        scores.append(score.detach().float().cpu())
-        if y is not None:
-            labels.append(y.long().cpu())
+    try:
+        for x, y in iterate_loader(loader, device):
+            pred, score = scorer.score(model, x)
+            preds.append(pred.detach().cpu())
+            scores.append(score.detach().float().cpu())
+            if y is not None:
+                labels.append(y.long().cpu())
+    finally:
+        model.train(was_training)
     if not scores:
         raise ValueError("loader is empty")
     return torch.cat(preds), torch.cat(scores), (torch.cat(labels) if labels else None)
 
 
-def sweep(scorer: Scorer, model: nn.Module, val_id_loader, val_ood_loader, *, grid: dict[str, list] | None = None,
-          id_train_loader=None, id_val_loader=None) -> SweepResult:
+def fit_scorer(scorer: Scorer, model: nn.Module | None, data, cache: FeatureCache | None = None) -> Scorer:
+    """Fit ``scorer`` on a loader or record: from the (cached) features, or ``fit(model, data)`` for a
+    subclass that implements only that."""
+    if type(scorer).fit is not Scorer.fit and type(scorer)._fit is Scorer._fit:
+        if isinstance(data, Features):
+            raise TypeError(f"{type(scorer).__name__} implements fit(model, loader) only: pass a loader")
+        return scorer.fit(model, data)
+    cache = cache if cache is not None else FeatureCache(model)
+    return scorer.fit_features(cache.get(data))
+
+
+def sweep(scorer: Scorer, model: nn.Module | None, val_id_loader, val_ood_loader, *,
+          grid: dict[str, list] | None = None, id_train_loader=None, id_val_loader=None,
+          cache: FeatureCache | None = None) -> SweepResult:
     """Try every combination of ``grid`` (default: the scorer's ``default_grid``); keep the best.
 
     Scorers that fit statistics fit on ``id_train_loader`` or, for those
-    fitted on ID validation data (``fit_split == "val"``: ReAct, TempScale),
-    on ``id_val_loader`` (default: ``val_id_loader``, the APS ID split, which
-    is OpenOOD's ID val). The scorer is left set to the best combination (and
-    fitted for it). Ties keep the earlier combination. Returns a
-    :class:`SweepResult`.
+    fitted on ID validation data (``fit_split == "val"``: ReAct, TempScale,
+    KL-Matching), on ``id_val_loader`` (default: ``val_id_loader``, the APS ID
+    split, which is OpenOOD's ID val). Loaders may be
+    :class:`~.features.Features` records. ``cache``: share extracted features
+    with later calls (:func:`ascood.evaluate` takes the same cache); by
+    default each split is extracted once for this sweep. The scorer is left
+    set to the best combination (and fitted for it). Ties keep the earlier
+    combination. Returns a :class:`SweepResult`.
     """
     if id_val_loader is None:
         id_val_loader = val_id_loader
@@ -62,6 +97,7 @@ def sweep(scorer: Scorer, model: nn.Module, val_id_loader, val_ood_loader, *, gr
         combos = scorer.grid()
     if not combos or combos == [{}]:
         raise ValueError(f"{scorer.name} has no hyperparameters to sweep")
+    cache = cache if cache is not None else FeatureCache(model)
     trials, best = [], None
     rejected: list[str] = []  # why each skipped combination was invalid (for the error if none is valid)
     for params in combos:
@@ -74,13 +110,13 @@ def sweep(scorer: Scorer, model: nn.Module, val_id_loader, val_ood_loader, *, gr
             fit_data = scorer.fit_loader(id_train_loader, id_val_loader)
             try:
                 with torch.enable_grad():
-                    scorer.fit(model, fit_data)
+                    fit_scorer(scorer, model, fit_data, cache)
             except ValueError as err:
                 rejected.append(f"{params}: {err}")
                 continue
         try:
-            _, s_id, _ = loader_scores(scorer, model, val_id_loader)
-            _, s_ood, _ = loader_scores(scorer, model, val_ood_loader)
+            _, s_id, _ = loader_scores(scorer, model, val_id_loader, cache)
+            _, s_ood, _ = loader_scores(scorer, model, val_ood_loader, cache)
         except ValueError as err:
             rejected.append(f"{params}: {err}")
             continue  # e.g. K larger than the bank
@@ -94,5 +130,5 @@ def sweep(scorer: Scorer, model: nn.Module, val_id_loader, val_ood_loader, *, gr
     scorer.set_params(**best[0])
     if scorer.needs_fit and not scorer.fitted:
         with torch.enable_grad():
-            scorer.fit(model, scorer.fit_loader(id_train_loader, id_val_loader))
+            fit_scorer(scorer, model, scorer.fit_loader(id_train_loader, id_val_loader), cache)
     return SweepResult(best[0], best[1], trials)

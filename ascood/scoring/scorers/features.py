@@ -1,0 +1,463 @@
+"""Model outputs extracted once per split and reused by every scorer and every APS grid point.
+
+A :class:`Features` record holds what post-hoc scorers read from a model:
+
+* ``logits``   (N, C) float32 (a CPU tensor, or a numpy array / ``np.memmap``);
+* ``features`` (N, m) float32, the backbone's *raw* feature h (the
+  ``"raw"`` feature space; the ``"head"`` space, the vector the linear layer
+  sees, is ``head.standardize(h)`` and is derived chunk by chunk, never stored);
+* ``labels``   (N,) int64 or None (OOD sets carry -1);
+* ``head``     a :class:`LinearHead` (the model's linear layer and its
+  standardisation) or None, for the scorers that reshape features (ReAct, ASH,
+  SCALE, DICE), need the weights (ViM) or the ``"head"`` space;
+* ``batch_size`` the loader's batch size when extracted from one (NNGuide's
+  ``bank="first"`` follows OpenOOD's first loader batches).
+
+:func:`extract_features` runs the model once over a loader (eval mode,
+no autograd) into RAM, or, with ``directory=``, streams the arrays to raw
+little-endian files beside a JSON header and returns them memory-mapped
+(:meth:`Features.load`; nothing is pickled). Scorers iterate a record in row
+chunks (:meth:`Features.chunks`), so a fit reads a memory-mapped file without
+holding it in RAM. :class:`FeatureCache` maps each loader to its record so an
+evaluation extracts every split once; :func:`features_scores` scores a whole
+record chunk by chunk.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from ...data.datasets import unpack_batch
+from ...files import write_json
+
+__all__ = ["Features", "LinearHead", "StreamedFeatures", "FeatureCache", "extract_features", "features_scores",
+           "model_features", "iterate_loader", "model_device", "energy", "as_features"]
+
+_FORMAT = "ascood-features-v1"
+_FILES = {"logits": ("logits", np.float32), "features": ("features", np.float32), "labels": ("labels", np.int64)}
+
+
+def iterate_loader(loader, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    """(x on device, y on CPU or None) per batch of a (x, y) / {"data", "label"} / x-only loader."""
+    for batch in loader:
+        x, y = unpack_batch(batch) if isinstance(batch, (dict, list, tuple)) else (batch, None)
+        yield x.to(device), (torch.as_tensor(y) if y is not None else None)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (CPU for a model without parameters)."""
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def energy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """T * logsumexp(z / T) per row, (B, C) -> (B,) (negative free energy; higher = more ID)."""
+    return temperature * torch.logsumexp(logits.float() / temperature, dim=1)
+
+
+def has_feature_head(model: nn.Module) -> bool:
+    """Whether ``model`` exposes ``features(x)``, ``head(h)`` and ``fc`` (an :class:`~ascood.nets.ASCOODNet`)."""
+    return hasattr(model, "features") and hasattr(model, "head") and hasattr(model, "fc")
+
+
+def model_features(model: nn.Module, x: torch.Tensor, space: str = "raw") -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits (B, K), feature (B, m)) of ``model`` on x, float32; feature per ``space`` ("raw" or "head").
+
+    Needs a model with ``features(x)`` and ``head(h)`` (an
+    :class:`~ascood.nets.ASCOODNet`); ``standardize`` is used for "head".
+    """
+    if not has_feature_head(model):
+        raise TypeError("feature-based scorers need a model with features(x), head(h) and fc "
+                        "(e.g. ascood.ASCOODNet)")
+    h = model.features(x)
+    logits = model.head(h)
+    if space == "head":
+        h = model.standardize(h) if hasattr(model, "standardize") else h
+    elif space != "raw":
+        raise ValueError(f"feature_space must be 'raw' or 'head', got {space!r}")
+    return logits.float(), h.float()
+
+
+@dataclass
+class LinearHead:
+    """The model's last layer: logits = ``weight`` @ standardize(h) + ``bias``.
+
+    weight (C, m) and bias (C,) float tensors (references, not copies, when made
+    by :meth:`from_model`); ``standardize`` maps the raw feature h (B, m) to the
+    linear layer's input (the z-score of an ASCOOD head; None = identity, a
+    plain linear head). Build one by hand for features cached from another
+    model: ``LinearHead(fc.weight, fc.bias)``.
+    """
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+    standardize: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def __post_init__(self) -> None:
+        if not torch.is_tensor(self.weight) or self.weight.dim() != 2:
+            got = getattr(self.weight, "shape", self.weight)
+            raise ValueError(f"LinearHead weight must be a (C, m) tensor, got {got!r}")
+        if self.bias is not None and (not torch.is_tensor(self.bias) or self.bias.shape != self.weight.shape[:1]):
+            raise ValueError(f"LinearHead bias must be a ({self.weight.shape[0]},) tensor, "
+                             f"got {getattr(self.bias, 'shape', self.bias)!r}")
+
+    @classmethod
+    def from_model(cls, model: nn.Module) -> "LinearHead":
+        """The head of an :class:`~ascood.nets.ASCOODNet` (``fc`` and ``standardize``)."""
+        if not has_feature_head(model):
+            raise TypeError("LinearHead.from_model needs a model with features(x), head(h) and fc (an ASCOODNet)")
+        fc = model.fc
+        return cls(fc.weight.detach(), None if fc.bias is None else fc.bias.detach(),
+                   getattr(model, "standardize", None))
+
+    def bias_or_zero(self) -> torch.Tensor:
+        return self.bias if self.bias is not None else torch.zeros(self.weight.shape[0], dtype=self.weight.dtype,
+                                                                   device=self.weight.device)
+
+    def fc(self, h: torch.Tensor) -> torch.Tensor:
+        """The linear layer alone on h: (B, m) -> (B, C), in h's dtype and device."""
+        w = self.weight.to(device=h.device, dtype=h.dtype)
+        b = None if self.bias is None else self.bias.to(device=h.device, dtype=h.dtype)
+        return nn.functional.linear(h, w, b)
+
+    def to_space(self, h: torch.Tensor, space: str) -> torch.Tensor:
+        """Raw h -> the feature in ``space`` ("raw": h; "head": standardize(h))."""
+        if space == "raw":
+            return h
+        if space != "head":
+            raise ValueError(f"feature_space must be 'raw' or 'head', got {space!r}")
+        return self.standardize(h) if self.standardize is not None else h
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The model's logits of a raw h: fc(standardize(h))."""
+        return self.fc(self.to_space(h, "head"))
+
+
+def _rows(a, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
+    """Rows [start, stop) of a tensor or numpy/memmap array as a CPU tensor of ``dtype`` (a copy for arrays)."""
+    if torch.is_tensor(a):
+        return a[start:stop].to(dtype)
+    return torch.from_numpy(np.array(a[start:stop], dtype=torch.empty((), dtype=dtype).numpy().dtype))
+
+
+def _check_array(name: str, a, ndim: int):
+    if a is None:
+        return None
+    if isinstance(a, np.ndarray) and not isinstance(a, np.memmap):
+        a = torch.from_numpy(a)
+    if not (torch.is_tensor(a) or isinstance(a, np.ndarray)):
+        raise TypeError(f"Features {name} must be a tensor or numpy array, got {type(a).__name__}")
+    if a.ndim != ndim:
+        want = "(N,)" if ndim == 1 else "(N, C)" if name == "logits" else "(N, m)"
+        raise ValueError(f"Features {name} must be {want}, got shape {tuple(a.shape)}")
+    if torch.is_tensor(a) and a.device.type != "cpu":
+        a = a.cpu()
+    return a
+
+
+@dataclass
+class Features:
+    """Cached model outputs of one split (see the module docstring for the fields' shapes and dtypes)."""
+
+    logits: torch.Tensor | np.ndarray | None = None
+    features: torch.Tensor | np.ndarray | None = None
+    labels: torch.Tensor | None = None
+    head: LinearHead | None = None
+    batch_size: int | None = None
+
+    def __post_init__(self) -> None:
+        self.logits = _check_array("logits", self.logits, 2)
+        self.features = _check_array("features", self.features, 2)
+        if self.labels is not None:
+            self.labels = torch.as_tensor(np.asarray(self.labels) if not torch.is_tensor(self.labels) else self.labels)
+            if self.labels.dim() != 1:
+                raise ValueError(f"Features labels must be (N,), got shape {tuple(self.labels.shape)}")
+            self.labels = self.labels.long().cpu()
+        sizes = {k: v.shape[0] for k, v in (("logits", self.logits), ("features", self.features),
+                                              ("labels", self.labels)) if v is not None}
+        if not sizes:
+            raise ValueError("Features needs logits or features (both None)")
+        if len(set(sizes.values())) > 1:
+            raise ValueError(f"Features arrays disagree on the number of rows N: {sizes}")
+        if self.features is not None and self.head is not None and self.head.weight.shape[1] != self.features.shape[1]:
+            raise ValueError(f"Features head weight is {tuple(self.head.weight.shape)}, features have "
+                             f"m = {self.features.shape[1]} columns")
+
+    def __len__(self) -> int:
+        for a in (self.logits, self.features, self.labels):
+            if a is not None:
+                return int(a.shape[0])
+        return 0
+
+    def require(self, what: str, scorer: str) -> None:
+        """Raise ValueError naming ``scorer`` when the field ``what`` (logits, features, labels, head) is None."""
+        if getattr(self, what) is None:
+            hint = {"head": "pass head=LinearHead(fc.weight, fc.bias) or use extract_features(model, loader)",
+                    "labels": "pass labels (the ID class of each row)",
+                    "logits": "pass logits (N, C)", "features": "pass features (N, m) (the model's raw feature)"}[what]
+            raise ValueError(f"{scorer} needs {what}: {hint}")
+
+    def chunks(self, rows: int) -> Iterator[tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]]:
+        """(logits, features, labels) CPU tensors (float32, float32, int64; None where absent) per ``rows`` rows."""
+        if rows < 1:
+            raise ValueError(f"rows must be >= 1, got {rows}")
+        n = len(self)
+        for start in range(0, n, rows):
+            stop = min(n, start + rows)
+            yield (None if self.logits is None else _rows(self.logits, start, stop, torch.float32),
+                   None if self.features is None else _rows(self.features, start, stop, torch.float32),
+                   None if self.labels is None else self.labels[start:stop])
+
+    def feature_rows(self, start: int, stop: int) -> torch.Tensor:
+        """Raw features of rows [start, stop) as a float32 CPU tensor (a view for float32 tensors)."""
+        return _rows(self.features, start, stop, torch.float32)
+
+    def logit_rows(self, start: int, stop: int) -> torch.Tensor:
+        """Logits of rows [start, stop) as a float32 CPU tensor."""
+        return _rows(self.logits, start, stop, torch.float32)
+
+    def take(self, index: torch.Tensor) -> "Features":
+        """The rows ``index`` (int64 (k,)) as an in-RAM record (memory-mapped rows are read in index order)."""
+        index = torch.as_tensor(index, dtype=torch.long)
+        order = torch.argsort(index)  # ascending reads of a memory-mapped file
+        inv = torch.empty_like(order)
+        inv[order] = torch.arange(order.numel())
+
+        def pick(a, dtype):
+            if a is None:
+                return None
+            if torch.is_tensor(a):
+                return a.index_select(0, index).to(dtype)
+            return torch.from_numpy(np.asarray(a[index[order].numpy()])).to(dtype)[inv]
+
+        return Features(pick(self.logits, torch.float32), pick(self.features, torch.float32),
+                        None if self.labels is None else self.labels[index], self.head, self.batch_size)
+
+    def slice(self, stop: int) -> "Features":
+        """The first ``stop`` rows (views, no copy)."""
+        return Features(None if self.logits is None else self.logits[:stop],
+                        None if self.features is None else self.features[:stop],
+                        None if self.labels is None else self.labels[:stop], self.head, self.batch_size)
+
+    # files ---------------------------------------------------------------------------------------------
+    def save(self, directory: str | os.PathLike, name: str) -> None:
+        """Write ``<name>.<field>.bin`` raw little-endian arrays and ``<name>.json`` (the header, written last)."""
+        os.makedirs(directory, exist_ok=True)
+        header = {"format": _FORMAT, "n": len(self), "batch_size": self.batch_size, "arrays": {}}
+        for field, (suffix, dtype) in _FILES.items():
+            a = getattr(self, field)
+            if a is None:
+                continue
+            path = os.path.join(directory, f"{name}.{suffix}.bin")
+            with open(path, "wb") as f:
+                for start in range(0, a.shape[0], 65536):
+                    block = a[start:start + 65536]
+                    block = block.numpy() if torch.is_tensor(block) else np.asarray(block)
+                    f.write(np.ascontiguousarray(block, dtype=np.dtype(dtype).newbyteorder("<")).tobytes())
+            header["arrays"][field] = {"file": os.path.basename(path), "shape": list(a.shape),
+                                       "dtype": np.dtype(dtype).str}
+        write_json(header, os.path.join(directory, f"{name}.json"))
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike, name: str, head: LinearHead | None = None,
+             mmap: bool = True) -> "Features":
+        """A record written by :meth:`save` / :func:`extract_features`; arrays memory-mapped (read-only) by default."""
+        path = os.path.join(directory, f"{name}.json")
+        with open(path, encoding="utf-8") as f:
+            header = json.load(f)
+        if header.get("format") != _FORMAT:
+            raise ValueError(f"{path} is not an ascood feature file (format {header.get('format')!r}, "
+                             f"expected {_FORMAT!r})")
+        out = {}
+        for field, spec in header["arrays"].items():
+            if field not in _FILES or np.dtype(spec["dtype"]) != np.dtype(_FILES[field][1]).newbyteorder("<"):
+                raise ValueError(f"{path}: unexpected array {field!r} of dtype {spec.get('dtype')!r}")
+            file = os.path.join(directory, os.path.basename(spec["file"]))
+            shape = tuple(int(s) for s in spec["shape"])
+            expected = int(np.prod(shape)) * np.dtype(spec["dtype"]).itemsize
+            if os.path.getsize(file) != expected:
+                raise ValueError(f"{file} holds {os.path.getsize(file)} bytes, its header says {shape} "
+                                 f"{spec['dtype']} ({expected} bytes): truncated or not this file's data")
+            arr = np.memmap(file, dtype=spec["dtype"], mode="r", shape=shape) if mmap and expected else \
+                np.fromfile(file, dtype=spec["dtype"]).reshape(shape)
+            out[field] = torch.from_numpy(np.array(arr)) if field == "labels" else arr
+        return cls(out.get("logits"), out.get("features"), out.get("labels"), head, header.get("batch_size"))
+
+
+def as_features(data=None, labels=None, *, logits=None, head: LinearHead | None = None) -> Features:
+    """A :class:`Features` record from a record (returned as is) or from (features, labels, logits, head)."""
+    if isinstance(data, (Features, StreamedFeatures)):
+        if labels is not None or logits is not None or head is not None:
+            raise ValueError("pass either a Features record or features/labels/logits/head, not both")
+        return data
+    return Features(logits=logits, features=data, labels=labels, head=head)
+
+
+@torch.no_grad()
+def _forward(model: nn.Module, x: torch.Tensor, with_features: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if with_features:
+        return model_features(model, x, "raw")
+    return model(x).float(), None
+
+
+class _EvalMode:
+    """Run the model in eval mode inside the block and restore its previous mode after."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model, self.was_training = model, model.training
+
+    def __enter__(self):
+        self.model.eval()
+
+    def __exit__(self, *exc):
+        self.model.train(self.was_training)
+
+
+def extract_features(model: nn.Module, loader, *, directory: str | os.PathLike | None = None,
+                     name: str = "features", with_features: bool | None = None) -> Features:
+    """One pass of ``model`` (eval mode, no autograd) over ``loader``: its :class:`Features` record.
+
+    Args:
+        model: an :class:`~ascood.nets.ASCOODNet` (logits, raw features and the
+            head are recorded) or any classifier (logits only).
+        loader: (x, y) / {"data", "label"} / x batches.
+        directory: when given, the arrays are streamed to ``<name>.*.bin`` files
+            there (RAM holds one batch) and returned memory-mapped; else in RAM.
+        with_features: record the features (default: when the model has them).
+    """
+    with_features = has_feature_head(model) if with_features is None else with_features
+    device = model_device(model)
+    head = LinearHead.from_model(model) if has_feature_head(model) else None
+    batch_size = getattr(loader, "batch_size", None)
+    if directory is None:
+        logits, feats, labels = [], [], []
+        with _EvalMode(model):
+            for x, y in iterate_loader(loader, device):
+                z, h = _forward(model, x, with_features)
+                logits.append(z.cpu())
+                if h is not None:
+                    feats.append(h.cpu())
+                if y is not None:
+                    labels.append(y.long().cpu())
+        if not logits:
+            raise ValueError("loader is empty")
+        return Features(torch.cat(logits), torch.cat(feats) if feats else None,
+                        torch.cat(labels) if labels else None, head, batch_size)
+    os.makedirs(directory, exist_ok=True)
+    files = {k: open(os.path.join(directory, f"{name}.{suffix}.bin"), "wb") for k, (suffix, _) in _FILES.items()}
+    shapes: dict[str, list[int]] = {}
+    try:
+        with _EvalMode(model):
+            for x, y in iterate_loader(loader, device):
+                z, h = _forward(model, x, with_features)
+                for key, t, dtype in (("logits", z, np.float32), ("features", h, np.float32),
+                                      ("labels", None if y is None else y.long(), np.int64)):
+                    if t is None:
+                        continue
+                    a = np.ascontiguousarray(t.cpu().numpy(), dtype=np.dtype(dtype).newbyteorder("<"))
+                    files[key].write(a.tobytes())
+                    shapes.setdefault(key, [0, *a.shape[1:]])[0] += a.shape[0]
+    finally:
+        for f in files.values():
+            f.close()
+    if "logits" not in shapes:
+        raise ValueError("loader is empty")
+    header = {"format": _FORMAT, "n": shapes["logits"][0], "batch_size": batch_size, "arrays": {}}
+    for key, (suffix, dtype) in _FILES.items():
+        path = os.path.join(directory, f"{name}.{suffix}.bin")
+        if key in shapes:
+            header["arrays"][key] = {"file": os.path.basename(path), "shape": shapes[key],
+                                     "dtype": np.dtype(dtype).newbyteorder("<").str}
+        else:
+            os.remove(path)
+    write_json(header, os.path.join(directory, f"{name}.json"))  # last: its presence marks a complete set
+    return Features.load(directory, name, head=head)
+
+
+class StreamedFeatures:
+    """A loader seen as a :class:`Features`-like source: each :meth:`chunks` pass runs the model again.
+
+    For fits that need one pass of running statistics (MDS, RMDS, SHE, DICE,
+    KL-Matching): their memory is then the statistics, never the features.
+    """
+
+    def __init__(self, model: nn.Module, loader, with_features: bool | None = None) -> None:
+        self.model, self.loader = model, loader
+        self.with_features = has_feature_head(model) if with_features is None else with_features
+        self.head = LinearHead.from_model(model) if has_feature_head(model) else None
+        self.batch_size = getattr(loader, "batch_size", None)
+        self.labels = None  # only per chunk
+
+    def require(self, what: str, scorer: str) -> None:
+        if what == "features" and not self.with_features:
+            raise ValueError(f"{scorer} needs features: the model has no features(x)/head(h)/fc")
+        if what == "head" and self.head is None:
+            raise ValueError(f"{scorer} needs the model's linear head (an ASCOODNet)")
+
+    def chunks(self, rows: int):
+        """(logits, features, labels) per loader batch (``rows`` is ignored: a batch is a chunk)."""
+        seen = False
+        with _EvalMode(self.model):
+            for x, y in iterate_loader(self.loader, model_device(self.model)):
+                z, h = _forward(self.model, x, self.with_features)
+                seen = True
+                yield z.cpu(), None if h is None else h.cpu(), None if y is None else y.long().cpu()
+        if not seen:
+            raise ValueError("loader is empty")
+
+
+class FeatureCache:
+    """Loader -> its :class:`Features`, extracted once (``extractions`` counts the passes run).
+
+    Share one cache between :func:`~ascood.scoring.scorers.sweep` and
+    :func:`~ascood.evaluate` so every split is run through the model once for
+    all scorers and grid points. ``directory``: memory-map each split's arrays
+    from files there (``split<i>.*.bin``) instead of holding them in RAM. A
+    :class:`Features` record passed where a loader goes is used as it is.
+    """
+
+    def __init__(self, model: nn.Module | None, directory: str | os.PathLike | None = None) -> None:
+        self.model, self.directory = model, directory
+        self._data: dict[int, tuple[object, Features]] = {}
+        self.extractions = 0
+
+    def get(self, loader) -> Features:
+        if isinstance(loader, Features):
+            return loader
+        if loader is None:
+            raise ValueError("no data given (loader is None)")
+        hit = self._data.get(id(loader))
+        if hit is not None and hit[0] is loader:
+            return hit[1]
+        if self.model is None:
+            raise ValueError("FeatureCache has no model: pass Features records instead of loaders")
+        kw = {} if self.directory is None else {"directory": self.directory, "name": f"split{len(self._data)}"}
+        feats = extract_features(self.model, loader, **kw)
+        self.extractions += 1
+        self._data[id(loader)] = (loader, feats)  # the loader is kept so its id is not reused
+        return feats
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+
+def features_scores(scorer, feats: Features, rows: int = 1024
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(pred (N,) int64, score (N,) float32, labels (N,) or None) of a record, ``rows`` rows at a time.
+
+    pred is the argmax of the record's logits (the model's prediction).
+    """
+    feats.require("logits", scorer.name)
+    preds, scores = [], []
+    for z, h, _ in feats.chunks(rows):
+        preds.append(z.argmax(1))
+        scores.append(scorer.score_features(z, h, head=feats.head).detach().float().cpu())
+    if not scores:
+        raise ValueError("loader is empty")
+    return torch.cat(preds), torch.cat(scores), feats.labels
