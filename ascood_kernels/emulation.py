@@ -1,0 +1,197 @@
+"""The ``cuda-emulated`` backend: the CUDA kernels on CPU tensors, for tests.
+
+No GPU is needed to run the CUDA C++ kernels of ``csrc/cuda``: with
+``ASCOOD_CUDA_EMULATION`` the same sources (kernels and their launchers)
+compile with the host C++ compiler against ``csrc/cuda/emulation/cuda_emu.h``,
+an emulation of the CUDA execution model (blocks one after another, the
+threads of a block as real OS threads, block barriers, warp exchanges that
+every named lane must reach, per-block shared memory, atomics; see that
+header). :func:`load` builds that test library on first use (about two
+minutes on two cores; cached under ``build/cuda-emulated/`` of the source
+tree, or ``ASCOOD_EMU_BUILD_DIR``) and registers its ops as
+``torch.ops.ascood_emu``; ``backend="cuda-emulated"`` then runs them on CPU
+tensors. It needs the source tree (``csrc/``) and a C++20 compiler; it is
+never part of the installed ``ascood_kernels._C``.
+
+It checks what the kernels compute (against the reference, in the op tests and
+``python -m ascood_kernels --backend cuda-emulated``), not their speed: timing,
+occupancy and inter-block races need a real GPU.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import pathlib
+import shutil
+import subprocess
+import threading
+from typing import Iterator, Mapping
+
+import torch
+
+__all__ = ["NAMESPACE", "KERNEL_FILES", "source_dir", "build", "load", "available", "why_not", "options", "selftest"]
+
+#: torch.ops namespace of the emulated kernels.
+NAMESPACE = "ascood_emu"
+#: The CUDA sources compiled into the emulated library (each with its launchers).
+KERNEL_FILES = ("select.cu", "iodin.cu", "zscore.cu", "loss.cu")
+_LIBRARY_FILES = ("register.cpp", "selftest.cpp")
+# -ffp-contract=off: nothing is fused into an FMA, as the kernels' *_rn arithmetic requires.
+# -fsanitize=thread: GCC's access instrumentation, whose hooks the emulator's runtime
+# implements for its race check (no libtsan). -O1: the emulator's cost is in thread
+# switches, not in the kernels' arithmetic, and it compiles faster.
+_CFLAGS = ("-O1", "-fsanitize=thread", "-ffp-contract=off", "-pthread", "-Wall", "-Wno-unknown-pragmas",
+           "-DASCOOD_CUDA_EMULATION")
+# The runtime implements the instrumentation hooks, so it is compiled without it.
+_RUNTIME_CFLAGS = ("-std=c++20", "-O2", "-fPIC", "-pthread", "-Wall")
+
+_state: dict = {}
+_lock = threading.RLock()
+
+
+def source_dir() -> pathlib.Path | None:
+    """``csrc/`` of the source tree this package runs from, or None (an installed wheel has none)."""
+    csrc = pathlib.Path(__file__).resolve().parent.parent / "csrc"
+    return csrc if (csrc / "cuda" / "common.cuh").is_file() else None
+
+
+def _build_root(csrc: pathlib.Path) -> pathlib.Path:
+    env = os.environ.get("ASCOOD_EMU_BUILD_DIR")
+    return pathlib.Path(env) if env else csrc.parent / "build" / "cuda-emulated"
+
+
+def _digest(files: list[pathlib.Path], extra: list[str]) -> str:
+    h = hashlib.sha256()
+    for s in extra:
+        h.update(s.encode() + b"\0")
+    for f in files:
+        h.update(str(f.name).encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def build(namespace: str = NAMESPACE, kernel_files: Mapping[str, pathlib.Path] | None = None,
+          verbose: bool = False) -> str:
+    """Compile (or reuse) an emulated library and load it; returns the path of the shared library.
+
+    ``kernel_files`` maps a name of :data:`KERNEL_FILES` to the file to compile
+    instead (the fault-injection test passes broken copies; a copy's directory
+    may also hold a modified ``common.cuh``, which its includes then find first).
+    The build directory is named by a hash of every source and flag, so a
+    change anywhere in ``csrc/cuda`` rebuilds it (torch's own check only hashes
+    the listed files, not the headers they include).
+    """
+    from torch.utils import cpp_extension
+
+    csrc = source_dir()
+    if csrc is None:
+        raise RuntimeError("the cuda-emulated backend needs the source tree (csrc/ beside ascood_kernels/)")
+    cuda_dir = csrc / "cuda"
+    kernels = {name: pathlib.Path(kernel_files[name]) if kernel_files and name in kernel_files else cuda_dir / name
+               for name in KERNEL_FILES}
+    unknown = set(kernel_files or ()) - set(KERNEL_FILES)
+    if unknown:
+        raise ValueError(f"kernel_files: unknown kernel sources {sorted(unknown)}; known: {KERNEL_FILES}")
+    hashed = sorted(p for p in cuda_dir.rglob("*") if p.suffix in {".cu", ".cuh", ".h", ".cpp"})
+    hashed += [csrc / "schema.h"] + sorted({p.parent / "common.cuh" for p in kernels.values()} - {cuda_dir / "common.cuh"})
+    hashed += [p for p in kernels.values() if p.parent != cuda_dir]
+    flags = [*_CFLAGS, f"-DASCOOD_EMU_NS={namespace}"]
+    name = f"{namespace}_{_digest(hashed, [*flags, torch.__version__, *map(str, kernels.values())])}"
+    build_dir = _build_root(csrc) / name
+    build_dir.mkdir(parents=True, exist_ok=True)
+    # torch compiles .cu files with nvcc: each kernel file goes through a C++ wrapper.
+    sources = []
+    for kname, path in kernels.items():
+        wrapper = build_dir / f"emulated_{kname.replace('.', '_')}.cpp"
+        text = f'// Generated: {kname} compiled for the CUDA emulation.\n#include "{path.resolve()}"\n'
+        if not wrapper.is_file() or wrapper.read_text() != text:
+            wrapper.write_text(text)
+        sources.append(str(wrapper))
+    sources += [str(cuda_dir / "emulation" / f) for f in _LIBRARY_FILES]
+    runtime = build_dir / "runtime_uninstrumented.o"
+    if not runtime.is_file():
+        cxx = os.environ.get("CXX", "c++")
+        proc = subprocess.run([cxx, *_RUNTIME_CFLAGS, f"-I{cuda_dir}", "-c",
+                               str(cuda_dir / "emulation" / "runtime.cpp"), "-o", str(runtime) + ".tmp"],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"compiling the emulation runtime failed:\n{proc.stderr[-3000:]}")
+        os.replace(str(runtime) + ".tmp", runtime)
+    path = cpp_extension.load(name=name, sources=sources, extra_cflags=flags,
+                              extra_ldflags=["-pthread", str(runtime)],
+                              extra_include_paths=[str(csrc), str(cuda_dir)], build_directory=str(build_dir),
+                              is_python_module=False, verbose=verbose)
+    # Builds of older sources of this namespace are stale: remove them (best effort).
+    for old in build_dir.parent.glob(f"{namespace}_*"):
+        if old != build_dir and old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def load(verbose: bool = False) -> bool:
+    """Build (first time) and load the emulated kernels as ``torch.ops.ascood_emu``; True when they loaded.
+
+    Registers the ops' fake kernels and autograd like the compiled backends',
+    so ``backend="cuda-emulated"`` supports forward and backward. A failure is
+    remembered (see :func:`why_not`) and not retried in this process.
+    """
+    with _lock:
+        if "loaded" in _state:
+            return _state["loaded"]
+        if os.environ.get("ASCOOD_EMU", "1") == "0":
+            _state.update(loaded=False, error="disabled by ASCOOD_EMU=0")
+            return False
+        try:
+            _state["library"] = build(verbose=verbose)
+            from .ops import _common
+
+            _common.register_namespace(NAMESPACE)
+            _state.update(loaded=True, error=None)
+        except Exception as err:  # no compiler, no source tree, a compile error
+            msg = str(err).strip().splitlines()
+            _state.update(loaded=False, error=f"{type(err).__name__}: {msg[-1] if msg else ''}")
+        return _state["loaded"]
+
+
+def available() -> bool:
+    """True when the emulated kernels are loaded (building them first if needed)."""
+    return load()
+
+
+def why_not() -> str | None:
+    """Why :func:`load` failed, or None."""
+    return _state.get("error")
+
+
+@contextlib.contextmanager
+def options(**values: int) -> Iterator[None]:
+    """Set emulation options for the duration of a ``with`` block (restored after).
+
+    Tunables (constants of the kernels' launchers, lowered to reach a path at
+    small sizes): ``num_sms`` (default 4; the multi-block select splits a
+    row into up to ``4 * num_sms / B`` blocks), ``small_bytes`` (rows up to this
+    many bytes take the one-block select; default 32768), ``cand_budget``
+    (candidate-list entries per chunk of samples; default 2**24).
+    The emulator's own: ``deadlock_timeout_ms`` (default 10000), ``poison``
+    (byte that fills fresh shared memory; default 0xff).
+    """
+    if not load():
+        raise RuntimeError(f"the cuda-emulated backend is not available: {why_not()}")
+    op = getattr(torch.ops, NAMESPACE)._emu_option
+    old = {}
+    try:
+        for name, value in values.items():
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"option {name} must be an int >= 0, got {value!r}")
+            old[name] = op(name, value)
+        yield
+    finally:
+        for name, value in old.items():
+            op(name, value)
+
+
+def selftest(name: str, arg: int = 0) -> torch.Tensor:
+    """Run one of the emulator's self-test kernels (csrc/cuda/emulation/selftest.cpp)."""
+    if not load():
+        raise RuntimeError(f"the cuda-emulated backend is not available: {why_not()}")
+    return getattr(torch.ops, NAMESPACE)._emu_selftest(name, arg)
