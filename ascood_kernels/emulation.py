@@ -30,7 +30,8 @@ from typing import Iterator, Mapping
 
 import torch
 
-__all__ = ["NAMESPACE", "KERNEL_FILES", "source_dir", "build", "load", "available", "why_not", "options", "selftest"]
+__all__ = ["NAMESPACE", "KERNEL_FILES", "source_dir", "build", "build_variants", "load", "available", "why_not",
+           "options", "selftest"]
 
 #: torch.ops namespace of the emulated kernels.
 NAMESPACE = "ascood_emu"
@@ -70,44 +71,20 @@ def _digest(files: list[pathlib.Path], extra: list[str]) -> str:
     return h.hexdigest()[:16]
 
 
-def build(namespace: str = NAMESPACE, kernel_files: Mapping[str, pathlib.Path] | None = None,
-          verbose: bool = False) -> str:
-    """Compile (or reuse) an emulated library and load it; returns the path of the shared library.
-
-    ``kernel_files`` maps a name of :data:`KERNEL_FILES` to the file to compile
-    instead (the fault-injection test passes broken copies; a copy's directory
-    may also hold a modified ``common.cuh``, which its includes then find first).
-    The build directory is named by a hash of every source and flag, so a
-    change anywhere in ``csrc/cuda`` rebuilds it (torch's own check only hashes
-    the listed files, not the headers they include).
-    """
+def _compile_library(name: str, sources: list[str], hashed: list[pathlib.Path], flags: list[str],
+                     csrc: pathlib.Path, write: Mapping[str, str], verbose: bool) -> str:
+    """Build (or reuse) and load one library from ``sources`` plus generated files ``write`` (name -> text)."""
     from torch.utils import cpp_extension
 
-    csrc = source_dir()
-    if csrc is None:
-        raise RuntimeError("the cuda-emulated backend needs the source tree (csrc/ beside ascood_kernels/)")
     cuda_dir = csrc / "cuda"
-    kernels = {name: pathlib.Path(kernel_files[name]) if kernel_files and name in kernel_files else cuda_dir / name
-               for name in KERNEL_FILES}
-    unknown = set(kernel_files or ()) - set(KERNEL_FILES)
-    if unknown:
-        raise ValueError(f"kernel_files: unknown kernel sources {sorted(unknown)}; known: {KERNEL_FILES}")
-    hashed = sorted(p for p in cuda_dir.rglob("*") if p.suffix in {".cu", ".cuh", ".h", ".cpp"})
-    hashed += [csrc / "schema.h"] + sorted({p.parent / "common.cuh" for p in kernels.values()} - {cuda_dir / "common.cuh"})
-    hashed += [p for p in kernels.values() if p.parent != cuda_dir]
-    flags = [*_CFLAGS, f"-DASCOOD_EMU_NS={namespace}"]
-    name = f"{namespace}_{_digest(hashed, [*flags, torch.__version__, *map(str, kernels.values())])}"
-    build_dir = _build_root(csrc) / name
+    digest = _digest(hashed, [*flags, torch.__version__, *sources, *(f"{k}\0{v}" for k, v in sorted(write.items()))])
+    build_dir = _build_root(csrc) / f"{name}_{digest}"
     build_dir.mkdir(parents=True, exist_ok=True)
-    # torch compiles .cu files with nvcc: each kernel file goes through a C++ wrapper.
-    sources = []
-    for kname, path in kernels.items():
-        wrapper = build_dir / f"emulated_{kname.replace('.', '_')}.cpp"
-        text = f'// Generated: {kname} compiled for the CUDA emulation.\n#include "{path.resolve()}"\n'
-        if not wrapper.is_file() or wrapper.read_text() != text:
-            wrapper.write_text(text)
-        sources.append(str(wrapper))
-    sources += [str(cuda_dir / "emulation" / f) for f in _LIBRARY_FILES]
+    for fname, text in write.items():
+        f = build_dir / fname
+        if not f.is_file() or f.read_text() != text:
+            f.write_text(text)
+        sources = [*sources, str(f)]
     runtime = build_dir / "runtime_uninstrumented.o"
     if not runtime.is_file():
         cxx = os.environ.get("CXX", "c++")
@@ -117,15 +94,81 @@ def build(namespace: str = NAMESPACE, kernel_files: Mapping[str, pathlib.Path] |
         if proc.returncode != 0:
             raise RuntimeError(f"compiling the emulation runtime failed:\n{proc.stderr[-3000:]}")
         os.replace(str(runtime) + ".tmp", runtime)
-    path = cpp_extension.load(name=name, sources=sources, extra_cflags=flags,
-                              extra_ldflags=["-pthread", str(runtime)],
+    # -Bsymbolic: the library uses its own runtime even if another emulated library is loaded.
+    path = cpp_extension.load(name=build_dir.name, sources=sources, extra_cflags=flags,
+                              extra_ldflags=["-pthread", "-Wl,-Bsymbolic", str(runtime)],
                               extra_include_paths=[str(csrc), str(cuda_dir)], build_directory=str(build_dir),
                               is_python_module=False, verbose=verbose)
-    # Builds of older sources of this namespace are stale: remove them (best effort).
-    for old in build_dir.parent.glob(f"{namespace}_*"):
+    # Builds of older sources under this name are stale: remove them (best effort).
+    for old in build_dir.parent.glob(f"{name}_*"):
         if old != build_dir and old.is_dir():
             shutil.rmtree(old, ignore_errors=True)
     return path
+
+
+def _sources_hash(csrc: pathlib.Path) -> list[pathlib.Path]:
+    # Everything the kernels may include: a change anywhere rebuilds (torch's own
+    # check hashes only the listed sources, not the headers they include).
+    return sorted(p for p in (csrc / "cuda").rglob("*") if p.suffix in {".cu", ".cuh", ".h", ".cpp"}) + \
+        [csrc / "schema.h"]
+
+
+def build(verbose: bool = False) -> str:
+    """Compile (or reuse) the emulated kernels of :data:`KERNEL_FILES` and load them; returns the library path.
+
+    The build directory is named by a hash of every source and flag. Also
+    builds the emulator's self-test kernels (tests/test_cuda_emulator.py).
+    """
+    csrc = source_dir()
+    if csrc is None:
+        raise RuntimeError("the cuda-emulated backend needs the source tree (csrc/ beside ascood_kernels/)")
+    cuda_dir = csrc / "cuda"
+    # torch compiles .cu files with nvcc: each kernel file goes through a C++ wrapper.
+    write = {f"emulated_{k.replace('.', '_')}.cpp": f'// Generated: {k} for the CUDA emulation.\n'
+                                                    f'#include "{(cuda_dir / k).resolve()}"\n' for k in KERNEL_FILES}
+    sources = [str(cuda_dir / "emulation" / f) for f in _LIBRARY_FILES]
+    flags = [*_CFLAGS, f"-DASCOOD_EMU_NS={NAMESPACE}", "-DASCOOD_EMU_SELFTEST"]
+    return _compile_library(NAMESPACE, sources, _sources_hash(csrc), flags, csrc, write, verbose)
+
+
+def build_variants(variants: Mapping[str, pathlib.Path], name: str = "ascood_emu_variants",
+                   verbose: bool = False) -> str:
+    """Build modified copies of kernel files into one library, each under its own op namespace.
+
+    ``variants`` maps a namespace (e.g. ``ascood_fault_sync``) to a copy of one
+    of :data:`KERNEL_FILES` with a copy of ``common.cuh`` (modified or not)
+    beside it, which its include finds first. Each copy is compiled inside a
+    C++ namespace of its own, so the modified inline helpers of one variant
+    never replace another's (or the original's) at link time. Used by the
+    fault-injection test; returns the library path.
+    """
+    csrc = source_dir()
+    if csrc is None:
+        raise RuntimeError("building emulated variants needs the source tree (csrc/ beside ascood_kernels/)")
+    write = {}
+    hashed = _sources_hash(csrc)
+    for i, (ns, path) in enumerate(sorted(variants.items())):
+        path = pathlib.Path(path).resolve()
+        if not ns.isidentifier():
+            raise ValueError(f"variant namespace must be an identifier, got {ns!r}")
+        if path.name not in KERNEL_FILES or not (path.parent / "common.cuh").is_file():
+            raise ValueError(f"variant {ns}: expected a copy of one of {KERNEL_FILES} with a common.cuh beside it, "
+                             f"got {path}")
+        hashed += [path, path.parent / "common.cuh"]
+        # Everything the kernel sources include is included first, outside the isolating
+        # namespace; inside it their includes are then no-ops (include guards), except a
+        # modified common.cuh beside the copy, which defines the variant's own helpers.
+        write[f"variant_{i}_{ns}.cpp"] = (
+            f"// Generated: {path.name} as variant {ns} for the CUDA emulation.\n"
+            "#include <algorithm>\n#include <cmath>\n#include <limits>\n"
+            '#include "common.cuh"\n#include "schema.h"\n'
+            f"#undef ASCOOD_EMU_NS\n#define ASCOOD_EMU_NS {ns}\n"
+            f"namespace ascood_variant_{i} {{\n#include \"{path}\"\n}}\n"
+            f"static int64_t {ns}_option(std::string n, int64_t v) {{ return ::ascood::emu::set_option(n, v); }}\n"
+            f"TORCH_LIBRARY({ns}, m) {{\n  ::ascood::define_kernel_schemas(m);\n"
+            f'  m.def("_emu_option(str name, int value) -> int", &{ns}_option);\n}}\n')
+    flags = [*_CFLAGS, f"-DASCOOD_EMU_NS={name}"]
+    return _compile_library(name, [], hashed, flags, csrc, write, verbose)
 
 
 def load(verbose: bool = False) -> bool:
@@ -164,7 +207,7 @@ def why_not() -> str | None:
 
 
 @contextlib.contextmanager
-def options(**values: int) -> Iterator[None]:
+def options(namespace: str = NAMESPACE, **values: int) -> Iterator[None]:
     """Set emulation options for the duration of a ``with`` block (restored after).
 
     Tunables (constants of the kernels' launchers, lowered to reach a path at
@@ -173,11 +216,13 @@ def options(**values: int) -> Iterator[None]:
     many bytes take the one-block select; default 32768), ``cand_budget``
     (candidate-list entries per chunk of samples; default 2**24).
     The emulator's own: ``deadlock_timeout_ms`` (default 10000), ``poison``
-    (byte that fills fresh shared memory; default 0xff).
+    (byte that fills fresh shared memory; default 0xff), ``race_check`` (1:
+    report data races on shared and global memory; default 0).
+    ``namespace`` selects another emulated library (build_variants).
     """
-    if not load():
+    if namespace == NAMESPACE and not load():
         raise RuntimeError(f"the cuda-emulated backend is not available: {why_not()}")
-    op = getattr(torch.ops, NAMESPACE)._emu_option
+    op = getattr(torch.ops, namespace)._emu_option
     old = {}
     try:
         for name, value in values.items():

@@ -15,14 +15,18 @@ int64_t emu_option(std::string name, int64_t value) { return ascood::emu::set_op
 
 }  // namespace
 
+#ifdef ASCOOD_EMU_SELFTEST
 namespace ascood {
 namespace emu {
 at::Tensor selftest(std::string name, int64_t arg);  // selftest.cpp
 }  // namespace emu
 }  // namespace ascood
+#endif
 
 TORCH_LIBRARY(ASCOOD_EMU_NS, m) {
   ascood::define_kernel_schemas(m);
   m.def("_emu_option(str name, int value) -> int", &emu_option);
+#ifdef ASCOOD_EMU_SELFTEST
   m.def("_emu_selftest(str name, int arg) -> Tensor", &ascood::emu::selftest);
+#endif
 }

@@ -109,8 +109,9 @@ __global__ void atomics_kernel(int* gi, unsigned* gu, unsigned long long* gull, 
   atomicAdd(gd, 0.25);
   atomicMax(gmax, t);
   atomicMin(gmin, -t);
-  // Every thread takes a distinct ticket with a CAS loop.
-  unsigned old = *gcas, seen;
+  // Every thread takes a distinct ticket with a CAS loop (the first read is
+  // atomic too: a plain read would race with the other threads' CAS).
+  unsigned old = atomicAdd(gcas, 0u), seen;
   do {
     seen = old;
     old = atomicCAS(gcas, seen, seen + 1u);
@@ -126,13 +127,14 @@ __global__ void atomics_kernel(int* gi, unsigned* gu, unsigned long long* gull, 
 __global__ void dynamic_smem_kernel(int64_t* out, int words) {
   ASCOOD_DYNAMIC_SHARED(unsigned, dyn);
   const int t = threadIdx.x;
-  if (t == 0) out[0] = dyn[words - 1];  // not yet written: the poison
+  int64_t* o = out + 2 * blockIdx.x;
+  if (t == 0) o[0] = dyn[words - 1];  // not yet written: the poison
   __syncthreads();
   for (int i = t; i < words; i += blockDim.x) dyn[i] = static_cast<unsigned>(i * 7);
   __syncthreads();
   int64_t s = 0;
   for (int i = 0; i < words; ++i) s += dyn[i];
-  if (t == 0) out[1] = s;
+  if (t == 0) o[1] = s;
 }
 
 // Static shared memory is fresh and poisoned in every block (blocks do not
@@ -250,6 +252,11 @@ __global__ void smem_overflow_kernel(int* out, int words) {
 
 __global__ void empty_kernel(int* out) { out[0] = 0; }
 
+// Thread 0 of every block writes the same element: a race between blocks.
+__global__ void two_blocks_write_kernel(int* out) {
+  if (threadIdx.x == 0) out[0] = static_cast<int>(blockIdx.x);
+}
+
 at::Tensor ints(int64_t n) { return at::full({n}, -1, at::TensorOptions().dtype(at::kInt)); }
 
 at::Tensor longs(int64_t n) { return at::full({n}, -1, at::TensorOptions().dtype(at::kLong)); }
@@ -291,8 +298,8 @@ at::Tensor selftest(std::string name, int64_t arg) {
     return at::cat({i.to(at::kDouble), u.to(at::kDouble), ull.to(at::kDouble), f.to(at::kDouble), d,
                     mx.to(at::kDouble), mn.to(at::kDouble), cas.to(at::kDouble)});
   }
-  if (name == "dynamic_smem") {  // arg: 32-bit words of dynamic shared memory
-    auto out = longs(2);
+  if (name == "dynamic_smem") {  // arg: 32-bit words of dynamic shared memory; [poison, sum] per block
+    auto out = longs(4);
     ASCOOD_LAUNCH(dynamic_smem_kernel, 2, 128, static_cast<size_t>(arg) * 4, s, out.data_ptr<int64_t>(),
                   static_cast<int>(arg));
     return out;
@@ -343,6 +350,8 @@ at::Tensor selftest(std::string name, int64_t arg) {
     ASCOOD_LAUNCH(empty_kernel, 1, 2048, 0, s, op);
   } else if (name == "too_much_smem") {
     ASCOOD_LAUNCH(empty_kernel, 1, 32, 64 * 1024, s, op);
+  } else if (name == "two_blocks_write") {
+    ASCOOD_LAUNCH(two_blocks_write_kernel, 2, 32, 0, s, op);
   } else if (name == "grid_too_large") {
     ASCOOD_LAUNCH(empty_kernel, dim3(1, 70000), 32, 0, s, op);
   } else {
