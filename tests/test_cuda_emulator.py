@@ -67,6 +67,16 @@ def test_shuffles_and_ballot_follow_the_guide():
         assert row == want, (t, row, want)
 
 
+def test_many_exchanges_in_every_warp():
+    reps = 40
+    out = emulation.selftest("exchanges", reps).tolist()
+    v = list(range(512))
+    for r in range(reps):
+        m = 1 + r % 31
+        v = [v[t] + v[(t & ~31) | ((t & 31) ^ m)] for t in range(512)]
+    assert out == v
+
+
 @pytest.mark.parametrize("threads", [1, 32, 33, 250, 1024])
 def test_barriers_order_every_thread_of_the_block(threads):
     out = emulation.selftest("barrier", threads).tolist()

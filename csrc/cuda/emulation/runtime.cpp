@@ -63,6 +63,29 @@ struct Abort {};  // unwinds an emulated thread once its block has failed
 
 enum class State : int { kRunning, kBarrier, kWarp, kExited };
 
+// A lock for the tiny critical sections of warp exchanges and the race check:
+// waiting for a mutex put lanes to sleep when two cores met at the same warp,
+// which cost more than the exchange itself. Spins briefly, then yields.
+class SpinLock {
+ public:
+  void lock() {
+    for (int i = 0; !try_lock(); ++i) {
+      if (i < 64) {
+#if defined(__x86_64__) || defined(__i386__)
+        __builtin_ia32_pause();
+#endif
+      } else {
+        sched_yield();
+      }
+    }
+  }
+  bool try_lock() { return !flag_.load(std::memory_order_relaxed) && !flag_.exchange(true, std::memory_order_acquire); }
+  void unlock() { flag_.store(false, std::memory_order_release); }
+
+ private:
+  std::atomic<bool> flag_{false};
+};
+
 const char* op_name(WarpOp op) {
   switch (op) {
     case WarpOp::kShfl: return "__shfl_sync";
@@ -100,11 +123,12 @@ struct Where {
 };
 
 struct Warp {
-  std::mutex mu;                   // guards the fields below
+  SpinLock mu;                     // guards the fields below
   std::atomic<uint32_t> seq{0};    // bumped at every phase change; waiters sleep on it
   enum Phase { kIdle, kCollecting, kReading } phase = kIdle;
   WarpOp op = WarpOp::kSyncWarp;
-  unsigned mask = 0, width = 32, arrived = 0, to_read = 0;
+  unsigned mask = 0, width = 32, arrived = 0;
+  std::atomic<unsigned> to_read{0};  // lanes yet to take their result in the reading phase
   unsigned existing = 0;  // lanes that exist (a partial last warp has fewer than 32)
   unsigned exited = 0;    // lanes that have returned from the kernel
   std::atomic<uint32_t> syncs{0};  // full-mask __syncwarp completed (the race check's warp epoch)
@@ -112,18 +136,19 @@ struct Warp {
   unsigned line = 0;
   uint64_t vals[32] = {};
   int args[32] = {};
+  uint64_t results[32] = {};  // written by the last lane to arrive, read by each lane without the lock
 };
 
 struct Block {
   unsigned nthreads = 0, nwarps = 0;
   const char* kernel = "";
   uint64_t linear = 0;  // x + gridDim.x * (y + gridDim.y * z)
-  // __syncthreads
-  std::mutex bar_mu;  // guards bar_arrived, exited, bar_file/line/col
-  unsigned bar_arrived = 0, exited = 0;
-  std::atomic<uint32_t> bar_gen{0};  // completed barriers (the race check's block epoch); waiters sleep on it
-  const char* bar_file = nullptr;
-  unsigned bar_line = 0, bar_col = 0;
+  // __syncthreads: lock-free (a mutex per arrival made barriers of 512 threads contend).
+  std::atomic<unsigned> bar_arrived{0};
+  std::atomic<uint32_t> bar_gen{0};   // completed barriers (the race check's block epoch); waiters sleep on it
+  std::atomic<uint64_t> bar_key{0};   // call site of the barrier now filling (0: none yet)
+  std::atomic<const char*> bar_file{nullptr};
+  std::atomic<unsigned> bar_line{0};
   std::unique_ptr<Warp[]> warps;
   std::unique_ptr<Where[]> where;
   // failure and progress
@@ -131,10 +156,14 @@ struct Block {
   std::mutex err_mu;
   std::string error;
   std::atomic<uint64_t> progress{0};
-  std::atomic<unsigned> waiting{0}, n_exited{0};
+  std::atomic<unsigned> waiting{0}, exited{0};
   int64_t deadlock_ms = 10000;
-  // shared memory
-  std::mutex sh_mu;
+  // shared memory: variables are looked up without the lock (keys published with release)
+  static constexpr int kMaxSharedVars = 64;
+  std::atomic<const void*> sh_keys[kMaxSharedVars] = {};
+  unsigned char* sh_ptrs[kMaxSharedVars] = {};
+  std::atomic<int> sh_count{0};
+  std::mutex sh_mu;  // guards allocation and the vectors below
   std::vector<std::pair<const void*, unsigned char*>> shared_vars;
   std::vector<std::pair<const char*, std::size_t>> shared_info;  // name and size of each, for race reports
   std::vector<std::unique_ptr<unsigned char[]>> storage;
@@ -272,7 +301,7 @@ void wait_change(Block& b, std::atomic<uint32_t>& word, uint32_t old) {
       since = now;
       continue;
     }
-    if (b.waiting.load() + b.n_exited.load() >= b.nthreads &&
+    if (b.waiting.load() + b.exited.load() >= b.nthreads &&
         now - since > std::chrono::milliseconds(b.deadlock_ms)) {
       fail(b, "deadlock: no thread of the block can proceed (no progress for " + std::to_string(b.deadlock_ms) +
                   " ms; a GPU would hang here): " + diagnose(b));
@@ -314,10 +343,15 @@ struct Cell {
   uint32_t r_min_sync = 0;  // the smallest warp epoch
 };
 
+// Cells of one 64-byte line, found with one lookup and one lock per access.
+struct Line {
+  Cell cells[64];
+};
+
 constexpr int kShards = 64;
 struct Shard {
-  std::mutex mu;
-  std::unordered_map<uintptr_t, Cell> cells;
+  SpinLock mu;
+  std::unordered_map<uintptr_t, std::unique_ptr<Line>> lines;
 };
 Shard g_shards[kShards];
 std::atomic<bool> g_enabled{false};
@@ -325,21 +359,22 @@ std::atomic<bool> g_enabled{false};
 thread_local bool t_check = false;  // this OS thread runs kernel code of a race-checked launch
 thread_local uintptr_t t_stack_lo = 0, t_stack_hi = 0;
 
-Shard& shard_of(uintptr_t byte) { return g_shards[(byte >> 6) % kShards]; }
+Shard& shard_of(uintptr_t line) { return g_shards[(line ^ (line >> 7)) % kShards]; }
 
 void clear_all() {
   for (Shard& sh : g_shards) {
-    std::lock_guard<std::mutex> lk(sh.mu);
-    sh.cells.clear();
+    std::lock_guard<SpinLock> lk(sh.mu);
+    sh.lines.clear();
   }
 }
 
+// Forgets [p, p + n), a range of whole 64-byte lines (shared memory is allocated so).
 void clear_range(const unsigned char* p, std::size_t n) {
-  for (std::size_t i = 0; i < n; ++i) {
-    const uintptr_t a = reinterpret_cast<uintptr_t>(p + i);
-    Shard& sh = shard_of(a);
-    std::lock_guard<std::mutex> lk(sh.mu);
-    sh.cells.erase(a);
+  const uintptr_t lo = reinterpret_cast<uintptr_t>(p) >> 6, hi = (reinterpret_cast<uintptr_t>(p) + n + 63) >> 6;
+  for (uintptr_t line = lo; line < hi; ++line) {
+    Shard& sh = shard_of(line);
+    std::lock_guard<SpinLock> lk(sh.mu);
+    sh.lines.erase(line);
   }
 }
 
@@ -388,11 +423,22 @@ void access(const void* addr, std::size_t size, bool write, bool atomic) {
   now.atomic = atomic;
   now.valid = true;
   std::string problem;
+  Shard* sh = nullptr;
+  Line* line = nullptr;
+  uintptr_t line_no = ~uintptr_t(0);
+  std::unique_lock<SpinLock> lk;
   for (std::size_t i = 0; i < size && problem.empty(); ++i) {
     const uintptr_t a = a0 + i;
-    Shard& sh = shard_of(a);
-    std::lock_guard<std::mutex> lk(sh.mu);
-    Cell& c = sh.cells[a];
+    if ((a >> 6) != line_no) {
+      line_no = a >> 6;
+      if (lk.owns_lock()) lk.unlock();
+      sh = &shard_of(line_no);
+      lk = std::unique_lock<SpinLock>(sh->mu);
+      auto& slot = sh->lines[line_no];
+      if (!slot) slot = std::make_unique<Line>();
+      line = slot.get();
+    }
+    Cell& c = line->cells[a & 63];
     if (c.w.valid && !ordered(c.w, now) && !(c.w.atomic && atomic)) {
       problem = std::string(write ? "written" : "read") + (atomic ? " atomically" : "") + " by " +
                 thread_name(now.block, now.tid) + " and written" + (c.w.atomic ? " atomically" : "") + " by " +
@@ -441,6 +487,7 @@ void access(const void* addr, std::size_t size, bool write, bool atomic) {
       }
     }
   }
+  if (lk.owns_lock()) lk.unlock();
   if (!problem.empty()) {
     fail(b, "data race on " + where_is(b, a0) + ": " + problem +
                 ", not ordered by a __syncthreads (same block), a full-mask __syncwarp (same warp) or atomics (on a "
@@ -526,19 +573,17 @@ Pool& pool() {
 void thread_exit(Block& b, unsigned tid) {
   set_where(b, tid, State::kExited);
   std::string problem;
-  {
-    std::lock_guard<std::mutex> lk(b.bar_mu);
-    ++b.exited;
-    b.n_exited.fetch_add(1);
-    if (b.bar_arrived > 0) {
-      problem = who(tid) + " returned while " + std::to_string(b.bar_arrived) + " threads wait at __syncthreads " +
-                site(b.bar_file, b.bar_line) + ": that barrier can never complete (a __syncthreads in divergent code)";
-    }
+  // Pairs with block_barrier (seq_cst): an exit and an arrival see each other at least one way.
+  b.exited.fetch_add(1);
+  if (const unsigned waiting = b.bar_arrived.load(); waiting > 0) {
+    problem = who(tid) + " returned while " + std::to_string(waiting) + " threads wait at __syncthreads " +
+              site(b.bar_file.load(), b.bar_line.load()) +
+              ": that barrier can never complete (a __syncthreads in divergent code)";
   }
   {
     Warp& w = b.warps[tid >> 5];
     const unsigned bit = 1u << (tid & 31);
-    std::lock_guard<std::mutex> lk(w.mu);
+    std::lock_guard<SpinLock> lk(w.mu);
     w.exited |= bit;
     if (problem.empty() && w.phase == Warp::kCollecting && (w.mask & bit) && !(w.arrived & bit)) {
       problem = who(tid) + " returned without reaching " + op_name(w.op) + "(mask " + hex(w.mask) + ") " +
@@ -599,35 +644,36 @@ void block_barrier(const std::source_location& loc) {
   Block& b = cur();
   const unsigned tid = t_tid;
   set_where(b, tid, State::kBarrier, WarpOp::kSyncWarp, 0, loc.file_name(), loc.line());
-  std::unique_lock<std::mutex> lk(b.bar_mu);
   if (b.failed.load()) throw Abort{};
-  if (b.exited > 0) {
-    lk.unlock();
+  if (const unsigned gone = b.exited.load(); gone > 0) {
     fail_now(b, who(tid) + " reached __syncthreads " + site(loc.file_name(), loc.line()) + " after " +
-                    std::to_string(b.exited) +
+                    std::to_string(gone) +
                     " threads of the block returned: the barrier can never complete (every thread of the block must "
                     "reach it)");
   }
-  if (b.bar_arrived == 0) {
-    b.bar_file = loc.file_name();
-    b.bar_line = loc.line();
-    b.bar_col = loc.column();
-  } else if (b.bar_line != loc.line() || b.bar_col != loc.column() || std::strcmp(b.bar_file, loc.file_name()) != 0) {
-    const std::string other = site(b.bar_file, b.bar_line);
-    lk.unlock();
+  // The first thread to arrive records the call site; every other must come to the same one.
+  uint64_t key = 1469598103934665603ull;
+  for (const char* c = loc.file_name(); *c; ++c) key = (key ^ static_cast<unsigned char>(*c)) * 1099511628211ull;
+  key ^= (uint64_t(loc.line()) << 40) ^ (uint64_t(loc.column()) << 20);
+  key |= 1;
+  uint64_t expected = 0;
+  if (b.bar_key.compare_exchange_strong(expected, key)) {
+    b.bar_file.store(loc.file_name());
+    b.bar_line.store(loc.line());
+  } else if (expected != key) {
     fail_now(b, who(tid) + " waits at __syncthreads " + site(loc.file_name(), loc.line()) + " while " +
-                    std::to_string(b.bar_arrived) + " threads wait at __syncthreads " + other +
+                    std::to_string(b.bar_arrived.load()) + " threads wait at another __syncthreads" +
+                    (b.bar_file.load() ? " (" + site(b.bar_file.load(), b.bar_line.load()) + ")" : std::string()) +
                     ": the threads of a block must reach the same barrier (a barrier in divergent code)");
   }
   b.progress.fetch_add(1);
-  const uint32_t gen = b.bar_gen.load();
-  if (++b.bar_arrived == b.nthreads) {
-    b.bar_arrived = 0;
+  const uint32_t gen = b.bar_gen.load();  // stable: the barrier cannot complete without this thread
+  if (b.bar_arrived.fetch_add(1) + 1 == b.nthreads) {
+    b.bar_key.store(0);
+    b.bar_arrived.store(0);
     b.bar_gen.fetch_add(1);
-    lk.unlock();
     futex_wake_all(b.bar_gen);
   } else {
-    lk.unlock();
     wait_change(b, b.bar_gen, gen);
   }
   set_where(b, tid, State::kRunning);
@@ -639,18 +685,19 @@ uint64_t warp_exchange(WarpOp op, unsigned mask, uint64_t bits, int arg, int wid
   const unsigned lane = tid & 31;
   const unsigned bit = 1u << lane;
   Warp& w = b.warps[tid >> 5];
-  const std::string at = std::string(op_name(op)) + "(mask " + hex(mask) + ") " + site(loc.file_name(), loc.line());
-  if (!(mask & bit)) fail_now(b, who(tid) + " calls " + at + " with a mask that does not name its own lane");
+  // Built only for error messages (a string per exchange was a measurable cost).
+  const auto at = [&] { return std::string(op_name(op)) + "(mask " + hex(mask) + ") " + site(loc.file_name(), loc.line()); };
+  if (!(mask & bit)) fail_now(b, who(tid) + " calls " + at() + " with a mask that does not name its own lane");
   if (mask & ~w.existing) {
-    fail_now(b, who(tid) + " calls " + at + ": the mask names lanes " + hex(mask & ~w.existing) +
+    fail_now(b, who(tid) + " calls " + at() + ": the mask names lanes " + hex(mask & ~w.existing) +
                     " that do not exist (the block has " + std::to_string(b.nthreads) + " threads)");
   }
   if (width < 1 || width > 32 || (width & (width - 1)) != 0) {
-    fail_now(b, who(tid) + " calls " + at + " with width " + std::to_string(width) +
+    fail_now(b, who(tid) + " calls " + at() + " with width " + std::to_string(width) +
                     " (must be a power of 2 in [1, 32])");
   }
   set_where(b, tid, State::kWarp, op, mask, loc.file_name(), loc.line());
-  std::unique_lock<std::mutex> lk(w.mu);
+  std::unique_lock<SpinLock> lk(w.mu);
   for (;;) {
     if (b.failed.load()) throw Abort{};
     if (w.phase == Warp::kIdle) {
@@ -669,7 +716,7 @@ uint64_t warp_exchange(WarpOp op, unsigned mask, uint64_t bits, int arg, int wid
         const std::string other = std::string(op_name(w.op)) + "(mask " + hex(w.mask) + ", width " +
                                   std::to_string(w.width) + ") " + site(w.file, w.line);
         lk.unlock();
-        fail_now(b, who(tid) + " calls " + at + " (width " + std::to_string(width) + ") while lanes " + hex(w.arrived) +
+        fail_now(b, who(tid) + " calls " + at() + " (width " + std::to_string(width) + ") while lanes " + hex(w.arrived) +
                         " wait at " + other +
                         ": every lane named in a mask must execute the same intrinsic with the same mask");
       }
@@ -682,7 +729,7 @@ uint64_t warp_exchange(WarpOp op, unsigned mask, uint64_t bits, int arg, int wid
   }
   if (mask & w.exited) {
     lk.unlock();
-    fail_now(b, who(tid) + " calls " + at + " but lanes " + hex(mask & w.exited) +
+    fail_now(b, who(tid) + " calls " + at() + " but lanes " + hex(mask & w.exited) +
                     " named in the mask have returned from the kernel: they can never arrive");
   }
   w.vals[lane] = bits;
@@ -691,81 +738,101 @@ uint64_t warp_exchange(WarpOp op, unsigned mask, uint64_t bits, int arg, int wid
   b.progress.fetch_add(1);
   const uint32_t seq = w.seq.load();
   if (w.arrived == w.mask) {
+    // The last lane computes every lane's result (CUDA's definitions), then releases them all.
+    std::string problem;
+    for (unsigned l = 0; l < 32; ++l) {
+      if (!(mask >> l & 1u)) continue;
+      uint64_t result = 0;
+      if (op == WarpOp::kBallot) {
+        for (unsigned j = 0; j < 32; ++j) {
+          if ((mask >> j & 1u) && w.vals[j] != 0) result |= uint64_t(1) << j;
+        }
+      } else if (op != WarpOp::kSyncWarp) {
+        const unsigned wd = static_cast<unsigned>(width);
+        const unsigned group = l & ~(wd - 1);
+        const unsigned sub = l & (wd - 1);
+        const unsigned a = static_cast<unsigned>(w.args[l]);
+        unsigned src = l;
+        switch (op) {
+          case WarpOp::kShfl: src = group | (a & (wd - 1)); break;             // srcLane modulo width
+          case WarpOp::kShflUp: src = sub >= a ? l - a : l; break;              // lower delta lanes unchanged
+          case WarpOp::kShflDown: src = sub + a < wd ? l + a : l; break;        // upper delta lanes unchanged
+          case WarpOp::kShflXor:                                                // later groups: own value
+            src = l ^ a;
+            if (src >= 32 || (src & ~(wd - 1)) > group) src = l;
+            break;
+          default: break;
+        }
+        if (!(mask >> src & 1u) && problem.empty()) {
+          problem = who((tid & ~31u) | l) + " calls " + at() + " and reads lane " + std::to_string(src) +
+                    ", which is not in the mask (its value is undefined)";
+        }
+        result = w.vals[src];
+      }
+      w.results[l] = result;
+    }
+    if (!problem.empty()) {
+      lk.unlock();
+      fail_now(b, problem);
+    }
     if (op == WarpOp::kSyncWarp && mask == 0xffffffffu) w.syncs.fetch_add(1);
     w.phase = Warp::kReading;
-    w.to_read = static_cast<unsigned>(std::popcount(w.mask));
+    w.to_read.store(static_cast<unsigned>(std::popcount(mask)));
     w.seq.fetch_add(1);
     lk.unlock();
     futex_wake_all(w.seq);
-    lk.lock();
   } else {
     // The next phase change is this exchange completing (or the block failing).
     lk.unlock();
     wait_change(b, w.seq, seq);
-    lk.lock();
   }
-  // All lanes of the mask arrived; no new exchange starts before each has read.
-  uint64_t result = 0;
-  if (op == WarpOp::kBallot) {
-    for (unsigned l = 0; l < 32; ++l) {
-      if ((mask >> l & 1u) && w.vals[l] != 0) result |= uint64_t(1) << l;
+  const uint64_t result = w.results[lane];
+  if (w.to_read.fetch_sub(1) == 1) {  // the last to read frees the warp for its next exchange
+    {
+      std::lock_guard<SpinLock> relock(w.mu);
+      w.phase = Warp::kIdle;
+      w.seq.fetch_add(1);
     }
-  } else if (op != WarpOp::kSyncWarp) {
-    const unsigned wd = static_cast<unsigned>(width);
-    const unsigned group = lane & ~(wd - 1);
-    const unsigned sub = lane & (wd - 1);
-    const unsigned a = static_cast<unsigned>(arg);
-    unsigned src = lane;
-    switch (op) {
-      case WarpOp::kShfl: src = group | (a & (wd - 1)); break;                // srcLane modulo width
-      case WarpOp::kShflUp: src = sub >= a ? lane - a : lane; break;           // lower delta lanes unchanged
-      case WarpOp::kShflDown: src = sub + a < wd ? lane + a : lane; break;     // upper delta lanes unchanged
-      case WarpOp::kShflXor:                                                   // later groups: own value
-        src = lane ^ a;
-        if (src >= 32 || (src & ~(wd - 1)) > group) src = lane;
-        break;
-      default: break;
-    }
-    if (!(mask >> src & 1u)) {
-      lk.unlock();
-      fail_now(b, who(tid) + " calls " + at + " and reads lane " + std::to_string(src) +
-                      ", which is not in the mask (its value is undefined)");
-    }
-    result = w.vals[src];
+    futex_wake_all(w.seq);
   }
-  const bool last = --w.to_read == 0;
-  if (last) {
-    w.phase = Warp::kIdle;
-    w.seq.fetch_add(1);
-  }
-  lk.unlock();
-  if (last) futex_wake_all(w.seq);
   set_where(b, tid, State::kRunning);
   return result;
 }
 
 void* block_shared(const void* key, const char* name, std::size_t bytes, std::size_t align) {
   Block& b = cur();
+  const int seen = b.sh_count.load(std::memory_order_acquire);
+  for (int i = 0; i < seen; ++i) {
+    if (b.sh_keys[i].load(std::memory_order_acquire) == key) return b.sh_ptrs[i];
+  }
   std::unique_lock<std::mutex> lk(b.sh_mu);
-  for (const auto& kv : b.shared_vars) {
-    if (kv.first == key) return kv.second;
+  const int count = b.sh_count.load(std::memory_order_acquire);
+  for (int i = seen; i < count; ++i) {
+    if (b.sh_keys[i].load(std::memory_order_acquire) == key) return b.sh_ptrs[i];
   }
   b.static_bytes = (b.static_bytes + align - 1) / align * align + bytes;
-  if (b.static_bytes + b.dynamic_bytes > kMaxSharedBytes) {
-    const std::string msg = std::string("__shared__ ") + name + " brings the block's shared memory to " +
-                            std::to_string(b.static_bytes) + " static + " + std::to_string(b.dynamic_bytes) +
-                            " dynamic bytes, over the 48 KiB a launch may use";
+  if (b.static_bytes + b.dynamic_bytes > kMaxSharedBytes || count == Block::kMaxSharedVars) {
+    const std::string msg = count == Block::kMaxSharedVars
+                                ? std::string("more than 64 __shared__ variables in one kernel")
+                                : std::string("__shared__ ") + name + " brings the block's shared memory to " +
+                                      std::to_string(b.static_bytes) + " static + " + std::to_string(b.dynamic_bytes) +
+                                      " dynamic bytes, over the 48 KiB a launch may use";
     lk.unlock();
     fail_now(b, msg);
   }
-  const std::size_t a = std::max<std::size_t>(align, 16);
-  auto buf = std::make_unique<unsigned char[]>(bytes + a);
+  // 64-byte aligned and padded: no other data shares its cache lines (the race check's granule).
+  const std::size_t padded = (bytes + 63) / 64 * 64;
+  const std::size_t a = std::max<std::size_t>(align, 64);
+  auto buf = std::make_unique<unsigned char[]>(padded + a);
   unsigned char* p = buf.get();
   p += (a - reinterpret_cast<uintptr_t>(p) % a) % a;
-  std::memset(p, b.poison, bytes);
+  std::memset(p, b.poison, padded);
   b.storage.push_back(std::move(buf));
   b.shared_vars.emplace_back(key, p);
-  b.shared_info.emplace_back(name, bytes);
+  b.shared_info.emplace_back(name, padded);
+  b.sh_ptrs[count] = p;
+  b.sh_keys[count].store(key, std::memory_order_release);
+  b.sh_count.store(count + 1, std::memory_order_release);
   return p;
 }
 
@@ -803,9 +870,10 @@ void run_grid(const char* kernel, dim3 grid, dim3 block, std::size_t smem, const
   blockDim = block;
   const int64_t deadlock_ms = option("deadlock_timeout_ms", 10000);
   const unsigned char poison = static_cast<unsigned char>(option("poison", 0xff));
-  std::vector<unsigned char> dyn_buf(smem + kGuardBytes + 16);
+  // 64-byte aligned: the race check forgets whole lines of it after each block.
+  std::vector<unsigned char> dyn_buf(smem + kGuardBytes + 64);
   unsigned char* dyn = dyn_buf.data();
-  dyn += (16 - reinterpret_cast<uintptr_t>(dyn) % 16) % 16;
+  dyn += (64 - reinterpret_cast<uintptr_t>(dyn) % 64) % 64;
   // Kernel boundaries order everything: the race check starts afresh.
   const bool race_check = option("race_check", 0) != 0;
   race::g_enabled.store(race_check);
@@ -854,7 +922,7 @@ void run_grid(const char* kernel, dim3 grid, dim3 block, std::size_t smem, const
           throw std::runtime_error(where + "block " + dims(dim3(x, y, z)) + ": " + b.error);
         }
         if (race_check) {  // this block's shared memory is gone; the next block's may reuse the addresses
-          race::clear_range(dyn, smem);
+          race::clear_range(dyn, smem + kGuardBytes);
           for (std::size_t i = 0; i < b.shared_vars.size(); ++i) {
             race::clear_range(b.shared_vars[i].second, b.shared_info[i].second);
           }

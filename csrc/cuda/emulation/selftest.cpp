@@ -165,6 +165,13 @@ __global__ void ids_kernel(int64_t* out) {
   o[7] = blockDim.x * 100 + blockDim.y * 10 + blockDim.z + warpSize * 10000;
 }
 
+// `reps` full-mask shuffles per warp (also the measure of an exchange's cost).
+__global__ void exchanges_kernel(int64_t* out, int reps) {
+  int64_t v = threadIdx.x;
+  for (int r = 0; r < reps; ++r) v += __shfl_xor_sync(kFullMask, v, 1 + r % 31);
+  out[threadIdx.x] = v;
+}
+
 // Non-atomic read-modify-writes of one shared counter: with the threads of a
 // block running concurrently some increments may be lost (returned: the total).
 __global__ void nonatomic_kernel(int64_t* out, int reps) {
@@ -313,6 +320,11 @@ at::Tensor selftest(std::string name, int64_t arg) {
     auto out = longs(3 * 2 * 2 * 5 * 3 * 2 * 8);
     ASCOOD_LAUNCH(ids_kernel, dim3(3, 2, 2), dim3(5, 3, 2), 0, s, out.data_ptr<int64_t>());
     return out.view({-1, 8});
+  }
+  if (name == "exchanges") {  // arg: shuffles per warp (512 threads)
+    auto out = longs(512);
+    ASCOOD_LAUNCH(exchanges_kernel, 1, 512, 0, s, out.data_ptr<int64_t>(), static_cast<int>(arg));
+    return out;
   }
   if (name == "nonatomic") {  // arg: increments per thread (512 threads)
     auto out = longs(1);
