@@ -76,3 +76,14 @@ def combos(*, interp_dtypes=(torch.float32,), cpu_dtypes=(torch.float32, torch.f
 def is_slow(backend: str, device: str) -> bool:
     """Triton's interpreter and the CUDA emulation run programs / blocks one by one: keep their shapes small."""
     return (backend == "triton" and device == "cpu") or backend == "cuda-emulated"
+
+
+def emulation_trim(backend: str, dtype, numel: int, limit: int = 5000) -> bool:
+    """True for an emulated case to skip: shapes over ``limit`` elements run in float32 only.
+
+    The emulation runs every thread of a block as an OS thread (about 50 ms for a 512-thread block
+    on two cores), so the large shapes of the op tests run once, not per dtype; the GPU-sized
+    shapes are in test_cuda_emulated.py.
+    """
+    return backend == "cuda-emulated" and numel > limit and dtype != torch.float32
+

@@ -36,11 +36,12 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     for rep in terminalreporter.stats.get("passed", []):
         if rep.when != "call":
             continue
-        nodeid = rep.nodeid
-        if "cuda-emulated" in nodeid or "test_cuda_emulated" in nodeid or "test_cuda_emulator" in nodeid:
+        props = dict(rep.user_properties)
+        path = rep.nodeid.split("::")[0]
+        if "cuda-emulated" in rep.nodeid or path.endswith(("test_cuda_emulated.py", "test_cuda_emulator.py")) \
+                or "emu_cases" in props:
             items += 1
-            extra = dict(rep.user_properties).get("emu_cases", 1)
-            cases += extra
+            cases += props.get("emu_cases", 1)
             seconds += rep.duration
     if items:
         terminalreporter.write_line(f"cuda-emulated: {items} passed tests ran the CUDA kernels or the emulator "

@@ -60,10 +60,9 @@ def test_select_rows_at_and_above_the_one_block_limit(dtype, where):
     assert _check_select((2, n), dtype, 0.1, "ties") == []
 
 
-@pytest.mark.parametrize("num_sms", [1, 3, 64])
-@pytest.mark.parametrize("kind", ["normal", "ties", "nan", "inf"])
+@pytest.mark.parametrize("num_sms, kind", [(1, "ties"), (3, "nan"), (3, "normal"), (64, "inf")])
 def test_select_multi_block_rows(num_sms, kind):
-    """A float32 row of 9000 in 1 (num_sms=1, B=3: 4*1/3 -> 2 blocks), several, and one block per tile."""
+    """Float32 rows of 9000 (3 samples) in 2 blocks each (num_sms=1), 4, and one per 1024-element tile (9)."""
     with emulation.options(num_sms=num_sms):
         assert _check_select((3, 9000), torch.float32, 0.3, kind, seed=num_sms) == []
 
@@ -84,14 +83,14 @@ def test_select_large_row_path_reuses_scratch_over_sample_chunks():
         assert _check_select((5, n), torch.float32, 0.01, "normal", seed=6) == []
 
 
-@pytest.mark.parametrize("n", [1, 2, 31, 33, 255, 1024, 1025, 3000])
+@pytest.mark.parametrize("n", [1, 2, 33, 1025, 3000])
 @pytest.mark.parametrize("p", ["1/n", 0.5, 1.0])
 def test_select_large_row_path_on_short_rows(n, p):
     """small_bytes = 0 sends every row down the multi-block path: rows shorter than a tile, k = 1, k = n."""
+    kind = "nan" if p == 0.5 else "ties"
     p = 1.0 / n if p == "1/n" else p
     with emulation.options(small_bytes=0, num_sms=4):
-        for kind in ("ties", "nan"):
-            assert _check_select((3, n), torch.float32, p, kind, seed=n) == []
+        assert _check_select((3, n), torch.float32, p, kind, seed=n) == []
 
 
 @pytest.mark.parametrize("dtype", ALL, ids=str)
@@ -115,15 +114,15 @@ def test_select_channels_last_through_the_public_op():
 
 # ---------------------------------------------------------------------------------------------
 # iodin_perturb: one block per sample
-@pytest.mark.parametrize("k", [1, 2, 8, 9, 40, 600, 3266, 3267, 10 ** 6])
-@pytest.mark.parametrize("kind", ["ties", "nan", "zeros"])
+@pytest.mark.parametrize("k, kind", [(1, "ties"), (2, "nan"), (8, "zeros"), (9, "ties"), (40, "nan"), (600, "ties"),
+                                     (3266, "zeros"), (3267, "ties"), (10 ** 6, "nan")])
 def test_iodin_paths_with_several_tiles(k, kind):
     """n = 3*33*33 = 3267 > 512 threads: 7 tiles of the ballot scan; k <= 8 rounds, 9..n-1 radix, >= n all."""
     assert _check_iodin((2, 3, 33, 33), torch.float32, k, kind, seed=k) is None
 
 
 @pytest.mark.parametrize("dtype", ALL, ids=str)
-@pytest.mark.parametrize("k", [1, 5, 20])
+@pytest.mark.parametrize("k", [1, 20])
 def test_iodin_dtypes(dtype, k):
     assert _check_iodin((3, 3, 10, 10), dtype, k, "ties", seed=k) is None
 
@@ -178,8 +177,8 @@ def test_bad_device_is_a_clear_error():
 
 # ---------------------------------------------------------------------------------------------
 # Random sweep: every op, dtype, input kind and path, against the reference.
-SWEEP_CHUNKS = 40 if FULL else 8
-SWEEP_PER_CHUNK = 80 if FULL else 40
+SWEEP_CHUNKS = 40 if FULL else 6
+SWEEP_PER_CHUNK = 80 if FULL else 35
 
 
 def _random_case(rng: random.Random) -> tuple[str, list[str]]:
