@@ -82,9 +82,11 @@ def _compile_library(name: str, sources: list[str], hashed: list[pathlib.Path], 
     build_dir.mkdir(parents=True, exist_ok=True)
     for fname, text in write.items():
         f = build_dir / fname
+        f.parent.mkdir(parents=True, exist_ok=True)
         if not f.is_file() or f.read_text() != text:
             f.write_text(text)
-        sources = [*sources, str(f)]
+        if f.suffix == ".cpp":
+            sources = [*sources, str(f)]
     runtime = build_dir / "runtime_uninstrumented.o"
     if not runtime.is_file():
         cxx = os.environ.get("CXX", "c++")
@@ -100,8 +102,8 @@ def _compile_library(name: str, sources: list[str], hashed: list[pathlib.Path], 
                               extra_include_paths=[str(csrc), str(cuda_dir)], build_directory=str(build_dir),
                               is_python_module=False, verbose=verbose)
     # Builds of older sources under this name are stale: remove them (best effort).
-    for old in build_dir.parent.glob(f"{name}_*"):
-        if old != build_dir and old.is_dir():
+    for old in build_dir.parent.glob(f"{name}_{'?' * len(digest)}"):
+        if old != build_dir and old.is_dir() and all(c in "0123456789abcdef" for c in old.name[-len(digest):]):
             shutil.rmtree(old, ignore_errors=True)
     return path
 
@@ -146,7 +148,6 @@ def build_variants(variants: Mapping[str, pathlib.Path], name: str = "ascood_emu
     if csrc is None:
         raise RuntimeError("building emulated variants needs the source tree (csrc/ beside ascood_kernels/)")
     write = {}
-    hashed = _sources_hash(csrc)
     for i, (ns, path) in enumerate(sorted(variants.items())):
         path = pathlib.Path(path).resolve()
         if not ns.isidentifier():
@@ -154,7 +155,11 @@ def build_variants(variants: Mapping[str, pathlib.Path], name: str = "ascood_emu
         if path.name not in KERNEL_FILES or not (path.parent / "common.cuh").is_file():
             raise ValueError(f"variant {ns}: expected a copy of one of {KERNEL_FILES} with a common.cuh beside it, "
                              f"got {path}")
-        hashed += [path, path.parent / "common.cuh"]
+        # The copies go into the build directory, so the build is named by their contents,
+        # not by where the caller put them (a rerun with fresh temporary copies reuses it).
+        write[f"{ns}/{path.name}"] = path.read_text()
+        write[f"{ns}/common.cuh"] = (path.parent / "common.cuh").read_text()
+        path = pathlib.PurePosixPath(ns) / path.name
         # Everything the kernel sources include is included first, outside the isolating
         # namespace; inside it their includes are then no-ops (include guards), except a
         # modified common.cuh beside the copy, which defines the variant's own helpers.
@@ -163,12 +168,12 @@ def build_variants(variants: Mapping[str, pathlib.Path], name: str = "ascood_emu
             "#include <algorithm>\n#include <cmath>\n#include <limits>\n"
             '#include "common.cuh"\n#include "schema.h"\n'
             f"#undef ASCOOD_EMU_NS\n#define ASCOOD_EMU_NS {ns}\n"
-            f"namespace ascood_variant_{i} {{\n#include \"{path}\"\n}}\n"
+            f"namespace ascood_variant_{i} {{\n#include \"{path}\"\n}}\n"  # relative to this file
             f"static int64_t {ns}_option(std::string n, int64_t v) {{ return ::ascood::emu::set_option(n, v); }}\n"
             f"TORCH_LIBRARY({ns}, m) {{\n  ::ascood::define_kernel_schemas(m);\n"
             f'  m.def("_emu_option(str name, int value) -> int", &{ns}_option);\n}}\n')
     flags = [*_CFLAGS, f"-DASCOOD_EMU_NS={name}"]
-    return _compile_library(name, [], hashed, flags, csrc, write, verbose)
+    return _compile_library(name, [], _sources_hash(csrc), flags, csrc, write, verbose)
 
 
 def load(verbose: bool = False) -> bool:

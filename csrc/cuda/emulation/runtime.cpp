@@ -63,29 +63,6 @@ struct Abort {};  // unwinds an emulated thread once its block has failed
 
 enum class State : int { kRunning, kBarrier, kWarp, kExited };
 
-// A lock for the tiny critical sections of warp exchanges and the race check:
-// waiting for a mutex put lanes to sleep when two cores met at the same warp,
-// which cost more than the exchange itself. Spins briefly, then yields.
-class SpinLock {
- public:
-  void lock() {
-    for (int i = 0; !try_lock(); ++i) {
-      if (i < 64) {
-#if defined(__x86_64__) || defined(__i386__)
-        __builtin_ia32_pause();
-#endif
-      } else {
-        sched_yield();
-      }
-    }
-  }
-  bool try_lock() { return !flag_.load(std::memory_order_relaxed) && !flag_.exchange(true, std::memory_order_acquire); }
-  void unlock() { flag_.store(false, std::memory_order_release); }
-
- private:
-  std::atomic<bool> flag_{false};
-};
-
 const char* op_name(WarpOp op) {
   switch (op) {
     case WarpOp::kShfl: return "__shfl_sync";
@@ -123,7 +100,9 @@ struct Where {
 };
 
 struct Warp {
-  SpinLock mu;                     // guards the fields below
+  // Guards the fields below. A mutex, not a spin lock: with hundreds of runnable threads on
+  // two cores, spinners that yield starved a preempted holder (minutes for one launch).
+  std::mutex mu;
   std::atomic<uint32_t> seq{0};    // bumped at every phase change; waiters sleep on it
   enum Phase { kIdle, kCollecting, kReading } phase = kIdle;
   WarpOp op = WarpOp::kSyncWarp;
@@ -350,7 +329,7 @@ struct Line {
 
 constexpr int kShards = 64;
 struct Shard {
-  SpinLock mu;
+  std::mutex mu;
   std::unordered_map<uintptr_t, std::unique_ptr<Line>> lines;
 };
 Shard g_shards[kShards];
@@ -363,7 +342,7 @@ Shard& shard_of(uintptr_t line) { return g_shards[(line ^ (line >> 7)) % kShards
 
 void clear_all() {
   for (Shard& sh : g_shards) {
-    std::lock_guard<SpinLock> lk(sh.mu);
+    std::lock_guard<std::mutex> lk(sh.mu);
     sh.lines.clear();
   }
 }
@@ -373,7 +352,7 @@ void clear_range(const unsigned char* p, std::size_t n) {
   const uintptr_t lo = reinterpret_cast<uintptr_t>(p) >> 6, hi = (reinterpret_cast<uintptr_t>(p) + n + 63) >> 6;
   for (uintptr_t line = lo; line < hi; ++line) {
     Shard& sh = shard_of(line);
-    std::lock_guard<SpinLock> lk(sh.mu);
+    std::lock_guard<std::mutex> lk(sh.mu);
     sh.lines.erase(line);
   }
 }
@@ -426,14 +405,14 @@ void access(const void* addr, std::size_t size, bool write, bool atomic) {
   Shard* sh = nullptr;
   Line* line = nullptr;
   uintptr_t line_no = ~uintptr_t(0);
-  std::unique_lock<SpinLock> lk;
+  std::unique_lock<std::mutex> lk;
   for (std::size_t i = 0; i < size && problem.empty(); ++i) {
     const uintptr_t a = a0 + i;
     if ((a >> 6) != line_no) {
       line_no = a >> 6;
       if (lk.owns_lock()) lk.unlock();
       sh = &shard_of(line_no);
-      lk = std::unique_lock<SpinLock>(sh->mu);
+      lk = std::unique_lock<std::mutex>(sh->mu);
       auto& slot = sh->lines[line_no];
       if (!slot) slot = std::make_unique<Line>();
       line = slot.get();
@@ -583,7 +562,7 @@ void thread_exit(Block& b, unsigned tid) {
   {
     Warp& w = b.warps[tid >> 5];
     const unsigned bit = 1u << (tid & 31);
-    std::lock_guard<SpinLock> lk(w.mu);
+    std::lock_guard<std::mutex> lk(w.mu);
     w.exited |= bit;
     if (problem.empty() && w.phase == Warp::kCollecting && (w.mask & bit) && !(w.arrived & bit)) {
       problem = who(tid) + " returned without reaching " + op_name(w.op) + "(mask " + hex(w.mask) + ") " +
@@ -697,7 +676,7 @@ uint64_t warp_exchange(WarpOp op, unsigned mask, uint64_t bits, int arg, int wid
                     " (must be a power of 2 in [1, 32])");
   }
   set_where(b, tid, State::kWarp, op, mask, loc.file_name(), loc.line());
-  std::unique_lock<SpinLock> lk(w.mu);
+  std::unique_lock<std::mutex> lk(w.mu);
   for (;;) {
     if (b.failed.load()) throw Abort{};
     if (w.phase == Warp::kIdle) {
@@ -789,7 +768,7 @@ uint64_t warp_exchange(WarpOp op, unsigned mask, uint64_t bits, int arg, int wid
   const uint64_t result = w.results[lane];
   if (w.to_read.fetch_sub(1) == 1) {  // the last to read frees the warp for its next exchange
     {
-      std::lock_guard<SpinLock> relock(w.mu);
+      std::lock_guard<std::mutex> relock(w.mu);
       w.phase = Warp::kIdle;
       w.seq.fetch_add(1);
     }
