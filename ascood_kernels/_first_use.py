@@ -172,7 +172,10 @@ class _Kernels:
         self._ns = ns
 
     def __getattr__(self, name):
-        fn = getattr(self._ns, name)
+        try:
+            fn = getattr(self._ns, name)
+        except AttributeError as err:  # the backend lacks the op: that is the kernel's failure
+            raise _KernelError(f"{name}: {_first_line(err)}") from err
 
         def call(*args):
             try:

@@ -34,6 +34,9 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     backend = args.backend or ("cuda" if device.type == "cuda" else "cpu")
     dtype = getattr(torch, args.dtype)
+    from ascood_kernels import _backend
+
+    _backend.resolve(backend, device)  # loads (or builds) the backend; raises if it cannot run here
     first_total = again_total = 0.0
     print(f"first-use check cost: backend {backend}, device {device}, dtype {args.dtype}, torch {torch.__version__}")
     for family in _first_use.PROBES:
@@ -44,8 +47,8 @@ def main(argv=None) -> int:
             problems = _first_use.probe(family, backend, device, dtype)
             _sync(device)
             times.append(time.perf_counter() - t0)
-            if problems:
-                print(f"  {family}: MISMATCH {problems}")
+            if problems is None or problems:
+                print(f"  {family}: {'could not be judged' if problems is None else f'MISMATCH {problems}'}")
                 return 1
         first_total += times[0]
         again_total += min(times[1:])

@@ -168,3 +168,11 @@ def test_reference_errors_are_not_blamed_on_the_kernel(monkeypatch):
         raise RuntimeError("deterministic algorithms: not supported")
     monkeypatch.setattr(reference, "zscore_backward", broken)
     assert _first_use.probe("zscore", "cpu", CPU, torch.float32) is None
+
+
+
+def test_a_backend_without_the_op_fails_the_probe(monkeypatch):
+    """A namespace that lacks the op (e.g. a library not loaded) is the kernel's failure, not 'unjudgeable'."""
+    monkeypatch.setattr(_backend, "op_namespace", lambda backend: object())
+    problems = _first_use.probe("zscore", "cuda", CPU, torch.float32)
+    assert problems and "zscore" in problems[0] and "AttributeError" in problems[0]
