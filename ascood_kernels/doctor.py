@@ -384,9 +384,9 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
                                             "plain-PyTorch reference; exit 1 on any mismatch.")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
     p.add_argument("--backend", action="append",
-                   help="only these backends (cpu, cuda, triton, cuda-emulated; repeat or comma-separate); default: "
-                        "cpu, cuda and triton where available (cuda-emulated: the CUDA kernels under the CUDA emulation "
-                        "on the CPU, built on first use from the source tree; only when asked for)")
+                   help="only these backends (cpu, cuda, triton, cuda-emulated; repeat or comma-separate); "
+                        "default: cpu, cuda and triton where available (cuda-emulated: the CUDA kernels under the "
+                        "CUDA emulation on the CPU, built on first use from the source tree; only when asked for)")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", default=None, help="small shapes only (default on CPU)")
     size.add_argument("--full", dest="quick", action="store_false",

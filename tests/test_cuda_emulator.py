@@ -121,7 +121,8 @@ def test_builtin_variables():
 @pytest.mark.parametrize("name, message", [
     # Which comes first depends on the OS: a lane arriving after others returned, or one returning while others wait.
     ("divergent_shfl_exit", r"named in the mask have returned from the kernel: they can never arrive"
-                            r"|returned without reaching __shfl_sync\(mask 0xffffffff\) selftest\.cpp:\d+, where lanes"),
+                            r"|returned without reaching __shfl_sync\(mask 0xffffffff\) selftest\.cpp:\d+, "
+                            r"where lanes"),
     ("divergent_syncthreads", r"reached __syncthreads selftest\.cpp:\d+ after \d+ threads of the block returned"
                               r"|returned while \d+ threads wait at __syncthreads"),
     ("different_barriers", r"the threads of a block must reach the same barrier"),

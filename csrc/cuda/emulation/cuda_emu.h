@@ -25,12 +25,17 @@
 //   write is visible; static + dynamic is limited to the 48 KiB a launch may
 //   use without opting in, and writes past the dynamic size are detected;
 // * atomics (global and shared) are std::atomic_ref operations;
-// * the launch checks the configuration limits of compute capability >= 7.0.
+// * the launch checks the configuration limits of compute capability >= 7.0;
+// * option race_check: the kernels are compiled with GCC's -fsanitize=thread
+//   instrumentation, whose hooks runtime.cpp implements as a data-race check of
+//   shared and global memory (ordered only by __syncthreads, full-mask
+//   __syncwarp, atomics and kernel boundaries; the blocks of a launch are
+//   unordered, as on a GPU, although here they run one after another).
 //
-// What it cannot show: timing, occupancy, register use, inter-block races
-// (blocks never overlap), out-of-bounds global accesses, and memory-ordering
-// bugs that a real GPU's weaker model would expose (the exchanges here order
-// memory like __syncwarp does).
+// What it cannot show: timing, occupancy, register use, out-of-bounds global
+// accesses, and memory-ordering effects beyond the race check's model (while
+// running, every exchange here orders memory like __syncwarp; partial-mask
+// __syncwarp is not modelled by the race check).
 #pragma once
 
 #include <atomic>

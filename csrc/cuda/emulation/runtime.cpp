@@ -163,8 +163,8 @@ Block& cur() {
 std::string who(unsigned tid) {
   const unsigned bx = blockDim.x, by = blockDim.y;
   return "thread (" + std::to_string(tid % bx) + "," + std::to_string(tid / bx % by) + "," +
-         std::to_string(tid / (bx * by)) + ") (warp " + std::to_string(tid / 32) + ", lane " + std::to_string(tid % 32) +
-         ")";
+         std::to_string(tid / (bx * by)) + ") (warp " + std::to_string(tid / 32) + ", lane " +
+         std::to_string(tid % 32) + ")";
 }
 
 // Waiting: threads sleep on a 32-bit word (Linux futex) until it changes. One
@@ -236,8 +236,9 @@ std::string diagnose(Block& b) {
       }
       if (l == lanes || d != last) {
         if (!text.empty()) text += ", ";
-        text += (start == 0 && l == lanes) ? "all lanes " + last
-                                           : "lanes " + std::to_string(start) + "-" + std::to_string(l - 1) + " " + last;
+        text += (start == 0 && l == lanes)
+                    ? "all lanes " + last
+                    : "lanes " + std::to_string(start) + "-" + std::to_string(l - 1) + " " + last;
         start = l;
         last = d;
       }
@@ -665,7 +666,9 @@ uint64_t warp_exchange(WarpOp op, unsigned mask, uint64_t bits, int arg, int wid
   const unsigned bit = 1u << lane;
   Warp& w = b.warps[tid >> 5];
   // Built only for error messages (a string per exchange was a measurable cost).
-  const auto at = [&] { return std::string(op_name(op)) + "(mask " + hex(mask) + ") " + site(loc.file_name(), loc.line()); };
+  const auto at = [&] {
+    return std::string(op_name(op)) + "(mask " + hex(mask) + ") " + site(loc.file_name(), loc.line());
+  };
   if (!(mask & bit)) fail_now(b, who(tid) + " calls " + at() + " with a mask that does not name its own lane");
   if (mask & ~w.existing) {
     fail_now(b, who(tid) + " calls " + at() + ": the mask names lanes " + hex(mask & ~w.existing) +
@@ -695,8 +698,8 @@ uint64_t warp_exchange(WarpOp op, unsigned mask, uint64_t bits, int arg, int wid
         const std::string other = std::string(op_name(w.op)) + "(mask " + hex(w.mask) + ", width " +
                                   std::to_string(w.width) + ") " + site(w.file, w.line);
         lk.unlock();
-        fail_now(b, who(tid) + " calls " + at() + " (width " + std::to_string(width) + ") while lanes " + hex(w.arrived) +
-                        " wait at " + other +
+        fail_now(b, who(tid) + " calls " + at() + " (width " + std::to_string(width) + ") while lanes " +
+                        hex(w.arrived) + " wait at " + other +
                         ": every lane named in a mask must execute the same intrinsic with the same mask");
       }
     }
