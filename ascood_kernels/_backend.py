@@ -5,11 +5,17 @@ Backends:
   ``cpu``        C++/OpenMP kernels of the compiled extension (CPU tensors);
   ``cuda``       CUDA C++ kernels of the compiled extension (CUDA tensors);
   ``triton``     Triton kernels (CUDA tensors; CPU tensors only under the
-                 Triton interpreter, ``TRITON_INTERPRET=1``, used by CI).
+                 Triton interpreter, ``TRITON_INTERPRET=1``, used by CI);
+  ``cuda-emulated``  the CUDA kernels' sources built for the host and run on
+                 CPU tensors under an emulation of the CUDA execution model
+                 (tests and the self-check; :mod:`ascood_kernels.emulation`,
+                 built on first request; only the ops with CUDA kernels).
 ``auto`` picks cuda > triton on CUDA tensors and cpu on CPU tensors, and
 falls back to reference (with one warning saying why) only when nothing
-compiled can run. ``ASCOOD_BACKEND`` sets the default for calls that pass
-``backend=None``/``"auto"``.
+compiled can run. On CUDA tensors the kernel ``auto`` picks is checked
+against the reference on its first use (:mod:`ascood_kernels._first_use`);
+one that does not match is replaced by the next choice. ``ASCOOD_BACKEND``
+sets the default for calls that pass ``backend=None``/``"auto"``.
 """
 from __future__ import annotations
 
@@ -19,7 +25,7 @@ import warnings
 
 import torch
 
-BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
+BACKENDS = ("auto", "reference", "cpu", "cuda", "triton", "cuda-emulated")
 
 #: Every op of the schema (csrc/ops.cpp); each compiled namespace must hold all of them.
 OP_NAMES = ("invariant_mask", "gradient_outlier", "zscore", "zscore_backward", "shuffle_outlier",
@@ -112,8 +118,13 @@ def _warn_reference(reason: str) -> None:
                       stacklevel=4)
 
 
-def resolve(backend: str | None, device: torch.device) -> str:
-    """The concrete backend for a call on ``device`` (raises on impossible requests)."""
+def resolve(backend: str | None, device: torch.device, op: str | None = None,
+            dtype: torch.dtype | None = None) -> str:
+    """The concrete backend for a call of ``op`` on ``device`` (raises on impossible requests).
+
+    With ``op`` and ``dtype`` given, an ``auto`` choice on CUDA tensors goes
+    through the first-use check (:func:`ascood_kernels._first_use.choose`).
+    """
     if backend is None or backend == "auto":
         backend = os.environ.get("ASCOOD_BACKEND", "auto") or "auto"
         source = "ASCOOD_BACKEND"
@@ -124,10 +135,13 @@ def resolve(backend: str | None, device: torch.device) -> str:
     on_cuda = device.type == "cuda"
     if backend == "auto":
         if on_cuda:
-            if cuda_built():
-                return "cuda"
-            if triton_loaded():
-                return "triton"
+            candidates = [name for name, ok in (("cuda", cuda_built()), ("triton", triton_loaded())) if ok]
+            if candidates:
+                if op is None or dtype is None:
+                    return candidates[0]
+                from . import _first_use
+
+                return _first_use.choose(op, device, dtype, candidates)
             _warn_reference(f"no CUDA kernels built and Triton unavailable ({_why_not('triton')})")
             return "reference"
         if device.type == "cpu" and extension_loaded():
@@ -147,6 +161,13 @@ def resolve(backend: str | None, device: torch.device) -> str:
             raise RuntimeError(f"backend 'cuda' is not built: {_why_not('cuda')}")
         if not on_cuda:
             raise RuntimeError(f"backend 'cuda' needs CUDA tensors, got tensors on {device}")
+    elif backend == "cuda-emulated":
+        if device.type != "cpu":
+            raise RuntimeError(f"backend 'cuda-emulated' runs the CUDA kernels on CPU tensors, got tensors on {device}")
+        from . import emulation
+
+        if not emulation.load():
+            raise RuntimeError(f"backend 'cuda-emulated' is not available: {emulation.why_not()}")
     elif backend == "triton":
         if not triton_loaded():
             raise RuntimeError(f"backend 'triton' is not available: {_why_not('triton')}")
@@ -165,6 +186,8 @@ def resolve_without_cuda_kernel(backend: str | None, device: torch.device, op: s
     cannot be met and raises.
     """
     which = resolve(backend, device)
+    if which == "cuda-emulated":
+        raise RuntimeError(f"backend 'cuda-emulated': {op} has no CUDA C++ kernel to emulate")
     if which != "cuda":
         return which
     if triton_loaded():
@@ -179,7 +202,13 @@ def resolve_without_cuda_kernel(backend: str | None, device: torch.device, op: s
 
 def op_namespace(backend: str):
     """``torch.ops`` namespace that holds ``backend``'s kernels."""
-    return torch.ops.ascood_triton if backend == "triton" else torch.ops.ascood
+    if backend == "triton":
+        return torch.ops.ascood_triton
+    if backend == "cuda-emulated":
+        from .emulation import NAMESPACE
+
+        return getattr(torch.ops, NAMESPACE)
+    return torch.ops.ascood
 
 
 def compiled_namespaces() -> list[str]:

@@ -12,6 +12,9 @@ use the op tests' tolerances (:mod:`ascood_kernels._compare`). Exit status:
 
 On the CPU the check is ``--quick`` by default (small shapes: the Triton
 interpreter, used when ``TRITON_INTERPRET=1``, runs programs one by one).
+``--backend cuda-emulated`` (CPU only, never part of the default set) runs
+the CUDA kernels under the CUDA emulation (:mod:`ascood_kernels.emulation`,
+built on first use from the source tree), with its race check on.
 """
 from __future__ import annotations
 
@@ -30,7 +33,9 @@ from ._compare import LOSS_TOL, TOL, ZSCORE_TOL, mismatch
 
 __all__ = ["environment", "check_backends", "run", "main", "CheckResult"]
 
-CHECKED_BACKENDS = ("cpu", "cuda", "triton")
+CHECKED_BACKENDS = ("cpu", "cuda", "triton", "cuda-emulated")
+#: Checked only when asked for (--backend): the emulation builds on first use and is slow.
+ON_REQUEST = ("cuda-emulated",)
 DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64", torch.float16: "float16",
                torch.bfloat16: "bfloat16", torch.int64: "int64"}
 
@@ -90,7 +95,7 @@ def _triton_line() -> str:
 def check_backends(device: torch.device, wanted: Sequence[str] | None = None) -> tuple[list[str], dict[str, str]]:
     """(backends to check on ``device``, {backend: why skipped}) among ``wanted`` (default: all)."""
     run_, skipped = [], {}
-    for b in (wanted or CHECKED_BACKENDS):
+    for b in (wanted or [b for b in CHECKED_BACKENDS if b not in ON_REQUEST]):
         if b not in CHECKED_BACKENDS:
             raise ValueError(f"--backend must name {', '.join(CHECKED_BACKENDS)}, got {b!r}")
         if b == "cpu":
@@ -99,6 +104,11 @@ def check_backends(device: torch.device, wanted: Sequence[str] | None = None) ->
         elif b == "cuda":
             reason = None if device.type == "cuda" else "needs a CUDA device"
             reason = reason or (None if _backend.cuda_built() else _backend._why_not("cuda"))
+        elif b == "cuda-emulated":
+            from . import emulation
+
+            reason = None if device.type == "cpu" else "runs the CUDA kernels on CPU tensors (use --device cpu)"
+            reason = reason or (None if emulation.load() else emulation.why_not())
         else:
             reason = None if _backend.triton_loaded() else _backend._why_not("triton")
             if reason is None and device.type == "cpu" and not _backend.triton_interpreter():
@@ -275,6 +285,12 @@ def plan(device: torch.device, backend: str, quick: bool) -> list[_Case]:
     ]
     if backend == "cpu" and device.type == "cpu":  # a CPU-only op: its kernel takes CPU seeds
         cases.append(_Case("random_permutations", "5 rows x 300", (torch.int64,), _permutation_case(5, 300)))
+    if backend == "cuda-emulated":
+        # Only the ops with CUDA kernels; plus the multi-block select (rows over 32 KiB), small enough
+        # for the emulation even in --quick.
+        cases = [c for c in cases if c.op != "shuffle_outlier"]
+        cases += [_Case("invariant_mask+gradient_outlier", "2x9000 multi-block ties p=0.3", ALL,
+                        _select_case((2, 9000 if quick else 20000), "ties", 0.3))]
     if quick:
         return cases
     # Rows large enough for the multi-block paths (CUDA select: > 8192 float32 / 16384 16-bit
@@ -303,24 +319,41 @@ def run(device: torch.device, backends: Sequence[str], quick: bool, seed: int = 
     """Every case of :func:`plan` on every backend; an exception is a failed check, not a crash."""
     results = []
     for backend in backends:
-        for case in plan(device, backend, quick):
-            for dtype in case.dtypes:
-                gen = torch.Generator().manual_seed(seed)
-                t0 = time.perf_counter()
-                try:
-                    problems = []
-                    for what, got, want, tol in case.fn(backend, device, dtype, gen):
-                        why = mismatch(got, want, tol)
-                        if why:
-                            problems.append(f"{what}: {why}")
-                    if device.type == "cuda":
-                        torch.cuda.synchronize(device)
-                    ok, detail = not problems, " | ".join(problems)
-                except Exception as err:  # a kernel that raises is a failure of that kernel
-                    msg = str(err).strip().splitlines()[0] if str(err).strip() else ""
-                    ok, detail = False, f"error: {type(err).__name__}: {msg}"
-                results.append(CheckResult(case.op, backend, DTYPE_NAMES[dtype], case.name, ok, detail,
-                                           round(time.perf_counter() - t0, 4)))
+        with _race_checked(backend):
+            results += _run_backend(device, backend, quick, seed)
+    return results
+
+
+def _race_checked(backend: str):
+    import contextlib
+
+    if backend != "cuda-emulated":
+        return contextlib.nullcontext()
+    from . import emulation
+
+    return emulation.options(race_check=1)
+
+
+def _run_backend(device: torch.device, backend: str, quick: bool, seed: int) -> list[CheckResult]:
+    results = []
+    for case in plan(device, backend, quick):
+        for dtype in case.dtypes:
+            gen = torch.Generator().manual_seed(seed)
+            t0 = time.perf_counter()
+            try:
+                problems = []
+                for what, got, want, tol in case.fn(backend, device, dtype, gen):
+                    why = mismatch(got, want, tol)
+                    if why:
+                        problems.append(f"{what}: {why}")
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                ok, detail = not problems, " | ".join(problems)
+            except Exception as err:  # a kernel that raises is a failure of that kernel
+                msg = str(err).strip().splitlines()[0] if str(err).strip() else ""
+                ok, detail = False, f"error: {type(err).__name__}: {msg}"
+            results.append(CheckResult(case.op, backend, DTYPE_NAMES[dtype], case.name, ok, detail,
+                                       round(time.perf_counter() - t0, 4)))
     return results
 
 
@@ -351,7 +384,9 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
                                             "plain-PyTorch reference; exit 1 on any mismatch.")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
     p.add_argument("--backend", action="append",
-                   help="only these backends (cpu, cuda, triton; repeat or comma-separate); default: all available")
+                   help="only these backends (cpu, cuda, triton, cuda-emulated; repeat or comma-separate); "
+                        "default: cpu, cuda and triton where available (cuda-emulated: the CUDA kernels under the "
+                        "CUDA emulation on the CPU, built on first use from the source tree; only when asked for)")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", default=None, help="small shapes only (default on CPU)")
     size.add_argument("--full", dest="quick", action="store_false",

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # GPU check: on a fresh GPU machine with torch already installed and no
 # network, build the extension for this card, run every CUDA and Triton test,
-# then print each op's median time per backend beside eager PyTorch and
-# torch.compile (128x3x32x32, 64x3x224x224; features 4096x2048).
+# time the first-use check of the GPU kernels, then print each op's median
+# time per backend beside eager PyTorch and torch.compile (128x3x32x32,
+# 64x3x224x224; features 4096x2048).
 # Logs go to $OUT when set (else ./gpu_check_logs). Exits non-zero on any
 # build or test failure. Budget: < 8 minutes on an H100/H200.
 #   PYTHON=python3 bash benchmarks/gpu_check.sh
@@ -33,6 +34,14 @@ step "CUDA and Triton tests (op tests on the GPU; CPU cases too, they are fast)"
 timeout 300 "$PY" -m pytest tests/kernels/ -q -rfEs -m gpu -p no:cacheprovider --maxfail=20 \
   --junitxml="$LOG/tests.xml" 2>&1 | tee "$LOG/tests.log" | tail -25
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+step "first-use check: its one-time cost on this GPU (README, BENCHMARKS.md GPU section)"
+for be in cuda triton; do
+  for dt in float32 float16; do
+    timeout 120 "$PY" benchmarks/first_use_cost.py --device cuda --backend $be --dtype $dt 2>&1 | tee -a "$LOG/first_use.txt" \
+      || status=1
+  done
+done
 
 step "benchmark table"
 timeout 240 "$PY" -m pytest benchmarks/test_bench_ops.py --benchmark-only --bench-device cuda --check-shapes -q \

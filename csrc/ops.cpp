@@ -1,4 +1,6 @@
-// Op schemas for the `ascood` namespace: the one place they are defined.
+// Op schemas for the `ascood` namespace: the one place they are defined (those
+// of the ops with CUDA kernels in schema.h, shared with the test-only emulated
+// CUDA library).
 // Kernels live beside each other in cpu/ and cuda/ and register themselves for
 // their dispatch key with TORCH_LIBRARY_IMPL; the Python side
 // (ascood_kernels/ops/*.py) adds fake (meta) kernels and autograd with
@@ -6,6 +8,8 @@
 // Semantics: docs/OPS.md.
 #include <Python.h>
 #include <torch/library.h>
+
+#include "schema.h"
 
 namespace ascood {
 
@@ -20,17 +24,9 @@ int64_t cuda_version() {
 }
 
 TORCH_LIBRARY(ascood, m) {
-  m.def("invariant_mask(Tensor grad, float p_inv) -> Tensor");
-  m.def("gradient_outlier(Tensor x, Tensor grad, float p_inv, float alpha) -> Tensor");
-  m.def("zscore(Tensor h, float sigma, float eps) -> (Tensor, Tensor, Tensor)");
-  m.def("zscore_backward(Tensor grad_out, Tensor h, Tensor mean, Tensor rstd, float sigma) -> Tensor");
+  define_kernel_schemas(m);  // the ops with CUDA kernels (schema.h)
   m.def("shuffle_outlier(Tensor x, Tensor saliency, float p_inv, Tensor perm) -> Tensor");
   m.def("random_permutations(Tensor seeds, int n) -> Tensor");
-  m.def("iodin_perturb(Tensor x, Tensor grad, float eps, Tensor std, int k) -> Tensor");
-  m.def("ascood_loss(Tensor id_logits, Tensor target, Tensor ood_logits, float w) -> (Tensor, Tensor, Tensor)");
-  m.def(
-      "ascood_loss_backward(Tensor grad, Tensor id_logits, Tensor target, Tensor ood_logits, "
-      "float w, Tensor lse_id, Tensor lse_ood) -> (Tensor, Tensor)");
   m.def("_cuda_version() -> int", &cuda_version);
 }
 

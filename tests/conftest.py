@@ -31,3 +31,23 @@ def pytest_report_header(config):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """How many passed tests ran the CUDA kernels under the emulation (quoted in BENCHMARKS.md)."""
+    items = 0
+    cases = 0
+    seconds = 0.0
+    for rep in terminalreporter.stats.get("passed", []):
+        if rep.when != "call":
+            continue
+        props = dict(rep.user_properties)
+        path = rep.nodeid.split("::")[0]
+        if "cuda-emulated" in rep.nodeid or path.endswith(("test_cuda_emulated.py", "test_cuda_emulator.py")) \
+                or "emu_cases" in props:
+            items += 1
+            cases += props.get("emu_cases", 1)
+            seconds += rep.duration
+    if items:
+        terminalreporter.write_line(f"cuda-emulated: {items} passed tests ran the CUDA kernels or the emulator "
+                                    f"({cases} cases counting each random-sweep case; {seconds:.0f} s in calls)")

@@ -23,17 +23,27 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+# (kind, name, args) of every registration, so a namespace loaded later (the
+# test-only cuda-emulated kernels, ascood_kernels.emulation) gets the same.
+_REGISTRATIONS: list = []
+
+
 def register_fake(name: str, fn) -> None:
     """Register ``fn`` as the fake kernel of ``name`` in every compiled namespace.
 
     Triton ops registered with ``triton_op`` derive their fake kernel by tracing,
     so only namespaces without one get ours.
     """
+    _REGISTRATIONS.append(("fake", name, (fn,)))
     for ns in _backend.compiled_namespaces():
-        qualname = f"{ns}::{name}"
-        if ns == "ascood_triton" and _has_fake(qualname):
-            continue
-        torch.library.register_fake(qualname, fn)
+        _register_fake_in(ns, name, fn)
+
+
+def _register_fake_in(ns: str, name: str, fn) -> None:
+    qualname = f"{ns}::{name}"
+    if ns == "ascood_triton" and _has_fake(qualname):
+        return
+    torch.library.register_fake(qualname, fn)
 
 
 def _has_fake(qualname: str) -> bool:
@@ -50,6 +60,23 @@ def register_autograd(name: str, make_backward, setup_context) -> None:
     ``make_backward(ns)`` returns the backward function using namespace ``ns``'s
     kernels, so each backend's backward runs on the same backend.
     """
+    _REGISTRATIONS.append(("autograd", name, (make_backward, setup_context)))
     for ns in _backend.compiled_namespaces():
-        torch.library.register_autograd(f"{ns}::{name}", make_backward(getattr(torch.ops, ns)),
-                                        setup_context=setup_context)
+        _register_autograd_in(ns, name, make_backward, setup_context)
+
+
+def _register_autograd_in(ns: str, name: str, make_backward, setup_context) -> None:
+    torch.library.register_autograd(f"{ns}::{name}", make_backward(getattr(torch.ops, ns)),
+                                    setup_context=setup_context)
+
+
+def register_namespace(ns: str) -> None:
+    """Give a namespace loaded after import the fake kernels and autograd of the ops it defines."""
+    have = getattr(torch.ops, ns)
+    for kind, name, args in _REGISTRATIONS:
+        if not hasattr(have, name):
+            continue
+        if kind == "fake":
+            _register_fake_in(ns, name, *args)
+        else:
+            _register_autograd_in(ns, name, *args)

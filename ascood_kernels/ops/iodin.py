@@ -55,7 +55,7 @@ def iodin_perturb(x: torch.Tensor, grad: torch.Tensor, eps: float, std: float | 
         std_t = std.detach().to(device=x.device, dtype=acc).expand(C).contiguous()
     else:
         std_t = torch.full((C,), _validate.positive("std", std), dtype=acc, device=x.device)
-    which = _backend.resolve(backend, x.device)
+    which = _backend.resolve(backend, x.device, "iodin_perturb", x.dtype)
     x, grad = x.detach(), grad.detach()
     if which == "reference":
         return reference.iodin_perturb(x, grad, eps, std_t, k)

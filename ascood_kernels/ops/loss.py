@@ -51,7 +51,7 @@ def ascood_loss(id_logits: torch.Tensor, target: torch.Tensor, ood_logits: torch
         if lo < 0 or hi >= C:
             raise ValueError(f"target must hold class indices in [0, {C}), got values in [{lo}, {hi}]")
     target = target.long()
-    which = _backend.resolve(backend, id_logits.device)
+    which = _backend.resolve(backend, id_logits.device, "ascood_loss", id_logits.dtype)
     if which == "reference":
         return reference.ascood_loss(id_logits, target, ood_logits, w)[0]
     return _backend.op_namespace(which).ascood_loss(id_logits, target, ood_logits, w)[0]

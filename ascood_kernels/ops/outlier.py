@@ -33,7 +33,7 @@ def invariant_mask(grad: torch.Tensor, p_inv: float, *, backend: str | None = "a
     """
     _validate.tensor("grad", grad)
     p_inv = _validate.fraction("p_inv", p_inv)
-    which = _backend.resolve(backend, grad.device)
+    which = _backend.resolve(backend, grad.device, "invariant_mask", grad.dtype)
     grad = grad.detach()
     if which == "reference":
         return reference.invariant_mask(grad, p_inv)
@@ -66,7 +66,7 @@ def gradient_outlier(x: torch.Tensor, grad: torch.Tensor, p_inv: float, alpha: f
     _validate.like("x", x, "grad", grad)
     p_inv = _validate.fraction("p_inv", p_inv)
     alpha = _validate.real_number("alpha", alpha)
-    which = _backend.resolve(backend, x.device)
+    which = _backend.resolve(backend, x.device, "gradient_outlier", x.dtype)
     if which == "reference":
         return reference.gradient_outlier(x, grad, p_inv, alpha)
     return _backend.op_namespace(which).gradient_outlier(x, grad, p_inv, alpha)

@@ -32,7 +32,7 @@ def zscore(h: torch.Tensor, sigma: float = 0.5, eps: float = 1e-6, *,
     eps = _validate.non_negative("eps", eps)
     if h.shape[-1] < 2:
         raise ValueError(f"h must have >= 2 features in its last dim (unbiased std), got shape {tuple(h.shape)}")
-    which = _backend.resolve(backend, h.device)
+    which = _backend.resolve(backend, h.device, "zscore", h.dtype)
     if which == "reference":
         return _ReferenceZScore.apply(h, sigma, eps)
     return _backend.op_namespace(which).zscore(h, sigma, eps)[0]

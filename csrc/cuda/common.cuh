@@ -10,20 +10,95 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
+#include <c10/macros/Macros.h>
+#include <torch/library.h>
+
+// The kernels and launchers in csrc/cuda compile two ways: with nvcc for the GPU
+// (the CUDA kernels of ascood_kernels._C), and, with ASCOOD_CUDA_EMULATION, with
+// a host C++ compiler against emulation/cuda_emu.h, a test-only model of the CUDA
+// execution model that runs the same code on CPU tensors (the cuda-emulated
+// backend of the tests). So the sources use the few portable spellings below
+// instead of <<<...>>>, __shared__, CUDAGuard and TORCH_LIBRARY_IMPL(ascood, CUDA).
+#ifdef ASCOOD_CUDA_EMULATION
+#include "emulation/cuda_emu.h"
+#else
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <c10/macros/Macros.h>
 #include <cuda_runtime.h>
+#endif
 
 #include <cstdint>
 #include <limits>
 #include <type_traits>
+#include <utility>
 
 namespace ascood {
 namespace cuda {
 
 constexpr unsigned kFullMask = 0xffffffffu;
+
+// ---------------------------------------------------------------------------
+// Portability layer (see the top of this file).
+//
+// ASCOOD_SHARED(T, name): a static shared variable of type T (T may be an array
+//   type, e.g. unsigned[kMaxBins]); ASCOOD_DYNAMIC_SHARED(T, name): the launch's
+//   dynamic shared memory as T name[]. Under emulation each block gets its own
+//   fresh, poisoned copy.
+// ASCOOD_LAUNCH(kernel, grid, block, smem, stream, args...): kernel<<<...>>>(args)
+//   plus the launch check. A kernel template with several arguments goes in
+//   parentheses: ASCOOD_LAUNCH((k<scalar_t, true>), ...).
+// ASCOOD_TUNABLE(name, value): a tuning constant; the emulated build lets a
+//   test lower it (emulation option `name`) to reach a path at small sizes.
+// ASCOOD_CUDA_OPS_IMPL(m): TORCH_LIBRARY_IMPL(ascood, CUDA, m); under emulation
+//   the ops register for CPU tensors in the test namespace ASCOOD_EMU_NS.
+template <typename T>
+using type_t = T;
+
+#ifdef ASCOOD_CUDA_EMULATION
+#ifndef ASCOOD_EMU_NS
+#define ASCOOD_EMU_NS ascood_emu
+#endif
+#define ASCOOD_SHARED(T, name) ASCOOD_EMU_SHARED(T, name)
+#define ASCOOD_DYNAMIC_SHARED(T, name) ASCOOD_EMU_DYNAMIC_SHARED(T, name)
+#define ASCOOD_LAUNCH(kernel, grid, block, smem, stream, ...) \
+  ::ascood::emu::launch(#kernel, kernel, grid, block, smem, stream, __VA_ARGS__)
+#define ASCOOD_TUNABLE(name, value) ::ascood::emu::tunable(name, value)
+#define ASCOOD_CUDA_OPS_IMPL(m) TORCH_LIBRARY_IMPL(ASCOOD_EMU_NS, CPU, m)
+using KernelDeviceGuard = ::ascood::emu::DeviceGuard;
+constexpr const char* kKernelDevice = "CPU (cuda-emulated)";
+inline bool on_kernel_device(const at::Tensor& t) { return t.is_cpu(); }
+// CUDA's device math overloads (float stays float) instead of the host's.
+using ::ascood::emu::device_math::exp;
+using ::ascood::emu::device_math::expf;
+using ::ascood::emu::device_math::fmax;
+using ::ascood::emu::device_math::fmaxf;
+using ::ascood::emu::device_math::fmin;
+using ::ascood::emu::device_math::fminf;
+using ::ascood::emu::device_math::log;
+using ::ascood::emu::device_math::logf;
+using ::ascood::emu::device_math::max;
+using ::ascood::emu::device_math::min;
+using ::ascood::emu::device_math::sqrt;
+using ::ascood::emu::device_math::sqrtf;
+#else
+#define ASCOOD_SHARED(T, name) __shared__ ::ascood::cuda::type_t<T> name
+#define ASCOOD_DYNAMIC_SHARED(T, name) extern __shared__ __align__(16) T name[]
+#define ASCOOD_LAUNCH(kernel, grid, block, smem, stream, ...) \
+  ::ascood::cuda::launch_kernel(kernel, grid, block, smem, stream, __VA_ARGS__)
+#define ASCOOD_TUNABLE(name, value) (value)
+#define ASCOOD_CUDA_OPS_IMPL(m) TORCH_LIBRARY_IMPL(ascood, CUDA, m)
+using KernelDeviceGuard = c10::cuda::CUDAGuard;
+constexpr const char* kKernelDevice = "CUDA";
+inline bool on_kernel_device(const at::Tensor& t) { return t.is_cuda(); }
+
+template <typename... KArgs, typename... Args>
+inline void launch_kernel(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                          Args&&... args) {
+  kernel<<<grid, block, smem, stream>>>(std::forward<Args>(args)...);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+#endif
 
 // ---------------------------------------------------------------------------
 // Accumulation type: float for float/half/bfloat16, double for double.
@@ -255,7 +330,7 @@ inline at::MemoryFormat image_output_format(const at::Tensor& t) {
 
 inline void check_cuda_float(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.defined(), name, " must be a defined tensor");
-  TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor, got device ", t.device());
+  TORCH_CHECK(on_kernel_device(t), name, " must be a ", kKernelDevice, " tensor, got device ", t.device());
   const auto st = t.scalar_type();
   TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16 || st == at::kDouble, name,
               " must have dtype float32, float16, bfloat16 or float64, got ", st);
@@ -275,7 +350,14 @@ inline void check_like(const at::Tensor& a, const char* name_a, const at::Tensor
 
 inline at::ScalarType acc_scalar_type(at::ScalarType st) { return st == at::kDouble ? at::kDouble : at::kFloat; }
 
-// Number of SMs of the current device (call under the op's CUDAGuard).
+// Number of SMs of the current device (call under the op's device guard). The
+// emulation has none: option num_sms (default 4) stands in, so a test can vary
+// how many blocks the multi-block paths split a row into.
+#ifdef ASCOOD_CUDA_EMULATION
+inline int num_sms() { return static_cast<int>(ASCOOD_TUNABLE("num_sms", 4)); }
+
+inline cudaStream_t current_stream() { return nullptr; }
+#else
 inline int num_sms() {
   int dev = 0;
   C10_CUDA_CHECK(cudaGetDevice(&dev));
@@ -285,6 +367,7 @@ inline int num_sms() {
 }
 
 inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+#endif
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 

@@ -59,8 +59,8 @@ __global__ void __launch_bounds__(kIodinThreads)
   using Tr = KeyTraits<scalar_t>;
   using bits_t = typename Tr::bits_t;
   using wide_t = typename Tr::wide_t;
-  __shared__ wide_t s_key[32];
-  __shared__ int s_idx[32];
+  ASCOOD_SHARED(wide_t[32], s_key);
+  ASCOOD_SHARED(int[32], s_idx);
   const int lane = threadIdx.x & 31;
   const int wid = threadIdx.x >> 5;
   const int nw = blockDim.x >> 5;
@@ -123,10 +123,10 @@ __global__ void __launch_bounds__(kIodinThreads)
   using Tr = KeyTraits<scalar_t>;
   using bits_t = typename Tr::bits_t;
   using wide_t = typename Tr::wide_t;
-  __shared__ unsigned hist[kMaxBins];
-  __shared__ wide_t s_prefix;
-  __shared__ unsigned s_krem;
-  __shared__ unsigned s_wcount[32];
+  ASCOOD_SHARED(unsigned[kMaxBins], hist);
+  ASCOOD_SHARED(wide_t, s_prefix);
+  ASCOOD_SHARED(unsigned, s_krem);
+  ASCOOD_SHARED(unsigned[32], s_wcount);
   const int lane = threadIdx.x & 31;
   const int wid = threadIdx.x >> 5;
   const int nw = blockDim.x >> 5;
@@ -174,7 +174,7 @@ at::Tensor iodin_perturb_cuda(const at::Tensor& x, const at::Tensor& grad, doubl
   TORCH_CHECK(stdev.defined() && stdev.is_floating_point(), "std must be a floating tensor");
   const int64_t C = x.size(1);
   TORCH_CHECK(stdev.numel() == C, "std must hold one value per channel (", C, "), got shape ", stdev.sizes());
-  c10::cuda::CUDAGuard guard(x.device());
+  KernelDeviceGuard guard(x.device());
   const auto fmt = image_output_format(x);
   if (x.numel() == 0) return at::empty(x.sizes(), x.options(), fmt);
   const int64_t B = x.size(0);
@@ -200,21 +200,19 @@ at::Tensor iodin_perturb_cuda(const at::Tensor& x, const at::Tensor& grad, doubl
       const int64_t total = B * n;
       const unsigned blocks =
           static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(ceil_div(total, 256), 32LL * num_sms())));
-      iodin_all_kernel<scalar_t><<<blocks, 256, 0, stream>>>(xp, gc.const_data_ptr<scalar_t>(), sp,
-                                                             out.data_ptr<scalar_t>(), total, n, hw, e);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      ASCOOD_LAUNCH(iodin_all_kernel<scalar_t>, blocks, 256, 0, stream, xp, gc.const_data_ptr<scalar_t>(), sp,
+                    out.data_ptr<scalar_t>(), total, n, hw, e);
       return;
     }
     out = xc.clone(at::MemoryFormat::Contiguous);
     const bits_t* gp = reinterpret_cast<const bits_t*>(gc.const_data_ptr());
     if (kk <= kRoundsMaxK) {
-      iodin_rounds_kernel<scalar_t><<<static_cast<unsigned>(B), kIodinThreads, 0, stream>>>(
-          xp, gp, sp, out.data_ptr<scalar_t>(), n, hw, static_cast<int>(kk), e);
+      ASCOOD_LAUNCH(iodin_rounds_kernel<scalar_t>, static_cast<unsigned>(B), kIodinThreads, 0, stream, xp, gp, sp,
+                    out.data_ptr<scalar_t>(), n, hw, static_cast<int>(kk), e);
     } else {
-      iodin_radix_kernel<scalar_t><<<static_cast<unsigned>(B), kIodinThreads, 0, stream>>>(
-          xp, gp, sp, out.data_ptr<scalar_t>(), n, hw, static_cast<unsigned>(kk), e);
+      ASCOOD_LAUNCH(iodin_radix_kernel<scalar_t>, static_cast<unsigned>(B), kIodinThreads, 0, stream, xp, gp, sp,
+                    out.data_ptr<scalar_t>(), n, hw, static_cast<unsigned>(kk), e);
     }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out.contiguous(fmt);
 }
@@ -223,6 +221,6 @@ at::Tensor iodin_perturb_cuda(const at::Tensor& x, const at::Tensor& grad, doubl
 }  // namespace cuda
 }  // namespace ascood
 
-TORCH_LIBRARY_IMPL(ascood, CUDA, m) {
+ASCOOD_CUDA_OPS_IMPL(m) {
   m.impl("iodin_perturb", &ascood::cuda::iodin_perturb_cuda);
 }

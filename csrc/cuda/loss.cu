@@ -71,7 +71,7 @@ __global__ void __launch_bounds__(256)
     loss_final_kernel(const acc_t<scalar_t>* __restrict__ terms, int64_t B, int64_t B2, acc_t<scalar_t> w,
                       scalar_t* __restrict__ loss) {
   using acc = acc_t<scalar_t>;
-  __shared__ acc sh[32];
+  ASCOOD_SHARED(acc[32], sh);
   acc ce = acc(0), kl = acc(0);
   for (int64_t i = threadIdx.x; i < B; i += blockDim.x) ce += terms[i];
   for (int64_t i = threadIdx.x; i < B2; i += blockDim.x) kl += terms[B + i];
@@ -142,7 +142,7 @@ int64_t elementwise_blocks(int64_t total) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ascood_loss_cuda(const at::Tensor& id_logits, const at::Tensor& target,
                                                                 const at::Tensor& ood_logits, double w) {
   check_logits(id_logits, target, ood_logits);
-  c10::cuda::CUDAGuard guard(id_logits.device());
+  KernelDeviceGuard guard(id_logits.device());
   const auto acc_type = acc_scalar_type(id_logits.scalar_type());
   const int64_t B = id_logits.size(0), B2 = ood_logits.size(0), C = id_logits.size(1);
   const auto acc_opts = id_logits.options().dtype(acc_type);
@@ -158,15 +158,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ascood_loss_cuda(const at::Tensor
     using acc = acc_t<scalar_t>;
     if (B + B2 > 0) {
       const unsigned blocks = static_cast<unsigned>(ceil_div(B + B2, kRowsPerBlock));
-      loss_rows_kernel<scalar_t><<<blocks, kRowThreads, 0, stream>>>(
-          idc.const_data_ptr<scalar_t>(), tc.const_data_ptr<int64_t>(), oodc.const_data_ptr<scalar_t>(), B, B2, C,
-          lse_id.data_ptr<acc>(), lse_ood.data_ptr<acc>(), terms.data_ptr<acc>(),
-          static_cast<acc>(std::log(static_cast<double>(C))));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      ASCOOD_LAUNCH(loss_rows_kernel<scalar_t>, blocks, kRowThreads, 0, stream, idc.const_data_ptr<scalar_t>(),
+                    tc.const_data_ptr<int64_t>(), oodc.const_data_ptr<scalar_t>(), B, B2, C, lse_id.data_ptr<acc>(),
+                    lse_ood.data_ptr<acc>(), terms.data_ptr<acc>(),
+                    static_cast<acc>(std::log(static_cast<double>(C))));
     }
-    loss_final_kernel<scalar_t><<<1, 256, 0, stream>>>(terms.const_data_ptr<acc>(), B, B2, static_cast<acc>(w),
-                                                       loss.data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    ASCOOD_LAUNCH(loss_final_kernel<scalar_t>, 1, 256, 0, stream, terms.const_data_ptr<acc>(), B, B2,
+                  static_cast<acc>(w), loss.data_ptr<scalar_t>());
   });
   return {loss, lse_id, lse_ood};
 }
@@ -193,7 +191,7 @@ std::tuple<at::Tensor, at::Tensor> ascood_loss_backward_cuda(const at::Tensor& g
     TORCH_CHECK(s.dim() == 1 && s.size(0) == rows[j], names[j], " must have shape (", rows[j], ",), got ",
                 s.sizes());
   }
-  c10::cuda::CUDAGuard guard(id_logits.device());
+  KernelDeviceGuard guard(id_logits.device());
   auto d_id = at::empty(id_logits.sizes(), id_logits.options());
   auto d_ood = at::empty(ood_logits.sizes(), ood_logits.options());
   const int64_t total = (B + B2) * C;
@@ -209,13 +207,12 @@ std::tuple<at::Tensor, at::Tensor> ascood_loss_backward_cuda(const at::Tensor& g
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, id_logits.scalar_type(), "ascood_loss_backward_cuda",
                                   [&] {
                                     using acc = acc_t<scalar_t>;
-                                    loss_bwd_kernel<scalar_t><<<blocks, 256, 0, stream>>>(
-                                        gc.const_data_ptr<acc>(), idc.const_data_ptr<scalar_t>(),
-                                        tc.const_data_ptr<int64_t>(), oodc.const_data_ptr<scalar_t>(),
-                                        lic.const_data_ptr<acc>(), loc.const_data_ptr<acc>(),
-                                        d_id.data_ptr<scalar_t>(), d_ood.data_ptr<scalar_t>(), B, B2, C,
-                                        static_cast<acc>(w), static_cast<acc>(1.0 / static_cast<double>(C)));
-                                    C10_CUDA_KERNEL_LAUNCH_CHECK();
+                                    ASCOOD_LAUNCH(loss_bwd_kernel<scalar_t>, blocks, 256, 0, stream,
+                                                  gc.const_data_ptr<acc>(), idc.const_data_ptr<scalar_t>(),
+                                                  tc.const_data_ptr<int64_t>(), oodc.const_data_ptr<scalar_t>(),
+                                                  lic.const_data_ptr<acc>(), loc.const_data_ptr<acc>(),
+                                                  d_id.data_ptr<scalar_t>(), d_ood.data_ptr<scalar_t>(), B, B2, C,
+                                                  static_cast<acc>(w), static_cast<acc>(1.0 / static_cast<double>(C)));
                                   });
   return {d_id, d_ood};
 }
@@ -224,7 +221,7 @@ std::tuple<at::Tensor, at::Tensor> ascood_loss_backward_cuda(const at::Tensor& g
 }  // namespace cuda
 }  // namespace ascood
 
-TORCH_LIBRARY_IMPL(ascood, CUDA, m) {
+ASCOOD_CUDA_OPS_IMPL(m) {
   m.impl("ascood_loss", &ascood::cuda::ascood_loss_cuda);
   m.impl("ascood_loss_backward", &ascood::cuda::ascood_loss_backward_cuda);
 }

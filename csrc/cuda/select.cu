@@ -84,10 +84,10 @@ __global__ void __launch_bounds__(kSmallThreads)
   using S = SelectTypes<scalar_t>;
   using bits_t = typename S::bits_t;
   using wide_t = typename S::wide_t;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  __shared__ unsigned hist[kMaxBins];
-  __shared__ wide_t s_prefix;
-  __shared__ unsigned s_krem;
+  ASCOOD_DYNAMIC_SHARED(unsigned char, smem_raw);
+  ASCOOD_SHARED(unsigned[kMaxBins], hist);
+  ASCOOD_SHARED(wide_t, s_prefix);
+  ASCOOD_SHARED(unsigned, s_krem);
   bits_t* s_bits = reinterpret_cast<bits_t*>(smem_raw);
   const int64_t row = static_cast<int64_t>(blockIdx.x) * n;
   for (int64_t i = threadIdx.x; i < n; i += blockDim.x) s_bits[i] = g[row + i];
@@ -123,7 +123,7 @@ __global__ void __launch_bounds__(kLargeThreads)
   using bits_t = typename S::bits_t;
   using wide_t = typename S::wide_t;
   constexpr int U = S::UNROLL;
-  __shared__ unsigned sh[kMaxBins];
+  ASCOOD_SHARED(unsigned[kMaxBins], sh);
   const int lo = G::lo(0), nb = G::bins(0);
   for (int i = threadIdx.x; i < nb; i += blockDim.x) sh[i] = 0u;
   __syncthreads();
@@ -190,7 +190,7 @@ __global__ void __launch_bounds__(kLargeThreads)
   using bits_t = typename S::bits_t;
   using wide_t = typename S::wide_t;
   constexpr int U = S::UNROLL;
-  __shared__ unsigned sh[kMaxBins];
+  ASCOOD_SHARED(unsigned[kMaxBins], sh);
   const int lo0 = G::lo(0), lo1 = G::lo(1), nb1 = G::bins(1);
   for (int i = threadIdx.x; i < nb1; i += blockDim.x) sh[i] = 0u;
   __syncthreads();
@@ -253,7 +253,7 @@ __global__ void __launch_bounds__(kLargeThreads)
   using S = SelectTypes<scalar_t>;
   using G = RadixGeometry<scalar_t>;
   using wide_t = typename S::wide_t;
-  __shared__ unsigned sh[kMaxBins];
+  ASCOOD_SHARED(unsigned[kMaxBins], sh);
   const int hi = G::hi(pass), lo = G::lo(pass), nb = G::bins(pass);
   for (int i = threadIdx.x; i < nb; i += blockDim.x) sh[i] = 0u;
   __syncthreads();
@@ -320,11 +320,10 @@ void run_select(const scalar_t* x, const at::Tensor& g_c, out_t<scalar_t, OUTLIE
   const bits_t* g = reinterpret_cast<const bits_t*>(g_c.const_data_ptr());
   const acc al = static_cast<acc>(alpha);
 
-  if (n * static_cast<int64_t>(sizeof(bits_t)) <= kSmallBytes) {
+  if (n * static_cast<int64_t>(sizeof(bits_t)) <= ASCOOD_TUNABLE("small_bytes", kSmallBytes)) {
     const size_t smem = static_cast<size_t>(n) * sizeof(bits_t);
-    select_small_kernel<scalar_t, OUTLIER><<<static_cast<unsigned>(B), kSmallThreads, smem, stream>>>(
-        x, g, out, n, static_cast<unsigned>(k), al);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    ASCOOD_LAUNCH((select_small_kernel<scalar_t, OUTLIER>), static_cast<unsigned>(B), kSmallThreads, smem, stream, x,
+                  g, out, n, static_cast<unsigned>(k), al);
     return;
   }
 
@@ -334,7 +333,8 @@ void run_select(const scalar_t* x, const at::Tensor& g_c, out_t<scalar_t, OUTLIE
   // holds up to n indices per sample, so a chunk takes at most
   // max(1, kCandBudget / n) samples: the buffer stays near kCandBudget * 4
   // bytes instead of B x n int32 (twice an fp16 input).
-  const int64_t per_chunk = std::min<int64_t>({B, kMaxGridY, std::max<int64_t>(1, kCandBudget / n)});
+  const int64_t budget = ASCOOD_TUNABLE("cand_budget", kCandBudget);
+  const int64_t per_chunk = std::min<int64_t>({B, kMaxGridY, std::max<int64_t>(1, budget / n)});
   const auto opts = g_c.options();
   auto hist = at::zeros({per_chunk, kMaxBins}, opts.dtype(at::kInt));
   auto prefix_t = at::empty({per_chunk}, opts.dtype(at::kLong));  // wide_t per sample (<= 8 bytes)
@@ -359,25 +359,20 @@ void run_select(const scalar_t* x, const at::Tensor& g_c, out_t<scalar_t, OUTLIE
     const bits_t* gb = g + b0 * n;
     out_t<scalar_t, OUTLIER>* ob = out + b0 * n;
 
-    hist_top_kernel<scalar_t><<<grid, kLargeThreads, 0, stream>>>(gb, n, chunk, hb);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    select_digit_kernel<wide_t><<<static_cast<unsigned>(bb), 32, 0, stream>>>(hb, pb, kb, cb, 0, G::lo(0),
-                                                                               G::bins(0), kk);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    split_kernel<scalar_t, OUTLIER><<<grid, kLargeThreads, 0, stream>>>(xb, gb, ob, n, chunk, pb, cb, candb, hb,
-                                                                        al);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    ASCOOD_LAUNCH(hist_top_kernel<scalar_t>, grid, kLargeThreads, 0, stream, gb, n, chunk, hb);
+    ASCOOD_LAUNCH(select_digit_kernel<wide_t>, static_cast<unsigned>(bb), 32, 0, stream, hb, pb, kb, cb, 0, G::lo(0),
+                  G::bins(0), kk);
+    ASCOOD_LAUNCH((split_kernel<scalar_t, OUTLIER>), grid, kLargeThreads, 0, stream, xb, gb, ob, n, chunk, pb, cb,
+                  candb, hb, al);
     for (int p = 1; p < G::PASSES; ++p) {
-      select_digit_kernel<wide_t><<<static_cast<unsigned>(bb), 32, 0, stream>>>(hb, pb, kb, cb, p, G::lo(p),
-                                                                                 G::bins(p), kk);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      ASCOOD_LAUNCH(select_digit_kernel<wide_t>, static_cast<unsigned>(bb), 32, 0, stream, hb, pb, kb, cb, p, G::lo(p),
+                    G::bins(p), kk);
       if (p + 1 < G::PASSES) {
-        hist_cand_kernel<scalar_t><<<grid, kLargeThreads, 0, stream>>>(gb, n, candb, cb, pb, p + 1, hb);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        ASCOOD_LAUNCH(hist_cand_kernel<scalar_t>, grid, kLargeThreads, 0, stream, gb, n, candb, cb, pb, p + 1, hb);
       }
     }
-    apply_cand_kernel<scalar_t, OUTLIER><<<grid, kLargeThreads, 0, stream>>>(xb, gb, ob, n, candb, cb, pb, al);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    ASCOOD_LAUNCH((apply_cand_kernel<scalar_t, OUTLIER>), grid, kLargeThreads, 0, stream, xb, gb, ob, n, candb, cb,
+                  pb, al);
   }
 }
 
@@ -390,7 +385,7 @@ at::Tensor invariant_mask_cuda(const at::Tensor& grad, double p_inv) {
   check_cuda_float(grad, "grad");
   TORCH_CHECK(grad.dim() >= 1, "grad must have a batch dim, got a 0-dim tensor");
   TORCH_CHECK(p_inv > 0.0 && p_inv <= 1.0, "p_inv must be in (0, 1], got ", p_inv);
-  c10::cuda::CUDAGuard guard(grad.device());
+  KernelDeviceGuard guard(grad.device());
   const auto fmt = image_output_format(grad);
   auto out = at::empty(grad.sizes(), grad.options().dtype(at::kBool), fmt);
   const int64_t B = grad.size(0);
@@ -415,7 +410,7 @@ at::Tensor gradient_outlier_cuda(const at::Tensor& x, const at::Tensor& grad, do
   check_like(x, "x", grad, "grad");
   TORCH_CHECK(x.dim() >= 1, "x must have a batch dim, got a 0-dim tensor");
   TORCH_CHECK(p_inv > 0.0 && p_inv <= 1.0, "p_inv must be in (0, 1], got ", p_inv);
-  c10::cuda::CUDAGuard guard(x.device());
+  KernelDeviceGuard guard(x.device());
   const auto fmt = image_output_format(x);
   auto out = at::empty(x.sizes(), x.options(), fmt);
   const int64_t B = x.size(0);
@@ -439,7 +434,7 @@ at::Tensor gradient_outlier_cuda(const at::Tensor& x, const at::Tensor& grad, do
 }  // namespace cuda
 }  // namespace ascood
 
-TORCH_LIBRARY_IMPL(ascood, CUDA, m) {
+ASCOOD_CUDA_OPS_IMPL(m) {
   m.impl("invariant_mask", &ascood::cuda::invariant_mask_cuda);
   m.impl("gradient_outlier", &ascood::cuda::gradient_outlier_cuda);
 }

@@ -28,7 +28,7 @@ __global__ void __launch_bounds__(256)
                       acc_t<scalar_t>* __restrict__ rstd, int64_t rows, int64_t m, acc_t<scalar_t> sigma,
                       acc_t<scalar_t> eps) {
   using acc = acc_t<scalar_t>;
-  __shared__ acc sh[32];
+  ASCOOD_SHARED(acc[32], sh);
   const acc mf = static_cast<acc>(m);
   const acc m1 = static_cast<acc>(m - 1);
   for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {  // uniform over the block
@@ -62,7 +62,7 @@ __global__ void __launch_bounds__(256)
                       const acc_t<scalar_t>* __restrict__ mean, const acc_t<scalar_t>* __restrict__ rstd,
                       scalar_t* __restrict__ dh, int64_t rows, int64_t m, acc_t<scalar_t> sigma) {
   using acc = acc_t<scalar_t>;
-  __shared__ acc sh[32];
+  ASCOOD_SHARED(acc[32], sh);
   const acc mf = static_cast<acc>(m);
   const acc m1 = static_cast<acc>(m - 1);
   for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {  // uniform over the block
@@ -105,7 +105,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> zscore_cuda(const at::Tensor& h, 
   TORCH_CHECK(h.size(-1) >= 2, "h must have >= 2 features in its last dim (unbiased std), got shape ", h.sizes());
   TORCH_CHECK(sigma > 0.0, "sigma must be > 0, got ", sigma);
   TORCH_CHECK(eps >= 0.0, "eps must be >= 0, got ", eps);
-  c10::cuda::CUDAGuard guard(h.device());
+  KernelDeviceGuard guard(h.device());
   const auto acc_type = acc_scalar_type(h.scalar_type());
   const auto hc = h.contiguous();
   auto out = at::empty(h.sizes(), h.options());
@@ -119,10 +119,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> zscore_cuda(const at::Tensor& h, 
   const int threads = zscore_threads(m);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "ascood_zscore_cuda", [&] {
     using acc = acc_t<scalar_t>;
-    zscore_fwd_kernel<scalar_t><<<blocks, threads, 0, stream>>>(
-        hc.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), mean.data_ptr<acc>(), rstd.data_ptr<acc>(), rows,
-        m, static_cast<acc>(sigma), static_cast<acc>(eps));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    ASCOOD_LAUNCH(zscore_fwd_kernel<scalar_t>, blocks, threads, 0, stream, hc.const_data_ptr<scalar_t>(),
+                  out.data_ptr<scalar_t>(), mean.data_ptr<acc>(), rstd.data_ptr<acc>(), rows, m,
+                  static_cast<acc>(sigma), static_cast<acc>(eps));
   });
   return {out, mean, rstd};
 }
@@ -147,7 +146,7 @@ at::Tensor zscore_backward_cuda(const at::Tensor& grad_out, const at::Tensor& h,
     TORCH_CHECK(s.numel() == rows, names[j], " must have shape h.shape[:-1] (", rows, " elements), got shape ",
                 s.sizes());
   }
-  c10::cuda::CUDAGuard guard(h.device());
+  KernelDeviceGuard guard(h.device());
   auto dh = at::empty(h.sizes(), h.options());
   if (rows == 0) return dh;
   const auto hc = h.contiguous();
@@ -159,10 +158,9 @@ at::Tensor zscore_backward_cuda(const at::Tensor& grad_out, const at::Tensor& h,
   const int threads = zscore_threads(m);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "ascood_zscore_backward_cuda", [&] {
     using acc = acc_t<scalar_t>;
-    zscore_bwd_kernel<scalar_t><<<blocks, threads, 0, stream>>>(
-        gc.const_data_ptr<scalar_t>(), hc.const_data_ptr<scalar_t>(), mc.const_data_ptr<acc>(),
-        rc.const_data_ptr<acc>(), dh.data_ptr<scalar_t>(), rows, m, static_cast<acc>(sigma));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    ASCOOD_LAUNCH(zscore_bwd_kernel<scalar_t>, blocks, threads, 0, stream, gc.const_data_ptr<scalar_t>(),
+                  hc.const_data_ptr<scalar_t>(), mc.const_data_ptr<acc>(), rc.const_data_ptr<acc>(),
+                  dh.data_ptr<scalar_t>(), rows, m, static_cast<acc>(sigma));
   });
   return dh;
 }
@@ -171,7 +169,7 @@ at::Tensor zscore_backward_cuda(const at::Tensor& grad_out, const at::Tensor& h,
 }  // namespace cuda
 }  // namespace ascood
 
-TORCH_LIBRARY_IMPL(ascood, CUDA, m) {
+ASCOOD_CUDA_OPS_IMPL(m) {
   m.impl("zscore", &ascood::cuda::zscore_cuda);
   m.impl("zscore_backward", &ascood::cuda::zscore_backward_cuda);
 }

@@ -90,3 +90,21 @@ def test_ascood_doctor_and_python_m(capsys):
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "all" in proc.stdout and "checks match the reference" in proc.stdout
+
+
+def test_cuda_emulated_backend_in_the_table(capsys, record_property):
+    """--backend cuda-emulated: the CUDA kernels under the emulation (race check on), in the same table."""
+    from ascood_kernels import emulation
+
+    if not emulation.load():
+        pytest.skip(f"CUDA emulation unavailable: {emulation.why_not()}")
+    rc, report = _run_json(capsys, "--backend", "cuda-emulated")
+    assert rc == 0 and report["ok"] and report["checked_backends"] == ["cuda-emulated"], report["results"][:3]
+    assert {r["op"] for r in report["results"]} == OPS - {"shuffle_outlier", "random_permutations"}
+    assert {r["dtype"] for r in report["results"]} == {"float32", "float16", "bfloat16", "float64"}
+    assert any("multi-block" in r["case"] for r in report["results"])
+    record_property("emu_cases", len(report["results"]))
+    table = doctor._table([doctor.CheckResult(**r) for r in report["results"]])
+    assert all(" cuda-emulated " in line for line in table.splitlines()[2:])
+    # Not part of the default set (it builds on first use and is slow).
+    assert "cuda-emulated" not in doctor.check_backends(torch.device("cpu"))[0]

@@ -52,6 +52,12 @@ def _namespaces():
         if device == "cuda":
             marks.append(pytest.mark.gpu)
         out.append(pytest.param(ns, device, marks=marks, id=f"{ns}-{device}"))
+    # The CUDA kernels under the emulation (their own namespace, CPU tensors).
+    from ascood_kernels import emulation
+
+    reason = None if emulation.load() else f"CUDA emulation unavailable: {emulation.why_not()}"
+    out.append(pytest.param(emulation.NAMESPACE, "cpu", marks=[pytest.mark.skip(reason=reason)] if reason else [],
+                            id=f"{emulation.NAMESPACE}-cpu"))
     return out
 
 
@@ -61,7 +67,7 @@ OP_NAMES = [name for name, _ in _op_args("cpu")]
 @pytest.mark.parametrize("ns,device", _namespaces())
 @pytest.mark.parametrize("name", OP_NAMES)
 def test_opcheck(ns, device, name):
-    if ns == "ascood" and device == "cuda" and name == "shuffle_outlier":
+    if (ns == "ascood" and device == "cuda" or ns == "ascood_emu") and name == "shuffle_outlier":
         pytest.skip("shuffle_outlier has no CUDA C++ kernel (Triton serves CUDA tensors)")
     args = dict(_op_args(device))[name]
     torch.library.opcheck(getattr(getattr(torch.ops, ns), name).default, args)
