@@ -4,10 +4,12 @@ Train (:func:`train`), score (:mod:`ascood.scorers`) and evaluate
 (:func:`evaluate`) with OpenOOD's metric conventions; ``python -m ascood``
 runs the same from the command line.
 
-The package is five layers, each a folder, imports pointing one way
+The package is six layers, each a folder, imports pointing one way
 (docs/ARCHITECTURE.md): ``data`` -> ``nets`` -> ``training`` -> ``scoring`` ->
-``apps`` (a layer imports only the ones before it), with ``files`` (atomic
-writes) and ``_ops`` (the fused ops) below them all.
+``deploy`` -> ``apps`` (a layer imports only the ones before it), with
+``files`` (atomic writes) and ``_ops`` (the fused ops) below them all.
+:class:`Detector` (``ascood.deploy``) turns a trained run into a calibrated
+OOD detector that saves, loads, predicts and exports.
 """
 from __future__ import annotations
 
@@ -68,12 +70,15 @@ def __getattr__(name: str):
     if name == "evaluate":
         from .scoring.evaluator import evaluate
         return evaluate
+    if name == "Detector":
+        from .deploy.detector import Detector
+        return Detector
     if name in MOVED_MODULES:
         return importlib.import_module(MOVED_MODULES[name])
-    if name in ("data", "nets", "training", "scoring", "apps", "files"):
+    if name in ("data", "nets", "training", "scoring", "deploy", "apps", "files"):
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'ascood' has no attribute {name!r}")
 
 
 __all__ = ["ASCOODNet", "ASCOODCriterion", "build_model", "wrap", "train", "Trainer", "TrainConfig",
-           "NonFiniteLossError", "evaluate", "__version__"]
+           "NonFiniteLossError", "evaluate", "Detector", "__version__"]
