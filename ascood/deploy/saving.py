@@ -12,7 +12,7 @@ from .artifact import (ARTIFACT_FILES, ARTIFACT_FORMAT, CALIBRATION_FILE, MODEL_
                        open_tensor_file, read_artifact, read_tensors, write_artifact)
 from .conformal import check_tpr, min_calibration_size
 from .inputs import Preprocessing
-from .state import BANK_DTYPES, BANK_SCORERS, ArtifactError, StoredBank, restore_scorer, scorer_state
+from .state import BANK_DTYPES, BANK_SCORERS, STORABLE_SCORERS, ArtifactError, StoredBank, restore_scorer, scorer_state
 
 __all__ = ["save_detector", "load_detector", "model_card", "BUILD_KEYS"]
 
@@ -118,6 +118,8 @@ def load_detector(cls, path: str, model: nn.Module | None = None, device=None, m
     if not isinstance(sinfo, dict) or not isinstance(sinfo.get("name"), str):
         raise ArtifactError(f"{where}: 'scorer' must be a JSON object with a name")
     name = sinfo["name"]
+    if name not in STORABLE_SCORERS:
+        raise ArtifactError(f"{where}: unknown scorer {name[:60]!r} (known: {', '.join(STORABLE_SCORERS)})")
     bank = None
     if name in BANK_SCORERS:
         handle = open_tensor_file(paths[SCORER_FILE])

@@ -25,7 +25,8 @@ import torch
 
 from ..scoring.scorers import SCORERS, Scorer, get_scorer
 
-__all__ = ["scorer_state", "restore_scorer", "StoredBank", "ArtifactError", "BANK_SCORERS", "BANK_DTYPES"]
+__all__ = ["scorer_state", "restore_scorer", "StoredBank", "ArtifactError", "BANK_SCORERS", "BANK_DTYPES",
+           "STORABLE_SCORERS"]
 
 BANK_SCORERS = {"knn": "bank", "nnguide": "bank_rows", "relation": "bank"}
 BANK_DTYPES = ("float32", "float16")
@@ -109,6 +110,7 @@ _PARAMS: dict[str, tuple[str, ...]] = {
     "vim": ("dim", "feature_space"), "she": ("feature_space",),
     "odin": ("temperature", "eps", "std"), "iodin": ("temperature", "eps", "std", "k"),
 }
+STORABLE_SCORERS = tuple(_PARAMS)
 _TENSORS: dict[str, dict[str, torch.dtype]] = {
     "klm": {"classes": torch.int64, "dists": torch.float64},
     "dice": {"mean_act": torch.float32, "weight": torch.float32, "bias": torch.float32},
