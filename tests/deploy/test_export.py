@@ -112,8 +112,7 @@ assert not any(k.split('.')[0] in ('ascood', 'ascood_kernels') for k in sys.modu
 """
 
 
-@pytest.mark.parametrize("name,fmt", [("knn", "onnx"), ("knn", "torch-export"), ("knn", "torchscript"),
-                                      ("iodin", "torch-export"), ("iodin", "torchscript")])
+@pytest.mark.parametrize("name,fmt", [("knn", "onnx"), ("iodin", "torch-export"), ("iodin", "torchscript")])
 def test_exported_graph_runs_without_ascood(name, fmt, tmp_path):
     det = H.fitted(name)
     x = inputs(det)
