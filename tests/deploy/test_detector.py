@@ -187,3 +187,19 @@ def test_facade_and_model_card(tmp_path):
     card = (tmp_path / "det" / "README.md").read_text()
     assert f"{det.threshold:.6g}" in card and "exchangeable" in card and "ebo" in card
     assert str(len(det.calibration)) in card
+
+
+def test_core_install_works_without_the_deploy_extra(monkeypatch, tmp_path):
+    # Fitting and predicting need nothing extra; saving, loading and ONNX say which extra to install.
+    import sys
+
+    for mod in ("safetensors", "safetensors.torch", "onnx", "onnxruntime"):
+        monkeypatch.setitem(sys.modules, mod, None)  # import -> ImportError, as on a core install
+    det = H.fitted("msp")
+    assert len(det.predict(torch.rand(2, 3, 8, 8))) == 2
+    with pytest.raises(ImportError, match=r"pip install 'ascood\[deploy\]'"):
+        det.save(tmp_path / "d")
+    from ascood.deploy.export import export
+
+    with pytest.raises(ImportError, match=r"pip install 'ascood\[deploy\]'"):
+        export(det, str(tmp_path / "d.onnx"), "onnx")
