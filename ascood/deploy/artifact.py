@@ -34,7 +34,7 @@ import torch
 from ..files import atomic_write, atomic_write_text, write_json
 from .state import ArtifactError
 
-__all__ = ["ARTIFACT_FORMAT", "MANIFEST", "SPEC", "MODEL_FILE", "SCORER_FILE", "CALIBRATION_FILE", "CARD_FILE",
+__all__ = ["StreamedTensor", "ARTIFACT_FORMAT", "MANIFEST", "SPEC", "MODEL_FILE", "SCORER_FILE", "CALIBRATION_FILE", "CARD_FILE",
            "ARTIFACT_FILES", "write_artifact", "read_artifact", "require_deploy_extra", "sha256_file",
            "read_tensors", "open_tensor_file"]
 
@@ -73,17 +73,54 @@ def sha256_file(path: str, block: int = 2 ** 22) -> str:
             h.update(chunk)
 
 
-def _save_tensors(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str] | None = None) -> None:
-    st = require_deploy_extra("safetensors.torch")
-    # safetensors wants contiguous tensors that share no storage; copies cost nothing at these sizes except
-    # for banks, which scorer_state already made contiguous and unshared.
-    clean = {k: (v if v.is_contiguous() else v.contiguous()).detach().cpu() for k, v in tensors.items()}
-    data = st.save(clean, metadata=metadata)
-    atomic_write(path, lambda f: f.write(data))
+_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+              torch.bool: "BOOL"}
+
+
+class StreamedTensor:
+    """A 2-d tensor written block by block: ``block(start, stop)`` gives rows [start, stop) (any float dtype)."""
+
+    def __init__(self, n: int, width: int, dtype: torch.dtype, block, chunk: int = 16384) -> None:
+        self.shape, self.dtype, self.block, self.chunk = (int(n), int(width)), dtype, block, int(chunk)
+
+    def blocks(self):
+        for start in range(0, self.shape[0], self.chunk):
+            yield self.block(start, min(self.shape[0], start + self.chunk)).to(self.dtype).contiguous()
+
+
+def _save_tensors(tensors: dict[str, "torch.Tensor | StreamedTensor"], path: str) -> None:
+    """A safetensors file (the format: 8-byte little-endian header length, JSON header, raw little-endian data),
+    written block by block so a multi-GB bank never sits in memory twice; read back with the safetensors library."""
+    require_deploy_extra("safetensors")  # the files are for the [deploy] extra's reader: fail early without it
+    header, offset, order = {}, 0, sorted(tensors)
+    for name in order:
+        t = tensors[name]
+        shape = list(t.shape)
+        if t.dtype not in _ST_DTYPES:
+            raise TypeError(f"cannot store {name} of dtype {t.dtype}")
+        nbytes = int(torch.Size(shape).numel()) * torch.empty((), dtype=t.dtype).element_size()
+        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": shape, "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as the reference writer does
+
+    def write(f):
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for name in order:
+            t = tensors[name]
+            parts = t.blocks() if isinstance(t, StreamedTensor) else [t.detach().cpu().contiguous()]
+            for part in parts:
+                # Raw bytes of a CPU tensor; this machine (and every torch platform) is little-endian.
+                f.write(part.reshape(-1).view(torch.uint8).numpy().tobytes() if part.numel() else b"")
+
+    atomic_write(path, write)
 
 
 def write_artifact(directory: str, spec: dict, model_tensors: dict[str, torch.Tensor],
-                   scorer_tensors: dict[str, torch.Tensor], calibration: torch.Tensor, card: str) -> dict:
+                   scorer_tensors: dict[str, "torch.Tensor | StreamedTensor"], calibration: torch.Tensor,
+                   card: str) -> dict:
     """Write every file atomically, then ``manifest.json`` with their sha256; returns the manifest.
 
     The old manifest is removed first, so a directory whose rewrite is
