@@ -39,7 +39,7 @@ from ..files import atomic_write
 from .artifact import require_deploy_extra
 from .graph import GRADIENT_SCORERS, build_graph
 
-__all__ = ["FORMATS", "export", "metadata", "read_metadata", "run_exported", "load_exported", "OUTPUTS",
+__all__ = ["FORMATS", "score_tolerance", "export", "metadata", "read_metadata", "run_exported", "load_exported", "OUTPUTS",
            "DEFAULT_NAMES", "needs_gradient"]
 
 FORMATS = ("onnx", "torch-export", "torchscript")
@@ -48,6 +48,17 @@ OUTPUTS = ("logits", "score", "is_ood", "p_value")
 GRAPH_FORMAT = "ascood-detector-graph-v1"
 ONNX_OPSET = 17
 _ONNX_LIMIT = 2 ** 31 - 2 ** 24  # protobuf's 2 GiB, with room for the graph itself
+
+
+def score_tolerance(det, score: torch.Tensor) -> np.ndarray:
+    """The parity tolerance per score: 1e-4 + 1e-3 * max(|score|, range of the calibration scores).
+
+    0.1% of the detector's score scale: float32 kernels of another runtime and the lowered z-score head
+    differ from the scorers' own code by far less on every scorer except MDS / RMDS, whose squared
+    distances through a near-singular precision matrix amplify feature rounding the most.
+    """
+    spread = float(det.calibration.max() - det.calibration.min())
+    return 1e-4 + 1e-3 * np.maximum(np.abs(score.detach().double().cpu().numpy()), spread)
 
 
 def needs_gradient(det) -> bool:
@@ -106,14 +117,14 @@ def export(det, path: str, fmt: str = "onnx", *, check: bool = True) -> str:
     if check:
         ref = build_graph(det)(x)
         got = run_exported(path, fmt, x)
-        for name, a in zip(OUTPUTS, ref):
-            b = got[name]
-            a = a.detach().numpy()
-            if a.dtype == np.bool_:
-                continue  # decisions may flip only where the score sits on the threshold; scores are checked
-            if a.shape != b.shape or not np.allclose(a, b, rtol=1e-3, atol=1e-4):
-                raise RuntimeError(f"the exported {fmt} graph disagrees with the detector on '{name}' "
-                                   f"(max difference {np.abs(a - b).max():.3g}); the file {path} is not usable")
+        tol = score_tolerance(det, ref[1].detach())
+        diff = np.abs(got["score"].astype(np.float64) - ref[1].detach().double().numpy())
+        logit_ok = np.allclose(got["logits"], ref[0].detach().numpy(), rtol=1e-4, atol=1e-5)
+        # p-values and decisions follow from the score; a score on a calibration value may move by one rank.
+        if got["score"].shape != tuple(ref[1].shape) or not (diff <= tol).all() or not logit_ok:
+            raise RuntimeError(f"the exported {fmt} graph disagrees with the detector (score difference "
+                               f"{diff.max():.3g}, tolerance {tol.min():.3g}; logits close: {logit_ok}); "
+                               f"the file {path} is not usable")
     return path
 
 

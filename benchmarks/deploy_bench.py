@@ -1,0 +1,194 @@
+"""Deploy benchmarks (BENCHMARKS.md, "Deploy"): per-scorer detector costs, and KNN banks at ImageNet-1K size.
+
+    python benchmarks/deploy_bench.py scorers [--scorers msp,knn] [--json out.json]
+    python benchmarks/deploy_bench.py bank --dims 512,2048 [--dtypes float16,float32] [--dir /tmp/bank]
+
+``scorers``: one child process per scorer (so its peak RSS is its own). A
+small_cnn (width 16, 10 classes) at 32x32, random weights; ID train 2,000 and
+ID val 1,000 random images, labelled with the model's own prediction (so
+every scorer, SHE included, can fit). Reports the Detector.fit time (no APS),
+images/s of Detector.predict, of the bare model forward (same batches, no
+scorer) and of the ONNX Runtime graph (CPU), the scorer's overhead over the
+bare forward, and the child's peak RSS.
+
+``bank``: a KNN detector's bank of 1,281,167 rows (ImageNet-1K train) x m,
+written block by block to a safetensors file, then searched the way a loaded
+detector does (StoredBank over the memory-mapped file, chunks of 16,384 rows)
+for batches of 64 queries. Reports file size, write time, time per batch
+(cold: first pass over the file; warm: page cache) and the child's peak RSS
+against the bank's size.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+IMAGENET_TRAIN = 1_281_167
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def one_scorer(name: str) -> dict:
+    import torch
+    from torch.utils.data import TensorDataset
+
+    import ascood
+    from ascood.deploy.export import export, load_exported, needs_gradient
+
+    torch.manual_seed(0)
+    torch.set_num_threads(2)
+    size, classes = 32, 10
+    mean, std = [0.5] * 3, [0.25] * 3
+    model = ascood.build_model("small_cnn", classes, width=16, input_mean=mean, input_std=std).eval()
+    g = torch.Generator().manual_seed(0)
+
+    def data(n):
+        x = torch.rand(n, 3, size, size, generator=g)
+        xn = (x - 0.5) / 0.25
+        with torch.no_grad():
+            y = torch.cat([model(xn[i:i + 256]).argmax(1) for i in range(0, n, 256)])
+        return x, TensorDataset(xn, y)
+
+    _, train = data(2000)
+    _, val = data(1000)
+    x_test, _ = data(1024)
+    scorer = ascood.scoring.scorers.scorer_for_model(name, std)
+    if name == "vim":
+        scorer.set_params(dim=32)  # 64-d features: the default 256 leaves no residual space
+    if name == "nnguide":
+        scorer.set_params(bank="all")
+    rss0 = _peak_rss_mb()
+    t0 = time.perf_counter()
+    det = ascood.Detector.fit(model, id_train=train, id_val=val, scorer=scorer, tpr=0.95, device="cpu",
+                              preprocessing={"image_size": size, "mean": mean, "std": std, "channels": 3})
+    fit_s = time.perf_counter() - t0
+    bs = 128
+
+    def timed(fn, reps=3):
+        fn()  # warm-up
+        best = float("inf")
+        for _ in range(reps):
+            t = time.perf_counter()
+            fn()
+            best = min(best, time.perf_counter() - t)
+        return best
+
+    predict_s = timed(lambda: det.predict(x_test, batch_size=bs))
+
+    def bare():
+        with torch.no_grad():
+            for i in range(0, x_test.shape[0], bs):
+                model(det.preprocessing.normalize(x_test[i:i + bs]))
+
+    forward_s = timed(bare)
+    out = {"scorer": name, "params": det.scorer.get_params(), "fit_s": fit_s, "predict_img_s": 1024 / predict_s,
+           "forward_img_s": 1024 / forward_s, "overhead": predict_s / forward_s - 1.0}
+    if not needs_gradient(det):
+        with tempfile.TemporaryDirectory() as d:
+            path = export(det, os.path.join(d, "det.onnx"), "onnx")
+            run = load_exported(path, "onnx")
+            xs = x_test.numpy()
+            onnx_s = timed(lambda: [run(xs[i:i + bs]) for i in range(0, 1024, bs)])
+        out["onnx_img_s"] = 1024 / onnx_s
+    out["peak_rss_mb"] = _peak_rss_mb()
+    out["rss_before_fit_mb"] = rss0
+    return out
+
+
+def bank_case(m: int, dtype_name: str, directory: str, n: int = IMAGENET_TRAIN, batches: int = 3) -> dict:
+    import torch
+
+    from ascood.deploy.artifact import StreamedTensor, _save_tensors, open_tensor_file
+    from ascood.deploy.state import StoredBank
+    from ascood.scoring.scorers.distance import topk_similarity
+
+    torch.set_num_threads(2)
+    dtype = getattr(torch, dtype_name)
+    path = os.path.join(directory, f"bank_{m}_{dtype_name}.safetensors")
+
+    def block(s, e):  # normalised random rows, reproducible per block
+        g = torch.Generator().manual_seed(s)
+        h = torch.randn(e - s, m, generator=g).relu_()
+        return h / h.norm(dim=1, keepdim=True).clamp_min(1e-6)
+
+    t = time.perf_counter()
+    _save_tensors({"bank": StreamedTensor(n, m, dtype, block, chunk=32768)}, path)
+    write_s = time.perf_counter() - t
+    rss_after_write = _peak_rss_mb()
+    handle = open_tensor_file(path)
+    sl = handle.get_slice("bank")
+    bank = StoredBank(n, m, lambda s, e: sl[s:e], dtype, max_device_mb=1024)
+    q = block(n, n + 64)
+    times = []
+    for _ in range(batches):
+        t = time.perf_counter()
+        kth = topk_similarity(q, bank, 50)[:, -1]
+        times.append(time.perf_counter() - t)
+    assert kth.shape == (64,)
+    out = {"m": m, "dtype": dtype_name, "rows": n, "file_gb": os.path.getsize(path) / 1e9, "write_s": write_s,
+           "batch64_cold_s": times[0], "batch64_warm_s": min(times[1:]) if len(times) > 1 else None,
+           "bank_gb_float32": n * m * 4 / 1e9, "peak_rss_mb_write": rss_after_write, "peak_rss_mb": _peak_rss_mb()}
+    os.unlink(path)
+    return out
+
+
+def _child(args: list[str]) -> dict:
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, __file__, "_one", *args], capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        return {"args": args, "error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("what", choices=("scorers", "bank", "_one"))
+    p.add_argument("rest", nargs="*")
+    p.add_argument("--scorers", default="")
+    p.add_argument("--dims", default="512,2048")
+    p.add_argument("--dtypes", default="float16")
+    p.add_argument("--dir", default=None, help="folder for the bank files (default: a temporary folder)")
+    p.add_argument("--json", help="write the rows as JSON here")
+    args = p.parse_args(argv)
+    if args.what == "_one":
+        kind, *rest = args.rest
+        import warnings
+
+        warnings.simplefilter("ignore")
+        row = one_scorer(rest[0]) if kind == "scorer" else bank_case(int(rest[0]), rest[1], rest[2])
+        print(json.dumps(row, default=str))
+        return 0
+    rows = []
+    if args.what == "scorers":
+        sys.path.insert(0, ROOT)
+        from ascood.scoring.scorers import SCORERS
+
+        names = [s for s in args.scorers.split(",") if s] or list(SCORERS)
+        for name in names:
+            row = _child(["scorer", name])
+            rows.append(row)
+            print(json.dumps(row, default=str), flush=True)
+    else:
+        directory = args.dir or tempfile.mkdtemp(prefix="ascood-bank-")
+        for m in [int(v) for v in args.dims.split(",")]:
+            for dt in args.dtypes.split(","):
+                row = _child(["bank", str(m), dt, directory])
+                rows.append(row)
+                print(json.dumps(row, default=str), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1, default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
