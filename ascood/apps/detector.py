@@ -54,6 +54,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the tune/calibration split")
     p.add_argument("--bank-dtype", choices=("float32", "float16"), default="float32",
                    help="KNN / NNGuide / Relation bank precision on disk (float16: half the size)")
+    p.add_argument("--feature-dir", metavar="DIR", help="memory-map the extracted features from files in DIR instead "
+                   "of RAM (ImageNet-size --id-train with knn / nnguide / relation)")
     p.add_argument("--out", required=True, metavar="DET", help="directory to write the detector to")
     p.add_argument("--batch-size", type=positive_int, default=128, help="batch size (default 128)")
     p.add_argument("--workers", type=non_negative_int, default=0, help="DataLoader workers (default 0)")
@@ -92,7 +94,8 @@ def run(args: argparse.Namespace) -> int:
         det = Detector.fit(ckpt, id_train=args.id_train, id_val=args.id_val, ood_val=args.ood_val,
                            id_calibration=args.id_calibration, scorer=args.scorer, tpr=args.tpr,
                            calibration_fraction=args.calibration_fraction, seed=args.seed,
-                           batch_size=args.batch_size, workers=args.workers, device=args.device, log=print)
+                           batch_size=args.batch_size, workers=args.workers, device=args.device,
+                           feature_dir=args.feature_dir, log=print)
         det.save(args.out, bank_dtype=args.bank_dtype)
     v = det.validation
     line = (f"detector: {det.scorer.name} {det.provenance['scorer_choice']['params']}, threshold "

@@ -247,7 +247,8 @@ class Detector:
             tpr: float = 0.95, id_calibration=None, calibration_fraction: float = 0.5, seed: int = 0,
             preprocessing: Preprocessing | dict | None = None, classes: Sequence[str] | None = None,
             which: str | None = None, batch_size: int = 128, workers: int = 0, device=None,
-            candidates: Sequence[str] = APS_CANDIDATES, log=None) -> "Detector":
+            candidates: Sequence[str] = APS_CANDIDATES, feature_dir: str | os.PathLike | None = None,
+            log=None) -> "Detector":
         """Fit the scorer, choose hyperparameters (APS, with ``ood_val``), calibrate the threshold at ``tpr``.
 
         Args:
@@ -271,6 +272,11 @@ class Detector:
                 read from the checkpoint for a run.
             classes: class names (default: the run's, else "0".."C-1").
             device: where to run (default cuda when available).
+            feature_dir: extract each split's features to raw files there and
+                memory-map them (ImageNet-size ID train: 1.28M x 2048 float32
+                is 10 GiB) instead of holding them in RAM; a KNN / NNGuide /
+                Relation bank then reads from those files and is streamed
+                into the artifact block by block.
             log: a ``print``-like callable for progress lines (default: silent).
         """
         say = log or (lambda *a, **k: None)
@@ -324,7 +330,7 @@ class Detector:
                                                                         shuffle=False, num_workers=workers)
 
         train_l, tune_l, calib_l, ood_l = loader(train_ds), loader(tune_ds), loader(calib_ds), loader(ood_ds)
-        cache = FeatureCache(model)
+        cache = FeatureCache(model, directory=None if feature_dir is None else os.fspath(feature_dir))
         t0 = time.perf_counter()
         choice: dict = {"mode": "aps" if is_aps else "fixed"}
         if is_aps:

@@ -203,3 +203,42 @@ def test_core_install_works_without_the_deploy_extra(monkeypatch, tmp_path):
 
     with pytest.raises(ImportError, match=r"pip install 'ascood\[deploy\]'"):
         export(det, str(tmp_path / "d.onnx"), "onnx")
+
+
+def test_memory_mapped_features_give_the_same_detector(tmp_path):
+    train, val, _ = H.splits()
+    kw = dict(id_train=train, id_val=val, tpr=0.9, preprocessing=H.PREP, device="cpu")
+    from ascood.scoring.scorers import KNN
+
+    in_ram = Detector.fit(H.trained_model(), scorer=KNN(K=5), **kw)
+    mapped = Detector.fit(H.trained_model(), scorer=KNN(K=5), feature_dir=tmp_path / "feats", **kw)
+    assert any(p.suffix == ".bin" for p in (tmp_path / "feats").iterdir())
+    assert torch.equal(in_ram.calibration, mapped.calibration)
+    mapped.save(tmp_path / "det")
+    x = H.ood_pixels(5, seed=40)
+    assert torch.equal(Detector.load(tmp_path / "det").predict(x).score, in_ram.predict(x).score)
+
+
+def test_wrapped_torchvision_model(tmp_path):
+    # ascood.wrap'ed models carry no build record: the artifact holds their weights, load takes the architecture.
+    import torchvision
+
+    from ascood.deploy.export import export, run_exported
+
+    torch.manual_seed(0)
+    model = ascood.wrap(torchvision.models.resnet18(num_classes=3)).eval()
+    train, val, _ = H.splits()
+    det = Detector.fit(model, id_train=train, id_val=val, scorer="scale", tpr=0.9, preprocessing=H.PREP,
+                       device="cpu")
+    x = torch.cat([H.id_pixels(6, seed=41)[0], H.ood_pixels(6, seed=42)])
+    ref = det.predict(x)
+    det.save(tmp_path / "det")
+    with pytest.raises(ascood.deploy.ArtifactError, match="pass model="):
+        Detector.load(tmp_path / "det")
+    fresh = ascood.wrap(torchvision.models.resnet18(num_classes=3))
+    loaded = Detector.load(tmp_path / "det", model=fresh)
+    torch.testing.assert_close(loaded.predict(x).score, ref.score)
+    got = run_exported(export(det, str(tmp_path / "d.onnx"), "onnx"), "onnx", x)
+    spread = float(det.calibration.max() - det.calibration.min())
+    tol = 1e-4 + 1e-3 * ref.score.abs().clamp(min=spread)
+    assert bool(((torch.from_numpy(got["score"]) - ref.score).abs() <= tol).all())
