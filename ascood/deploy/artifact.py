@@ -32,9 +32,10 @@ from typing import Any
 import torch
 
 from ..files import atomic_write, atomic_write_text, write_json
-from .state import ArtifactError
+from .state import ArtifactError, StreamedTensor
 
-__all__ = ["StreamedTensor", "ARTIFACT_FORMAT", "MANIFEST", "SPEC", "MODEL_FILE", "SCORER_FILE", "CALIBRATION_FILE", "CARD_FILE",
+__all__ = ["StreamedTensor", "ARTIFACT_FORMAT", "MANIFEST", "SPEC", "MODEL_FILE", "SCORER_FILE", "CALIBRATION_FILE",
+           "CARD_FILE",
            "ARTIFACT_FILES", "write_artifact", "read_artifact", "require_deploy_extra", "sha256_file",
            "read_tensors", "open_tensor_file"]
 
@@ -76,17 +77,6 @@ def sha256_file(path: str, block: int = 2 ** 22) -> str:
 _ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
               torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
               torch.bool: "BOOL"}
-
-
-class StreamedTensor:
-    """A 2-d tensor written block by block: ``block(start, stop)`` gives rows [start, stop) (any float dtype)."""
-
-    def __init__(self, n: int, width: int, dtype: torch.dtype, block, chunk: int = 16384) -> None:
-        self.shape, self.dtype, self.block, self.chunk = (int(n), int(width)), dtype, block, int(chunk)
-
-    def blocks(self):
-        for start in range(0, self.shape[0], self.chunk):
-            yield self.block(start, min(self.shape[0], start + self.chunk)).to(self.dtype).contiguous()
 
 
 def _save_tensors(tensors: dict[str, "torch.Tensor | StreamedTensor"], path: str) -> None:

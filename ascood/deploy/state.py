@@ -26,7 +26,7 @@ import torch
 from ..scoring.scorers import SCORERS, Scorer, get_scorer
 
 __all__ = ["scorer_state", "restore_scorer", "StoredBank", "ArtifactError", "BANK_SCORERS", "BANK_DTYPES",
-           "STORABLE_SCORERS"]
+           "STORABLE_SCORERS", "StreamedTensor"]
 
 BANK_SCORERS = {"knn": "bank", "nnguide": "bank_rows", "relation": "bank"}
 BANK_DTYPES = ("float32", "float16")
@@ -34,6 +34,17 @@ BANK_DTYPES = ("float32", "float16")
 
 class ArtifactError(ValueError):
     """A detector artifact (or one of its pieces) is missing, altered, malformed or does not fit its model."""
+
+
+class StreamedTensor:
+    """A 2-d tensor written block by block: ``block(start, stop)`` gives rows [start, stop) (any float dtype)."""
+
+    def __init__(self, n: int, width: int, dtype: torch.dtype, block, chunk: int = 16384) -> None:
+        self.shape, self.dtype, self.block, self.chunk = (int(n), int(width)), dtype, block, int(chunk)
+
+    def blocks(self):
+        for start in range(0, self.shape[0], self.chunk):
+            yield self.block(start, min(self.shape[0], start + self.chunk)).to(self.dtype).contiguous()
 
 
 class StoredBank:
@@ -89,8 +100,6 @@ class StoredBank:
 def _bank_rows(bank, dtype: torch.dtype):
     """A fitted bank (the scorers' ``_Bank`` or a :class:`StoredBank`) as a tensor streamed block by block
     into the file (never materialised whole: a 1.28M x 2048 bank is 10 GiB in float32)."""
-    from .artifact import StreamedTensor
-
     return StreamedTensor(bank.n, bank.width, dtype, bank.block, chunk=getattr(bank, "chunk", 16384))
 
 
@@ -124,7 +133,7 @@ _FLOATS = {"react": ("threshold",), "vim": ("alpha",), "relation": ("m",)}
 def scorer_state(scorer: Scorer, bank_dtype: str = "float32") -> tuple[dict, dict[str, torch.Tensor]]:
     """(params, tensors) of a fitted scorer; see the module docstring. ``bank_dtype``: "float32" or "float16".
 
-    A bank comes as a :class:`~ascood.deploy.artifact.StreamedTensor` (rows read from the fitted bank block by
+    A bank comes as a :class:`StreamedTensor` (rows read from the fitted bank block by
     block as the file is written)."""
     name = scorer.name
     if name not in _PARAMS or type(scorer) is not SCORERS.get(name):

@@ -128,7 +128,7 @@ def test_detector_scores_keep_the_bound(tmp_path):
     with torch.no_grad():
         _, scores = det.score_normalized(H.normalise(x))
     rng = np.random.default_rng(2)
-    n, tpr, reps = 100, 0.9, 1500
+    n, tpr, reps = 100, 0.9, 800
     rates = np.empty(reps)
     for r in range(reps):
         perm = torch.from_numpy(rng.permutation(len(scores)))
