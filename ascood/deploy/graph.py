@@ -290,9 +290,10 @@ class MDSHead(_ScoreHead):
         self.register_buffer("means", s.means.double().clone())
         self.register_buffer("precision", s.precision.double().clone())
         self.relative = s.name == "rmds"
-        if self.relative:
-            self.register_buffer("whole_mean", s.whole_mean.double().clone())
-            self.register_buffer("whole_precision", s.whole_precision.double().clone())
+        # Empty for MDS: TorchScript compiles the RMDS branch too and needs the attributes to exist.
+        empty = torch.zeros(0, dtype=torch.float64)
+        self.register_buffer("whole_mean", s.whole_mean.double().clone() if self.relative else empty)
+        self.register_buffer("whole_precision", s.whole_precision.double().clone() if self.relative else empty)
 
     def distances(self, h):
         return _mahalanobis(self.in_space(h).double(), self.means, self.precision)

@@ -129,3 +129,19 @@ def runs_without_ascood(det, path: str, fmt: str, x: torch.Tensor, tmp_path) -> 
     assert proc.returncode == 0, proc.stderr[-2000:]
     ref = det.predict(x).score
     assert bool(((torch.from_numpy(np.load(tmp_path / "s.npy")) - ref).abs().double() <= tolerance(det, ref)).all())
+
+
+@pytest.mark.parametrize("fmt", ["torch-export", "torchscript"])
+def test_mds_with_input_preprocessing_exports_to_torch_formats(fmt, tmp_path):
+    # MDS with eps > 0 (Lee et al.'s input step) needs the input gradient, like ODIN: torch formats only.
+    import ascood
+    from ascood.scoring.scorers import MDS
+
+    train, val, _ = H.splits()
+    det = ascood.Detector.fit(H.trained_model(), id_train=train, id_val=val, scorer=MDS(eps=0.002, std=H.STD),
+                              tpr=0.9, preprocessing=H.PREP, device="cpu")
+    x = inputs(det)
+    check_parity(det, run_exported(export(det, str(tmp_path / f"d.{EXT[fmt]}"), fmt, check=False), fmt, x),
+                 det.predict(x))
+    with pytest.raises(ValueError, match="ONNX inference graph cannot compute"):
+        export(det, str(tmp_path / "d.onnx"), "onnx")
