@@ -291,9 +291,11 @@ class MDSHead(_ScoreHead):
         self.register_buffer("precision", s.precision.double().clone())
         self.relative = s.name == "rmds"
         # Empty for MDS: TorchScript compiles the RMDS branch too and needs the attributes to exist.
-        empty = torch.zeros(0, dtype=torch.float64)
-        self.register_buffer("whole_mean", s.whole_mean.double().clone() if self.relative else empty)
-        self.register_buffer("whole_precision", s.whole_precision.double().clone() if self.relative else empty)
+        # (Two distinct empty tensors: torch.jit.trace refuses one tensor shared by two buffers.)
+        self.register_buffer("whole_mean", s.whole_mean.double().clone() if self.relative
+                             else torch.zeros(0, dtype=torch.float64))
+        self.register_buffer("whole_precision", s.whole_precision.double().clone() if self.relative
+                             else torch.zeros(0, dtype=torch.float64))
 
     def distances(self, h):
         return _mahalanobis(self.in_space(h).double(), self.means, self.precision)
