@@ -4,10 +4,12 @@ Train (:func:`train`), score (:mod:`ascood.scorers`) and evaluate
 (:func:`evaluate`) with OpenOOD's metric conventions; ``python -m ascood``
 runs the same from the command line.
 
-The package is five layers, each a folder, imports pointing one way
+The package is six layers, each a folder, imports pointing one way
 (docs/ARCHITECTURE.md): ``data`` -> ``nets`` -> ``training`` -> ``scoring`` ->
-``apps`` (a layer imports only the ones before it), with ``files`` (atomic
-writes) and ``_ops`` (the fused ops) below them all.
+``deploy`` -> ``apps`` (a layer imports only the ones before it), with
+``files`` (atomic writes) and ``_ops`` (the fused ops) below them all.
+:class:`Detector` (``ascood.deploy``) turns a trained run into a calibrated
+OOD detector that saves, loads, predicts and exports.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import sys
 PUBLIC = {"ASCOODNet": "ascood.nets", "build_model": "ascood.nets", "wrap": "ascood.nets",
           "ASCOODCriterion": "ascood.training", "NonFiniteLossError": "ascood.training",
           "TrainConfig": "ascood.training", "Trainer": "ascood.training", "train": "ascood.training",
-          "evaluate": "ascood.scoring.evaluator"}
+          "evaluate": "ascood.scoring.evaluator", "Detector": "ascood.deploy.detector"}
 
 __version__ = "0.1.0"
 
@@ -72,7 +74,7 @@ def __getattr__(name: str):
         return getattr(importlib.import_module(PUBLIC[name]), name)
     if name in MOVED_MODULES:
         return importlib.import_module(MOVED_MODULES[name])
-    if name in ("data", "nets", "training", "scoring", "apps", "files"):
+    if name in ("data", "nets", "training", "scoring", "deploy", "apps", "files"):
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'ascood' has no attribute {name!r}")
 
@@ -82,4 +84,4 @@ def __dir__() -> list[str]:
 
 
 __all__ = ["ASCOODNet", "ASCOODCriterion", "build_model", "wrap", "train", "Trainer", "TrainConfig",
-           "NonFiniteLossError", "evaluate", "__version__"]
+           "NonFiniteLossError", "evaluate", "Detector", "__version__"]

@@ -1,6 +1,6 @@
 """The package's layer rule, read from the source (docs/ARCHITECTURE.md).
 
-``ascood/`` is five layers, each a folder: data -> nets -> training -> scoring -> apps. A module may
+``ascood/`` is six layers, each a folder: data -> nets -> training -> scoring -> deploy -> apps. A module may
 import its own layer and the layers before it, never a later one; ``ascood.files`` and ``ascood._ops``
 sit below all of them. Every import counts, also the ones inside functions (a lazy import is still
 a dependency). The import graph between modules has no cycle, and the top level holds only the
@@ -12,7 +12,7 @@ import pathlib
 import pytest
 
 PKG = pathlib.Path(__file__).resolve().parents[1] / "ascood"
-LAYERS = ("data", "nets", "training", "scoring", "apps")
+LAYERS = ("data", "nets", "training", "scoring", "deploy", "apps")
 BASE = ("files", "_ops")  # below every layer
 FACADE = ("__init__", "__main__")  # the top-level package re-exports from every layer
 TOP_LEVEL_ALLOWED = {*LAYERS, "__init__.py", "__main__.py", "files.py", "_ops.py"}
@@ -60,7 +60,7 @@ def module_path(name: str, root: pathlib.Path = PKG) -> pathlib.Path | None:
 
 
 def layer_of(name: str) -> int | None:
-    """0 for the base modules, 1..5 for the layers, None for the facade."""
+    """0 for the base modules, 1..6 for the layers, None for the facade."""
     parts = name.split(".")
     if len(parts) == 1 or parts[1] in FACADE:
         return None

@@ -33,6 +33,13 @@ scorer, with validation AUROC and the APS choice), ``summary.csv`` (mean/std
 of every method x scorer), ``hparams.json``, and with matplotlib score
 histograms (``hist_*.png``, the paper's Figure 4) and outlier grids
 (``outliers_*.png``, Figure 3).
+
+The demo ends the way a deployment starts (:func:`detector_ending`): it builds
+an :class:`ascood.Detector` from the first setting's ASCOOD network (its
+scorer, APS on the validation split, threshold at TPR 0.95 on held-out ID
+validation images), saves it to ``OUT/detector/`` (with the ``[deploy]``
+extra) and predicts a few held-out test images, ID and OOD, printing each
+decision (``--no-detector`` skips it).
 """
 from __future__ import annotations
 
@@ -207,6 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ablations", action="store_true",
                    help="also train 'CE (z-score head)' and 'ASCOOD (alpha = 0: x' = x)' (which part gives the gain?)")
     p.add_argument("--no-figures", action="store_true", help="skip the histograms and outlier grids")
+    p.add_argument("--no-detector", action="store_true",
+                   help="skip the ending: a calibrated detector built from the first setting, saved, and used on "
+                        "a few held-out images")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -520,6 +530,7 @@ def run_demo(args) -> dict:
     results: list[dict] = []
     fig_paths: list[str] = []
     runs = [(s, seed, m) for s in settings for seed in seeds for m in methods]
+    first = (None, None, None, None)  # (setting, data, ASCOOD model, config) of the first run: the ending's
     bar = tqdm(total=len(runs), desc="demo", unit="run", disable=args.no_progress, dynamic_ncols=True,
                file=sys.stderr)
     for s in settings:
@@ -540,10 +551,53 @@ def run_demo(args) -> dict:
                 bar.update(1)
             if figures and seed == seeds[0]:
                 fig_paths += _figures(out, s, data, models, scores, cfg, seed, methods)
+            if s == settings[0] and seed == seeds[0]:
+                first = (s, data, models.get("ASCOOD"), cfg)
     bar.close()
     wall = time.time() - t0
+    ending = None
+    if not getattr(args, "no_detector", False) and first[2] is not None:
+        ending = detector_ending(first[1], first[2], first[3], out, first[0])
     return {"results": results, "settings": settings, "seeds": seeds, "scorers": scorers, "configs": configs,
-            "figures": fig_paths, "wall_s": wall}
+            "figures": fig_paths, "wall_s": wall, "detector": ending}
+
+
+def detector_ending(data: _Data, model, cfg: SettingConfig, out: str, setting: str, n_each: int = 4) -> dict:
+    """Build, save and use a detector: the whole path from a trained network to per-image decisions.
+
+    The detector uses the setting's ASCOOD scorer, APS on the validation ID / OOD split, and calibrates its
+    threshold at TPR 0.95 on the other half of the ID validation images; it then predicts ``n_each`` held-out
+    ID test images and ``n_each`` OOD test images. Returns the predictions and the saved path (None without
+    the [deploy] extra).
+    """
+    from ..deploy import Detector, Preprocessing
+
+    bench = data.bench
+    prep = Preprocessing(bench.image_size, bench.mean.tolist(), bench.std.tolist(), bench.in_channels)
+    det = Detector.fit(model, id_train=data.train, id_val=data.val, ood_val=TensorDataset(data.val_ood),
+                       scorer=cfg.scorer, tpr=0.95, preprocessing=prep,
+                       classes=[str(d) for d in bench.id_classes], device="cpu")
+    ood_name = next(iter(bench.ood))
+    x = torch.cat([bench.test.tensors[0][:n_each], bench.ood[ood_name][:n_each]])  # [0, 1] pixels, as files give
+    truth = ["ID"] * n_each + [f"OOD ({ood_name})"] * n_each
+    pred = det.predict(x)
+    path = os.path.join(out, "detector")
+    try:
+        det.save(path)
+    except ImportError as err:  # the [deploy] extra (safetensors) is not installed: predict still worked
+        print(f"detector not saved: {err}")
+        path = None
+    lines = [f"Detector ({setting}, ASCOOD network): scorer {det.scorer.name} {det.scorer.get_params()}, "
+             f"threshold {det.threshold:.4g} at TPR {det.tpr} ({det.calibration.numel()} held-out ID validation "
+             "images), conformal p-values", f"{'image':<22} {'class':>5} {'score':>11} {'p-value':>8}  decision"]
+    for i, t in enumerate(truth):
+        lines.append(f"{t:<22} {pred.label_name[i]:>5} {float(pred.score[i]):>11.6g} {float(pred.p_value[i]):>8.3f}  "
+                     f"{'OOD' if bool(pred.is_ood[i]) else 'ID'}")
+    if path:
+        lines.append(f"saved: {path}/ (ascood predict {path} IMAGES..., ascood export {path} --format onnx)")
+    text = "\n".join(lines)
+    return {"path": path, "text": text, "truth": truth, "is_ood": pred.is_ood.tolist(),
+            "p_value": pred.p_value.tolist(), "scorer": det.scorer.name, "threshold": det.threshold}
 
 
 def write_outputs(res: dict, args, argv: Sequence[str]) -> dict:
@@ -605,6 +659,9 @@ def write_outputs(res: dict, args, argv: Sequence[str]) -> dict:
                    "wall_s": res["wall_s"], "machine": _machine()}, f, indent=2)
     if res["figures"]:
         print(f"figures: {len(res['figures'])} in {out}/")
+    if res.get("detector"):
+        print()
+        print(res["detector"]["text"])
     print(f"table: {paths['table_md']}, {paths['table_csv']}")
     return {**paths, "verdict": v, "text": text}
 

@@ -1,7 +1,11 @@
-"""Command line: ``ascood train | eval | reproduce | demo | bench | doctor`` (also ``python -m ascood``).
+"""Command line: ``ascood train | eval | detector | predict | export | reproduce | demo | bench | doctor``
+(also ``python -m ascood``).
 
     ascood train data/train --out runs/mine --epochs 30
     ascood eval runs/mine/last.pt --id data/test --ood far=data/ood_images --train data/train
+    ascood detector runs/mine --id-val data/val --ood-val data/ood_val --out det/
+    ascood predict det/ photos/ --out preds.csv
+    ascood export det/ --format onnx
 
 Each command is a module of its own with its parser next to its code
 (:mod:`.train`, :mod:`.evaluate`, :mod:`.reproduce`, :mod:`.tools`); this one
@@ -25,23 +29,28 @@ CLIError = checks.InputError  # a user-facing error: printed as one line, exit s
 
 def build_parser() -> argparse.ArgumentParser:
     """The whole ``ascood`` parser (every command's flags)."""
-    from . import evaluate, reproduce, tools, train
+    from . import detector, evaluate, export, predict, reproduce, tools, train
 
     parser = OneLineParser(prog="ascood",
-                           description="ASCOOD out-of-distribution detection: train, evaluate, demo, bench.")
+                           description="ASCOOD out-of-distribution detection: train, evaluate, deploy (detector, predict, "
+                                       "export), demo, bench.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
     train.add_parser(sub)
     evaluate.add_parser(sub)
+    detector.add_parser(sub)
+    predict.add_parser(sub)
+    export.add_parser(sub)
     reproduce.add_parser(sub)
     tools.add_parsers(sub)
     return parser
 
 
 def _commands() -> dict:
-    from . import evaluate, reproduce, tools, train
+    from . import detector, evaluate, export, predict, reproduce, tools, train
 
-    return {"train": train.run, "eval": evaluate.run, "reproduce": lambda args: reproduce.cmd(args, args.argv),
+    return {"train": train.run, "eval": evaluate.run, "detector": detector.run, "predict": predict.run,
+            "export": export.run, "reproduce": lambda args: reproduce.cmd(args, args.argv),
             "demo": tools.run_demo, "bench": tools.run_bench, "doctor": tools.run_doctor}
 
 

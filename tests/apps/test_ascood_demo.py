@@ -149,3 +149,15 @@ def test_bad_argument_through_python_m_has_no_traceback():
                        env=env, cwd=ROOT, timeout=120)
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == ["ascood demo: error: argument --seeds: must be >= 1, got 0"]
+
+
+def test_demo_ends_with_a_saved_detector_and_decisions(tiny_run, capsys):
+    # The ending: a detector from the first setting's ASCOOD network, saved, then used on held-out images.
+    _, out = tiny_run
+    from ascood.deploy import Detector
+
+    det = Detector.load(out / "detector")
+    assert det.tpr == 0.95 and det.provenance["scorer_choice"]["mode"] == "fixed"
+    assert det.provenance["data"]["n_calibration"] >= 19  # held-out half of the ID validation split
+    card = (out / "detector" / "README.md").read_text()
+    assert "threshold" in card and "exchangeable" in card

@@ -1,0 +1,108 @@
+"""``ascood detector``: build a calibrated OOD detector from a trained run and save it as one artifact.
+
+    ascood detector runs/mine --id-train data/train --id-val data/val --ood-val data/ood_val \\
+        --scorer aps --tpr 0.95 --out det/
+
+Every path, the scorer name and the TPR are checked, and ``--out`` claimed,
+before the model is loaded. The work is :meth:`ascood.deploy.Detector.fit`.
+"""
+from __future__ import annotations
+
+import argparse
+
+from . import checks
+from .argtypes import non_negative_int, positive_int
+
+__all__ = ["add_parser", "run"]
+
+
+def _open_unit(text: str) -> float:
+    """A number in the open interval (0, 1)."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}") from None
+    if not 0.0 < v < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1) (exclusive), got {text}")
+    return v
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    """Register ``ascood detector``."""
+    from ..training.model_selection import CHECKPOINT_CHOICES
+
+    p = sub.add_parser("detector", help="build a calibrated OOD detector (threshold at a target TPR, conformal "
+                       "p-values) from a trained run and save it",
+                       description="Fits one scorer on ID data, chooses its hyperparameters by APS with --ood-val, "
+                       "and calibrates the threshold on held-out ID validation data.")
+    p.add_argument("run", help="run directory of `ascood train` (best.pt when present, else last.pt) or a checkpoint")
+    p.add_argument("--which", choices=CHECKPOINT_CHOICES, help="with a run directory: best or last checkpoint")
+    p.add_argument("--id-val", required=True, metavar="PATH",
+                   help="ID validation data: calibrates the threshold (and, split off, tunes when needed)")
+    p.add_argument("--id-train", metavar="PATH", help="ID training data, for scorers that fit on it (knn, mds, vim, ...)")
+    p.add_argument("--ood-val", metavar="PATH", help="OOD validation data: APS picks hyperparameters (and, with "
+                   "--scorer aps, the scorer) by AUROC on it")
+    p.add_argument("--id-calibration", metavar="PATH",
+                   help="a separate ID calibration set (then all of --id-val tunes)")
+    p.add_argument("--scorer", default="aps",
+                   help="a scorer name (msp, ebo, knn, vim, odin, ...) or aps (the best by validation AUROC; needs "
+                        "--ood-val). Default aps")
+    p.add_argument("--tpr", type=_open_unit, default=0.95,
+                   help="target fraction of ID images kept as ID, in (0, 1) (default 0.95)")
+    p.add_argument("--calibration-fraction", type=_open_unit, default=0.5,
+                   help="share of --id-val kept for calibration when it must also tune (default 0.5)")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the tune/calibration split")
+    p.add_argument("--bank-dtype", choices=("float32", "float16"), default="float32",
+                   help="KNN / NNGuide / Relation bank precision on disk (float16: half the size)")
+    p.add_argument("--feature-dir", metavar="DIR", help="memory-map the extracted features from files in DIR instead "
+                   "of RAM (ImageNet-size --id-train with knn / nnguide / relation)")
+    p.add_argument("--out", required=True, metavar="DET", help="directory to write the detector to")
+    p.add_argument("--batch-size", type=positive_int, default=128, help="batch size (default 128)")
+    p.add_argument("--workers", type=non_negative_int, default=0, help="DataLoader workers (default 0)")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    """Checks, the claim of --out, then Detector.fit and save."""
+    from ..deploy.artifact import ARTIFACT_FILES
+    from ..scoring.scorers import get_scorer
+    from ..training.model_selection import resolve_checkpoint
+
+    checks.require_path(args.run, "run")
+    try:
+        ckpt = resolve_checkpoint(args.run, args.which)
+    except ValueError as err:
+        raise checks.InputError(str(err))
+    for flag, path in (("--id-val", args.id_val), ("--id-train", args.id_train), ("--ood-val", args.ood_val),
+                       ("--id-calibration", args.id_calibration)):
+        if path:
+            checks.require_path(path, f"{flag} data")
+    if args.scorer.lower() == "aps":
+        if not args.ood_val:
+            raise checks.InputError("--scorer aps chooses the scorer by AUROC against OOD validation data: give "
+                                    "--ood-val, or name a scorer")
+    else:
+        try:
+            probe = get_scorer(args.scorer)
+        except ValueError as err:
+            raise checks.InputError(f"--scorer: {err} (or aps)") from None
+        checks.check_scorers_have_train([probe], bool(args.id_train), True)
+    with checks.claim_out(args.out, ARTIFACT_FILES):
+        from ..deploy.detector import Detector
+
+        det = Detector.fit(ckpt, id_train=args.id_train, id_val=args.id_val, ood_val=args.ood_val,
+                           id_calibration=args.id_calibration, scorer=args.scorer, tpr=args.tpr,
+                           calibration_fraction=args.calibration_fraction, seed=args.seed,
+                           batch_size=args.batch_size, workers=args.workers, device=args.device,
+                           feature_dir=args.feature_dir, log=print)
+        det.save(args.out, bank_dtype=args.bank_dtype)
+    v = det.validation
+    line = (f"detector: {det.scorer.name} {det.provenance['scorer_choice']['params']}, threshold "
+            f"{det.threshold:.6g} at TPR {det.tpr} ({v['n_calibration']} calibration images, in-sample TPR "
+            f"{100 * v['calibration_tpr']:.2f}%)")
+    if "ood_val_fpr" in v:
+        line += f"; OOD val AUROC {100 * v['ood_val_auroc']:.2f}, FPR {100 * v['ood_val_fpr']:.2f}%"
+    print(line)
+    print(f"saved: {args.out}")
+    return 0

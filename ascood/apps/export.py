@@ -1,0 +1,54 @@
+"""``ascood export``: write a saved detector as one graph (ONNX, torch.export or TorchScript).
+
+    ascood export det/ --format onnx                 # det/detector.onnx
+    ascood export det/ --format torch-export --out served/det.pt2
+
+The graph maps images (B, C, S, S) float32 in [0, 1] to logits, score,
+is_ood and p_value, with the threshold, preprocessing and class names in the
+file's metadata (:mod:`ascood.deploy.export`).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+
+from . import checks
+
+__all__ = ["add_parser", "run"]
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    """Register ``ascood export``."""
+    from ..deploy.export import FORMATS
+
+    p = sub.add_parser("export", help="export a saved detector as one graph (images -> logits, score, is_ood, "
+                       "p_value) to ONNX, torch.export or TorchScript")
+    p.add_argument("detector", help="detector directory (from `ascood detector --out`)")
+    p.add_argument("--format", required=True, choices=FORMATS, help="onnx (onnxruntime), torch-export (.pt2) or "
+                   "torchscript")
+    p.add_argument("--out", metavar="FILE", help="output file (default DET/detector.onnx, .pt2 or .ts)")
+    p.add_argument("--no-check", dest="check", action="store_false",
+                   help="skip running the written file once against the detector")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..deploy.export import default_path
+
+    checks.require_path(args.detector, "detector")
+    out = args.out or default_path(args.detector, args.format)
+    if args.format == "torch-export" and not out.endswith(".pt2"):
+        raise checks.InputError(f"--out {out}: a torch.export archive must end in .pt2")
+    with checks.claim_out(os.path.dirname(os.path.abspath(out)), [os.path.basename(out)]):
+        from ..deploy.detector import Detector
+        from ..deploy.export import export, needs_gradient
+
+        det = Detector.load(args.detector, device="cpu")
+        if args.format == "onnx" and needs_gradient(det):
+            raise checks.InputError(f"--format onnx: scorer {det.scorer.name} needs an input gradient, which ONNX "
+                                    "graphs cannot compute; use --format torch-export or torchscript, or build the "
+                                    "detector with a forward-only scorer (e.g. ebo, msp, gen, scale, knn, vim)")
+        export(det, out, args.format, check=args.check)
+    print(f"exported: {out} ({args.format}; scorer {det.scorer.name}, threshold {det.threshold:.6g}, "
+          f"TPR {det.tpr})")
+    return 0
