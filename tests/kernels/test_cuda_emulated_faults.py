@@ -88,7 +88,7 @@ def _make_copies(tmp: pathlib.Path) -> dict[str, list[str]]:
 @pytest.fixture(scope="module")
 def fault_results(tmp_path_factory):
     spec = _make_copies(tmp_path_factory.mktemp("faults"))
-    tests_dir = pathlib.Path(__file__).resolve().parent
+    tests_dir = pathlib.Path(__file__).resolve().parents[1]  # tests/: emu_checks.py and the shared helpers
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(tests_dir), str(tests_dir.parent), env.get("PYTHONPATH", "")])
     proc = subprocess.run([sys.executable, str(tests_dir / "emu_checks.py"), "faults", json.dumps(spec)],
