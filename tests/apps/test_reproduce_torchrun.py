@@ -51,6 +51,21 @@ def _descendants(pid: int) -> list[int]:
     return out
 
 
+def _gone(pid: int, timeout: float = 10.0) -> bool:
+    """True once ``pid`` has exited (gone, or a zombie): SIGKILL is delivered asynchronously, so a
+    process read straight after kill() may still show as running on a loaded machine."""
+    deadline = time.time() + timeout
+    while True:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            return True
+        if state in ("Z", "X") or time.time() > deadline:
+            return state in ("Z", "X")
+        time.sleep(0.05)
+
+
 def _kill_all(proc: subprocess.Popen) -> None:
     """SIGKILL torchrun and every worker it started (a machine failure, mid-reproduction)."""
     for pid in [proc.pid, *_descendants(proc.pid)]:
@@ -87,7 +102,7 @@ def test_two_process_reproduce_trains_data_parallel_and_resumes_after_a_kill(tmp
             _kill_all(first)
         first.stdout.close()
     for pid in workers:  # none of them survives to finish the job behind the test's back
-        assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
+        assert _gone(pid), f"worker {pid} still runs 10 s after SIGKILL"
     assert not os.path.exists(os.path.join(out, "table.md"))  # killed during training: nothing evaluated yet
     ce_last = os.path.join(out, "ce", "seed0", "last.pt")
     ck = torch.load(ce_last, weights_only=True)

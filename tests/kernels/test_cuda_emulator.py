@@ -181,6 +181,38 @@ def test_race_check_finds_conflicting_writes_of_two_blocks():
             emulation.selftest("two_blocks_write", 0)
 
 
+_REPORT_RACES_IN_A_LOOP = """
+from ascood_kernels import emulation
+assert emulation.load(), emulation.why_not()
+for _ in range(400):
+    with emulation.options(race_check=1):
+        for name, arg in (("two_blocks_write", 0), ("nonatomic", 50)):
+            try:
+                emulation.selftest(name, arg)
+            except RuntimeError as err:
+                assert "data race" in str(err), err
+            else:
+                raise AssertionError(name + ": the race was not reported")
+print("reported every race")
+"""
+
+
+def test_reporting_a_race_never_hangs_the_checker():
+    """Regression: building a report's strings ran the instrumented std::string code, which
+    re-entered the check and waited forever on the shard lock it held whenever the string's
+    heap memory hashed to that shard (about one process in ten hung). The loop gives every
+    run hundreds of reports; in a subprocess so a hang fails this test instead of the suite."""
+    import subprocess
+    import sys
+
+    try:
+        proc = subprocess.run([sys.executable, "-c", _REPORT_RACES_IN_A_LOOP], capture_output=True, text=True,
+                              timeout=240)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the race check hung while reporting a race")
+    assert proc.returncode == 0 and "reported every race" in proc.stdout, proc.stderr[-2000:]
+
+
 def test_unknown_option_and_selftest_are_errors():
     with pytest.raises(ValueError, match="unknown option .num_smz."):
         with emulation.options(num_smz=3):

@@ -337,6 +337,21 @@ Shard g_shards[kShards];
 std::atomic<bool> g_enabled{false};
 
 thread_local bool t_check = false;  // this OS thread runs kernel code of a race-checked launch
+
+// Turns the check off for this thread while the emulator itself runs on it.
+// The kernels' translation units are instrumented, and the linker may pick
+// their copy of a shared inline function (std::string, std::vector): without
+// this, building a race report would check the report's own heap memory,
+// re-enter access() and wait forever on the shard lock it holds (seen: about
+// one run in ten of the two-block self-test hung), and the runtime's own
+// bookkeeping under its mutexes could be reported as a race of the kernel.
+struct Suspend {
+  bool saved = t_check;
+  Suspend() { t_check = false; }
+  ~Suspend() { t_check = saved; }
+  Suspend(const Suspend&) = delete;
+  Suspend& operator=(const Suspend&) = delete;
+};
 thread_local uintptr_t t_stack_lo = 0, t_stack_hi = 0;
 
 Shard& shard_of(uintptr_t line) { return g_shards[(line ^ (line >> 7)) % kShards]; }
@@ -476,7 +491,10 @@ void access(const void* addr, std::size_t size, bool write, bool atomic) {
 }
 
 inline void check(const void* addr, std::size_t size, bool write, bool atomic) {
-  if (t_check) access(addr, size, write, atomic);
+  if (t_check) {
+    const Suspend checking_itself;
+    access(addr, size, write, atomic);
+  }
 }
 
 }  // namespace race
@@ -782,6 +800,7 @@ uint64_t warp_exchange(WarpOp op, unsigned mask, uint64_t bits, int arg, int wid
 }
 
 void* block_shared(const void* key, const char* name, std::size_t bytes, std::size_t align) {
+  const race::Suspend bookkeeping;  // the allocation below is the emulator's, not the kernel's
   Block& b = cur();
   const int seen = b.sh_count.load(std::memory_order_acquire);
   for (int i = 0; i < seen; ++i) {
@@ -792,16 +811,19 @@ void* block_shared(const void* key, const char* name, std::size_t bytes, std::si
   for (int i = seen; i < count; ++i) {
     if (b.sh_keys[i].load(std::memory_order_acquire) == key) return b.sh_ptrs[i];
   }
-  b.static_bytes = (b.static_bytes + align - 1) / align * align + bytes;
-  if (b.static_bytes + b.dynamic_bytes > kMaxSharedBytes || count == Block::kMaxSharedVars) {
+  // Committed only when the variable fits: every thread that races here to the
+  // same failing variable then reports the same total, whichever message wins.
+  const std::size_t static_bytes = (b.static_bytes + align - 1) / align * align + bytes;
+  if (static_bytes + b.dynamic_bytes > kMaxSharedBytes || count == Block::kMaxSharedVars) {
     const std::string msg = count == Block::kMaxSharedVars
                                 ? std::string("more than 64 __shared__ variables in one kernel")
                                 : std::string("__shared__ ") + name + " brings the block's shared memory to " +
-                                      std::to_string(b.static_bytes) + " static + " + std::to_string(b.dynamic_bytes) +
+                                      std::to_string(static_bytes) + " static + " + std::to_string(b.dynamic_bytes) +
                                       " dynamic bytes, over the 48 KiB a launch may use";
     lk.unlock();
     fail_now(b, msg);
   }
+  b.static_bytes = static_bytes;
   // 64-byte aligned and padded: no other data shares its cache lines (the race check's granule).
   const std::size_t padded = (bytes + 63) / 64 * 64;
   const std::size_t a = std::max<std::size_t>(align, 64);
@@ -821,6 +843,7 @@ void* block_shared(const void* key, const char* name, std::size_t bytes, std::si
 void* dynamic_shared() { return cur().dynamic; }
 
 void device_assert_fail(const char* cond, const char* file, unsigned line) {
+  const race::Suspend reporting;
   Block& b = cur();
   fail_now(b, who(t_tid) + ": device-side assert triggered: " + cond + " (" + site(file, line) + ")");
 }
