@@ -227,7 +227,16 @@ def test_ctrl_c_during_start_up_is_one_line(tmp_path):
     # SIGINT while the command is still importing torch (well before any work): one line, no traceback.
     proc = subprocess.Popen([sys.executable, "-m", "ascood", "train", str(tmp_path), "--out", str(tmp_path / "r")],
                             cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    time.sleep(0.4)
+    # Not a fixed sleep: on a loaded machine the interpreter may not have started our code by then (a
+    # SIGINT inside Python's own start-up is Python's traceback, not ours). torch's library mapped into
+    # the process means its import has begun, which takes seconds more.
+    deadline = time.time() + 60
+    while proc.poll() is None and time.time() < deadline:
+        with open(f"/proc/{proc.pid}/maps") as maps:
+            if "libtorch" in maps.read():
+                break
+        time.sleep(0.01)
+    assert proc.poll() is None, "the command ended before it imported torch"
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
