@@ -225,7 +225,9 @@ def test_ctrl_c_during_start_up_is_one_line(tmp_path):
     from clihelpers import ROOT
 
     # SIGINT while the command is still importing torch (well before any work): one line, no traceback.
-    proc = subprocess.Popen([sys.executable, "-m", "ascood", "train", str(tmp_path), "--out", str(tmp_path / "r")],
+    (tmp_path / "data").mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "ascood", "train", str(tmp_path / "data"), "--out",
+                             str(tmp_path / "r")],
                             cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     # Not a fixed sleep: on a loaded machine the interpreter may not have started our code by then (a
     # SIGINT inside Python's own start-up is Python's traceback, not ours). torch's library mapped into
