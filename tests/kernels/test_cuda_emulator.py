@@ -200,7 +200,7 @@ print("reported every race")
 def test_reporting_a_race_never_hangs_the_checker():
     """Regression: building a report's strings ran the instrumented std::string code, which
     re-entered the check and waited forever on the shard lock it held whenever the string's
-    heap memory hashed to that shard (about one process in ten hung). The loop gives every
+    heap memory hashed to that shard (one process in six hung). The loop gives every
     run hundreds of reports; in a subprocess so a hang fails this test instead of the suite."""
     import subprocess
     import sys

@@ -342,8 +342,8 @@ thread_local bool t_check = false;  // this OS thread runs kernel code of a race
 // The kernels' translation units are instrumented, and the linker may pick
 // their copy of a shared inline function (std::string, std::vector): without
 // this, building a race report would check the report's own heap memory,
-// re-enter access() and wait forever on the shard lock it holds (seen: about
-// one run in ten of the two-block self-test hung), and the runtime's own
+// re-enter access() and wait forever on the shard lock it holds (seen: one
+// process in six running the emulator's tests hung), and the runtime's own
 // bookkeeping under its mutexes could be reported as a race of the kernel.
 struct Suspend {
   bool saved = t_check;
