@@ -228,7 +228,10 @@ def test_ctrl_c_during_start_up_is_one_line(tmp_path):
     (tmp_path / "data").mkdir()
     proc = subprocess.Popen([sys.executable, "-m", "ascood", "train", str(tmp_path / "data"), "--out",
                              str(tmp_path / "r")],
-                            cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                            cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            # A shell without job control starts background jobs with SIGINT ignored,
+                            # and Python keeps it ignored: the child gets the default back, as a terminal's.
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     # Not a fixed sleep: on a loaded machine the interpreter may not have started our code by then (a
     # SIGINT inside Python's own start-up is Python's traceback, not ours). torch's library mapped into
     # the process means its import has begun, which takes seconds more.
