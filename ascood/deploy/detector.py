@@ -288,38 +288,20 @@ class Detector:
         model, prep, run_classes, provenance = _load_source(model_or_run, preprocessing, which)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         model = model.to(device).eval()
-        n_classes = _num_classes(model, prep)
-        names = [str(c) for c in (classes or run_classes or range(n_classes))]
-        if len(names) != n_classes:
-            raise ValueError(f"classes has {len(names)} names, the model has {n_classes} outputs")
+        names = _class_names(classes or run_classes, _num_classes(model, prep))
 
-        def load(data, what: str):
-            return _as_dataset(data, prep, what)
-
-        val_ds = load(id_val, "id_val")
-        train_ds = load(id_train, "id_train") if id_train is not None else None
-        ood_ds = load(ood_val, "ood_val") if ood_val is not None else None
+        val_ds = _as_dataset(id_val, prep, "id_val")
+        train_ds = _as_dataset(id_train, prep, "id_train") if id_train is not None else None
+        ood_ds = _as_dataset(ood_val, prep, "ood_val") if ood_val is not None else None
         is_aps = isinstance(scorer, str) and scorer.lower() == "aps"
         if is_aps and ood_ds is None:
             raise ValueError("scorer='aps' chooses the scorer by AUROC against OOD validation data: pass ood_val "
                              "(or name a scorer)")
-        input_std = model_input_std(model) or prep.std
-        if is_aps:
-            names_to_try = [n for n in candidates if _usable(n, model, train_ds is not None)]
-            if not names_to_try:
-                raise ValueError("scorer='aps': no candidate scorer fits this model and data")
-            needs_val_fit = any(get_scorer(n).fit_split == "val" for n in names_to_try)
-        else:
-            probe = get_scorer(scorer) if isinstance(scorer, str) else scorer
-            if probe.needs_fit and probe.fit_split == "train" and train_ds is None:
-                raise ValueError(f"scorer {probe.name!r} fits ID training statistics: pass id_train")
-            if probe.uses_features and not has_feature_head(model):
-                raise ValueError(f"scorer {probe.name!r} reads features: the model needs features(x)/head(h)/fc "
-                                 "(build it with ascood.build_model or ascood.wrap)")
-            needs_val_fit = probe.needs_fit and probe.fit_split == "val"
-        tunes = ood_ds is not None or needs_val_fit
+        to_try = _aps_names(candidates, model, train_ds is not None) if is_aps else [_check_named(scorer, model,
+                                                                                                   train_ds)]
+        tunes = ood_ds is not None or any(_fits_on_val(s) for s in to_try)
         if id_calibration is not None:
-            tune_ds, calib_ds = val_ds, load(id_calibration, "id_calibration")
+            tune_ds, calib_ds = val_ds, _as_dataset(id_calibration, prep, "id_calibration")
         elif tunes:
             tune_ds, calib_ds = _split(val_ds, calibration_fraction, seed)
         else:
@@ -331,52 +313,18 @@ class Detector:
 
         train_l, tune_l, calib_l, ood_l = loader(train_ds), loader(tune_ds), loader(calib_ds), loader(ood_ds)
         cache = FeatureCache(model, directory=None if feature_dir is None else os.fspath(feature_dir))
+        input_std = model_input_std(model) or prep.std
         t0 = time.perf_counter()
-        choice: dict = {"mode": "aps" if is_aps else "fixed"}
         if is_aps:
-            best = None
-            trials = []
-            for name in names_to_try:
-                try:
-                    s, res = _tune(scorer_for_model(name, input_std), model, tune_l, ood_l, train_l, cache)
-                except ValueError as err:  # e.g. ViM's grid needs more feature dimensions than this model has
-                    say(f"APS {name}: skipped ({err})")
-                    trials.append({"scorer": name, "skipped": str(err)})
-                    continue
-                trials.append({"scorer": name, "params": _public_params(s), "val_auroc": res})
-                say(f"APS {name}: {_public_params(s)} (validation AUROC {100 * res:.2f})")
-                if best is None or res > best[1]:
-                    best = (s, res)
-            if best is None:
-                raise ValueError("scorer='aps': every candidate failed: " + "; ".join(t["skipped"] for t in trials))
-            fitted, choice["val_auroc"], choice["trials"] = best[0], best[1], trials
+            fitted, choice = _choose_by_aps(to_try, input_std, model, tune_l, ood_l, train_l, cache, say)
         else:
-            s = scorer_for_model(scorer, input_std) if isinstance(scorer, str) else scorer
-            if ood_l is not None:
-                s, auroc = _tune(s, model, tune_l, ood_l, train_l, cache)
-                choice["val_auroc"] = auroc
-                say(f"APS {s.name}: {_public_params(s)} (validation AUROC {100 * auroc:.2f})")
-            elif s.needs_fit and not s.fitted:
-                with torch.enable_grad():
-                    fit_scorer(s, model, s.fit_loader(train_l, tune_l), cache)
-            fitted = s
+            fitted, choice = _fit_named(scorer, input_std, model, tune_l, ood_l, train_l, cache, say)
         fit_seconds = time.perf_counter() - t0
         choice.update({"scorer": fitted.name, "params": _public_params(fitted)})
+
         calib_scores, calib_labels, calib_pred = _scores_of(model, fitted, calib_l)
         det = cls(model, fitted, prep, names, calib_scores, tpr, provenance)
-        validation = {"n_calibration": int(calib_scores.numel()), "tpr_target": tpr, "threshold": det.threshold,
-                      "calibration_tpr": float((calib_scores >= det.threshold).double().mean()),
-                      "fit_seconds": round(fit_seconds, 3)}
-        if calib_labels is not None and bool((calib_labels >= 0).all()):
-            validation["calibration_accuracy"] = float((calib_pred == calib_labels).double().mean())
-        if ood_l is not None:
-            ood_scores, _, _ = _scores_of(model, fitted, ood_l)
-            m = ood_metrics(calib_scores, ood_scores)
-            validation.update({"n_ood_val": int(ood_scores.numel()), "ood_val_auroc": m["auroc"],
-                               "ood_val_fpr": float((ood_scores >= det.threshold).double().mean()),
-                               "ood_val_detected": float((ood_scores < det.threshold).double().mean()),
-                               "ood_val_note": "ood_val also chose the hyperparameters (APS): optimistic"})
-        det.validation = validation
+        det.validation = _validation_summary(det, calib_labels, calib_pred, ood_l, fit_seconds)
         det.provenance.update({
             "scorer_choice": choice,
             "data": {"id_train": _describe(id_train), "id_val": _describe(id_val), "ood_val": _describe(ood_val),
@@ -466,6 +414,88 @@ def _tune(scorer: Scorer, model, tune_l, ood_l, train_l, cache) -> tuple[Scorer,
     _, s_id, _ = loader_scores(scorer, model, tune_l, cache)
     _, s_ood, _ = loader_scores(scorer, model, ood_l, cache)
     return scorer, float(ood_metrics(s_id, s_ood)["auroc"])
+
+
+def _aps_names(candidates: Sequence[str], model: nn.Module, has_train: bool) -> list[str]:
+    """The APS candidates this model and data can run (feature scorers need a feature head, train fits id_train)."""
+    names = [n for n in candidates if _usable(n, model, has_train)]
+    if not names:
+        raise ValueError("scorer='aps': no candidate scorer fits this model and data")
+    return names
+
+
+def _check_named(scorer: str | Scorer, model: nn.Module, train_ds) -> str | Scorer:
+    """A named scorer (or scorer object) checked against the model and data before any work; returned as given."""
+    probe = get_scorer(scorer) if isinstance(scorer, str) else scorer
+    if probe.needs_fit and probe.fit_split == "train" and train_ds is None:
+        raise ValueError(f"scorer {probe.name!r} fits ID training statistics: pass id_train")
+    if probe.uses_features and not has_feature_head(model):
+        raise ValueError(f"scorer {probe.name!r} reads features: the model needs features(x)/head(h)/fc "
+                         "(build it with ascood.build_model or ascood.wrap)")
+    return scorer
+
+
+def _fits_on_val(scorer: str | Scorer) -> bool:
+    """Whether the scorer fits on ID validation data (then id_val must be split into tuning and calibration)."""
+    s = get_scorer(scorer) if isinstance(scorer, str) else scorer
+    return s.needs_fit and s.fit_split == "val"
+
+
+def _choose_by_aps(names, input_std, model, tune_l, ood_l, train_l, cache, say) -> tuple[Scorer, dict]:
+    """APS over scorers: each candidate tuned on its grid; the best validation AUROC wins (a tie keeps the first)."""
+    best, trials = None, []
+    for name in names:
+        try:
+            s, res = _tune(scorer_for_model(name, input_std), model, tune_l, ood_l, train_l, cache)
+        except ValueError as err:  # e.g. ViM's grid needs more feature dimensions than this model has
+            say(f"APS {name}: skipped ({err})")
+            trials.append({"scorer": name, "skipped": str(err)})
+            continue
+        trials.append({"scorer": name, "params": _public_params(s), "val_auroc": res})
+        say(f"APS {name}: {_public_params(s)} (validation AUROC {100 * res:.2f})")
+        if best is None or res > best[1]:
+            best = (s, res)
+    if best is None:
+        raise ValueError("scorer='aps': every candidate failed: " + "; ".join(t["skipped"] for t in trials))
+    return best[0], {"mode": "aps", "val_auroc": best[1], "trials": trials}
+
+
+def _fit_named(scorer, input_std, model, tune_l, ood_l, train_l, cache, say) -> tuple[Scorer, dict]:
+    """One named scorer: its grid swept by APS when ood_val is given, else just fitted (when it needs a fit)."""
+    s = scorer_for_model(scorer, input_std) if isinstance(scorer, str) else scorer
+    choice: dict = {"mode": "fixed"}
+    if ood_l is not None:
+        s, auroc = _tune(s, model, tune_l, ood_l, train_l, cache)
+        choice["val_auroc"] = auroc
+        say(f"APS {s.name}: {_public_params(s)} (validation AUROC {100 * auroc:.2f})")
+    elif s.needs_fit and not s.fitted:
+        with torch.enable_grad():
+            fit_scorer(s, model, s.fit_loader(train_l, tune_l), cache)
+    return s, choice
+
+
+def _validation_summary(det: "Detector", calib_labels, calib_pred, ood_l, fit_seconds: float) -> dict:
+    """The numbers the model card shows: the calibration set's TPR and accuracy, and ood_val's FPR / AUROC."""
+    calib = det.calibration
+    out = {"n_calibration": int(calib.numel()), "tpr_target": det.tpr, "threshold": det.threshold,
+           "calibration_tpr": float((calib >= det.threshold).double().mean()), "fit_seconds": round(fit_seconds, 3)}
+    if calib_labels is not None and bool((calib_labels >= 0).all()):
+        out["calibration_accuracy"] = float((calib_pred == calib_labels).double().mean())
+    if ood_l is not None:
+        ood_scores, _, _ = _scores_of(det.model, det.scorer, ood_l)
+        m = ood_metrics(calib, ood_scores)
+        out.update({"n_ood_val": int(ood_scores.numel()), "ood_val_auroc": m["auroc"],
+                    "ood_val_fpr": float((ood_scores >= det.threshold).double().mean()),
+                    "ood_val_detected": float((ood_scores < det.threshold).double().mean()),
+                    "ood_val_note": "ood_val also chose the hyperparameters (APS): optimistic"})
+    return out
+
+
+def _class_names(given: Sequence | None, n_classes: int) -> list[str]:
+    names = [str(c) for c in (given or range(n_classes))]
+    if len(names) != n_classes:
+        raise ValueError(f"classes has {len(names)} names, the model has {n_classes} outputs")
+    return names
 
 
 def _public_params(scorer: Scorer) -> dict:

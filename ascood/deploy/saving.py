@@ -83,13 +83,26 @@ def load_detector(cls, path: str, model: nn.Module | None = None, device=None, m
         prep = Preprocessing.from_json(spec.get("preprocessing"), f"{where}: preprocessing")
     except ValueError as err:
         raise ArtifactError(str(err)) from None
-    minfo = spec.get("model")
-    if not isinstance(minfo, dict):
-        raise ArtifactError(f"{where}: 'model' must be a JSON object")
     classes = spec.get("classes")
     if not (isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes)):
         raise ArtifactError(f"{where}: 'classes' must be a non-empty list of names")
-    # The model: rebuilt from its build record (or the one given), then its weights from safetensors.
+    model, n_classes = _load_model(spec, paths, model)
+    if len(classes) != n_classes:
+        raise ArtifactError(f"{where}: {len(classes)} class names for a model with {n_classes} outputs")
+    scorer = _load_scorer(spec, paths, model, n_classes, max_bank_mb)
+    det = _load_decision(cls, spec, paths, model, scorer, prep, classes)
+    if device is not None:
+        det.to(device)
+    return det
+
+
+def _load_model(spec: dict, paths: dict, model: nn.Module | None) -> tuple[nn.Module, int]:
+    """(the model in eval mode, its number of outputs): rebuilt from its build record (or the one given), then
+    its weights from safetensors."""
+    where = paths[SPEC]
+    minfo = spec.get("model")
+    if not isinstance(minfo, dict):
+        raise ArtifactError(f"{where}: 'model' must be a JSON object")
     if model is None:
         if minfo.get("build") is None:
             raise ArtifactError(f"{where}: the model was not made by ascood.build_model (no build record): pass "
@@ -109,11 +122,12 @@ def load_detector(cls, path: str, model: nn.Module | None = None, device=None, m
     except RuntimeError as err:
         raise ArtifactError(str(err)) from None
     model.eval()
-    n_classes = model.num_classes if hasattr(model, "num_classes") else minfo.get("num_classes")
-    if len(classes) != n_classes:
-        raise ArtifactError(f"{where}: {len(classes)} class names for a model with {n_classes} outputs")
-    feature_dim = int(model.feature_dim) if has_feature_head(model) else None
-    # The scorer: JSON hyperparameters + safetensors state; a bank stays on disk when large.
+    return model, (model.num_classes if hasattr(model, "num_classes") else minfo.get("num_classes"))
+
+
+def _load_scorer(spec: dict, paths: dict, model: nn.Module, n_classes: int, max_bank_mb: float):
+    """The scorer: JSON hyperparameters + safetensors state; a bank larger than max_bank_mb stays on disk."""
+    where = paths[SPEC]
     sinfo = spec.get("scorer")
     if not isinstance(sinfo, dict) or not isinstance(sinfo.get("name"), str):
         raise ArtifactError(f"{where}: 'scorer' must be a JSON object with a name")
@@ -129,11 +143,17 @@ def load_detector(cls, path: str, model: nn.Module | None = None, device=None, m
     tensors = read_tensors(paths[SCORER_FILE], skip=("bank",) if name in BANK_SCORERS else ())
     if name not in BANK_SCORERS and "bank" in tensors:
         raise ArtifactError(f"{paths[SCORER_FILE]}: unexpected tensor 'bank' for scorer {name}")
+    feature_dim = int(model.feature_dim) if has_feature_head(model) else None
     scorer = restore_scorer(name, sinfo.get("params"), tensors, num_classes=n_classes, feature_dim=feature_dim,
                             bank=bank, where=where)
     if hasattr(scorer, "max_device_bank_mb"):
         scorer.max_device_bank_mb = max_bank_mb
-    # The decision: the calibration scores, checked against the stored threshold.
+    return scorer
+
+
+def _load_decision(cls, spec: dict, paths: dict, model, scorer, prep, classes):
+    """The detector, its threshold recomputed from the stored calibration scores and checked against the JSON."""
+    where = paths[SPEC]
     dinfo = spec.get("decision")
     if not isinstance(dinfo, dict):
         raise ArtifactError(f"{where}: 'decision' must be a JSON object")
@@ -158,8 +178,6 @@ def load_detector(cls, path: str, model: nn.Module | None = None, device=None, m
         raise ArtifactError(f"{where}: decision threshold {stored!r} is not the one its calibration scores give "
                             f"({det.threshold!r}) at tpr {tpr}: the threshold was edited or does not belong to "
                             "these scores")
-    if device is not None:
-        det.to(device)
     return det
 
 
