@@ -475,14 +475,7 @@ def resolve_benchmark(name: str, root: str | os.PathLike, *, allow_missing: bool
     label_map = None
     if class_list is not None:
         class_list = os.path.abspath(os.fspath(class_list))
-        if not os.path.isfile(class_list):
-            raise OpenOODTreeError(f"--class-list file not found: {class_list}")
-        classes = read_class_list(class_list, bench.num_classes, bench.source_classes)
-        train = os.path.join(root, bench.by_role("id_train")[0].list)
-        if not os.path.isfile(train):
-            raise OpenOODTreeError(f"benchmark {bench.name} needs pieces missing under {root}:\n  id_train "
-                                   f"{bench.name}: list {bench.by_role('id_train')[0].list} not found\n{TREE_TEXT}.")
-        label_map = _label_map(classes, train, class_list, "--class-list")
+        label_map = _subset_label_map(bench, root, class_list)
     id_classes = bench.source_classes or bench.num_classes
     present, sizes, skipped = [], {}, []
     missing: list[tuple[SetSpec, str]] = []
@@ -517,6 +510,25 @@ def resolve_benchmark(name: str, root: str | os.PathLike, *, allow_missing: bool
             present.append(spec)
     if errors:
         raise OpenOODTreeError(f"{bench.name}: bad image lists under {root}:\n  " + "\n  ".join(dict.fromkeys(errors)))
+    skipped = _refuse_missing(bench, root, present, missing, allow_missing)
+    return ResolvedBenchmark(bench, root, present, sizes, skipped, class_list=class_list, label_map=label_map)
+
+
+def _subset_label_map(bench: Benchmark, root: str, class_list: str) -> dict:
+    """imagenet100's map from ImageNet-1K labels to the class list's order, read from the ID train list."""
+    if not os.path.isfile(class_list):
+        raise OpenOODTreeError(f"--class-list file not found: {class_list}")
+    classes = read_class_list(class_list, bench.num_classes, bench.source_classes)
+    train = os.path.join(root, bench.by_role("id_train")[0].list)
+    if not os.path.isfile(train):
+        raise OpenOODTreeError(f"benchmark {bench.name} needs pieces missing under {root}:\n  id_train "
+                               f"{bench.name}: list {bench.by_role('id_train')[0].list} not found\n{TREE_TEXT}.")
+    return _label_map(classes, train, class_list, "--class-list")
+
+
+def _refuse_missing(bench: Benchmark, root: str, present: list, missing: list, allow_missing: bool) -> list:
+    """The missing sets that may be skipped, as (spec, why); an error for any the run cannot do without
+    (an ID set, an OOD set without ``allow_missing``, the OOD validation set, every OOD test set)."""
     fatal = [(s, why) for s, why in missing
              if s.role in ID_ROLES or (s.role in OOD_ROLES and not allow_missing and not s.optional)]
     if fatal:
@@ -533,7 +545,7 @@ def resolve_benchmark(name: str, root: str | os.PathLike, *, allow_missing: bool
     if not any(s.role in ("near", "far") for s in present):
         raise OpenOODTreeError(f"benchmark {bench.name}: no OOD test set is present under {root}:\n  "
                                + "\n  ".join(f"{s.role} {s.name}: {why}" for s, why in skipped) + f"\n{TREE_TEXT}.")
-    return ResolvedBenchmark(bench, root, present, sizes, skipped, class_list=class_list, label_map=label_map)
+    return skipped
 
 
 def tree_markdown() -> str:
