@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 
 from . import checks
-from .argtypes import non_negative_int, positive_int
+from .argtypes import device_name, non_negative_int, positive_int
 
 __all__ = ["add_parser", "run"]
 
@@ -59,7 +59,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="DET", help="directory to write the detector to")
     p.add_argument("--batch-size", type=positive_int, default=128, help="batch size (default 128)")
     p.add_argument("--workers", type=non_negative_int, default=0, help="DataLoader workers (default 0)")
-    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--device", type=device_name, help="cpu, cuda or cuda:N (default: cuda when available)")
     return p
 
 

@@ -20,7 +20,7 @@ import os
 import sys
 
 from . import checks
-from .argtypes import non_negative_int, positive_int
+from .argtypes import device_name, non_negative_int, positive_int
 
 __all__ = ["add_parser", "run", "FLAGGED_EXIT", "write_predictions"]
 
@@ -49,7 +49,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    "discovery rate (column bh_ood; the exit status then follows it)")
     p.add_argument("--batch-size", type=positive_int, default=64, help="batch size (default 64)")
     p.add_argument("--workers", type=non_negative_int, default=0, help="DataLoader workers (default 0)")
-    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--device", type=device_name, help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     return p
 
@@ -77,9 +77,16 @@ def write_predictions(pred, path: str | None) -> str:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from ..data.datasets import DataError
+    from ..deploy.inputs import expand_paths
+
     checks.require_path(args.detector, "detector")
     for path in args.paths:
         checks.require_path(path, "PATH")
+    try:  # before the detector loads: a folder without images or a bad list entry is bad input (exit 2)
+        files = expand_paths(args.paths)
+    except DataError as err:
+        raise checks.InputError(str(err)) from None
     if args.out is not None and not args.out.lower().endswith((".csv", ".jsonl")):
         raise checks.InputError(f"--out {args.out}: expected a .csv or .jsonl file name")
     out_dir = os.path.dirname(os.path.abspath(args.out)) if args.out else None
@@ -89,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
 
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         det = Detector.load(args.detector, device=device)
-        pred = det.predict(list(args.paths), fdr=args.fdr, batch_size=args.batch_size, workers=args.workers,
+        pred = det.predict(files, fdr=args.fdr, batch_size=args.batch_size, workers=args.workers,
                            progress=args.progress)
         text = write_predictions(pred, args.out)
     n, flagged = len(pred), int(pred.is_ood.sum())

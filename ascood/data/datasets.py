@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 __all__ = ["DataError", "IMAGE_EXTENSIONS", "build_transforms", "image_folder", "ImageListDataset", "CIFARDataset",
            "FlatImageDataset", "dataset_from_path", "detect_format", "DATA_FORMATS",
            "ArrayDataset", "open_image", "make_loader", "estimate_mean_std", "read_cifar_batch",
-           "looks_like_pickle", "unpack_batch", "scan_images", "list_entry_path", "CLASS_TABLE_NAME"]
+           "looks_like_pickle", "unpack_batch", "scan_images", "find_images", "list_entry_path", "CLASS_TABLE_NAME"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
@@ -495,6 +495,17 @@ def estimate_mean_std(dataset: Dataset, max_samples: int = 2000) -> tuple[list[f
     return mean.tolist(), std.tolist()
 
 
+def find_images(folder: str | os.PathLike) -> list[str]:
+    """Every image file below ``folder``, sorted, scanned as the data folders are (:func:`scan_images`:
+    hidden entries skipped, symlinks followed only inside ``folder``, loops read once; what was skipped is
+    said once as a warning). An empty list when there is none."""
+    folder = os.fspath(folder)
+    skipped = _Skipped()
+    found = scan_images(folder, folder, skipped)
+    skipped.warn(folder)
+    return found
+
+
 class FlatImageDataset(Dataset):
     """All images directly under (or anywhere below) ``root``, unlabelled (label -1): typical OOD folders.
 
@@ -505,9 +516,7 @@ class FlatImageDataset(Dataset):
         root = os.fspath(root)
         if not os.path.isdir(root):
             raise DataError(f"image folder not found: {root}")
-        skipped = _Skipped()
-        self.paths = scan_images(root, root, skipped)
-        skipped.warn(root)
+        self.paths = find_images(root)
         if not self.paths:
             raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
         self.transform, self.mode = transform, mode

@@ -8,7 +8,8 @@ shorter side to ``resize``, centre-crop ``image_size``, convert to ``channels``
 crop, before the normalisation) and normalise inside.
 
 :func:`expand_paths` turns the command line's PATH arguments into image files:
-an image file is itself, a folder is every image below it (sorted), any other
+an image file is itself, a folder is every image below it (sorted; hidden entries
+skipped and symlinks followed only inside it, as for training data), any other
 file is an image list (one path per line, relative to the list's folder, an
 optional trailing integer label ignored).
 """
@@ -21,7 +22,8 @@ from typing import Sequence
 
 import torch
 
-from ..data.datasets import IMAGE_EXTENSIONS, DataError, ImageListDataset, build_transforms, open_image
+from ..data.datasets import (IMAGE_EXTENSIONS, DataError, ImageListDataset, build_transforms, find_images,
+                             open_image)
 
 __all__ = ["Preprocessing", "expand_paths", "check_image_tensor", "PathDataset"]
 
@@ -157,8 +159,7 @@ def expand_paths(paths: Sequence[str | os.PathLike], name: str = "PATH") -> list
         if not os.path.exists(path):
             raise DataError(f"{name} {path} not found")
         if os.path.isdir(path):
-            found = sorted(os.path.join(d, f) for d, _, names in os.walk(path) for f in names
-                           if f.lower().endswith(IMAGE_EXTENSIONS))
+            found = find_images(path)  # the data folders' scan: hidden files (macOS ._*) skipped, links kept inside
             if not found:
                 raise DataError(f"{name} {path}: no images ({', '.join(IMAGE_EXTENSIONS)}) in this folder")
             files.extend(found)

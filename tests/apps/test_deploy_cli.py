@@ -92,9 +92,16 @@ def test_export_formats(setup, tmp_path, capsys):
     (["predict", "{det}", "{val}", "--out", "{tmp}/p.txt"], "expected a .csv or .jsonl"),
     (["predict", "{det}", "{val}", "--fdr", "2"], "--fdr: must be in (0, 1)"),
     (["export", "{det}", "--format", "torch-export", "--out", "{tmp}/d.pt"], "must end in .pt2"),
+    (["predict", "{det}", "{val}", "--device", "tpu"], "argument --device: expected cpu, cuda or cuda:N, got 'tpu'"),
+    (["detector", "{run}", "--id-val", "{val}", "--scorer", "msp", "--out", "{tmp}/d", "--device", "tpu"],
+     "argument --device: expected cpu, cuda or cuda:N, got 'tpu'"),
+    (["predict", "{det}", "{tmp}"], "no images"),  # an empty folder is bad input, found before the detector loads
+    (["predict", "{det}", "{tmp}/list.txt"], "list.txt:1: image"),  # a list naming a missing image
 ])
 def test_bad_input_is_named(argv, message, setup, tmp_path, capsys):
     argv = [a.format(tmp=tmp_path, **setup) for a in argv]
+    if any(a.endswith("list.txt") for a in argv):
+        (tmp_path / "list.txt").write_text("gone.png\n")
     try:
         status = main(argv)
     except SystemExit as exit_:  # argparse's own errors
@@ -122,3 +129,20 @@ def test_runtime_failures_name_the_file(setup, tmp_path, capsys):
         f.write(b"\x00\x01\x02")
     assert main(["predict", str(tampered), setup["val"], "--no-progress"]) == 1
     assert "model.safetensors does not match its sha256" in capsys.readouterr().err
+
+
+def test_predict_skips_hidden_files_in_folders(setup, tmp_path, capsys):
+    """A folder copied from macOS (``._x.png``) or a notebook (``.ipynb_checkpoints``) scores only its images."""
+    import shutil
+
+    first = sorted(os.listdir(os.path.join(setup["val"], "red")))[0]
+    src = os.path.join(setup["val"], "red", first)
+    (tmp_path / "imgs" / ".ipynb_checkpoints").mkdir(parents=True)
+    shutil.copy(src, tmp_path / "imgs" / "a.png")
+    shutil.copy(src, tmp_path / "imgs" / ".ipynb_checkpoints" / "a-checkpoint.png")
+    (tmp_path / "imgs" / "._a.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble, not an image")
+    out = tmp_path / "p.csv"
+    status = main(["predict", setup["det"], str(tmp_path / "imgs"), "--out", str(out), "--no-progress"])
+    assert status in (0, 3)
+    assert "skipped 2 hidden file(s)/folder(s)" in capsys.readouterr().err
+    assert [r["path"] for r in csv.DictReader(out.open())] == [str(tmp_path / "imgs" / "a.png")]
