@@ -33,12 +33,14 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..deploy.export import default_path
+    from ..deploy.export import check_export_path, default_path
 
     checks.require_path(args.detector, "detector")
     out = args.out or default_path(args.detector, args.format)
-    if args.format == "torch-export" and not out.endswith(".pt2"):
-        raise checks.InputError(f"--out {out}: a torch.export archive must end in .pt2")
+    try:
+        check_export_path(out, args.format)
+    except ValueError as err:
+        raise checks.InputError(f"--out: {err}") from None
     with checks.claim_out(os.path.dirname(os.path.abspath(out)), [os.path.basename(out)]):
         from ..deploy.detector import Detector
         from ..deploy.export import export, needs_gradient

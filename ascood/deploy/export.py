@@ -39,11 +39,37 @@ from ..files import atomic_write
 from .artifact import require_deploy_extra
 from .graph import GRADIENT_SCORERS, build_graph
 
-__all__ = ["FORMATS", "score_tolerance", "export", "metadata", "read_metadata", "run_exported", "load_exported", "OUTPUTS",
+__all__ = ["FORMATS", "check_export_path", "score_tolerance", "export", "metadata", "read_metadata", "run_exported", "load_exported", "OUTPUTS",
            "DEFAULT_NAMES", "needs_gradient"]
 
 FORMATS = ("onnx", "torch-export", "torchscript")
 DEFAULT_NAMES = {"onnx": "detector.onnx", "torch-export": "detector.pt2", "torchscript": "detector.ts"}
+#: File name endings that say a format: a name ending in another format's is refused (a .onnx file holding
+#: TorchScript fails only when someone serves it).
+FORMAT_SUFFIXES = {"onnx": (".onnx",), "torch-export": (".pt2",), "torchscript": (".ts", ".pt", ".pth", ".jit")}
+
+
+def check_export_path(path: str, fmt: str) -> None:
+    """ValueError when ``path``'s ending names another format than ``fmt`` (torch.export also needs .pt2)."""
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if fmt == "torch-export" and not path.endswith(".pt2"):
+        raise ValueError(f"a torch.export archive must be named *.pt2 (torch.export.load reads only those), got {path}")
+    low = path.lower()
+    for other, endings in FORMAT_SUFFIXES.items():
+        if other != fmt and low.endswith(endings):
+            raise ValueError(f"{path} ends in {os.path.splitext(path)[1]}, the ending of {other} files, but the "
+                             f"format is {fmt}: name it *{FORMAT_SUFFIXES[fmt][0]} (or choose --format {other})")
+
+
+def _load_torchscript(path: str, **kw):
+    """torch.jit.load without its deprecation note (the user chose TorchScript; the docs say torch-export is
+    the format torch keeps)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.", category=FutureWarning)
+        return torch.jit.load(path, map_location="cpu", **kw)
 OUTPUTS = ("logits", "score", "is_ood", "p_value")
 GRAPH_FORMAT = "ascood-detector-graph-v1"
 ONNX_OPSET = 17
@@ -97,10 +123,7 @@ def export(det, path: str, fmt: str = "onnx", *, check: bool = True) -> str:
     ``check``: run the written file once on a small batch and compare it with
     the in-memory graph (a broken export fails here, not in production).
     """
-    if fmt not in FORMATS:
-        raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-    if fmt == "torch-export" and not path.endswith(".pt2"):
-        raise ValueError(f"a torch.export archive must be named *.pt2 (torch.export.load reads only those), got {path}")
+    check_export_path(path, fmt)
     if fmt == "onnx" and needs_gradient(det):
         raise ValueError(f"scorer {det.scorer.name} perturbs the input along its gradient, which an ONNX inference "
                          "graph cannot compute: export it with --format torch-export or torchscript, or build the "
@@ -198,7 +221,7 @@ def load_exported(path: str, fmt: str):
     if fmt == "torch-export":
         module = torch.export.load(path).module()
     else:
-        module = torch.jit.load(path, map_location="cpu")
+        module = _load_torchscript(path)
 
     def run_torch(images):
         t = images if torch.is_tensor(images) else torch.from_numpy(np.asarray(images, dtype=np.float32))
@@ -223,7 +246,7 @@ def read_metadata(path: str, fmt: str) -> dict:
     if fmt == "torch-export":
         torch.export.load(path, extra_files=extra)
     else:
-        torch.jit.load(path, map_location="cpu", _extra_files=extra)
+        _load_torchscript(path, _extra_files=extra)
     data = extra["ascood.json"]
     return json.loads(data.decode() if isinstance(data, bytes) else data)
 

@@ -145,3 +145,18 @@ def test_mds_with_input_preprocessing_exports_to_torch_formats(fmt, tmp_path):
                  det.predict(x))
     with pytest.raises(ValueError, match="ONNX inference graph cannot compute"):
         export(det, str(tmp_path / "d.onnx"), "onnx")
+
+
+@pytest.mark.parametrize("name,fmt,ok", [("d.onnx", "onnx", True), ("d.model", "onnx", True), ("d.ts", "torchscript", True),
+                                         ("d.pt", "torchscript", True), ("d.pt2", "torch-export", True),
+                                         ("d.onnx", "torchscript", False), ("d.ts", "onnx", False),
+                                         ("d.pt2", "onnx", False), ("D.ONNX", "torch-export", False),
+                                         ("d.pt", "torch-export", False), ("d.onnx", "tflite", False)])
+def test_export_path_must_not_name_another_format(name, fmt, ok):
+    from ascood.deploy.export import check_export_path
+
+    if ok:
+        check_export_path(name, fmt)
+    else:
+        with pytest.raises(ValueError, match=r"\*\.|format must be one of"):
+            check_export_path(name, fmt)
