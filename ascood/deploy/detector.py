@@ -186,6 +186,8 @@ class Detector:
         """
         if fdr is not None:
             fdr = check_fdr(fdr)
+        _check_count(batch_size, "batch_size", 1)
+        _check_count(workers, "workers", 0)
         prep, source = self.preprocessing, None
         if isinstance(inputs, (str, os.PathLike)) or (isinstance(inputs, (list, tuple)) and inputs
                                                        and all(isinstance(p, (str, os.PathLike)) for p in inputs)):
@@ -285,6 +287,8 @@ class Detector:
             raise ValueError(f"calibration_fraction must be in (0, 1), got {calibration_fraction!r}")
         if id_val is None:
             raise ValueError("id_val is required: the threshold is calibrated on ID validation data only")
+        _check_count(batch_size, "batch_size", 1)
+        _check_count(workers, "workers", 0)
         model, prep, run_classes, provenance = _load_source(model_or_run, preprocessing, which)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         model = model.to(device).eval()
@@ -489,6 +493,12 @@ def _validation_summary(det: "Detector", calib_labels, calib_pred, ood_l, fit_se
                     "ood_val_detected": float((ood_scores < det.threshold).double().mean()),
                     "ood_val_note": "ood_val also chose the hyperparameters (APS): optimistic"})
     return out
+
+
+def _check_count(value, name: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
 
 
 def _class_names(given: Sequence | None, n_classes: int) -> list[str]:

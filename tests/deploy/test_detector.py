@@ -120,6 +120,13 @@ def test_bad_inputs_are_named():
         det.predict(torch.rand(2, 3, 8, 8), fdr=0)
     with pytest.raises(TypeError, match="tensor, PIL image"):
         det.predict([1, 2])
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1, got 0"):
+        det.predict(torch.rand(2, 3, 8, 8), batch_size=0)
+    with pytest.raises(ValueError, match="workers must be an integer >= 0, got -1"):
+        det.predict(torch.rand(2, 3, 8, 8), workers=-1)
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1, got 2.5"):
+        Detector.fit(det.model, id_val=torch.utils.data.TensorDataset(torch.rand(4, 3, 8, 8)), scorer="msp",
+                     batch_size=2.5)
     # A normalised batch is accepted when said so.
     det.predict(torch.randn(2, 3, 8, 8), normalized=True)
 
