@@ -421,3 +421,36 @@ def test_tied_gaussian_streamed_equals_two_pass_float64(offset):
     torch.testing.assert_close(cov, want_cov, rtol=1e-9, atol=1e-9)
     with pytest.raises(ValueError, match=">= 0"):
         acc.update(h[:3], torch.tensor([0, -1, 2]))
+
+
+FITTED_ON_FEATURES = ("knn", "nnguide", "mds", "rmds", "vim", "relation", "she", "dice", "react")
+
+
+@pytest.mark.parametrize("name", FITTED_ON_FEATURES)
+def test_bad_fit_data_and_mismatched_widths_are_named(name):
+    """NaN in the fit set, an empty fit set, and scoring features of another width fail with the scorer's name."""
+    h, _, _ = _bank_data(120, 12, 3, 0)
+    head = LinearHead(torch.randn(3, 12, generator=torch.Generator().manual_seed(11)), torch.zeros(3))
+    z = head.logits(h)
+    y = z.argmax(1)  # every sample correctly classified (SHE stores the correct ones' patterns)
+    assert set(y.tolist()) == {0, 1, 2}
+    kw = {"knn": {"K": 5}, "nnguide": {"K": 5, "alpha": 1.0}, "vim": {"dim": 4}}.get(name, {})
+    bad = h.clone()
+    bad[17, 2] = float("nan")
+    with pytest.raises(ValueError, match=rf"{name}: the fit set's features hold NaN or inf \(first at row 17\)"):
+        get_scorer(name, **kw).fit_features(bad, y, logits=z, head=head)
+    with pytest.raises(ValueError, match=rf"{name}: the fit set is empty"):
+        get_scorer(name, **kw).fit_features(h[:0], y[:0], logits=z[:0], head=head)
+    sc = get_scorer(name, **kw).fit_features(h, y, logits=z, head=head)
+    assert torch.isfinite(sc.score_features(z[:4], h[:4])).all()
+    with pytest.raises(ValueError, match=rf"{name}: features have 7 columns, the scorer was fitted on 12"):
+        sc.score_features(z[:4], torch.randn(4, 7))
+    with pytest.raises(ValueError, match=rf"{name}: logits must be \(B, C\)"):
+        sc.score_features(z[0], h[0])
+
+
+def test_float_labels_must_be_whole_numbers():
+    h, z, y = _bank_data(30, 4, 3, 0)
+    get_scorer("mds").fit_features(h, y.double(), logits=z)  # 0.0, 1.0, 2.0: class indices
+    with pytest.raises(ValueError, match="labels must be integer class indices, got 0.5"):
+        get_scorer("mds").fit_features(h, y.double() + 0.5, logits=z)

@@ -39,8 +39,8 @@ import itertools
 import torch
 from torch import nn
 
-from .features import (LinearHead, StreamedFeatures, as_features, energy, extract_features, iterate_loader,
-                       model_device, model_features)
+from .features import (Features, LinearHead, StreamedFeatures, as_features, energy, extract_features,
+                       iterate_loader, model_device, model_features)
 
 __all__ = ["Scorer", "FeatureScorer", "model_features", "iterate_loader", "energy", "model_device"]
 
@@ -118,9 +118,30 @@ class Scorer:
         if feats.head is not None:
             self.head = feats.head  # the default head of later score_features calls
         if self.needs_fit:
+            if isinstance(feats, Features):
+                self._check_fit_data(feats)
             self._fit(feats)
+        self._fit_widths = _widths(feats)
         self.fitted = True
         return self
+
+    def _check_fit_data(self, feats: Features) -> None:
+        """Refuse an empty fit set, and NaN / inf in the in-RAM arrays the fit reads (one NaN row makes every
+        KNN distance or class mean NaN, and every score with it). Checked in row blocks of views (no copy);
+        memory-mapped arrays (written by :func:`extract_features` from the model's own outputs) are not read
+        twice for it, and NaN scores are refused later by the metrics anyway."""
+        if len(feats) == 0:
+            raise ValueError(f"{self.name}: the fit set is empty (0 rows)")
+        for what in ("logits", "features") if self.uses_features else ("logits",):
+            a = getattr(feats, what)
+            if not torch.is_tensor(a):
+                continue
+            for start in range(0, a.shape[0], 65536):
+                bad = ~torch.isfinite(a[start:start + 65536])
+                if bool(bad.any()):
+                    row = start + int(bad.any(1).nonzero()[0])
+                    raise ValueError(f"{self.name}: the fit set's {what} hold NaN or inf (first at row {row}): "
+                                     "the model's outputs on that data are not finite")
 
     def score_features(self, logits: torch.Tensor, features: torch.Tensor | None = None,
                        head: LinearHead | None = None) -> torch.Tensor:
@@ -136,7 +157,21 @@ class Scorer:
             raise ValueError(f"{self.name} needs features (B, m), the model's raw feature")
         if logits is None:
             raise ValueError(f"{self.name} needs logits (B, C)")
+        self._check_widths(logits, features)
         return self._score(logits.float(), None if features is None else features.float(), head or self.head)
+
+    def _check_widths(self, logits: torch.Tensor, features: torch.Tensor | None) -> None:
+        """Shapes of score_features' inputs, and their widths against those the scorer was fitted on."""
+        if logits.dim() != 2:
+            raise ValueError(f"{self.name}: logits must be (B, C), got shape {tuple(logits.shape)}")
+        if features is not None and (features.dim() != 2 or features.shape[0] != logits.shape[0]):
+            raise ValueError(f"{self.name}: features must be (B, m) with the logits' B = {logits.shape[0]} rows, "
+                             f"got shape {tuple(features.shape)}")
+        fitted = getattr(self, "_fit_widths", None) or {}
+        for what, a in (("logits", logits), ("features", features if self.uses_features else None)):
+            if a is not None and what in fitted and a.shape[1] != fitted[what]:
+                raise ValueError(f"{self.name}: {what} have {a.shape[1]} columns, the scorer was fitted on "
+                                 f"{fitted[what]} (another model or feature layer?)")
 
     def _fit(self, feats) -> None:
         """Collect ID statistics from a record (``feats.chunks(rows)``); overridden by fitted scorers."""
@@ -196,6 +231,20 @@ class Scorer:
     def __repr__(self) -> str:
         params = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
         return f"{type(self).__name__}({params})"
+
+
+def _widths(feats) -> dict[str, int]:
+    """The logits' and features' widths a fit saw (from the arrays, else the head); {} when unknown."""
+    out = {}
+    for what in ("logits", "features"):
+        a = getattr(feats, what, None)
+        if a is not None:
+            out[what] = int(a.shape[1])
+    head = getattr(feats, "head", None)
+    if head is not None:
+        out.setdefault("logits", int(head.weight.shape[0]))
+        out.setdefault("features", int(head.weight.shape[1]))
+    return out
 
 
 class FeatureScorer(Scorer):

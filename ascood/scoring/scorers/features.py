@@ -178,6 +178,10 @@ class Features:
             self.labels = torch.as_tensor(np.asarray(self.labels) if not torch.is_tensor(self.labels) else self.labels)
             if self.labels.dim() != 1:
                 raise ValueError(f"Features labels must be (N,), got shape {tuple(self.labels.shape)}")
+            if self.labels.is_floating_point() and not bool((self.labels == self.labels.round()).all()):
+                bad = self.labels[self.labels != self.labels.round()][0].item()
+                raise ValueError(f"Features labels must be integer class indices, got {bad!r} (a float that "
+                                 "int64 would truncate)")
             self.labels = self.labels.long().cpu()
         sizes = {k: v.shape[0] for k, v in (("logits", self.logits), ("features", self.features),
                                               ("labels", self.labels)) if v is not None}
