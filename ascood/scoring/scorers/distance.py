@@ -105,7 +105,7 @@ def topk_similarity(query: torch.Tensor, bank: _Bank, k: int) -> torch.Tensor:
 def _warn_capped(name: str, K: int, n: int, fix: str) -> None:
     """K above the bank size: scored with K = n (a weaker score, not a meaningless one), said once per cause."""
     warn_once(("capped K", name, K, n), f"{name}: K = {K} is larger than its bank of {n} ID features; using "
-              f"K = {n} (a bank smaller than K changes the score: {fix})", stacklevel=4)
+              f"K = {n} (a bank smaller than K changes the score: {fix})", stacklevel=5)
 
 
 class KNN(FeatureScorer):
