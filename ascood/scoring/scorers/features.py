@@ -58,7 +58,7 @@ def _label_tensor(y, what: str) -> torch.Tensor:
         return y
     a = np.asarray(y)
     if a.dtype.kind in "USO":
-        first = next(iter(a.reshape(-1)), None)
+        first = a.reshape(-1)[0].item() if a.size else None
         raise ValueError(f"{what} must be integer class indices, got {type(first).__name__} values such as "
                          f"{first!r} (map class names to indices first)")
     return torch.as_tensor(a)
