@@ -105,7 +105,18 @@ class Scorer:
     ``uses_features``: the scorer reads the feature vectors (else the logits
     alone); ``needs_input``: it can only score images (input gradients);
     ``streams_fit``: its fit is one pass of running statistics, so
-    :meth:`fit` streams the loader without storing features.
+    :meth:`fit` streams the loader without storing features;
+    ``uses_labels``: its fit reads the ID classes.
+
+    Every fit path (``fit(model, loader)``, streamed or extracted, and
+    ``fit_features`` of in-RAM or memory-mapped records) refuses the same bad
+    data with the same message: an empty fit set, NaN / inf in the logits or
+    features it reads (the first bad row counted over the whole set), and,
+    where ``uses_labels``, a label outside the model's classes [0, C). A
+    degenerate fit is refused when its result would be meaningless and
+    warned about, once per cause (:func:`warn_once`), when merely weak; each
+    scorer's docstring says which. Integer hyperparameters go through
+    :func:`check_int` (numpy integers accepted, bools refused).
     """
 
     name: str = "scorer"

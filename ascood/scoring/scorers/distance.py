@@ -277,6 +277,11 @@ class MDS(InputStd, FeatureScorer):
     the model's prediction on x. With eps > 0 the scorer needs the images
     (``needs_input``); eps is not searched by default (pass ``grid=``).
 
+    Degenerate fits: a fit whose classes have no within-class spread (every
+    class one row: the tied covariance and its pseudo-inverse are zero, every
+    score equal) is refused; a class of a single row is warned about (its mean
+    is that sample: a weak estimate, still a distance).
+
     In the ``"head"`` space of a z-score head every feature row sums to 0, so
     the covariance is singular in that direction and its pseudo-inverse
     depends on float64 rounding there (scores move by ~1e-3 relative between
@@ -399,7 +404,9 @@ class ViM(FeatureScorer):
     norm on ID train. ``dim`` defaults to 256 (the authors' configs; grid
     {256, 1000}); features of 256 or fewer dimensions get m // 2 instead
     (256 would leave no residual space). Logits are fc(feature) in the chosen
-    feature space. Float64 throughout. The fit reads the features twice
+    feature space. A fit on ``dim`` or fewer rows is refused: the rows then
+    lie in the principal space, every residual norm is 0 and alpha undefined.
+    Float64 throughout. The fit reads the features twice
     (covariance, then alpha); refitting the same record for another ``dim``
     (the APS grid) reuses the eigendecomposition.
     """
