@@ -287,7 +287,10 @@ def test_repeated_fits_warn_once_per_cause_even_across_catch_warnings_blocks():
             get_scorer("nnguide", K=100, bank="all").fit_features(h, y, logits=z, head=head).score_features(z, h)
             with warnings.catch_warnings():  # torch opens such blocks; they reset Python's registry
                 warnings.simplefilter("ignore", DeprecationWarning)
+        h2, y2, z2, head2 = _arrays([3, 3, 3])  # another bank smaller than K: the same cause, not said again
+        get_scorer("nnguide", K=100, bank="all").fit_features(h2, y2, logits=z2, head=head2).score_features(z2, h2)
         get_scorer("nnguide", K=200, bank="all").fit_features(h, y, logits=z, head=head).score_features(z, h)
     messages = [str(w.message) for w in seen]
     assert len(messages) == 2, messages
-    assert "K = 100 is larger" in messages[0] and "K = 200 is larger" in messages[1]  # another cause still warns
+    assert "K = 100 is larger than its bank of 10" in messages[0]
+    assert "K = 200 is larger" in messages[1]  # another cause still warns

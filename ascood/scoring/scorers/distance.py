@@ -103,9 +103,11 @@ def topk_similarity(query: torch.Tensor, bank: _Bank, k: int) -> torch.Tensor:
 
 
 def _warn_capped(name: str, K: int, n: int, fix: str) -> None:
-    """K above the bank size: scored with K = n (a weaker score, not a meaningless one), said once per cause."""
-    warn_once(("capped K", name, K, n), f"{name}: K = {K} is larger than its bank of {n} ID features; using "
-              f"K = {n} (a bank smaller than K changes the score: {fix})", stacklevel=5)
+    """K above the bank size: scored with K = n (a weaker score, not a meaningless one). Said once per scorer
+    and K: the demo's 27 networks (banks of 9 to 11 rows) share the cause and its fix."""
+    warn_once(("capped K", name, K), f"{name}: K = {K} is larger than its bank of {n} ID features; using K = {n} "
+              f"(a bank smaller than K changes the score: {fix}; said once, for any bank smaller than K)",
+              stacklevel=5)
 
 
 class KNN(FeatureScorer):
