@@ -215,6 +215,15 @@ def test_meaningless_fits_are_refused_with_the_numbers(name, kw, counts, says, p
 
 @pytest.mark.parametrize("path", ("features", "memmap", "model"))
 @pytest.mark.parametrize("name", ["mds", "rmds"])
+def test_features_constant_within_every_class_are_refused(name, path, tmp_path):
+    h, y, z, head = _arrays([3, 3, 3])
+    h = 3 * nn.functional.one_hot(y, h.shape[1]).float()  # each class's rows identical: no spread at all
+    with pytest.raises(ValueError, match=rf"{name}: the features do not vary within any class"):
+        _fit_arrays(get_scorer(name), path, h, y, head.fc(h), head, tmp_path)
+
+
+@pytest.mark.parametrize("path", ("features", "memmap", "model"))
+@pytest.mark.parametrize("name", ["mds", "rmds"])
 def test_a_class_of_one_row_is_warned_about(name, path, tmp_path):
     h, y, z, head = _arrays([5, 5, 1])
     with warnings.catch_warnings(record=True) as seen:

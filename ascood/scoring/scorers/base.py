@@ -56,7 +56,7 @@ def warn_once(cause, message: str, stacklevel: int = 3) -> None:
 
     Why not Python's own "once per location" filter: any ``warnings.catch_warnings()`` block (torch opens
     them while loading and exporting) resets it, so a demo fitting 27 networks printed the same capped-K
-    note 27 times. The key names the cause (scorer, K, bank size), so another cause still warns.
+    note 27 times. The key names the cause (e.g. scorer and K), so another cause still warns.
     """
     if cause in _WARNED:
         return

@@ -115,8 +115,8 @@ class KNN(FeatureScorer):
 
     Features are L2-normalised, so ||a - b||^2 = 2 - 2 a.b (OpenOOD's score is
     minus the faiss squared distance to the K-th neighbour). K = 50 by default,
-    capped at the number of ID-train features with a warning, once per (K, bank
-    size): the score is then the distance to the farthest bank row, weaker but
+    capped at the number of ID-train features with a warning, once per K: the
+    score is then the distance to the farthest bank row, weaker but
     still a distance, so it is warned about, not refused. The bank is the fit's
     features themselves (see the module docstring for memory).
     """
@@ -340,10 +340,13 @@ class MDS(InputStd, FeatureScorer):
             what = f"class {shown} has 1 row" if len(single) == 1 else f"classes {shown} have 1 row each"
             warn_once((self.name, "single-row classes", tuple(single[:10]), acc.n),
                       f"{self.name}: {what}, needs at least 2 for a class mean that is more than one sample "
-                      "(fit on more ID-train rows of that class)", stacklevel=4)
+                      "(fit on more ID-train rows of that class)", stacklevel=5)
 
     def _fit_stats(self, acc: dict[str, TiedGaussian]) -> None:
         self.classes, self.means, cov = acc["class"].result()
+        if not bool(cov.abs().max() > 0):
+            raise ValueError(f"{self.name}: the features do not vary within any class (the tied covariance is 0, "
+                             "so every score would be equal): the model's features are constant on this data")
         self.precision = pinvh(cov)
 
     def _distances(self, h: torch.Tensor) -> torch.Tensor:
@@ -502,7 +505,7 @@ class NNGuide(FeatureScorer):
       end passes int(alpha * N) rows (needs the loader's batch size, which
       :func:`~.features.extract_features` records).
 
-    K is capped at the bank size with a warning, once per (K, bank size) (a
+    K is capped at the bank size with a warning, once per K (a
     bank smaller than K, e.g. 1% of a small train set, changes the score but
     keeps it a similarity: warned, not refused). Defaults K 100, alpha 0.01
     (the authors' configs); not searched by APS (pass ``grid=`` to
