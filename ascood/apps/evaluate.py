@@ -149,10 +149,15 @@ def _check_fit_labels(scorers, split: str, ds, flag: str, path: str) -> None:
     unlabelled = [i for i, t in enumerate(targets) if int(t) < 0]
     if not readers or not unlabelled:
         return
-    which = "has no labels" if len(unlabelled) == len(targets) else \
-        f"has {len(unlabelled)} unlabelled image(s) (the first is sample {unlabelled[0]})"
-    raise checks.InputError(f"{flag} {path} {which}: scorer(s) {', '.join(readers)} fit on the ID class of every "
-                            "image there (use class folders root/<class>/<image> or a list of 'path label' lines)")
+    lines = getattr(ds, "lines", None)
+    if len(unlabelled) == len(targets):
+        which = f"{flag} {path} has no labels"
+    elif lines:  # a list file: point at the line
+        which = f"{flag} {ds.list_file}:{lines[unlabelled[0]]}: no label ({len(unlabelled)} unlabelled line(s))"
+    else:
+        which = f"{flag} {path} has {len(unlabelled)} unlabelled image(s) (the first is sample {unlabelled[0]})"
+    raise checks.InputError(f"{which}: scorer(s) {', '.join(readers)} fit on the ID class of every image there "
+                            "(use class folders root/<class>/<image> or a list of 'path label' lines)")
 
 
 def _evaluate(args, names: list[str], ckpt_path: str) -> int:

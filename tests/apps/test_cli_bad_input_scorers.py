@@ -18,7 +18,9 @@ def env(tmp_path_factory):
     p["run"] = str(root / "run")
     assert main(["train", p["data"], "--out", p["run"], *TINY_TRAIN]) == 0
     p["ckpt"] = os.path.join(p["run"], "last.pt")
-    p["res"] = str(root / "res")
+    (root / "half.txt").write_text("0.png 0\n1.png\n2.png 1\n")
+    p["half.txt"] = str(root / "half.txt")
+    p["red"] = os.path.join(p["data"], "red")
     return p
 
 
@@ -32,6 +34,9 @@ CASES = [
      2, "--aps-id {flat} has no labels: scorer(s) tempscale", False),
     ("mds-she-unlabelled-train", [*EVAL, "--scorers", "mds,she,knn", "--train", "{flat}"], 2,
      "--train {flat} has no labels: scorer(s) mds, she fit on the ID class", False),
+    ("tempscale-val-list-line-without-label", [*EVAL, "--scorers", "tempscale", "--val", "{half.txt}", "--root",
+                                               "{red}"], 2,
+     "--val {half.txt}:2: no label (1 unlabelled line(s)): scorer(s) tempscale", False),
     ("rmds-unlabelled-train", [*EVAL, "--scorers", "rmds", "--train", "{flat}"], 2,
      "--train {flat} has no labels: scorer(s) rmds", False),
 ]

@@ -160,8 +160,11 @@ def test_string_labels_are_refused_by_parameter_name():
 
 
 def test_tempscale_without_logits_is_named():
-    with pytest.raises(ValueError, match="tempscale needs logits"):
-        get_scorer("tempscale").fit_features(torch.randn(10, 4), torch.arange(10) % 2)
+    for feats in (torch.randn(10, 4), None):  # features but no logits; labels alone
+        with pytest.raises(ValueError, match=r"tempscale needs logits: pass logits \(N, C\)"):
+            get_scorer("tempscale").fit_features(feats, torch.arange(10) % 2)
+    with pytest.raises(ValueError, match="klm needs logits"):
+        get_scorer("klm").fit_features(torch.randn(10, 4))
 
 
 # -- item 3: degenerate fits: refused where the result is meaningless, warned where it is weak -------------------
