@@ -77,3 +77,15 @@ def test_labelled_splits_still_fit(env, capsys):
     """The control: the same scorers on labelled --val / --train evaluate (exit 0)."""
     argv = [_sub(a, env) for a in EVAL] + ["--scorers", "tempscale,mds", "--val", env["data"], "--train", env["data"]]
     assert main(argv) == 0, capsys.readouterr().err
+
+
+def test_demo_says_the_capped_k_warning_once(tmp_path, capsys):
+    """`ascood demo` fits a fresh NNGuide per network (9 in --quick; banks of 9 to 11 rows < K = 100): the
+    note that K is capped is printed once, with what to do (it was printed once per network)."""
+    pytest.importorskip("skimage", reason="the bundled benchmarks need scikit-image")
+    argv = ["demo", "--quick", "--scorers", "msp,nnguide", "--epochs", "1", "--no-figures", "--no-detector",
+            "--no-progress", "--out", str(tmp_path / "demo")]
+    assert main(argv) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if "larger than its bank" in line]
+    assert len(notes) == 1, notes
+    assert "nnguide: K = 100" in notes[0] and "a larger alpha or bank='all'" in notes[0]
