@@ -3,7 +3,6 @@
 The paths: ``fit(model, loader)`` (streamed for MDS, RMDS, SHE, DICE, KL-Matching; extracted in RAM for the
 others), ``fit_features(extract_features(model, loader))`` (in RAM) and ``fit_features`` of a memory-mapped
 record (``extract_features(..., directory=)``). Each table names the scorers a check applies to."""
-import os
 import warnings
 
 import numpy as np
@@ -13,7 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import ascood
-from ascood.scoring.scorers import (SCORERS, Features, LinearHead, extract_features, get_scorer)
+from ascood.scoring.scorers import SCORERS, Features, LinearHead, extract_features, get_scorer
 from ascood.scoring.scorers.features import StreamedFeatures
 
 C = 4
