@@ -121,11 +121,9 @@ def test_label_outside_the_models_classes_is_refused_with_value_and_row(name, pa
         _fit(_make(name), path, model, _loader(x, y), tmp_path)
 
 
-@pytest.mark.parametrize("name", LABEL_READERS)
+@pytest.mark.parametrize("name", ["mds", "rmds"])  # the label readers that fit without logits
 def test_label_checked_against_the_heads_classes_without_logits(name):
-    """Cached features with a head but no logits (MDS, RMDS): C comes from the head's rows."""
-    if name in ("she", "tempscale"):
-        pytest.skip("needs the logits anyway")
+    """Cached features with a head but no logits: C comes from the head's rows."""
     h = torch.randn(30, 6)
     y = torch.arange(30) % 3
     y[4] = 3
@@ -183,19 +181,28 @@ def _fit_arrays(scorer, path, h, y, z, head, tmp_path):
         Features(z, h, y, head).save(tmp_path, "rec")
         return scorer.fit_features(Features.load(tmp_path, "rec", head=head))
 
-    class Rows(nn.Module):  # a "model" that returns the cached rows: the loader carries (h, y)
-        fc = nn.Linear(h.shape[1], z.shape[1])
+    return scorer.fit(_Rows(head), _loader(h, y, bs=4))
 
-        def features(self, x):
-            return x
 
-        def head(self, f):
-            return head.fc(f)
+class _Rows(nn.Module):
+    """A "model" whose features are its input rows, and whose head is ``head``: a loader of (h, y) then
+    streams cached rows through the model path."""
 
-        def forward(self, x):
-            return self.head(x)
+    def __init__(self, head: LinearHead):
+        super().__init__()
+        self.fc = nn.Linear(head.weight.shape[1], head.weight.shape[0])
+        with torch.no_grad():
+            self.fc.weight.copy_(head.weight)
+            self.fc.bias.copy_(head.bias_or_zero())
 
-    return scorer.fit(Rows(), _loader(h, y, bs=4))
+    def features(self, x):
+        return x
+
+    def head(self, f):
+        return self.fc(f)
+
+    def forward(self, x):
+        return self.head(x)
 
 
 DEGENERATE = [  # (scorer, kwargs, rows per class, error message)
@@ -205,12 +212,13 @@ DEGENERATE = [  # (scorer, kwargs, rows per class, error message)
 ]
 
 
-@pytest.mark.parametrize("path", ("features", "memmap", "model"))
-@pytest.mark.parametrize("name, kw, counts, says", DEGENERATE, ids=[d[0] for d in DEGENERATE])
+DEGENERATE_PATHS = [(*d, path) for d in DEGENERATE for path in ("features", "memmap", "model")]
+
+
+@pytest.mark.parametrize("name, kw, counts, says, path", DEGENERATE_PATHS,
+                         ids=[f"{d[0]}-{d[-1]}" for d in DEGENERATE_PATHS])
 def test_meaningless_fits_are_refused_with_the_numbers(name, kw, counts, says, path, tmp_path):
     h, y, z, head = _arrays(counts)
-    if name == "vim" and path == "model":
-        pytest.skip("vim reads its features twice: its model path extracts them (the 'features' case)")
     with pytest.raises(ValueError, match=says):
         _fit_arrays(get_scorer(name, **kw), path, h, y, z, head, tmp_path)
 
