@@ -33,6 +33,14 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _scorer_warnings_fresh():
+    """Each test sees the scorers' once-per-process warnings (ascood.scoring.scorers.base.warn_once) anew."""
+    from ascood.scoring.scorers import base
+
+    base._WARNED.clear()
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     """How many passed tests ran the CUDA kernels under the emulation (quoted in BENCHMARKS.md)."""
     items = 0

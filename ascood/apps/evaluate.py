@@ -140,6 +140,26 @@ def _match_labelled(ds, classes: list[str], what: str) -> None:
         print(f"note: {note}", file=sys.stderr)
 
 
+def _check_fit_labels(scorers, split: str, ds, flag: str, path: str) -> None:
+    """Scorers whose fit reads the ID classes (tempscale on --val; mds, rmds, she on --train) need every
+    image of that split labelled: an InputError names the flag, before the model runs over the split."""
+    readers = [s.name for s in scorers if getattr(s, "uses_labels", False) and s.needs_fit and s.fit_split == split]
+    targets = getattr(ds, "targets", None)
+    targets = [] if targets is None else list(targets)
+    unlabelled = [i for i, t in enumerate(targets) if int(t) < 0]
+    if not readers or not unlabelled:
+        return
+    lines = getattr(ds, "lines", None)
+    if len(unlabelled) == len(targets):
+        which = f"{flag} {path} has no labels"
+    elif lines:  # a list file: point at the line
+        which = f"{flag} {ds.list_file}:{lines[unlabelled[0]]}: no label ({len(unlabelled)} unlabelled line(s))"
+    else:
+        which = f"{flag} {path} has {len(unlabelled)} unlabelled image(s) (the first is sample {unlabelled[0]})"
+    raise checks.InputError(f"{which}: scorer(s) {', '.join(readers)} fit on the ID class of every image there "
+                            "(use class folders root/<class>/<image> or a list of 'path label' lines)")
+
+
 def _evaluate(args, names: list[str], ckpt_path: str) -> int:
     from ..data import datasets as D
     from ..scoring.evaluator import evaluate
@@ -173,8 +193,10 @@ def _evaluate(args, names: list[str], ckpt_path: str) -> int:
     classes = _model_classes(model, extra)
     train_ds = dataset(args.train, train=True) if args.train else None
     val_ds = dataset(val_path) if val_path else None
-    for ds, flag, path in ((train_ds, "--train", args.train), (val_ds, "--val" if args.val else "--aps-id", val_path)):
+    for ds, flag, path, split in ((train_ds, "--train", args.train, "train"),
+                                  (val_ds, "--val" if args.val else "--aps-id", val_path, "val")):
         if ds is not None:
+            _check_fit_labels(scorers, split, ds, flag, path)
             _match_labelled(ds, classes, f"{flag} {path}")
     train_loader = loader(train_ds) if train_ds is not None else None
     val_loader = loader(val_ds) if val_ds is not None else None

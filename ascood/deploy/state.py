@@ -260,7 +260,6 @@ def restore_scorer(name: str, params: dict, tensors: dict[str, torch.Tensor], *,
         if name == "relation":
             scorer.m = params["m"]
         setattr(scorer, BANK_SCORERS[name], bank)
-        scorer._warned = False
     scorer.fitted = True
     return scorer
 

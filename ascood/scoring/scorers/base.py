@@ -35,6 +35,8 @@ Feature-based scorers use ``feature_space``:
 from __future__ import annotations
 
 import itertools
+import numbers
+import warnings
 
 import torch
 from torch import nn
@@ -42,7 +44,50 @@ from torch import nn
 from .features import (Features, LinearHead, StreamedFeatures, as_features, energy, extract_features,
                        iterate_loader, model_device, model_features)
 
-__all__ = ["Scorer", "FeatureScorer", "model_features", "iterate_loader", "energy", "model_device"]
+__all__ = ["Scorer", "FeatureScorer", "model_features", "iterate_loader", "energy", "model_device", "check_int",
+           "warn_once"]
+
+#: Causes already warned about in this process (see :func:`warn_once`).
+_WARNED: set = set()
+
+
+def warn_once(cause, message: str, stacklevel: int = 3) -> None:
+    """``warnings.warn(message)`` the first time ``cause`` (a hashable key) is seen in this process.
+
+    Why not Python's own "once per location" filter: any ``warnings.catch_warnings()`` block (torch opens
+    them while loading and exporting) resets it, so a demo fitting 27 networks printed the same capped-K
+    note 27 times. The key names the cause (e.g. scorer and K), so another cause still warns.
+    """
+    if cause in _WARNED:
+        return
+    _WARNED.add(cause)
+    warnings.warn(message, stacklevel=stacklevel)
+
+
+def check_int(owner: str, name: str, value, minimum: int | None = 1, allow_none: bool = False) -> int | None:
+    """``value`` as a Python int: ints and numpy integers pass, bools, floats and strings are refused.
+
+    The one validator of every integer hyperparameter (KNN's K, GEN's M, ViM's dim, ...). ``owner`` and
+    ``name`` make the message ("knn K must be an integer >= 1, got True"). Returns int(value) (so a
+    numpy integer becomes a plain int, which JSON outputs such as APS results can write).
+    """
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        want = "an integer" + (f" >= {minimum}" if minimum is not None else "") + (" or None" if allow_none else "")
+        raise ValueError(f"{owner} {name} must be {want}, got {value!r} ({type(value).__name__})")
+    value = int(value)
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{owner} {name} must be an integer >= {minimum}, got {value}")
+    return value
+
+
+def _first_nonfinite(a: torch.Tensor) -> int | None:
+    """Index of the first row of a (b, k) tensor holding NaN or inf, or None (one isfinite over the block)."""
+    bad = ~torch.isfinite(a)
+    if not bool(bad.any()):
+        return None
+    return int(bad.reshape(a.shape[0], -1).any(1).nonzero()[0])
 
 
 class Scorer:
@@ -60,7 +105,18 @@ class Scorer:
     ``uses_features``: the scorer reads the feature vectors (else the logits
     alone); ``needs_input``: it can only score images (input gradients);
     ``streams_fit``: its fit is one pass of running statistics, so
-    :meth:`fit` streams the loader without storing features.
+    :meth:`fit` streams the loader without storing features;
+    ``uses_labels``: its fit reads the ID classes.
+
+    Every fit path (``fit(model, loader)``, streamed or extracted, and
+    ``fit_features`` of in-RAM or memory-mapped records) refuses the same bad
+    data with the same message: an empty fit set, NaN / inf in the logits or
+    features it reads (the first bad row counted over the whole set), and,
+    where ``uses_labels``, a label outside the model's classes [0, C). A
+    degenerate fit is refused when its result would be meaningless and
+    warned about, once per cause (:func:`warn_once`), when merely weak; each
+    scorer's docstring says which. Integer hyperparameters go through
+    :func:`check_int` (numpy integers accepted, bools refused).
     """
 
     name: str = "scorer"
@@ -72,6 +128,8 @@ class Scorer:
     uses_features: bool = False
     needs_input: bool = False
     streams_fit: bool = False
+    #: The fit reads the class labels (MDS, RMDS, SHE, TempScale): they are checked against the classes.
+    uses_labels: bool = False
     #: Rows per chunk when a fit reads a feature record (bounds a fit's working memory).
     chunk_rows: int = 8192
 
@@ -120,28 +178,68 @@ class Scorer:
         if self.needs_fit:
             if isinstance(feats, Features):
                 self._check_fit_data(feats)
+            else:  # a loader stream: each batch is checked as it arrives
+                feats = feats.checked(self.name, self._check_chunk)
             self._fit(feats)
         self._fit_widths = _widths(feats)
         self.fitted = True
         return self
 
     def _check_fit_data(self, feats: Features) -> None:
-        """Refuse an empty fit set, and NaN / inf in the in-RAM arrays the fit reads (one NaN row makes every
-        KNN distance or class mean NaN, and every score with it). Checked in row blocks of views (no copy);
-        memory-mapped arrays (written by :func:`extract_features` from the model's own outputs) are not read
-        twice for it, and NaN scores are refused later by the metrics anyway."""
+        """Refuse an empty fit set, NaN / inf in the in-RAM arrays the fit reads (one NaN row makes every
+        KNN distance or class mean NaN, and every score with it) and, for scorers that read labels, a label
+        outside the model's classes. Checked in row blocks of views (no copy); memory-mapped arrays are
+        checked from the first non-finite row :func:`extract_features` / :meth:`Features.save` recorded
+        while writing them (never read twice for it)."""
         if len(feats) == 0:
             raise ValueError(f"{self.name}: the fit set is empty (0 rows)")
-        for what in ("logits", "features") if self.uses_features else ("logits",):
+        for what in self._checked_arrays():
             a = getattr(feats, what)
+            if a is None:
+                continue
             if not torch.is_tensor(a):
+                row = (getattr(feats, "nonfinite", None) or {}).get(what)
+                if row is not None:
+                    self._refuse_nonfinite(what, row)
                 continue
             for start in range(0, a.shape[0], 65536):
-                bad = ~torch.isfinite(a[start:start + 65536])
-                if bool(bad.any()):
-                    row = start + int(bad.any(1).nonzero()[0])
-                    raise ValueError(f"{self.name}: the fit set's {what} hold NaN or inf (first at row {row}): "
-                                     "the model's outputs on that data are not finite")
+                row = _first_nonfinite(a[start:start + 65536])
+                if row is not None:
+                    self._refuse_nonfinite(what, start + row)
+        if self.uses_labels and feats.labels is not None:
+            self._check_labels(feats.labels, 0, _num_classes(feats.logits, feats.head))
+
+    def _checked_arrays(self) -> tuple[str, ...]:
+        return ("logits", "features") if self.uses_features else ("logits",)
+
+    def _refuse_nonfinite(self, what: str, row: int) -> None:
+        raise ValueError(f"{self.name}: the fit set's {what} hold NaN or inf (first at row {row}): "
+                         "the model's outputs on that data are not finite")
+
+    def _check_labels(self, y: torch.Tensor, start: int, classes: int | None) -> None:
+        """Labels are class indices in [0, classes) (``classes`` None: only >= 0 is known)."""
+        bad = (y < 0) if classes is None else (y < 0) | (y >= classes)
+        if not bool(bad.any()):
+            return
+        i = int(bad.nonzero()[0])
+        value = int(y[i])
+        if value < 0:
+            raise ValueError(f"{self.name}: label {value} at row {start + i} is not a class index: the fit needs "
+                             "the ID class of every row (-1 marks an unlabelled or OOD image)")
+        raise ValueError(f"{self.name}: label {value} at row {start + i} is outside the model's {classes} classes "
+                         f"[0, {classes}) (labels of another class list, or 1-based?)")
+
+    def _check_chunk(self, start: int, z: torch.Tensor | None, h: torch.Tensor | None, y: torch.Tensor | None,
+                     head: LinearHead | None) -> None:
+        """One streamed batch (already in memory) at global row ``start``: the checks of
+        :meth:`_check_fit_data`, one isfinite per array."""
+        for what, a in (("logits", z), ("features", h)):
+            if a is not None and what in self._checked_arrays():
+                row = _first_nonfinite(a)
+                if row is not None:
+                    self._refuse_nonfinite(what, start + row)
+        if self.uses_labels and y is not None:
+            self._check_labels(y, start, _num_classes(z, head))
 
     def score_features(self, logits: torch.Tensor, features: torch.Tensor | None = None,
                        head: LinearHead | None = None) -> torch.Tensor:
@@ -158,6 +256,9 @@ class Scorer:
         if logits is None:
             raise ValueError(f"{self.name} needs logits (B, C)")
         self._check_widths(logits, features)
+        if head is not None and head.weight.shape[0] != logits.shape[1]:
+            raise ValueError(f"{self.name}: head has {head.weight.shape[0]} rows (classes), the logits have "
+                             f"C = {logits.shape[1]} columns (the head of another model?)")
         return self._score(logits.float(), None if features is None else features.float(), head or self.head)
 
     def _check_widths(self, logits: torch.Tensor, features: torch.Tensor | None) -> None:
@@ -231,6 +332,13 @@ class Scorer:
     def __repr__(self) -> str:
         params = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
         return f"{type(self).__name__}({params})"
+
+
+def _num_classes(logits, head: LinearHead | None) -> int | None:
+    """The model's number of classes C: the logits' width, else the head's rows, else None (unknown)."""
+    if logits is not None:
+        return int(logits.shape[1])
+    return int(head.weight.shape[0]) if head is not None else None
 
 
 def _widths(feats) -> dict[str, int]:

@@ -22,7 +22,6 @@ Nearest neighbours are exact, by matmul + top-k over bank chunks (no faiss).
 """
 from __future__ import annotations
 
-import warnings
 import weakref
 from typing import Callable, Sequence
 
@@ -31,7 +30,7 @@ from threadpoolctl import threadpool_limits
 from torch import nn
 
 from ... import _ops
-from .base import FeatureScorer, energy
+from .base import FeatureScorer, check_int, energy, warn_once
 from .features import LinearHead, model_features
 from .perturb import InputStd
 
@@ -103,9 +102,12 @@ def topk_similarity(query: torch.Tensor, bank: _Bank, k: int) -> torch.Tensor:
     return best
 
 
-def _warn_capped(name: str, K: int, n: int) -> None:
-    warnings.warn(f"{name}: K = {K} is larger than its bank of {n} ID features; using K = {n} "
-                  "(a bank smaller than K changes the score: use a larger bank)", stacklevel=3)
+def _warn_capped(name: str, K: int, n: int, fix: str) -> None:
+    """K above the bank size: scored with K = n (a weaker score, not a meaningless one). Said once per scorer
+    and K: the demo's 27 networks (banks of 9 to 11 rows) share the cause and its fix."""
+    warn_once(("capped K", name, K), f"{name}: K = {K} is larger than its bank of {n} ID features; using K = {n} "
+              f"(a bank smaller than K changes the score: {fix}; said once, for any bank smaller than K)",
+              stacklevel=5)
 
 
 class KNN(FeatureScorer):
@@ -113,8 +115,10 @@ class KNN(FeatureScorer):
 
     Features are L2-normalised, so ||a - b||^2 = 2 - 2 a.b (OpenOOD's score is
     minus the faiss squared distance to the K-th neighbour). K = 50 by default,
-    capped at the number of ID-train features (with a warning). The bank is
-    the fit's features themselves (see the module docstring for memory).
+    capped at the number of ID-train features with a warning, once per K: the
+    score is then the distance to the farthest bank row, weaker but
+    still a distance, so it is warned about, not refused. The bank is the fit's
+    features themselves (see the module docstring for memory).
     """
 
     name = "knn"
@@ -128,8 +132,7 @@ class KNN(FeatureScorer):
         self._validate()
 
     def _validate(self) -> None:
-        if not (isinstance(self.K, int) and self.K >= 1):
-            raise ValueError(f"knn K must be an int >= 1, got {self.K!r}")
+        self.K = check_int(self.name, "K", self.K)
 
     def _fit(self, feats) -> None:
         feats.require("features", self.name)
@@ -138,13 +141,11 @@ class KNN(FeatureScorer):
         self.bank = _Bank(len(feats), feats.features.shape[1],
                           lambda s, e: l2_normalize(self.in_space(feats.feature_rows(s, e), head)),
                           self.max_device_bank_mb).prepare()
-        self._warned = False
 
     def _score(self, logits, h, head):
         k = min(self.K, self.bank.n)
-        if k < self.K and not self._warned:
-            _warn_capped(self.name, self.K, self.bank.n)
-            self._warned = True
+        if k < self.K:
+            _warn_capped(self.name, self.K, self.bank.n, "fit on more ID-train rows or pass a smaller K")
         kth = topk_similarity(l2_normalize(self.in_space(h, head)), self.bank, k)[:, -1]
         return -(2.0 - 2.0 * kth)
 
@@ -278,6 +279,11 @@ class MDS(InputStd, FeatureScorer):
     the model's prediction on x. With eps > 0 the scorer needs the images
     (``needs_input``); eps is not searched by default (pass ``grid=``).
 
+    Degenerate fits: a fit whose classes have no within-class spread (every
+    class one row: the tied covariance and its pseudo-inverse are zero, every
+    score equal) is refused; a class of a single row is warned about (its mean
+    is that sample: a weak estimate, still a distance).
+
     In the ``"head"`` space of a z-score head every feature row sums to 0, so
     the covariance is singular in that direction and its pseudo-inverse
     depends on float64 rounding there (scores move by ~1e-3 relative between
@@ -287,6 +293,7 @@ class MDS(InputStd, FeatureScorer):
     name = "mds"
     needs_fit = True
     streams_fit = True
+    uses_labels = True
 
     def __init__(self, feature_space: str = "raw", eps: float = 0.0,
                  std: float | Sequence[float] | None = None) -> None:
@@ -313,10 +320,33 @@ class MDS(InputStd, FeatureScorer):
             acc["class"].update(h, y)
             if "whole" in acc:
                 acc["whole"].update(h, torch.zeros_like(y))
+        self._check_class_counts(acc["class"])
         self._fit_stats(acc)
+
+    def _check_class_counts(self, acc: TiedGaussian) -> None:
+        """Refuse a fit with no within-class spread (every class one row: the tied covariance is zero, its
+        pseudo-inverse too, and every score equal: meaningless); warn, once per cause, about classes of one
+        row (their mean is that one sample: a weak estimate, but still a distance)."""
+        if acc.counts is None:
+            return  # no rows: TiedGaussian.result() says so
+        present = int((acc.counts > 0).sum())
+        if acc.n - present < 1:
+            raise ValueError(f"{self.name}: {acc.n} row(s) in {present} class(es) have no within-class spread: "
+                             f"needs at least {present + 1} rows (2 in some class) for the tied covariance, "
+                             "else every score is equal")
+        single = torch.nonzero(acc.counts == 1)[:, 0].tolist()
+        if single:
+            shown = ", ".join(map(str, single[:10])) + (" ..." if len(single) > 10 else "")
+            what = f"class {shown} has 1 row" if len(single) == 1 else f"classes {shown} have 1 row each"
+            warn_once((self.name, "single-row classes", tuple(single[:10]), acc.n),
+                      f"{self.name}: {what}, needs at least 2 for a class mean that is more than one sample "
+                      "(fit on more ID-train rows of that class)", stacklevel=5)
 
     def _fit_stats(self, acc: dict[str, TiedGaussian]) -> None:
         self.classes, self.means, cov = acc["class"].result()
+        if not bool(cov.abs().max() > 0):
+            raise ValueError(f"{self.name}: the features do not vary within any class (the tied covariance is 0, "
+                             "so every score would be equal): the model's features are constant on this data")
         self.precision = pinvh(cov)
 
     def _distances(self, h: torch.Tensor) -> torch.Tensor:
@@ -379,7 +409,9 @@ class ViM(FeatureScorer):
     norm on ID train. ``dim`` defaults to 256 (the authors' configs; grid
     {256, 1000}); features of 256 or fewer dimensions get m // 2 instead
     (256 would leave no residual space). Logits are fc(feature) in the chosen
-    feature space. Float64 throughout. The fit reads the features twice
+    feature space. A fit on ``dim`` or fewer rows is refused: the rows then
+    lie in the principal space, every residual norm is 0 and alpha undefined.
+    Float64 throughout. The fit reads the features twice
     (covariance, then alpha); refitting the same record for another ``dim``
     (the APS grid) reuses the eigendecomposition.
     """
@@ -394,6 +426,10 @@ class ViM(FeatureScorer):
         super().__init__(feature_space)
         self.dim = dim
         self._eig_of = None  # weak reference to the record the cached eigendecomposition belongs to
+        self._validate()
+
+    def _validate(self) -> None:
+        self.dim = check_int(self.name, "dim", self.dim, allow_none=True)
 
     def _fit(self, feats) -> None:
         feats.require("head", self.name)
@@ -402,6 +438,12 @@ class ViM(FeatureScorer):
         dim = self.dim if self.dim is not None else (self.DEFAULT_DIM if m > self.DEFAULT_DIM else m // 2)
         if not 1 <= dim < m:
             raise ValueError(f"vim dim must be in [1, {m - 1}] for {m}-d features, got {dim}")
+        if len(feats) <= dim:
+            # N rows span at most N directions: the principal space then holds every training feature, the
+            # residual norms are all 0 and alpha = mean logit / 0 (meaningless): refused, not warned.
+            raise ValueError(f"vim: dim = {dim} principal dimensions need more than {dim} ID-train rows, the fit "
+                             f"has {len(feats)} (the residual space would hold none of them): fit on more rows "
+                             "or pass a smaller dim")
         W = feats.head.weight.detach().double().cpu()
         b = feats.head.bias_or_zero().detach().double().cpu()
         if self._eig_of is None or self._eig_of() is not feats:
@@ -433,6 +475,9 @@ class ViM(FeatureScorer):
             # halve this pass's largest product (C x m per row: 1000 x 512 at ImageNet size).
             lsum += float((h.float() @ W32.T + b32).amax(1).double().sum())
             n += h.shape[0]
+        if not vsum > 0:
+            raise ValueError(f"vim: the ID-train features have no component in the residual space (dim = {dim} of "
+                             f"{m}): alpha = mean max-logit / 0 is undefined; pass a smaller dim")
         self.alpha = (lsum / n) / (vsum / n)
         self.W, self.b = W, b
 
@@ -460,8 +505,9 @@ class NNGuide(FeatureScorer):
       end passes int(alpha * N) rows (needs the loader's batch size, which
       :func:`~.features.extract_features` records).
 
-    K is capped at the bank size with a warning (a bank smaller than K, e.g.
-    1% of a small train set, changes the score). Defaults K 100, alpha 0.01
+    K is capped at the bank size with a warning, once per K (a
+    bank smaller than K, e.g. 1% of a small train set, changes the score but
+    keeps it a similarity: warned, not refused). Defaults K 100, alpha 0.01
     (the authors' configs); not searched by APS (pass ``grid=`` to
     :func:`sweep` to search). Memory: a 1.28M x 512 float32 bank is 2.5 GiB
     (x 2048: 10 GiB), referenced, not copied (memory-mapped: it stays on
@@ -495,8 +541,9 @@ class NNGuide(FeatureScorer):
         self.bank_mode = value
 
     def _validate(self) -> None:
-        if not (isinstance(self.K, int) and self.K >= 1) or not 0 < self.alpha <= 1:
-            raise ValueError(f"nnguide needs int K >= 1 and alpha in (0, 1], got K={self.K!r}, alpha={self.alpha}")
+        self.K = check_int(self.name, "K", self.K)
+        if not 0 < self.alpha <= 1:
+            raise ValueError(f"nnguide needs alpha in (0, 1], got alpha={self.alpha}")
         if self.bank_mode not in NNGUIDE_BANKS:
             raise ValueError(f"nnguide bank must be one of {NNGUIDE_BANKS}, got {self.bank_mode!r}")
 
@@ -533,13 +580,12 @@ class NNGuide(FeatureScorer):
         self.bank_rows = _Bank(len(src), src.features.shape[1],
                                lambda s, e: l2_normalize(self.in_space(src.feature_rows(s, e), head)) * conf[s:e, None],
                                self.max_device_bank_mb).prepare()
-        self._warned = False
 
     def _score(self, logits, h, head):
         k = min(self.K, self.bank_rows.n)
-        if k < self.K and not self._warned:
-            _warn_capped(self.name, self.K, self.bank_rows.n)
-            self._warned = True
+        if k < self.K:
+            _warn_capped(self.name, self.K, self.bank_rows.n,
+                         "a larger alpha or bank='all' (more ID-train rows), or a smaller K")
         guidance = topk_similarity(l2_normalize(self.in_space(h, head)), self.bank_rows, k).mean(1)
         return guidance * energy(logits)
 
@@ -562,6 +608,10 @@ class Relation(FeatureScorer):
         super().__init__(feature_space)
         self.pow, self.threshold = pow, threshold
         self.max_device_bank_mb = max_device_bank_mb
+        self._validate()
+
+    def _validate(self) -> None:
+        self.pow = check_int(self.name, "pow", self.pow)
 
     def _fit(self, feats) -> None:
         feats.require("features", self.name)
@@ -600,6 +650,7 @@ class SHE(FeatureScorer):
     name = "she"
     needs_fit = True
     streams_fit = True
+    uses_labels = True
 
     def _fit(self, feats) -> None:
         sums = counts = None

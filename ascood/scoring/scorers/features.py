@@ -24,6 +24,8 @@ record chunk by chunk.
 """
 from __future__ import annotations
 
+import copy
+import itertools
 import json
 import os
 from dataclasses import dataclass
@@ -47,7 +49,19 @@ def iterate_loader(loader, device: torch.device) -> Iterator[tuple[torch.Tensor,
     """(x on device, y on CPU or None) per batch of a (x, y) / {"data", "label"} / x-only loader."""
     for batch in loader:
         x, y = unpack_batch(batch) if isinstance(batch, (dict, list, tuple)) else (batch, None)
-        yield x.to(device), (torch.as_tensor(y) if y is not None else None)
+        yield x.to(device), (_label_tensor(y, "the loader's labels") if y is not None else None)
+
+
+def _label_tensor(y, what: str) -> torch.Tensor:
+    """Labels as a tensor; strings (class names) are refused by ``what`` instead of torch's conversion error."""
+    if torch.is_tensor(y):
+        return y
+    a = np.asarray(y)
+    if a.dtype.kind in "USO":
+        first = a.reshape(-1)[0].item() if a.size else None
+        raise ValueError(f"{what} must be integer class indices, got {type(first).__name__} values such as "
+                         f"{first!r} (map class names to indices first)")
+    return torch.as_tensor(a)
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -170,12 +184,15 @@ class Features:
     labels: torch.Tensor | None = None
     head: LinearHead | None = None
     batch_size: int | None = None
+    #: For memory-mapped arrays: {field: first row holding NaN or inf}, recorded while the file was written
+    #: (fits refuse such rows without reading the file again); None for in-RAM records (checked directly).
+    nonfinite: dict | None = None
 
     def __post_init__(self) -> None:
         self.logits = _check_array("logits", self.logits, 2)
         self.features = _check_array("features", self.features, 2)
         if self.labels is not None:
-            self.labels = torch.as_tensor(np.asarray(self.labels) if not torch.is_tensor(self.labels) else self.labels)
+            self.labels = _label_tensor(self.labels, "Features labels")
             if self.labels.dim() != 1:
                 raise ValueError(f"Features labels must be (N,), got shape {tuple(self.labels.shape)}")
             if self.labels.is_floating_point() and not bool((self.labels == self.labels.round()).all()):
@@ -192,6 +209,10 @@ class Features:
         if self.features is not None and self.head is not None and self.head.weight.shape[1] != self.features.shape[1]:
             raise ValueError(f"Features head weight is {tuple(self.head.weight.shape)}, features have "
                              f"m = {self.features.shape[1]} columns")
+        if self.logits is not None and self.head is not None and self.head.weight.shape[0] != self.logits.shape[1]:
+            raise ValueError(f"Features head weight is {tuple(self.head.weight.shape)} ({self.head.weight.shape[0]} "
+                             f"classes), the logits have C = {self.logits.shape[1]} columns (the head of another "
+                             "model?)")
 
     def __len__(self) -> int:
         for a in (self.logits, self.features, self.labels):
@@ -254,6 +275,7 @@ class Features:
         """Write ``<name>.<field>.bin`` raw little-endian arrays and ``<name>.json`` (the header, written last)."""
         os.makedirs(directory, exist_ok=True)
         header = {"format": _FORMAT, "n": len(self), "batch_size": self.batch_size, "arrays": {}}
+        nonfinite = _NonFinite()
         for field, (suffix, dtype) in _FILES.items():
             a = getattr(self, field)
             if a is None:
@@ -263,9 +285,12 @@ class Features:
                 for start in range(0, a.shape[0], 65536):
                     block = a[start:start + 65536]
                     block = block.numpy() if torch.is_tensor(block) else np.asarray(block)
-                    f.write(np.ascontiguousarray(block, dtype=np.dtype(dtype).newbyteorder("<")).tobytes())
+                    block = np.ascontiguousarray(block, dtype=np.dtype(dtype).newbyteorder("<"))
+                    nonfinite.add(field, start, block)
+                    f.write(block.tobytes())
             header["arrays"][field] = {"file": os.path.basename(path), "shape": list(a.shape),
                                        "dtype": np.dtype(dtype).str}
+        header["first_nonfinite_row"] = nonfinite.rows
         write_json(header, os.path.join(directory, f"{name}.json"))
 
     @classmethod
@@ -291,7 +316,24 @@ class Features:
             arr = np.memmap(file, dtype=spec["dtype"], mode="r", shape=shape) if mmap and expected else \
                 np.fromfile(file, dtype=spec["dtype"]).reshape(shape)
             out[field] = torch.from_numpy(np.array(arr)) if field == "labels" else arr
-        return cls(out.get("logits"), out.get("features"), out.get("labels"), head, header.get("batch_size"))
+        nonfinite = {k: int(v) for k, v in (header.get("first_nonfinite_row") or {}).items() if k in out}
+        return cls(out.get("logits"), out.get("features"), out.get("labels"), head, header.get("batch_size"),
+                   nonfinite)
+
+
+class _NonFinite:
+    """The first row holding NaN or inf of each float array, found block by block while the array is
+    written (the block is in memory then: one isfinite each)."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, int] = {}
+
+    def add(self, field: str, start: int, block: np.ndarray) -> None:
+        if field in self.rows or block.dtype.kind != "f":
+            return
+        bad = ~np.isfinite(block.reshape(block.shape[0], -1)).all(1)
+        if bad.any():
+            self.rows[field] = start + int(np.argmax(bad))
 
 
 def as_features(data=None, labels=None, *, logits=None, head: LinearHead | None = None) -> Features:
@@ -336,43 +378,26 @@ def extract_features(model: nn.Module, loader, *, directory: str | os.PathLike |
         with_features: record the features (default: when the model has them).
     """
     with_features = has_feature_head(model) if with_features is None else with_features
-    device = model_device(model)
     head = LinearHead.from_model(model) if has_feature_head(model) else None
     batch_size = getattr(loader, "batch_size", None)
-    if directory is None:
-        logits, feats, labels = [], [], []
-        with _EvalMode(model):
-            for x, y in iterate_loader(loader, device):
-                z, h = _forward(model, x, with_features)
-                logits.append(z.cpu())
-                if h is not None:
-                    feats.append(h.cpu())
-                if y is not None:
-                    labels.append(y.long().cpu())
-        if not logits:
+    with _EvalMode(model):
+        outputs = _outputs(model, loader, with_features)
+        first = next(outputs, None)  # an empty loader is refused before any file is created
+        if first is None:
             raise ValueError("loader is empty")
-        return Features(torch.cat(logits), torch.cat(feats) if feats else None,
-                        torch.cat(labels) if labels else None, head, batch_size)
-    os.makedirs(directory, exist_ok=True)
-    files = {k: open(os.path.join(directory, f"{name}.{suffix}.bin"), "wb") for k, (suffix, _) in _FILES.items()}
-    shapes: dict[str, list[int]] = {}
-    try:
-        with _EvalMode(model):
-            for x, y in iterate_loader(loader, device):
-                z, h = _forward(model, x, with_features)
-                for key, t, dtype in (("logits", z, np.float32), ("features", h, np.float32),
-                                      ("labels", None if y is None else y.long(), np.int64)):
-                    if t is None:
-                        continue
-                    a = np.ascontiguousarray(t.cpu().numpy(), dtype=np.dtype(dtype).newbyteorder("<"))
-                    files[key].write(a.tobytes())
-                    shapes.setdefault(key, [0, *a.shape[1:]])[0] += a.shape[0]
-    finally:
-        for f in files.values():
-            f.close()
-    if "logits" not in shapes:
-        raise ValueError("loader is empty")
-    header = {"format": _FORMAT, "n": shapes["logits"][0], "batch_size": batch_size, "arrays": {}}
+        if directory is None:
+            logits, feats, labels = [], [], []
+            for z, h, y in itertools.chain([first], outputs):
+                logits.append(z)
+                if h is not None:
+                    feats.append(h)
+                if y is not None:
+                    labels.append(y)
+            return Features(torch.cat(logits), torch.cat(feats) if feats else None,
+                            torch.cat(labels) if labels else None, head, batch_size)
+        shapes, nonfinite = _write_arrays(itertools.chain([first], outputs), directory, name)
+    header = {"format": _FORMAT, "n": shapes["logits"][0], "batch_size": batch_size, "arrays": {},
+              "first_nonfinite_row": nonfinite.rows}
     for key, (suffix, dtype) in _FILES.items():
         path = os.path.join(directory, f"{name}.{suffix}.bin")
         if key in shapes:
@@ -382,6 +407,34 @@ def extract_features(model: nn.Module, loader, *, directory: str | os.PathLike |
             os.remove(path)
     write_json(header, os.path.join(directory, f"{name}.json"))  # last: its presence marks a complete set
     return Features.load(directory, name, head=head)
+
+
+def _outputs(model: nn.Module, loader, with_features: bool):
+    """(logits, features or None, int64 labels or None) CPU tensors per loader batch."""
+    for x, y in iterate_loader(loader, model_device(model)):
+        z, h = _forward(model, x, with_features)
+        yield z.cpu(), None if h is None else h.cpu(), None if y is None else y.long().cpu()
+
+
+def _write_arrays(outputs, directory, name: str) -> tuple[dict[str, list[int]], "_NonFinite"]:
+    """Stream (z, h, y) batches to ``<name>.<field>.bin`` files: their shapes and first non-finite rows."""
+    os.makedirs(directory, exist_ok=True)
+    files = {k: open(os.path.join(directory, f"{name}.{suffix}.bin"), "wb") for k, (suffix, _) in _FILES.items()}
+    shapes: dict[str, list[int]] = {}
+    nonfinite = _NonFinite()
+    try:
+        for z, h, y in outputs:
+            for key, t, dtype in (("logits", z, np.float32), ("features", h, np.float32), ("labels", y, np.int64)):
+                if t is None:
+                    continue
+                a = np.ascontiguousarray(t.numpy(), dtype=np.dtype(dtype).newbyteorder("<"))
+                nonfinite.add(key, shapes.get(key, [0])[0], a)
+                files[key].write(a.tobytes())
+                shapes.setdefault(key, [0, *a.shape[1:]])[0] += a.shape[0]
+    finally:
+        for f in files.values():
+            f.close()
+    return shapes, nonfinite
 
 
 class StreamedFeatures:
@@ -397,6 +450,16 @@ class StreamedFeatures:
         self.head = LinearHead.from_model(model) if has_feature_head(model) else None
         self.batch_size = getattr(loader, "batch_size", None)
         self.labels = None  # only per chunk
+        self._owner: str | None = None
+        self._check: Callable | None = None
+
+    def checked(self, owner: str, check: Callable) -> "StreamedFeatures":
+        """This stream with ``check(start row, logits, features, labels, head)`` run on every batch as it
+        arrives (``start``: the batch's first row over the whole stream); ``owner`` (a scorer's name) is
+        named when the loader is empty. A copy: the original stays unchecked."""
+        out = copy.copy(self)
+        out._owner, out._check = owner, check
+        return out
 
     def require(self, what: str, scorer: str) -> None:
         if what == "features" and not self.with_features:
@@ -406,14 +469,16 @@ class StreamedFeatures:
 
     def chunks(self, rows: int):
         """(logits, features, labels) per loader batch (``rows`` is ignored: a batch is a chunk)."""
-        seen = False
+        start = 0
         with _EvalMode(self.model):
-            for x, y in iterate_loader(self.loader, model_device(self.model)):
-                z, h = _forward(self.model, x, self.with_features)
-                seen = True
-                yield z.cpu(), None if h is None else h.cpu(), None if y is None else y.long().cpu()
-        if not seen:
-            raise ValueError("loader is empty")
+            for z, h, y in _outputs(self.model, self.loader, self.with_features):
+                if self._check is not None:
+                    self._check(start, z, h, y, self.head)
+                start += z.shape[0]
+                yield z, h, y
+        if not start:
+            raise ValueError(f"{self._owner}: the fit set is empty (the loader yields no batches)" if self._owner
+                             else "loader is empty")
 
 
 class FeatureCache:

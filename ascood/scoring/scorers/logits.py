@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import Scorer, energy
+from .base import Scorer, check_int, energy
 
 __all__ = ["MSP", "TempScale", "EBO", "MLS", "GEN", "Entropy", "KLM"]
 
@@ -38,6 +38,7 @@ class TempScale(Scorer):
     name = "tempscale"
     needs_fit = True
     fit_split = "val"
+    uses_labels = True
     param_names = ("temperature",)
     INIT_T = 1.5
 
@@ -48,11 +49,17 @@ class TempScale(Scorer):
             raise ValueError(f"tempscale tol must be > 0 or None, got {tol}")
         self.temperature = temperature
         self.max_iter, self.tol, self.max_steps = max_iter, tol, max_steps
+        self._validate()
         self.fitted = temperature is not None
         self.grad_at_fit: float | None = None
         self.steps = 0
 
+    def _validate(self) -> None:
+        self.max_iter = check_int(self.name, "max_iter", self.max_iter)
+        self.max_steps = check_int(self.name, "max_steps", self.max_steps)
+
     def _fit(self, feats) -> None:
+        feats.require("logits", self.name)
         logits, labels = [], []
         for z, _, y in feats.chunks(self.chunk_rows):
             if y is None:
@@ -132,8 +139,9 @@ class GEN(Scorer):
         self._validate()
 
     def _validate(self) -> None:
-        if not self.gamma > 0 or self.M < 1:
-            raise ValueError(f"GEN needs gamma > 0 and M >= 1, got gamma={self.gamma}, M={self.M}")
+        self.M = check_int(self.name, "M", self.M)
+        if not self.gamma > 0:
+            raise ValueError(f"gen needs gamma > 0, got gamma={self.gamma}")
 
     def _score(self, logits, features, head):
         p = torch.softmax(logits, 1)
@@ -174,10 +182,9 @@ class KLM(Scorer):
     streams_fit = True
 
     def _fit(self, feats) -> None:
+        feats.require("logits", self.name)
         sums = counts = None
         for z, _, _ in feats.chunks(self.chunk_rows):
-            if z is None:
-                raise ValueError("klm needs logits")
             if sums is None:
                 sums = torch.zeros(z.shape[1], z.shape[1], dtype=torch.float64)
                 counts = torch.zeros(z.shape[1], dtype=torch.float64)

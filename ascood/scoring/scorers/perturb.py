@@ -23,14 +23,13 @@ raises a TypeError saying so.
 """
 from __future__ import annotations
 
-import warnings
 from typing import Sequence
 
 import torch
 from torch import nn
 
 from ... import _ops
-from .base import Scorer
+from .base import Scorer, check_int, warn_once
 
 __all__ = ["ODIN", "IODIN", "InputStd", "model_input_std"]
 
@@ -50,15 +49,14 @@ class InputStd:
     """The per-channel input std an input-perturbing scorer divides its step by (``self.std`` or the model's)."""
 
     std: float | Sequence[float] | None = None
-    _warned_std = False
 
     def _input_std(self, model: nn.Module):
         std = self.std if self.std is not None else model_input_std(model)
         if std is None:
-            if not self._warned_std:
-                warnings.warn(f"{self.name}: the model carries no input_std and no std= was given; using 1.0 "
-                              "(eps is then in normalised-input units, not pixel units)", stacklevel=3)
-                self._warned_std = True
+            warn_once((self.name, "no input std"),
+                      f"{self.name}: the model carries no input_std and no std= was given; using 1.0 "
+                      "(eps is then in normalised-input units, not pixel units: pass std=, the input "
+                      "normalisation's per-channel std)", stacklevel=4)
             return 1.0
         return std
 
@@ -82,7 +80,6 @@ class _Perturbation(InputStd, Scorer):
                  std: float | Sequence[float] | None = None) -> None:
         super().__init__()
         self.temperature, self.eps, self.std = temperature, eps, std
-        self._warned_std = False
         self._validate()
 
     def _validate(self) -> None:
@@ -133,8 +130,7 @@ class IODIN(_Perturbation):
 
     def _validate(self) -> None:
         super()._validate()
-        if not (isinstance(self.k, int) and self.k >= 1):
-            raise ValueError(f"iodin k must be an int >= 1, got {self.k!r}")
+        self.k = check_int(self.name, "k", self.k)
 
     def _k(self, x: torch.Tensor) -> int:
         return self.k
