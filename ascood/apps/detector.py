@@ -63,9 +63,44 @@ def add_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
+#: What the detector's messages call Detector.fit's arguments.
+FLAG_NAMES = {"id_train": "--id-train", "id_val": "--id-val", "ood_val": "--ood-val",
+              "id_calibration": "--id-calibration", "tpr": "--tpr"}
+
+
+def _check_data(args: argparse.Namespace) -> None:
+    """Before the model loads: overlapping data roles, too few calibration images, flags the scorer ignores."""
+    import warnings
+
+    from ..data.datasets import DataError
+    from ..deploy.detector import check_fit_data, ignored_data_notes
+
+    try:
+        check_fit_data(id_train=args.id_train, id_val=args.id_val, ood_val=args.ood_val,
+                       id_calibration=args.id_calibration, scorer=args.scorer, tpr=args.tpr,
+                       calibration_fraction=args.calibration_fraction, names=FLAG_NAMES)
+    except (ValueError, DataError) as err:
+        raise checks.InputError(str(err)) from None
+    for note in ignored_data_notes(args.scorer, id_train=args.id_train, ood_val=args.ood_val, names=FLAG_NAMES):
+        warnings.warn(note, stacklevel=2)
+
+
+def _claim(out: str):
+    """--out: a new folder, an empty one or an earlier detector (replaced as one unit); claimed by a lock
+    beside it. Anything else is refused before any work."""
+    from ..deploy.saving import claim_detector_out
+    from ..training.rundir import OutputDirError
+
+    try:
+        return claim_detector_out(out, flag="--out")
+    except (ValueError, OutputDirError) as err:
+        raise checks.InputError(str(err)) from None
+
+
 def run(args: argparse.Namespace) -> int:
     """Checks, the claim of --out, then Detector.fit and save."""
-    from ..deploy.artifact import ARTIFACT_FILES
+    import warnings
+
     from ..scoring.scorers import get_scorer
     from ..training.model_selection import resolve_checkpoint
 
@@ -87,19 +122,24 @@ def run(args: argparse.Namespace) -> int:
             probe = get_scorer(args.scorer)
         except ValueError as err:
             raise checks.InputError(f"--scorer: {err} (or aps)") from None
-        checks.check_scorers_have_train([probe], bool(args.id_train), True)
-    with checks.claim_out(args.out, ARTIFACT_FILES):
+        checks.check_scorers_have_train([probe], bool(args.id_train), True, train_flag="--id-train",
+                                        val_flag="--id-val")
+    with _claim(args.out):
+        _check_data(args)
         from ..deploy.detector import Detector
 
-        det = Detector.fit(ckpt, id_train=args.id_train, id_val=args.id_val, ood_val=args.ood_val,
-                           id_calibration=args.id_calibration, scorer=args.scorer, tpr=args.tpr,
-                           calibration_fraction=args.calibration_fraction, seed=args.seed,
-                           batch_size=args.batch_size, workers=args.workers, device=args.device,
-                           feature_dir=args.feature_dir, log=print)
+        with warnings.catch_warnings():  # _check_data said each ignored flag once, by its flag name
+            warnings.filterwarnings("ignore", message=r"(id_train|ood_val)\b.*(is not used|no hyperparameters)")
+            det = Detector.fit(ckpt, id_train=args.id_train, id_val=args.id_val, ood_val=args.ood_val,
+                               id_calibration=args.id_calibration, scorer=args.scorer, tpr=args.tpr,
+                               calibration_fraction=args.calibration_fraction, seed=args.seed,
+                               batch_size=args.batch_size, workers=args.workers, device=args.device,
+                               feature_dir=args.feature_dir, log=print, arg_names=FLAG_NAMES)
         det.save(args.out, bank_dtype=args.bank_dtype)
     v = det.validation
     line = (f"detector: {det.scorer.name} {det.provenance['scorer_choice']['params']}, threshold "
-            f"{det.threshold:.6g} at TPR {det.tpr} ({v['n_calibration']} calibration images, in-sample TPR "
+            f"{det.threshold:.6g} at TPR {det.tpr}: is_ood when p <= {det.k}/{det.calibration.numel() + 1} = "
+            f"{det.cutoff:.4g} ({v['n_calibration']} calibration images, in-sample TPR "
             f"{100 * v['calibration_tpr']:.2f}%)")
     if "ood_val_fpr" in v:
         line += f"; OOD val AUROC {100 * v['ood_val_auroc']:.2f}, FPR {100 * v['ood_val_fpr']:.2f}%"

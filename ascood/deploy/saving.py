@@ -7,14 +7,15 @@ import torch
 from torch import nn
 
 from ..scoring.scorers.features import has_feature_head
-from ..training.rundir import claim_output_dir
-from .artifact import (ARTIFACT_FILES, ARTIFACT_FORMAT, CALIBRATION_FILE, MODEL_FILE, SCORER_FILE, SPEC,
+from ..files import TMP_SUFFIX, TMP_TAG, atomic_write_dir, remove_stale_dir_temporaries
+from ..training.rundir import LOCK_NAME, claim_output_file
+from .artifact import (ARTIFACT_FILES, ARTIFACT_FORMAT, CALIBRATION_FILE, MANIFEST, MODEL_FILE, SCORER_FILE, SPEC,
                        open_tensor_file, read_artifact, read_tensors, write_artifact)
 from .conformal import check_tpr, min_calibration_size
-from .inputs import Preprocessing
+from .inputs import Preprocessing, resolve_device
 from .state import BANK_DTYPES, BANK_SCORERS, STORABLE_SCORERS, ArtifactError, StoredBank, restore_scorer, scorer_state
 
-__all__ = ["save_detector", "load_detector", "model_card", "BUILD_KEYS"]
+__all__ = ["save_detector", "load_detector", "model_card", "BUILD_KEYS", "check_detector_out", "claim_detector_out"]
 
 #: The keys of a model build record (the arguments of ascood.build_model that a checkpoint stores).
 BUILD_KEYS = {"name": str, "num_classes": int, "in_channels": int, "head": str, "sigma": (int, float),
@@ -28,8 +29,55 @@ def _version() -> str:
     return __version__
 
 
+def _is_detector(path: str) -> bool:
+    """Whether ``path`` holds a manifest of this artifact format (the folder was written by Detector.save)."""
+    import json
+
+    try:
+        with open(os.path.join(path, MANIFEST), "rb") as f:
+            manifest = json.loads(f.read(2 ** 20).decode("utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("format") == ARTIFACT_FORMAT
+
+
+def check_detector_out(path: str, flag: str = "path") -> None:
+    """``path`` may take a detector: a new folder, an empty one, or an existing detector (replaced as one unit).
+
+    Any other existing folder (a user's notes, the ID data, a training run) or a file is refused with a
+    ValueError naming ``flag``: saving would replace what is there. Files a save itself leaves (its lock, a
+    killed write's temporaries) do not count against an existing detector.
+    """
+    if not os.path.lexists(path):
+        return
+    if not os.path.isdir(path):
+        raise ValueError(f"{flag} {path} is an existing file, not a folder: a detector is a folder of files; "
+                         "choose a new folder name")
+    # An old-style lock or a killed write's temporaries are ours: they make no folder a user's.
+    entries = [e for e in sorted(os.listdir(path)) if e != LOCK_NAME and not (TMP_TAG in e and e.endswith(TMP_SUFFIX))]
+    if not entries:
+        return
+    foreign = [e for e in entries if e not in ARTIFACT_FILES]
+    if _is_detector(path) and not foreign:
+        return
+    shown = ", ".join(foreign[:5]) + (" ..." if len(foreign) > 5 else "")
+    what = (f"a detector folder that also holds other files ({shown})" if _is_detector(path)
+            else f"an existing folder that is not a detector (it holds {shown or ', '.join(entries[:5])}"
+                 f"{' ...' if len(entries) > 5 and not foreign else ''})")
+    raise ValueError(f"{flag} {path} is {what}: saving replaces the whole folder, so nothing was written; "
+                     "choose a new or empty folder, or an earlier detector's folder")
+
+
+def claim_detector_out(path: str, flag: str = "path"):
+    """The lock of a detector folder (beside it, ``.NAME.ascood.lock``), after :func:`check_detector_out`."""
+    check_detector_out(path, flag)
+    return claim_output_file(path, flag=flag)
+
+
 def save_detector(det, path: str, bank_dtype: str = "float32") -> str:
-    """Write ``det`` to the directory ``path`` (claimed and checked first: a lock, no directory where a file goes)."""
+    """Write ``det`` to the folder ``path`` as one unit (checked and claimed first, see :func:`check_detector_out`):
+    a sibling temporary folder is filled, then swapped in, so an earlier detector there is replaced whole or
+    not at all."""
     if bank_dtype not in BANK_DTYPES:
         raise ValueError(f"bank_dtype must be one of {BANK_DTYPES}, got {bank_dtype!r}")
     params, scorer_tensors = scorer_state(det.scorer, bank_dtype)
@@ -51,8 +99,11 @@ def save_detector(det, path: str, bank_dtype: str = "float32") -> str:
         "provenance": det.provenance,
         "validation": det.validation,
     }
-    with claim_output_dir(path, flag="the detector directory", outputs=ARTIFACT_FILES):
-        write_artifact(path, spec, state, scorer_tensors, det.calibration, model_card(det, spec))
+    card = model_card(det, spec)
+    with claim_detector_out(path, flag="path"):
+        check_detector_out(path, flag="path")  # again under the lock: the folder may have changed meanwhile
+        remove_stale_dir_temporaries(path)
+        atomic_write_dir(path, lambda tmp: write_artifact(tmp, spec, state, scorer_tensors, det.calibration, card))
     return path
 
 
@@ -77,6 +128,8 @@ def _check_build(build, where: str) -> dict:
 
 def load_detector(cls, path: str, model: nn.Module | None = None, device=None, max_bank_mb: float = 1024):
     """Read and verify the artifact at ``path``; see :meth:`ascood.Detector.load`."""
+    if device is not None:
+        resolve_device(device, "device")  # before reading anything: the CLI's --device wording
     spec, paths = read_artifact(path)
     where = paths[SPEC]
     try:
