@@ -54,10 +54,15 @@ def check_detector_out(path: str, flag: str = "path") -> None:
         raise ValueError(f"{flag} {path} is an existing file, not a folder: a detector is a folder of files; "
                          "choose a new folder name")
     # An old-style lock or a killed write's temporaries are ours: they make no folder a user's.
-    entries = [e for e in sorted(os.listdir(path)) if e != LOCK_NAME and not (TMP_TAG in e and e.endswith(TMP_SUFFIX))]
+    entries = [e for e in sorted(os.listdir(path))
+               if not e.endswith(LOCK_NAME) and not (TMP_TAG in e and e.endswith(TMP_SUFFIX))]
     if not entries:
         return
-    foreign = [e for e in entries if e not in ARTIFACT_FILES]
+    from .export import DEFAULT_NAMES
+
+    # `ascood export DET` writes DET/detector.onnx (.pt2, .ts) by default: graphs of the detector being
+    # replaced, which would no longer match it; they go with it.
+    foreign = [e for e in entries if e not in ARTIFACT_FILES and e not in DEFAULT_NAMES.values()]
     if _is_detector(path) and not foreign:
         return
     shown = ", ".join(foreign[:5]) + (" ..." if len(foreign) > 5 else "")
@@ -269,8 +274,11 @@ def model_card(det, spec: dict) -> str:
 
     lines = [
         "# ascood detector", "",
-        f"Scorer **{det.scorer.name}** {spec['scorer']['params']}; decision at target TPR **{det.tpr}** "
-        f"(false-alarm bound {det.alpha:.4g}).", "",
+        f"Scorer **{det.scorer.name}** {spec['scorer']['params']}; decision at target TPR **{det.tpr}**: "
+        f"is_ood when p <= {det.k}/{det.calibration.numel() + 1} = {det.cutoff:.4g} (the false-alarm bound; "
+        f"nominal 1 - tpr = {det.alpha:.4g}).", "",
+        "This card is for people: you may edit it. It is not read back and not in manifest.json; every other "
+        "file is checked against its sha256 on load.", "",
         "## Model and preprocessing", "",
         f"- model: {spec['model']['class']} ({(spec['model']['build'] or {}).get('name', 'no build record')}), "
         f"{det.num_classes} classes: {', '.join(det.classes[:20])}{' ...' if len(det.classes) > 20 else ''}",
@@ -278,10 +286,11 @@ def model_card(det, spec: dict) -> str:
         f"- input: resize shorter side to {det.preprocessing.resize}, centre crop {det.preprocessing.image_size}, "
         f"{det.preprocessing.channels} channel(s), mean {det.preprocessing.mean}, std {det.preprocessing.std}", "",
         "## Data", "",
-        f"- ID train (scorer statistics): {data.get('id_train')} ({data.get('n_id_train')} images)",
+        *([f"- ID train (scorer statistics): {data.get('id_train')} ({data.get('n_id_train')} images)"]
+          if data.get("id_train") else ["- ID train: not used (the scorer fits no statistics on it)"]),
         f"- ID validation: {data.get('id_val')}; tuning part {data.get('n_tune')} images, calibration part "
         f"{data.get('n_calibration')} images (split seed {data.get('split_seed')})",
-        f"- OOD validation (APS only): {data.get('ood_val')}",
+        *([f"- OOD validation (APS, validation numbers): {data.get('ood_val')}"] if data.get("ood_val") else []),
         f"- scorer choice: {choice.get('mode')}" + (f", validation AUROC {pct(choice.get('val_auroc'))}"
                                                     if choice.get("val_auroc") is not None else ""), "",
         "## Decision", "",
@@ -299,14 +308,16 @@ def model_card(det, spec: dict) -> str:
     lines += [
         "", "## Guarantee and limits", "",
         f"- If new ID images are exchangeable with the calibration images (same distribution, same model and "
-        f"preprocessing), P(an ID image is flagged) <= {det.alpha:.4g}, over the calibration draw and the image. "
+        f"preprocessing), P(an ID image is flagged) <= {det.cutoff:.4g}, over the calibration draw and the image. "
         "With one fixed calibration set the realised rate varies by about "
-        f"{(det.alpha * (1 - det.alpha) / max(det.calibration.numel(), 1)) ** 0.5:.3g} (one standard deviation).",
+        f"{(det.cutoff * (1 - det.cutoff) / max(det.calibration.numel(), 1)) ** 0.5:.3g} (one standard deviation).",
         "- Batches: Benjamini-Hochberg over conformal p-values (`predict --fdr q`) keeps the expected share of ID "
-        "images among the flagged ones <= q under the same assumption.",
+        "images among the flagged ones <= q under the same assumption. It can flag a lone OOD image in a batch of "
+        f"m only when n + 1 >= m / q (n = {det.calibration.numel()}: batches of at most "
+        f"{int(0.1 * (det.calibration.numel() + 1) + 1e-9)} images at q = 0.1).",
         "- Nothing is guaranteed about which OOD images are caught: that depends on the scorer and the kind of shift.",
         "- A shift of the ID data itself (new camera, new season) breaks exchangeability: recalibrate on fresh ID data.",
         "", "Files: detector.json (all settings), model.safetensors, scorer.safetensors, calibration.safetensors; "
-        "manifest.json holds each file's sha256 (checked on load).", "",
+        "manifest.json holds each of their sha256 (checked on load; this README.md is not covered).", "",
     ]
     return "\n".join(lines)
