@@ -69,11 +69,10 @@ FLAG_NAMES = {"id_train": "--id-train", "id_val": "--id-val", "ood_val": "--ood-
 
 
 def _check_data(args: argparse.Namespace) -> None:
-    """Before the model loads: overlapping data roles, too few calibration images, flags the scorer ignores."""
-    import warnings
-
+    """Before the model loads: overlapping data roles, too few calibration images (Detector.fit warns, by flag
+    name, about data the scorer ignores)."""
     from ..data.datasets import DataError
-    from ..deploy.detector import check_fit_data, ignored_data_notes
+    from ..deploy.detector import check_fit_data
 
     try:
         check_fit_data(id_train=args.id_train, id_val=args.id_val, ood_val=args.ood_val,
@@ -81,26 +80,21 @@ def _check_data(args: argparse.Namespace) -> None:
                        calibration_fraction=args.calibration_fraction, names=FLAG_NAMES)
     except (ValueError, DataError) as err:
         raise checks.InputError(str(err)) from None
-    for note in ignored_data_notes(args.scorer, id_train=args.id_train, ood_val=args.ood_val, names=FLAG_NAMES):
-        warnings.warn(note, stacklevel=2)
 
 
 def _claim(out: str):
     """--out: a new folder, an empty one or an earlier detector (replaced as one unit); claimed by a lock
     beside it. Anything else is refused before any work."""
     from ..deploy.saving import claim_detector_out
-    from ..training.rundir import OutputDirError
 
     try:
         return claim_detector_out(out, flag="--out")
-    except (ValueError, OutputDirError) as err:
+    except ValueError as err:
         raise checks.InputError(str(err)) from None
 
 
 def run(args: argparse.Namespace) -> int:
     """Checks, the claim of --out, then Detector.fit and save."""
-    import warnings
-
     from ..scoring.scorers import get_scorer
     from ..training.model_selection import resolve_checkpoint
 
@@ -128,13 +122,11 @@ def run(args: argparse.Namespace) -> int:
         _check_data(args)
         from ..deploy.detector import Detector
 
-        with warnings.catch_warnings():  # _check_data said each ignored flag once, by its flag name
-            warnings.filterwarnings("ignore", message=r"(id_train|ood_val)\b.*(is not used|no hyperparameters)")
-            det = Detector.fit(ckpt, id_train=args.id_train, id_val=args.id_val, ood_val=args.ood_val,
-                               id_calibration=args.id_calibration, scorer=args.scorer, tpr=args.tpr,
-                               calibration_fraction=args.calibration_fraction, seed=args.seed,
-                               batch_size=args.batch_size, workers=args.workers, device=args.device,
-                               feature_dir=args.feature_dir, log=print, arg_names=FLAG_NAMES)
+        det = Detector.fit(ckpt, id_train=args.id_train, id_val=args.id_val, ood_val=args.ood_val,
+                           id_calibration=args.id_calibration, scorer=args.scorer, tpr=args.tpr,
+                           calibration_fraction=args.calibration_fraction, seed=args.seed,
+                           batch_size=args.batch_size, workers=args.workers, device=args.device,
+                           feature_dir=args.feature_dir, log=print, arg_names=FLAG_NAMES)
         det.save(args.out, bank_dtype=args.bank_dtype)
     v = det.validation
     line = (f"detector: {det.scorer.name} {det.provenance['scorer_choice']['params']}, threshold "

@@ -34,7 +34,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from ..deploy.export import check_export_path, default_path
-    from ..training.rundir import OutputDirError, claim_output_file
+    from ..training.rundir import claim_output_file
 
     checks.require_path(args.detector, "detector")
     out = args.out or default_path(args.detector, args.format)
@@ -48,11 +48,7 @@ def run(args: argparse.Namespace) -> int:
     parent = os.path.dirname(os.path.abspath(out))
     if os.path.exists(parent) and not os.path.isdir(parent):
         raise checks.InputError(f"--out {out}: {parent} is a file, not a folder")
-    try:
-        claim = claim_output_file(out, flag="--out")  # a lock beside the file: its folder stays free
-    except OutputDirError as err:
-        raise checks.InputError(str(err)) from None
-    with claim:
+    with claim_output_file(out, flag="--out"):  # a lock beside the file: its folder stays free
         from ..deploy.detector import Detector
         from ..deploy.export import export, needs_gradient
 

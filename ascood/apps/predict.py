@@ -106,7 +106,7 @@ def _claim_out_file(out: str | None):
     """Check and claim --out FILE (a lock beside the file; the folder stays free for other tables)."""
     import contextlib
 
-    from ..training.rundir import OutputDirError, claim_output_file
+    from ..training.rundir import claim_output_file
 
     if out is None:
         return contextlib.nullcontext()
@@ -117,10 +117,7 @@ def _claim_out_file(out: str | None):
     parent = os.path.dirname(os.path.abspath(out))
     if os.path.exists(parent) and not os.path.isdir(parent):
         raise checks.InputError(f"--out {out}: {parent} is a file, not a folder")
-    try:
-        return claim_output_file(out, flag="--out")
-    except OutputDirError as err:
-        raise checks.InputError(str(err)) from None
+    return claim_output_file(out, flag="--out")  # in use by another run: exit status 1, the holder named
 
 
 def run(args: argparse.Namespace) -> int:
