@@ -133,14 +133,13 @@ def run(args: argparse.Namespace) -> int:
         raise checks.InputError(str(err)) from None
     with _claim_out_file(args.out):
         from ..deploy.detector import Detector
-        from .main import error_text
 
         det = Detector.load(args.detector, device=resolve_device(args.device))
         try:
             pred = det.predict(files, fdr=args.fdr, batch_size=args.batch_size, workers=args.workers,
                                progress=args.progress, on_error="raise" if args.strict else "skip")
         except ImageReadError as err:  # --strict: an unreadable image is bad input
-            raise checks.InputError(error_text(err) + " (--strict stops at the first unreadable file)") from None
+            raise checks.InputError(f"{err} (--strict stops at the first unreadable file)") from None
         text = write_predictions(pred, args.out)
     for i in pred.failed:
         print(f"ascood predict: cannot read {pred.source[i]}: {pred.error[i]}", file=sys.stderr)

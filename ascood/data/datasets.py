@@ -54,7 +54,11 @@ class ImageReadError(DataError):
     """One image file cannot be read: ``path`` and a short ``reason`` in our words (not the decoder's text)."""
 
     def __init__(self, path: str, reason: str | None = None) -> None:
-        # One argument: the whole message (how torch re-raises an error from a DataLoader worker).
+        if reason is None:  # one argument: the whole message, as torch re-raises an error from a DataLoader
+            # worker ("Caught ImageReadError in DataLoader worker ... Original Traceback ..."): keep its last line
+            lines = [ln.strip() for ln in str(path).splitlines() if ln.strip()]
+            last = lines[-1] if lines else str(path)
+            path = last.split("ImageReadError: ", 1)[-1]
         super().__init__(path if reason is None else f"cannot read image {path}: {reason}")
         self.path, self.reason = (None, None) if reason is None else (path, reason)
 
