@@ -275,8 +275,8 @@ def list_entry_path(list_file: str, lineno: int, entry: str, root: str) -> str:
         raise DataError(f"{list_file}:{lineno}: path {entry!r} is absolute; training and OpenOOD image lists "
                         f"hold paths relative to the image root {root}{hint}")
     if norm == ".." or norm.startswith(".." + os.sep):
-        raise DataError(f"{list_file}:{lineno}: path {entry!r} climbs out of the image root {root} with '..'; "
-                        "list paths must stay inside the root")
+        raise DataError(f"{list_file}:{lineno}: path {entry!r} leaves the image root {root} ('..' climbs above "
+                        "it); list paths must stay inside the root")
     return os.path.join(root, norm)
 
 

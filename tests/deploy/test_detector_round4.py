@@ -316,5 +316,5 @@ def test_training_list_refusal_does_not_contradict_itself(tmp_path):
         list_entry_path("l.txt", 3, inside, str(tmp_path))
     text = str(err.value)
     assert "is absolute" in text and "write it as 'red/0.png'" in text and "leaves" not in text
-    with pytest.raises(DataError, match=r"climbs out of the image root .* with '\.\.'"):
+    with pytest.raises(DataError, match=r"leaves the image root .* \('\.\.' climbs above it\)"):
         list_entry_path("l.txt", 4, "../x.png", str(tmp_path))
