@@ -56,7 +56,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="KNN / NNGuide / Relation bank precision on disk (float16: half the size)")
     p.add_argument("--feature-dir", metavar="DIR", help="memory-map the extracted features from files in DIR instead "
                    "of RAM (ImageNet-size --id-train with knn / nnguide / relation)")
-    p.add_argument("--out", required=True, metavar="DET", help="directory to write the detector to")
+    p.add_argument("--out", required=True, metavar="DET", help="folder to write the detector to: a new or empty "
+                   "folder, or an earlier detector (replaced as one unit); any other existing folder is refused")
     p.add_argument("--batch-size", type=positive_int, default=128, help="batch size (default 128)")
     p.add_argument("--workers", type=non_negative_int, default=0, help="DataLoader workers (default 0)")
     p.add_argument("--device", type=device_name, help="cpu, cuda or cuda:N (default: cuda when available)")

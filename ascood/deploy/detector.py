@@ -433,6 +433,10 @@ class Detector:
     def save(self, path: str | os.PathLike, *, bank_dtype: str = "float32") -> str:
         """Write the artifact directory (:mod:`.artifact`), claiming it first; returns the path.
 
+        ``path`` must be a new folder, an empty one, or an earlier detector, which is replaced as one unit
+        (a sibling temporary folder is written, then swapped in); any other existing folder or a file is
+        refused with a ValueError naming ``path``, before anything is written.
+
         ``bank_dtype="float16"`` halves a KNN / NNGuide / Relation bank on disk
         and in memory (scores change by ~1e-3 relative; BENCHMARKS.md).
         """
