@@ -318,3 +318,14 @@ def test_training_list_refusal_does_not_contradict_itself(tmp_path):
     assert "is absolute" in text and "write it as 'red/0.png'" in text and "leaves" not in text
     with pytest.raises(DataError, match=r"leaves the image root .* \('\.\.' climbs above it\)"):
         list_entry_path("l.txt", 4, "../x.png", str(tmp_path))
+
+
+def test_graph_metadata_calls_the_preprocessing_as_detector_json_does(saved):
+    from ascood.deploy.export import _upgrade_metadata, metadata
+
+    det = Detector.load(saved)
+    meta = metadata(det, "onnx")
+    spec = json.load(open(os.path.join(saved, "detector.json")))
+    assert meta["preprocessing"] == spec["preprocessing"] and meta["input"]["name"] == "images"
+    old = {"input": {"name": "images", **spec["preprocessing"]}}  # what files exported before round 4 hold
+    assert _upgrade_metadata(old)["preprocessing"] == spec["preprocessing"]
