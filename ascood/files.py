@@ -84,11 +84,12 @@ def atomic_write(path: str | os.PathLike, write) -> None:
         raise
 
 
-def remove_stale_temporaries(directory: str | os.PathLike) -> list[str]:
+def remove_stale_temporaries(directory: str | os.PathLike, only: str | None = None) -> list[str]:
     """Delete the atomic writer's leftover temporaries (``*.ascood.XXXXXXXX.tmp``) in ``directory``.
 
     Only call this while holding the directory's lock (:mod:`ascood.training.rundir`):
-    then no live writer owns them. Returns the removed paths.
+    then no live writer owns them. ``only``: just the temporaries of that one file name (under a file's
+    own lock, other files' writers may be alive). Returns the removed paths.
     """
     directory = os.fspath(directory)
     removed = []
@@ -96,6 +97,8 @@ def remove_stale_temporaries(directory: str | os.PathLike) -> list[str]:
         return removed
     for name in sorted(os.listdir(directory)):
         full = os.path.join(directory, name)
+        if only is not None and not name.startswith(only + TMP_TAG):
+            continue
         if (_TMP_RE.match(name) or _LEGACY_TMP_RE.match(name)) and os.path.isfile(full):
             try:
                 os.unlink(full)

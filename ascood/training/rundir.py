@@ -227,6 +227,7 @@ def claim_output_file(path: str | os.PathLike, flag: str = "--out") -> Iterator[
         record = _acquire(parent, flag, name=name, target=path)
         _HELD[key] = 1
         try:
+            remove_stale_temporaries(parent, only=os.path.basename(path))  # a killed write of this file only
             yield path
             ok = True
         finally:

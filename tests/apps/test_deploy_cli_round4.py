@@ -216,3 +216,10 @@ def test_out_files_are_locked_alone(env, tmp_path):
 
     meta = read_metadata(str(tmp_path / "d.onnx"), "onnx")
     assert meta["preprocessing"]["image_size"] == 8 and meta["input"]["name"] == "images"
+
+
+def test_a_killed_write_of_the_table_is_cleaned_up_alone(env, tmp_path):
+    (tmp_path / "p.csv.ascood.abcd1234.tmp").write_text("half a table")
+    (tmp_path / "q.csv.ascood.abcd1234.tmp").write_text("another writer's, maybe alive")
+    assert main(["predict", env["det"], env["ood"], "--out", str(tmp_path / "p.csv"), "--no-progress"]) == 3
+    assert sorted(os.listdir(tmp_path)) == ["p.csv", "q.csv.ascood.abcd1234.tmp"]
