@@ -19,7 +19,7 @@ import tempfile
 import torch
 
 __all__ = ["atomic_write", "atomic_save", "atomic_write_text", "write_json", "remove_stale_temporaries",
-           "current_umask", "TMP_TAG", "TMP_SUFFIX"]
+           "current_umask", "TMP_TAG", "TMP_SUFFIX", "atomic_write_dir", "remove_stale_dir_temporaries"]
 
 TMP_TAG = ".ascood."
 TMP_SUFFIX = ".tmp"
@@ -84,11 +84,12 @@ def atomic_write(path: str | os.PathLike, write) -> None:
         raise
 
 
-def remove_stale_temporaries(directory: str | os.PathLike) -> list[str]:
+def remove_stale_temporaries(directory: str | os.PathLike, only: str | None = None) -> list[str]:
     """Delete the atomic writer's leftover temporaries (``*.ascood.XXXXXXXX.tmp``) in ``directory``.
 
     Only call this while holding the directory's lock (:mod:`ascood.training.rundir`):
-    then no live writer owns them. Returns the removed paths.
+    then no live writer owns them. ``only``: just the temporaries of that one file name (under a file's
+    own lock, other files' writers may be alive). Returns the removed paths.
     """
     directory = os.fspath(directory)
     removed = []
@@ -96,6 +97,8 @@ def remove_stale_temporaries(directory: str | os.PathLike) -> list[str]:
         return removed
     for name in sorted(os.listdir(directory)):
         full = os.path.join(directory, name)
+        if only is not None and not name.startswith(only + TMP_TAG):
+            continue
         if (_TMP_RE.match(name) or _LEGACY_TMP_RE.match(name)) and os.path.isfile(full):
             try:
                 os.unlink(full)
@@ -118,3 +121,85 @@ def atomic_write_text(text: str, path: str | os.PathLike) -> None:
 def write_json(obj, path: str | os.PathLike) -> None:
     """Atomic, human-readable JSON."""
     atomic_write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n", path)
+
+
+#: Sibling folders of a directory written as one unit: ``.NAME.ascood-new.XXXXXXXX`` (being written) and
+#: ``.NAME.ascood-old.XXXXXXXX`` (the replaced one, being deleted).
+_DIR_TMP_KINDS = ("new", "old")
+
+
+def _dir_tmp_prefix(path: str, kind: str) -> str:
+    return "." + os.path.basename(path) + ".ascood-" + kind + "."
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE); False where the system cannot."""
+    import ctypes
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def atomic_write_dir(path: str | os.PathLike, write) -> None:
+    """Write the directory ``path`` as one unit: ``write(tmp)`` fills a sibling temporary folder, which then
+    takes ``path``'s place.
+
+    A new or empty ``path`` is replaced by one rename; an existing directory is swapped with the new one
+    atomically where the system can (Linux), else by two renames a moment apart, and then deleted. Readers
+    see the old complete directory or the new complete one; a failure leaves ``path`` as it was. The
+    caller decides whether ``path`` may be replaced (and holds its lock).
+    """
+    import shutil
+
+    path = os.path.abspath(os.fspath(path))
+    if os.path.islink(path):
+        path = os.path.realpath(path)  # replace what the link points at, not the link
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=_dir_tmp_prefix(path, "new"), dir=parent)
+    try:
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700; a folder gets the umask's mode
+        write(tmp)
+        if not os.path.exists(path) or (os.path.isdir(path) and not os.listdir(path)):
+            os.replace(tmp, path)  # rename(2) replaces an empty directory
+            return
+        if _exchange(tmp, path):
+            shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old directory
+            return
+        old = tempfile.mkdtemp(prefix=_dir_tmp_prefix(path, "old"), dir=parent)
+        os.rmdir(old)
+        os.rename(path, old)
+        try:
+            os.rename(tmp, path)
+        except BaseException:
+            os.rename(old, path)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        full = _no_space_error(err) if isinstance(err, Exception) else None
+        if full is not None:
+            raise OSError(full.errno, f"no space left writing {path} ({os.strerror(full.errno)})") from err
+        raise
+
+
+def remove_stale_dir_temporaries(path: str | os.PathLike) -> list[str]:
+    """Delete the sibling folders a killed :func:`atomic_write_dir` of ``path`` left; only under its lock."""
+    import shutil
+
+    path = os.path.abspath(os.fspath(path))
+    parent, removed = os.path.dirname(path), []
+    if not os.path.isdir(parent):
+        return removed
+    prefixes = tuple(_dir_tmp_prefix(path, kind) for kind in _DIR_TMP_KINDS)
+    for name in sorted(os.listdir(parent)):
+        full = os.path.join(parent, name)
+        tail = next((name[len(p):] for p in prefixes if name.startswith(p)), "")
+        if re.fullmatch(r"[a-z0-9_]{8}", tail) and os.path.isdir(full) and not os.path.islink(full):
+            shutil.rmtree(full, ignore_errors=True)
+            removed.append(full)
+    return removed

@@ -96,8 +96,9 @@ def fitted(scorer: str, tpr: float = 0.9):
         s.set_params(bank="all")  # 1% of 240 rows would be a 2-row bank
     if scorer == "vim":
         s.set_params(dim=8)  # 16-d features: 256 leaves no residual space
-    return ascood.Detector.fit(model, id_train=train, id_val=val, scorer=s, tpr=tpr, preprocessing=PREP,
-                               classes=CLASSES, device="cpu")
+    uses_train = s.needs_fit and s.fit_split == "train"  # id_train for others would only warn "not used"
+    return ascood.Detector.fit(model, id_train=train if uses_train else None, id_val=val, scorer=s, tpr=tpr,
+                               preprocessing=PREP, classes=CLASSES, device="cpu")
 
 
 def write_png_dir(root: str, x: torch.Tensor, prefix: str = "img") -> list[str]:

@@ -116,15 +116,15 @@ def model_name(text: str) -> str:
 
 
 def device_name(text: str) -> str:
-    """--device: cpu, cuda or cuda:N, checked against this machine (torch's own message names no flag)."""
-    import torch
+    """--device: cpu, cuda or cuda:N, checked against this machine (torch's own message names no flag).
 
-    try:
-        dev = torch.device(text)
-    except (RuntimeError, ValueError):
-        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}") from None
-    if dev.type == "cpu":
-        return text
+    The wording is :func:`ascood.deploy.inputs.device_problem`'s, which ``Detector(device=...)`` shares."""
+    from ..deploy.inputs import device_problem
+
+    problem = device_problem(text)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
+    return text
     if dev.type != "cuda":
         raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r} (device type {dev.type!r} "
                                          "is not supported)")

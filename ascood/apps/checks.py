@@ -127,16 +127,19 @@ def parse_scorer_names(text: str, make: Callable[[str], object]) -> list:
     return scorers
 
 
-def check_scorers_have_train(scorers: Sequence, has_train: bool, has_val: bool = False) -> None:
-    """Scorers that fit ID statistics need ``--train`` (KNN, MDS, ...) or ID validation data (ReAct, TempScale)."""
+def check_scorers_have_train(scorers: Sequence, has_train: bool, has_val: bool = False, *,
+                             train_flag: str = "--train", val_flag: str = "--val (or --aps-id)") -> None:
+    """Scorers that fit ID statistics need ID training data (KNN, MDS, ...) or ID validation data (ReAct,
+    TempScale); the message names the command's flag (``train_flag`` / ``val_flag``)."""
     fitted = [s for s in scorers if getattr(s, "needs_fit", False)]
     on_train = [s.name for s in fitted if getattr(s, "fit_split", "train") == "train"]
     on_val = [s.name for s in fitted if getattr(s, "fit_split", "train") == "val"]
     if on_train and not has_train:
-        raise InputError(f"scorer(s) {', '.join(on_train)} fit ID statistics: pass the ID training data with --train")
+        raise InputError(f"scorer(s) {', '.join(on_train)} fit ID statistics: pass the ID training data with "
+                         f"{train_flag}")
     if on_val and not has_val:
         raise InputError(f"scorer(s) {', '.join(on_val)} are fitted on ID validation data (as OpenOOD): "
-                         "pass --val (or --aps-id)")
+                         f"pass {val_flag}")
 
 
 def warn_unlabelled_id(ds, path: str) -> None:

@@ -574,7 +574,12 @@ def detector_ending(data: _Data, model, cfg: SettingConfig, out: str, setting: s
 
     bench = data.bench
     prep = Preprocessing(bench.image_size, bench.mean.tolist(), bench.std.tolist(), bench.in_channels)
-    det = Detector.fit(model, id_train=data.train, id_val=data.val, ood_val=TensorDataset(data.val_ood),
+    from ..scoring.scorers import get_scorer
+
+    probe = get_scorer(cfg.scorer)
+    uses_train = probe.needs_fit and probe.fit_split == "train"  # else Detector.fit warns "id_train is not used"
+    det = Detector.fit(model, id_train=data.train if uses_train else None, id_val=data.val,
+                       ood_val=TensorDataset(data.val_ood),
                        scorer=cfg.scorer, tpr=0.95, preprocessing=prep,
                        classes=[str(d) for d in bench.id_classes], device="cpu")
     ood_name = next(iter(bench.ood))

@@ -56,16 +56,46 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="KNN / NNGuide / Relation bank precision on disk (float16: half the size)")
     p.add_argument("--feature-dir", metavar="DIR", help="memory-map the extracted features from files in DIR instead "
                    "of RAM (ImageNet-size --id-train with knn / nnguide / relation)")
-    p.add_argument("--out", required=True, metavar="DET", help="directory to write the detector to")
+    p.add_argument("--out", required=True, metavar="DET", help="folder to write the detector to: a new or empty "
+                   "folder, or an earlier detector (replaced as one unit); any other existing folder is refused")
     p.add_argument("--batch-size", type=positive_int, default=128, help="batch size (default 128)")
     p.add_argument("--workers", type=non_negative_int, default=0, help="DataLoader workers (default 0)")
     p.add_argument("--device", type=device_name, help="cpu, cuda or cuda:N (default: cuda when available)")
     return p
 
 
+#: What the detector's messages call Detector.fit's arguments.
+FLAG_NAMES = {"id_train": "--id-train", "id_val": "--id-val", "ood_val": "--ood-val",
+              "id_calibration": "--id-calibration", "tpr": "--tpr"}
+
+
+def _check_data(args: argparse.Namespace) -> None:
+    """Before the model loads: overlapping data roles, too few calibration images (Detector.fit warns, by flag
+    name, about data the scorer ignores)."""
+    from ..data.datasets import DataError
+    from ..deploy.detector import check_fit_data
+
+    try:
+        check_fit_data(id_train=args.id_train, id_val=args.id_val, ood_val=args.ood_val,
+                       id_calibration=args.id_calibration, scorer=args.scorer, tpr=args.tpr,
+                       calibration_fraction=args.calibration_fraction, names=FLAG_NAMES)
+    except (ValueError, DataError) as err:
+        raise checks.InputError(str(err)) from None
+
+
+def _claim(out: str):
+    """--out: a new folder, an empty one or an earlier detector (replaced as one unit); claimed by a lock
+    beside it. Anything else is refused before any work."""
+    from ..deploy.saving import claim_detector_out
+
+    try:
+        return claim_detector_out(out, flag="--out")
+    except ValueError as err:
+        raise checks.InputError(str(err)) from None
+
+
 def run(args: argparse.Namespace) -> int:
     """Checks, the claim of --out, then Detector.fit and save."""
-    from ..deploy.artifact import ARTIFACT_FILES
     from ..scoring.scorers import get_scorer
     from ..training.model_selection import resolve_checkpoint
 
@@ -87,19 +117,22 @@ def run(args: argparse.Namespace) -> int:
             probe = get_scorer(args.scorer)
         except ValueError as err:
             raise checks.InputError(f"--scorer: {err} (or aps)") from None
-        checks.check_scorers_have_train([probe], bool(args.id_train), True)
-    with checks.claim_out(args.out, ARTIFACT_FILES):
+        checks.check_scorers_have_train([probe], bool(args.id_train), True, train_flag="--id-train",
+                                        val_flag="--id-val")
+    with _claim(args.out):
+        _check_data(args)
         from ..deploy.detector import Detector
 
         det = Detector.fit(ckpt, id_train=args.id_train, id_val=args.id_val, ood_val=args.ood_val,
                            id_calibration=args.id_calibration, scorer=args.scorer, tpr=args.tpr,
                            calibration_fraction=args.calibration_fraction, seed=args.seed,
                            batch_size=args.batch_size, workers=args.workers, device=args.device,
-                           feature_dir=args.feature_dir, log=print)
+                           feature_dir=args.feature_dir, log=print, arg_names=FLAG_NAMES)
         det.save(args.out, bank_dtype=args.bank_dtype)
     v = det.validation
     line = (f"detector: {det.scorer.name} {det.provenance['scorer_choice']['params']}, threshold "
-            f"{det.threshold:.6g} at TPR {det.tpr} ({v['n_calibration']} calibration images, in-sample TPR "
+            f"{det.threshold:.6g} at TPR {det.tpr}: is_ood when p <= {det.k}/{det.calibration.numel() + 1} = "
+            f"{det.cutoff:.4g} ({v['n_calibration']} calibration images, in-sample TPR "
             f"{100 * v['calibration_tpr']:.2f}%)")
     if "ood_val_fpr" in v:
         line += f"; OOD val AUROC {100 * v['ood_val_auroc']:.2f}, FPR {100 * v['ood_val_fpr']:.2f}%"

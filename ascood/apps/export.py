@@ -34,6 +34,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from ..deploy.export import check_export_path, default_path
+    from ..training.rundir import claim_output_file
 
     checks.require_path(args.detector, "detector")
     out = args.out or default_path(args.detector, args.format)
@@ -41,7 +42,13 @@ def run(args: argparse.Namespace) -> int:
         check_export_path(out, args.format)
     except ValueError as err:
         raise checks.InputError(f"--out: {err}") from None
-    with checks.claim_out(os.path.dirname(os.path.abspath(out)), [os.path.basename(out)]):
+    if os.path.isdir(out):
+        raise checks.InputError(f"--out {out} is a folder: name the file to write, e.g. "
+                                f"{os.path.join(out, os.path.basename(default_path('.', args.format)))}")
+    parent = os.path.dirname(os.path.abspath(out))
+    if os.path.exists(parent) and not os.path.isdir(parent):
+        raise checks.InputError(f"--out {out}: {parent} is a file, not a folder")
+    with claim_output_file(out, flag="--out"):  # a lock beside the file: its folder stays free
         from ..deploy.detector import Detector
         from ..deploy.export import export, needs_gradient
 

@@ -3,12 +3,11 @@
     ascood predict det/ photos/ more.png list.txt --out preds.csv [--fdr 0.1]
 
 PATH arguments are image files, folders (every image below, sorted) or image
-lists (one path per line). Without ``--out`` the table (CSV) goes to stdout
-and the summary to stderr, so ``ascood predict det x.png > preds.csv`` works.
-
-Exit status: 0 when no image is flagged OOD, 3 when at least one is (by
-``is_ood``, or by Benjamini-Hochberg with ``--fdr``), 2 for bad input, 1 for
-other errors.
+lists (one path per line, absolute or relative to the list's folder). Without
+``--out`` the table (CSV) goes to stdout and the summary to stderr, so
+``ascood predict det x.png > preds.csv`` works. A file that cannot be read
+gets a row with an ``error`` column (and no score), is named on stderr, and
+the others are scored; ``--strict`` stops at the first one instead.
 """
 from __future__ import annotations
 
@@ -22,10 +21,35 @@ import sys
 from . import checks
 from .argtypes import device_name, non_negative_int, positive_int
 
-__all__ = ["add_parser", "run", "FLAGGED_EXIT", "write_predictions"]
+__all__ = ["add_parser", "run", "FLAGGED_EXIT", "FAILED_EXIT", "FLAGGED_AND_FAILED_EXIT", "EXIT_STATUSES",
+           "exit_status", "write_predictions"]
 
 FLAGGED_EXIT = 3
-FIELDS = ("path", "label", "label_name", "probability", "score", "p_value", "is_ood", "bh_ood")
+FAILED_EXIT = 4
+FLAGGED_AND_FAILED_EXIT = 5
+FIELDS = ("path", "label", "label_name", "probability", "score", "p_value", "is_ood", "bh_ood", "error")
+EXIT_STATUSES = """exit status:
+  0  every image was read and none is flagged OOD
+  3  at least one image is flagged OOD (by is_ood, or by bh_ood with --fdr); every image was read
+  4  some file(s) could not be read (rows with an error column, named on stderr); none of the others is flagged
+  5  both: some image is flagged OOD and some file(s) could not be read
+  2  bad input before any scoring: a missing path, a folder without images, a bad list line, a folder that is
+     not a detector, a tampered or missing artifact file, --out naming a folder; with --strict, an unreadable
+     image
+  1  any other error
+
+PATH rules: an image file, a folder (every image below it, sorted; hidden files skipped), or an image list
+(one path per line, absolute or relative to the list's folder; a trailing integer label is ignored), so
+`find $PWD -name '*.png' > list.txt; ascood predict DET list.txt` works. --out FILE is claimed alone (a lock
+beside it); other files of its folder stay free."""
+
+
+def exit_status(flagged: int, failed: int) -> int:
+    """The documented exit status (:data:`EXIT_STATUSES`) of a run with ``flagged`` flagged and ``failed``
+    unreadable images."""
+    if failed:
+        return FLAGGED_AND_FAILED_EXIT if flagged else FAILED_EXIT
+    return FLAGGED_EXIT if flagged else 0
 
 
 def _fdr(text: str) -> float:
@@ -41,7 +65,8 @@ def _fdr(text: str) -> float:
 def add_parser(sub) -> argparse.ArgumentParser:
     """Register ``ascood predict``."""
     p = sub.add_parser("predict", help="flag OOD images with a saved detector (exit status 3 when any is flagged)",
-                       description="Scores images with a detector written by `ascood detector`.")
+                       description="Scores images with a detector written by `ascood detector`.",
+                       epilog=EXIT_STATUSES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("detector", help="detector directory (from `ascood detector --out` or Detector.save)")
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders of images, or image lists")
     p.add_argument("--out", metavar="FILE", help="write the table to FILE: .csv or .jsonl (default: CSV on stdout)")
@@ -51,6 +76,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--workers", type=non_negative_int, default=0, help="DataLoader workers (default 0)")
     p.add_argument("--device", type=device_name, help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.add_argument("--strict", action="store_true", help="stop at the first file that cannot be read (exit status "
+                   "2) instead of giving it an error row and going on")
     return p
 
 
@@ -63,22 +90,39 @@ def write_predictions(pred, path: str | None) -> str:
         text = "".join(json.dumps(r, sort_keys=False) + "\n" for r in rows)
     else:
         buf = io.StringIO()
-        fields = [f for f in FIELDS if f != "bh_ood" or pred.bh_ood is not None]
+        fields = [f for f in FIELDS if (f != "bh_ood" or pred.bh_ood is not None)
+                  and (f != "error" or pred.error is not None)]
         w = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
         w.writeheader()
         for r in rows:
-            w.writerow({k: (f"{v:.8g}" if isinstance(v, float) else v) for k, v in r.items()})
+            w.writerow({k: ("" if v is None else f"{v:.8g}" if isinstance(v, float) else v) for k, v in r.items()})
         text = buf.getvalue()
     if path is not None:
         atomic_write_text(text, path)
     return text
 
 
-def run(args: argparse.Namespace) -> int:
-    import torch
+def _claim_out_file(out: str | None):
+    """Check and claim --out FILE (a lock beside the file; the folder stays free for other tables)."""
+    import contextlib
 
-    from ..data.datasets import DataError
-    from ..deploy.inputs import expand_paths
+    from ..training.rundir import claim_output_file
+
+    if out is None:
+        return contextlib.nullcontext()
+    if not out.lower().endswith((".csv", ".jsonl")):
+        raise checks.InputError(f"--out {out}: expected a .csv or .jsonl file name")
+    if os.path.isdir(out):
+        raise checks.InputError(f"--out {out} is a folder: name the table file, e.g. {os.path.join(out, 'preds.csv')}")
+    parent = os.path.dirname(os.path.abspath(out))
+    if os.path.exists(parent) and not os.path.isdir(parent):
+        raise checks.InputError(f"--out {out}: {parent} is a file, not a folder")
+    return claim_output_file(out, flag="--out")  # in use by another run: exit status 1, the holder named
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..data.datasets import DataError, ImageReadError
+    from ..deploy.inputs import expand_paths, resolve_device
 
     checks.require_path(args.detector, "detector")
     for path in args.paths:
@@ -87,29 +131,32 @@ def run(args: argparse.Namespace) -> int:
         files = expand_paths(args.paths)
     except DataError as err:
         raise checks.InputError(str(err)) from None
-    if args.out is not None and not args.out.lower().endswith((".csv", ".jsonl")):
-        raise checks.InputError(f"--out {args.out}: expected a .csv or .jsonl file name")
-    out_dir = os.path.dirname(os.path.abspath(args.out)) if args.out else None
-    claim = checks.claim_out(out_dir, [os.path.basename(args.out)]) if args.out else checks.claim_out(None, ())
-    with claim:
+    with _claim_out_file(args.out):
         from ..deploy.detector import Detector
 
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        det = Detector.load(args.detector, device=device)
-        pred = det.predict(files, fdr=args.fdr, batch_size=args.batch_size, workers=args.workers,
-                           progress=args.progress)
+        det = Detector.load(args.detector, device=resolve_device(args.device))
+        try:
+            pred = det.predict(files, fdr=args.fdr, batch_size=args.batch_size, workers=args.workers,
+                               progress=args.progress, on_error="raise" if args.strict else "skip")
+        except ImageReadError as err:  # --strict: an unreadable image is bad input
+            raise checks.InputError(f"{err} (--strict stops at the first unreadable file)") from None
         text = write_predictions(pred, args.out)
-    n, flagged = len(pred), int(pred.is_ood.sum())
-    summary = (f"{n} image(s): {flagged} flagged OOD (p <= {det.alpha:.4g}, score < {det.threshold:.6g}; "
-               f"TPR target {det.tpr})")
+    for i in pred.failed:
+        print(f"ascood predict: cannot read {pred.source[i]}: {pred.error[i]}", file=sys.stderr)
+    failed = len(pred.failed)
+    n, flagged = len(pred) - failed, int(pred.is_ood.sum())
+    summary = (f"{n} image(s): {flagged} flagged OOD (p <= {det.k}/{det.calibration.numel() + 1} = "
+               f"{det.cutoff:.4g}, score < {det.threshold:.6g}; TPR target {det.tpr})")
     decisive = flagged
     if pred.bh_ood is not None:
         decisive = int(pred.bh_ood.sum())
         summary += f"; Benjamini-Hochberg at FDR {args.fdr}: {decisive} flagged"
+    if failed:
+        summary += f"; {failed} file(s) could not be read (rows with an error, no score)"
     if args.out:
         print(summary)
         print(f"predictions: {args.out}")
     else:
         sys.stdout.write(text)
         print(summary, file=sys.stderr)
-    return FLAGGED_EXIT if decisive else 0
+    return exit_status(decisive, failed)

@@ -30,7 +30,8 @@ from torch.utils.data import DataLoader, Dataset
 __all__ = ["DataError", "IMAGE_EXTENSIONS", "build_transforms", "image_folder", "ImageListDataset", "CIFARDataset",
            "FlatImageDataset", "dataset_from_path", "detect_format", "DATA_FORMATS",
            "ArrayDataset", "open_image", "make_loader", "estimate_mean_std", "read_cifar_batch",
-           "looks_like_pickle", "unpack_batch", "scan_images", "find_images", "list_entry_path", "CLASS_TABLE_NAME"]
+           "looks_like_pickle", "unpack_batch", "scan_images", "find_images", "list_entry_path", "CLASS_TABLE_NAME",
+           "ImageReadError", "to_mode", "ALPHA_NOTE", "read_text_list"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
@@ -49,18 +50,61 @@ def _to_8bit(img: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(np.rint(a / 257.0), 0, 255).astype(np.uint8), mode="L")
 
 
+class ImageReadError(DataError):
+    """One image file cannot be read: ``path`` and a short ``reason`` in our words (not the decoder's text)."""
+
+    def __init__(self, path: str, reason: str | None = None) -> None:
+        if reason is None:  # one argument: the whole message, as torch re-raises an error from a DataLoader
+            # worker ("Caught ImageReadError in DataLoader worker ... Original Traceback ..."): keep its last line
+            lines = [ln.strip() for ln in str(path).splitlines() if ln.strip()]
+            last = lines[-1] if lines else str(path)
+            path = last.split("ImageReadError: ", 1)[-1]
+        super().__init__(path if reason is None else f"cannot read image {path}: {reason}")
+        self.path, self.reason = (None, None) if reason is None else (path, reason)
+
+
+#: Said once per process: images with an alpha channel lose it (see :func:`to_mode`).
+ALPHA_NOTE = ("images with transparency (an alpha channel) are read as training reads them: the alpha channel is "
+              "dropped and the colour stored under transparent pixels is kept (PIL convert); flatten them onto the "
+              "background you want beforehand if that colour is arbitrary")
+
+
+def to_mode(img: Image.Image, mode: str = "RGB") -> Image.Image:
+    """``img`` in PIL ``mode``: the one conversion training, evaluation and prediction share.
+
+    16-bit greyscale is scaled to 8 bits; an alpha channel (RGBA, LA, or a palette with transparency) is
+    dropped as PIL's ``convert`` drops it, keeping the stored colour of transparent pixels (what training
+    has always done, so a detector scores such images as its model learnt them); :data:`ALPHA_NOTE` is
+    warned once per process.
+    """
+    if img.mode in _WIDE_GREY_MODES:
+        img = _to_8bit(img)
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")  # PIL warns per image when converting such a palette straight to RGB
+    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa") and mode not in ("RGBA", "LA"):
+        warnings.warn(ALPHA_NOTE, stacklevel=2)  # one fixed text: Python's warning registry shows it once
+    return img.convert(mode)
+
+
 def open_image(path: str, mode: str = "RGB") -> Image.Image:
-    """Open an image fully (so a truncated file fails here, naming the file), converted to ``mode``."""
+    """Open an image fully (so a truncated file fails here, naming the file), converted with :func:`to_mode`.
+
+    An unreadable file raises :class:`ImageReadError` naming the file and the reason in plain words.
+    """
     if not os.path.isfile(path):
         raise DataError(f"image file not found: {path}")
     try:
         with Image.open(path) as img:
             img.load()
-            if img.mode in _WIDE_GREY_MODES:
-                img = _to_8bit(img)
-            return img.convert(mode)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
-        raise DataError(f"cannot read image {path}: {err}") from err
+            return to_mode(img, mode)
+    except Image.DecompressionBombError:
+        raise ImageReadError(path, f"more pixels than the decompression-bomb guard allows (PIL's "
+                                   f"Image.MAX_IMAGE_PIXELS = {Image.MAX_IMAGE_PIXELS}); not read") from None
+    except UnidentifiedImageError:
+        raise ImageReadError(path, "not an image file in a format PIL reads (damaged, or another kind of "
+                                   "file)") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as err:
+        raise ImageReadError(path, f"damaged or truncated image data ({type(err).__name__})") from err
 
 
 def build_transforms(image_size: int, mean: Sequence[float], std: Sequence[float], train: bool):
@@ -224,9 +268,15 @@ def image_folder(root: str | os.PathLike, transform: Callable | None = None, mod
 def list_entry_path(list_file: str, lineno: int, entry: str, root: str) -> str:
     """``root/entry`` for one image-list line; an absolute path or one that climbs out of ``root`` is refused."""
     norm = os.path.normpath(entry)
-    if os.path.isabs(entry) or norm == ".." or norm.startswith(".." + os.sep):
-        raise DataError(f"{list_file}:{lineno}: path {entry!r} leaves the image root {root} (absolute or '..'); "
-                        "list paths must be relative to the root and stay inside it")
+    if os.path.isabs(entry):
+        rel = os.path.relpath(norm, os.path.abspath(root))
+        hint = (f" (inside the root: write it as {rel!r})" if rel != ".." and not rel.startswith(".." + os.sep)
+                else "")
+        raise DataError(f"{list_file}:{lineno}: path {entry!r} is absolute; training and OpenOOD image lists "
+                        f"hold paths relative to the image root {root}{hint}")
+    if norm == ".." or norm.startswith(".." + os.sep):
+        raise DataError(f"{list_file}:{lineno}: path {entry!r} leaves the image root {root} ('..' climbs above "
+                        "it); list paths must stay inside the root")
     return os.path.join(root, norm)
 
 
@@ -298,6 +348,11 @@ class ImageListDataset(Dataset):
         path, label = self.samples[i]
         img = open_image(path, self.mode)
         return (self.transform(img) if self.transform else img), label
+
+
+def read_text_list(list_file: str) -> list[str]:
+    """The lines of a UTF-8 text list; a binary file (an image, a checkpoint) is a DataError saying so."""
+    return _read_text_list(list_file)
 
 
 def _read_text_list(list_file: str) -> list[str]:

@@ -2,13 +2,14 @@
 
 A detector directory holds::
 
-    manifest.json            format, and the sha256 + size of every other file (written last)
+    manifest.json            format, and the sha256 + size of every file that affects results (written last)
     detector.json            preprocessing, classes, model build arguments, scorer name and
                              hyperparameters, decision rule (tpr, threshold), provenance, validation
     model.safetensors        the network's state dict
     scorer.safetensors       the scorer's fitted tensors (KNN bank, MDS means/precision, ViM basis, ...)
     calibration.safetensors  the sorted ID calibration scores (the conformal p-values' reference)
-    README.md                the model card (for people; not read back)
+    README.md                the model card (for people: not read back and not in the manifest, so it
+                             may be edited; an old manifest that lists it is not checked for it)
 
 Loading reads ``manifest.json`` (JSON, size-capped), refuses any listed name
 that is not a plain file name of this directory (no ``..``, no ``/``), checks
@@ -36,7 +37,7 @@ from .state import ArtifactError, StreamedTensor
 
 __all__ = ["StreamedTensor", "ARTIFACT_FORMAT", "MANIFEST", "SPEC", "MODEL_FILE", "SCORER_FILE", "CALIBRATION_FILE",
            "CARD_FILE",
-           "ARTIFACT_FILES", "write_artifact", "read_artifact", "require_deploy_extra", "sha256_file",
+           "ARTIFACT_FILES", "VERIFIED_FILES", "write_artifact", "read_artifact", "require_deploy_extra", "sha256_file",
            "read_tensors", "open_tensor_file"]
 
 ARTIFACT_FORMAT = "ascood-detector-v1"
@@ -48,6 +49,8 @@ CALIBRATION_FILE = "calibration.safetensors"
 CARD_FILE = "README.md"
 ARTIFACT_FILES = (MANIFEST, SPEC, MODEL_FILE, SCORER_FILE, CALIBRATION_FILE, CARD_FILE)
 _REQUIRED = (SPEC, MODEL_FILE, SCORER_FILE, CALIBRATION_FILE)
+#: The files the manifest's sha256 covers: everything that affects a result (the model card does not).
+VERIFIED_FILES = _REQUIRED
 _JSON_LIMIT = 64 * 2 ** 20  # a detector.json of tens of MB is already not one of ours
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -128,7 +131,7 @@ def write_artifact(directory: str, spec: dict, model_tensors: dict[str, torch.Te
     write_json(spec, os.path.join(directory, SPEC))
     atomic_write_text(card, os.path.join(directory, CARD_FILE))
     files = {}
-    for name in ARTIFACT_FILES[1:]:
+    for name in VERIFIED_FILES:
         path = os.path.join(directory, name)
         files[name] = {"sha256": sha256_file(path), "bytes": os.path.getsize(path)}
     manifest = {"format": ARTIFACT_FORMAT, "files": files}
@@ -179,7 +182,12 @@ def read_artifact(directory: str) -> tuple[dict, dict[str, str]]:
         if name not in paths:
             raise ArtifactError(f"{manifest_path} does not list {name}: not a complete detector")
     for name, path in paths.items():
-        if not os.path.isfile(path) or os.path.islink(path):
+        if name == CARD_FILE:  # an old manifest listing the model card: people may edit it, it is not read
+            continue
+        if os.path.islink(path):
+            raise ArtifactError(f"{path} is a symbolic link: a detector's files must be plain files in its "
+                                "folder (a link could point anywhere); copy the file in instead of linking it")
+        if not os.path.isfile(path):
             raise ArtifactError(f"{path} is missing (listed in {MANIFEST}): the detector is incomplete")
         size = os.path.getsize(path)
         if size != files[name]["bytes"]:
@@ -191,6 +199,7 @@ def read_artifact(directory: str) -> tuple[dict, dict[str, str]]:
     spec = _read_json(paths[SPEC], SPEC)
     if not isinstance(spec, dict) or spec.get("format") != ARTIFACT_FORMAT:
         raise ArtifactError(f"{paths[SPEC]}: not an ascood detector description (format {ARTIFACT_FORMAT!r})")
+    paths.pop(CARD_FILE, None)
     return spec, paths
 
 

@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 __all__ = ["conformal_p_values", "threshold_at_tpr", "min_calibration_size", "benjamini_hochberg", "check_tpr",
-           "check_fdr"]
+           "check_fdr", "bh_min_calibration"]
 
 
 def check_tpr(tpr: float, name: str = "tpr") -> float:
@@ -76,6 +76,14 @@ def min_calibration_size(tpr: float) -> int:
     alpha = 1.0 - check_tpr(tpr)
     # The 1e-9 keeps 1/alpha that is an integer up to rounding (1/0.05 = 19.999...) from asking one more sample.
     return max(1, math.ceil(1.0 / alpha - 1e-9) - 1)
+
+
+def bh_min_calibration(m: int, fdr: float) -> int:
+    """Fewest calibration scores n with which Benjamini-Hochberg at ``fdr`` over ``m`` images can flag a lone
+    OOD image: its p-value is at least 1/(n+1) and must be <= fdr/m, so n + 1 >= m / fdr."""
+    q = check_fdr(fdr)
+    # The 1e-9 keeps m / q that is an integer up to rounding (150 / 0.1 = 1500.0000000000002) exact.
+    return max(1, math.ceil(m / q - 1e-9) - 1)
 
 
 def _sorted_calibration(calibration) -> torch.Tensor:

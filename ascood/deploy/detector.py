@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -42,10 +43,11 @@ from ..scoring.scorers import FeatureCache, Scorer, get_scorer, loader_scores, s
 from ..scoring.scorers.features import LinearHead, has_feature_head, iterate_loader, model_features
 from ..scoring.scorers.perturb import model_input_std
 from ..scoring.scorers.sweep import fit_scorer
-from .conformal import benjamini_hochberg, check_fdr, check_tpr, conformal_p_values, threshold_at_tpr
-from .inputs import PathDataset, Preprocessing, check_image_tensor, expand_paths
+from .conformal import (benjamini_hochberg, bh_min_calibration, check_fdr, check_tpr, conformal_p_values,
+                        min_calibration_size, threshold_at_tpr)
+from .inputs import PathDataset, Preprocessing, check_image_tensor, expand_paths, resolve_device
 
-__all__ = ["Detector", "Predictions", "APS_CANDIDATES", "FORWARD_ONLY"]
+__all__ = ["Detector", "Predictions", "APS_CANDIDATES", "FORWARD_ONLY", "check_fit_data", "ignored_data_notes"]
 
 #: Scorers ``scorer="aps"`` chooses among: forward-only ones (ODIN / i-ODIN cost a backward pass per image and
 #: 28 grid points; name them explicitly). Those that fit on ID train join only when ``id_train`` is given.
@@ -65,7 +67,10 @@ class Predictions:
     = more ID); p_value (B,) float64, the conformal p-value; is_ood (B,) bool:
     ``p_value <= 1 - tpr`` (= ``score < threshold``); bh_ood (B,) bool or None:
     Benjamini-Hochberg at ``fdr`` over this batch; source: the file per row
-    (None for tensors).
+    (None for tensors); error: per row, why the file could not be read (None
+    for rows read fine; the whole list None when every row was read), with
+    ``on_error="skip"``: such rows have label -1 and NaN probability, score
+    and p-value, and are never flagged.
     """
 
     label: torch.Tensor
@@ -78,6 +83,12 @@ class Predictions:
     fdr: float | None = None
     source: list[str] | None = None
     logits: torch.Tensor | None = field(default=None, repr=False)
+    error: list[str | None] | None = None
+
+    @property
+    def failed(self) -> list[int]:
+        """Rows of files that could not be read (``predict(on_error="skip")``): no score, never flagged."""
+        return [i for i, e in enumerate(self.error or []) if e is not None]
 
     def __len__(self) -> int:
         return int(self.score.numel())
@@ -91,6 +102,11 @@ class Predictions:
                    "score": float(self.score[i]), "p_value": float(self.p_value[i]), "is_ood": bool(self.is_ood[i])}
             if self.bh_ood is not None:
                 row["bh_ood"] = bool(self.bh_ood[i])
+            if self.error is not None:
+                row["error"] = self.error[i]
+                if self.error[i] is not None:  # nothing was computed: empty cells, not a made-up number
+                    row.update({k: None for k in ("label", "label_name", "probability", "score", "p_value",
+                                                  "is_ood", "bh_ood") if k in row})
             out.append(row)
         return out
 
@@ -135,10 +151,10 @@ class Detector:
     # -- the decision rule ------------------------------------------------------------------------------
     def calibrate(self, id_scores, tpr: float) -> "Detector":
         """Set the calibration scores (ID, held out from every fit) and the threshold at ``tpr``."""
-        self.tpr = check_tpr(tpr)
+        tpr = check_tpr(tpr)
         c = torch.as_tensor(id_scores).detach().double().cpu().reshape(-1)
-        self.threshold, self.k = threshold_at_tpr(c, self.tpr)
-        self.calibration = torch.sort(c).values
+        threshold, k = threshold_at_tpr(c, tpr)  # raises before anything is set: a failed call changes nothing
+        self.tpr, self.threshold, self.k, self.calibration = tpr, threshold, k, torch.sort(c).values
         return self
 
     @property
@@ -146,11 +162,17 @@ class Detector:
         """1 - tpr: the bound on the false-alarm rate of :attr:`is_ood` decisions."""
         return 1.0 - self.tpr
 
+    @property
+    def cutoff(self) -> float:
+        """k / (n + 1): the p-value cut-off the rule really uses (``is_ood = p_value <= cutoff``), at most
+        :attr:`alpha`; the calibrated false-alarm rate is this, not the nominal 1 - tpr."""
+        return self.k / (self.calibration.numel() + 1.0)
+
     def decide(self, scores: torch.Tensor, fdr: float | None = None):
         """(p_value (B,) float64, is_ood (B,) bool, bh_ood (B,) bool or None) of scores (B,)."""
         p = conformal_p_values(scores, self.calibration)
         # p <= alpha is the same set as score < threshold (conformal.threshold_at_tpr); p is the one computed.
-        is_ood = p <= self.k / (self.calibration.numel() + 1.0)
+        is_ood = p <= self.cutoff
         bh = benjamini_hochberg(p, fdr) if fdr is not None else None
         return p, is_ood, bh
 
@@ -161,8 +183,8 @@ class Detector:
         return p.device if p is not None else torch.device("cpu")
 
     def to(self, device) -> "Detector":
-        """Move the model to ``device`` (banks are streamed to it per batch)."""
-        self.model.to(device)
+        """Move the model to ``device`` (banks are streamed to it per batch); checked like the CLI's --device."""
+        self.model.to(resolve_device(device, "device"))
         return self
 
     @property
@@ -174,54 +196,97 @@ class Detector:
         return _score_batch(self.model, self.scorer, x)
 
     def predict(self, inputs, *, fdr: float | None = None, normalized: bool = False, batch_size: int = 64,
-                workers: int = 0, progress: bool = False) -> Predictions:
+                workers: int = 0, progress: bool = False, on_error: str = "raise") -> Predictions:
         """Predictions for images: a tensor (B, C, S, S) / (C, S, S) (float pixel values in [0, 1], uint8,
         or normalised with ``normalized=True``), PIL images, or image paths / folders / image lists.
 
         ``fdr``: also decide the whole batch by Benjamini-Hochberg at this false
-        discovery rate (``bh_ood``). Files are read, resized and cropped as in
-        training (a greyscale file for an RGB model is converted, as training
-        did); tensors of the wrong size or channel count are refused with a
-        message saying what was expected.
+        discovery rate (``bh_ood``); a warning says when the calibration set is
+        too small for BH to flag a lone image in a batch this size (n + 1 >=
+        m / fdr). Files are read, resized and cropped as in training (through
+        the data layer's one reader: a greyscale file for an RGB model is
+        converted, an alpha channel dropped, as training did); tensors of the
+        wrong size, channel count or order are refused with a message saying
+        what was expected. ``on_error``: "raise" (default) stops at the first
+        file that cannot be read; "skip" gives it a row with ``error`` set (no
+        score, not flagged, left out of Benjamini-Hochberg) and goes on.
         """
         if fdr is not None:
             fdr = check_fdr(fdr)
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
         _check_count(batch_size, "batch_size", 1)
         _check_count(workers, "workers", 0)
         prep, source = self.preprocessing, None
         if isinstance(inputs, (str, os.PathLike)) or (isinstance(inputs, (list, tuple)) and inputs
                                                        and all(isinstance(p, (str, os.PathLike)) for p in inputs)):
-            files = expand_paths(inputs)
-            loader = torch.utils.data.DataLoader(PathDataset(files, prep), batch_size=batch_size, num_workers=workers)
-            batches, source, total = ((x, False) for x, _ in loader), files, len(files)
+            files = expand_paths(inputs, name="inputs")
+            ds = PathDataset(files, prep, skip=on_error == "skip")
+            loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=workers)
+            batches, source, total = ((x, False, list(err)) for x, _, err in loader), files, len(files)
         else:
             x = self._as_tensor(inputs, normalized)
-            batches = ((x[i:i + batch_size], normalized) for i in range(0, x.shape[0], batch_size))
+            batches = ((x[i:i + batch_size], normalized, None) for i in range(0, x.shape[0], batch_size))
             total = x.shape[0]
-        logits, scores = [], []
+        z, s, errors = self._score_batches(batches, total, progress)
+        ok = torch.tensor([e is None for e in errors], dtype=torch.bool)
+        if fdr is not None:
+            self._warn_bh_size(int(ok.sum()), fdr)
+        prob, label = torch.softmax(z.float(), 1).max(1)
+        p = torch.full((len(errors),), math.nan, dtype=torch.float64)
+        is_ood = torch.zeros(len(errors), dtype=torch.bool)
+        bh = torch.zeros(len(errors), dtype=torch.bool) if fdr is not None else None
+        if bool(ok.any()):
+            p[ok], is_ood[ok], bh_ok = self.decide(s[ok], fdr)
+            if bh is not None:
+                bh[ok] = bh_ok
+        label[~ok] = -1
+        prob[~ok] = math.nan
+        return Predictions(label=label, label_name=["" if not k else self._class_name(int(i))
+                                                    for i, k in zip(label, ok.tolist())],
+                           probability=prob, score=s, p_value=p, is_ood=is_ood, bh_ood=bh, fdr=fdr, source=source,
+                           logits=z, error=errors if any(e is not None for e in errors) else None)
+
+    def _score_batches(self, batches, total: int, progress: bool):
+        """(logits (N, C), scores (N,) NaN where unread, errors (N,) str or None) over (x, normalized, errors)."""
+        logits, scores, errors = [], [], []
         bar = None
         if progress:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=total, desc="predict", unit="img")
-        device = self.device
-        for xb, is_norm in batches:
-            xb = xb.to(device)
-            xn = xb if is_norm else prep.normalize(xb)
-            z, s = self.score_normalized(xn)
-            logits.append(z.detach().cpu())
-            scores.append(s.detach().float().cpu())
+        device, prep = self.device, self.preprocessing
+        for xb, is_norm, errs in batches:
+            errs = [e or None for e in errs] if errs is not None else [None] * xb.shape[0]
+            good = torch.tensor([e is None for e in errs], dtype=torch.bool)
+            z = torch.full((xb.shape[0], self.num_classes), math.nan)
+            sc = torch.full((xb.shape[0],), math.nan)
+            if bool(good.any()):
+                xg = xb[good].to(device)
+                zg, sg = self.score_normalized(xg if is_norm else prep.normalize(xg))
+                z[good], sc[good] = zg.detach().float().cpu(), sg.detach().float().cpu()
+            logits.append(z)
+            scores.append(sc)
+            errors.extend(errs)
             if bar is not None:
                 bar.update(xb.shape[0])
         if bar is not None:
             bar.close()
         if not scores:
             raise ValueError("no images to predict")
-        z, s = torch.cat(logits), torch.cat(scores)
-        prob, label = torch.softmax(z.float(), 1).max(1)
-        p, is_ood, bh = self.decide(s, fdr)
-        return Predictions(label=label, label_name=[self._class_name(int(i)) for i in label], probability=prob,
-                           score=s, p_value=p, is_ood=is_ood, bh_ood=bh, fdr=fdr, source=source, logits=z)
+        return torch.cat(logits), torch.cat(scores), errors
+
+    def _warn_bh_size(self, m: int, fdr: float) -> None:
+        """Benjamini-Hochberg flags a lone OOD image only when 1/(n+1) <= fdr/m: warn when n is below that."""
+        n = int(self.calibration.numel())
+        need = bh_min_calibration(m, fdr)
+        if m and n < need:
+            warnings.warn(f"fdr {fdr:g} over {m} images: with {n} calibration scores the smallest p-value is "
+                          f"1/{n + 1}, above fdr/m = {fdr / m:.3g}, so Benjamini-Hochberg flags an image only when "
+                          f"many are beyond every calibration score; to flag a lone OOD image it needs n + 1 >= "
+                          f"m / fdr, i.e. {need} calibration images: score smaller batches (at most "
+                          f"{max(1, math.floor(fdr * (n + 1) + 1e-9))} images) or recalibrate with more ID data",
+                          stacklevel=3)
 
     def _class_name(self, i: int) -> str:
         return self.classes[i] if 0 <= i < len(self.classes) else str(i)
@@ -229,13 +294,15 @@ class Detector:
     def _as_tensor(self, inputs, normalized: bool) -> torch.Tensor:
         from PIL import Image
 
+        from ..data.datasets import to_mode
+
         if isinstance(inputs, Image.Image):
             inputs = [inputs]
         if isinstance(inputs, (list, tuple)) and inputs and all(isinstance(i, Image.Image) for i in inputs):
             if normalized:
                 raise ValueError("normalized=True applies to tensors, not PIL images")
             tf = self.preprocessing.pixel_transform()
-            return torch.stack([tf(img.convert(self.preprocessing.mode)) for img in inputs])
+            return torch.stack([tf(to_mode(img, self.preprocessing.mode)) for img in inputs])
         if isinstance(inputs, np.ndarray):
             inputs = torch.from_numpy(inputs)
         if isinstance(inputs, (list, tuple)):
@@ -250,7 +317,7 @@ class Detector:
             preprocessing: Preprocessing | dict | None = None, classes: Sequence[str] | None = None,
             which: str | None = None, batch_size: int = 128, workers: int = 0, device=None,
             candidates: Sequence[str] = APS_CANDIDATES, feature_dir: str | os.PathLike | None = None,
-            log=None) -> "Detector":
+            log=None, arg_names: dict | None = None) -> "Detector":
         """Fit the scorer, choose hyperparameters (APS, with ``ood_val``), calibrate the threshold at ``tpr``.
 
         Args:
@@ -280,6 +347,16 @@ class Detector:
                 Relation bank then reads from those files and is streamed
                 into the artifact block by block.
             log: a ``print``-like callable for progress lines (default: silent).
+            arg_names: what messages call the data arguments and tpr (``{"id_val": "--id-val", ...}``, as the
+                CLI passes its flags; default their own names).
+
+        Refused before any fitting (ValueError naming the arguments): calibration
+        images the scorer's fit saw (``id_val`` or ``id_calibration`` overlapping
+        ``id_train`` for a scorer fitted on it, ``id_calibration`` overlapping
+        the tuning ``id_val``), ``ood_val`` overlapping the ID data, and fewer
+        calibration images than ``tpr`` needs. Data the chosen scorer does not
+        use (``id_train`` for msp, ``ood_val`` for a scorer without
+        hyperparameters) gets a warning naming it.
         """
         say = log or (lambda *a, **k: None)
         tpr = check_tpr(tpr)
@@ -290,7 +367,7 @@ class Detector:
         _check_count(batch_size, "batch_size", 1)
         _check_count(workers, "workers", 0)
         model, prep, run_classes, provenance = _load_source(model_or_run, preprocessing, which)
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = torch.device(resolve_device(device, "device"))
         model = model.to(device).eval()
         names = _class_names(classes or run_classes, _num_classes(model, prep))
 
@@ -304,8 +381,17 @@ class Detector:
         to_try = _aps_names(candidates, model, train_ds is not None) if is_aps else [_check_named(scorer, model,
                                                                                                    train_ds)]
         tunes = ood_ds is not None or any(_fits_on_val(s) for s in to_try)
+        cal_ds = _as_dataset(id_calibration, prep, "id_calibration") if id_calibration is not None else None
+        # Before any fitting: calibration images the fit saw, OOD = ID, too few calibration images for tpr.
+        _check_roles({"id_train": id_train, "id_val": id_val, "ood_val": ood_val, "id_calibration": id_calibration},
+                     {"id_train": train_ds, "id_val": val_ds, "ood_val": ood_ds, "id_calibration": cal_ds},
+                     fits_on_train=train_ds is not None and any(_fits_on_train(s, True) for s in to_try),
+                     tunes=tunes, tpr=tpr, calibration_fraction=calibration_fraction, names=arg_names or {})
+        if not is_aps:
+            for note in ignored_data_notes(to_try[0], id_train=id_train, ood_val=ood_val, names=arg_names):
+                warnings.warn(note, stacklevel=2)
         if id_calibration is not None:
-            tune_ds, calib_ds = val_ds, _as_dataset(id_calibration, prep, "id_calibration")
+            tune_ds, calib_ds = val_ds, cal_ds
         elif tunes:
             tune_ds, calib_ds = _split(val_ds, calibration_fraction, seed)
         else:
@@ -326,13 +412,16 @@ class Detector:
         fit_seconds = time.perf_counter() - t0
         choice.update({"scorer": fitted.name, "params": _public_params(fitted)})
 
+        used_train = _fits_on_train(fitted, True)
         calib_scores, calib_labels, calib_pred = _scores_of(model, fitted, calib_l)
         det = cls(model, fitted, prep, names, calib_scores, tpr, provenance)
         det.validation = _validation_summary(det, calib_labels, calib_pred, ood_l, fit_seconds)
         det.provenance.update({
             "scorer_choice": choice,
-            "data": {"id_train": _describe(id_train), "id_val": _describe(id_val), "ood_val": _describe(ood_val),
-                     "id_calibration": _describe(id_calibration), "n_id_train": len(train_ds) if train_ds else None,
+            # Only the data the scorer used: an id_train that msp ignored is not listed as its statistics' source.
+            "data": {"id_train": _describe(id_train) if used_train else None, "id_val": _describe(id_val),
+                     "ood_val": _describe(ood_val), "id_calibration": _describe(id_calibration),
+                     "n_id_train": len(train_ds) if train_ds and used_train else None,
                      "n_tune": len(tune_ds) if tune_ds is not None else 0, "n_calibration": len(calib_ds),
                      "calibration_fraction": None if (id_calibration is not None or not tunes)
                      else calibration_fraction, "split_seed": seed},
@@ -343,6 +432,10 @@ class Detector:
     # -- files ------------------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike, *, bank_dtype: str = "float32") -> str:
         """Write the artifact directory (:mod:`.artifact`), claiming it first; returns the path.
+
+        ``path`` must be a new folder, an empty one, or an earlier detector, which is replaced as one unit
+        (a sibling temporary folder is written, then swapped in); any other existing folder or a file is
+        refused with a ValueError naming ``path``, before anything is written.
 
         ``bank_dtype="float16"`` halves a KNN / NNGuide / Relation bank on disk
         and in memory (scores change by ~1e-3 relative; BENCHMARKS.md).
@@ -374,6 +467,149 @@ class Detector:
     def __repr__(self) -> str:
         return (f"Detector(scorer={self.scorer!r}, tpr={self.tpr}, threshold={self.threshold:.6g}, "
                 f"n_calibration={self.calibration.numel()}, classes={len(self.classes)})")
+
+
+# -- the data's roles -----------------------------------------------------------------------------------------
+#: The API's names of the data arguments (the CLI passes its flags instead).
+DATA_NAMES = {"id_train": "id_train", "id_val": "id_val", "ood_val": "ood_val", "id_calibration": "id_calibration",
+              "tpr": "tpr"}
+
+
+def _scorer_probe(scorer) -> Scorer | None:
+    """The named scorer (unfitted), or None for "aps"."""
+    if isinstance(scorer, str):
+        return None if scorer.lower() == "aps" else get_scorer(scorer)
+    return scorer
+
+
+def _fits_on_train(scorer, has_train: bool) -> bool:
+    """Whether the scorer (or, for APS, some candidate) fits statistics on id_train."""
+    probe = _scorer_probe(scorer)
+    if probe is None:
+        return has_train  # APS tries knn, mds, vim, ... when id_train is given
+    return bool(probe.needs_fit and probe.fit_split == "train")
+
+
+def _tunes(scorer, has_ood: bool) -> bool:
+    """Whether id_val must give a tuning part (APS with ood_val, or a scorer fitted on ID validation data)."""
+    probe = _scorer_probe(scorer)
+    return has_ood or probe is None or bool(probe.needs_fit and probe.fit_split == "val")
+
+
+def _files_of(ds) -> list[str] | None:
+    """The image files of a dataset (folders, flat folders, lists, their Subsets), or None when it has none."""
+    if isinstance(ds, torch.utils.data.Subset):
+        inner = _files_of(ds.dataset)
+        return None if inner is None else [inner[i] for i in ds.indices]
+    samples = getattr(ds, "samples", None) or getattr(ds, "paths", None)
+    if not samples:
+        return None
+    folders: dict[str, str] = {}  # realpath once per folder, not per file (ImageNet: 1000 folders, 1.28M files)
+
+    def real(path: str) -> str:
+        head, tail = os.path.split(path)
+        if head not in folders:
+            folders[head] = os.path.realpath(head)
+        return os.path.join(folders[head], tail)
+
+    return [real(s[0] if isinstance(s, (tuple, list)) else s) for s in samples]
+
+
+def _same_data(a, ds_a, b, ds_b) -> str | None:
+    """How two data arguments overlap ("the same folder", "N shared images (first: X)"), or None."""
+    if a is None or b is None:
+        return None
+    if isinstance(a, (str, os.PathLike)) and isinstance(b, (str, os.PathLike)):
+        if os.path.realpath(os.fspath(a)) == os.path.realpath(os.fspath(b)):
+            return "the same data"
+    elif a is b:
+        return "the same object"
+    fa, fb = _files_of(ds_a), _files_of(ds_b)
+    if fa is None or fb is None:
+        return None
+    shared = sorted(set(fa) & set(fb))
+    if not shared:
+        return None
+    return f"{len(shared)} shared image(s) (first: {shared[0]})"
+
+
+def _check_roles(data: dict, datasets: dict, *, fits_on_train: bool, tunes: bool, tpr: float,
+                 calibration_fraction: float, names: dict) -> None:
+    """ValueError when data roles overlap (calibration must be unseen by every fit) or calibration is too small."""
+    n = {**DATA_NAMES, **(names or {})}
+    train, val, ood, cal = (data.get(k) for k in ("id_train", "id_val", "ood_val", "id_calibration"))
+    dtrain, dval, dood, dcal = (datasets.get(k) for k in ("id_train", "id_val", "ood_val", "id_calibration"))
+    calib_name = n["id_calibration"] if cal is not None else n["id_val"]
+    if fits_on_train:
+        for name, other, dother in ((n["id_val"], val, dval), (n["id_calibration"], cal, dcal)):
+            how = _same_data(train, dtrain, other, dother)
+            if how:
+                raise ValueError(f"{name} and {n['id_train']} are {how}: the scorer fits its statistics on "
+                                 f"{n['id_train']}, so scores of those images are biased (a KNN's distance to "
+                                 f"itself is 0) and the calibrated threshold has no guarantee; use ID images the "
+                                 f"scorer never saw for {name}")
+    how = _same_data(val, dval, cal, dcal)
+    if how:
+        raise ValueError(f"{n['id_calibration']} and {n['id_val']} are {how}: {n['id_val']} tunes the scorer, so "
+                         f"{n['id_calibration']} must be images it never saw")
+    for name, other, dother in ((n["id_val"], val, dval), (n["id_calibration"], cal, dcal)):
+        how = _same_data(ood, dood, other, dother)
+        if how:
+            raise ValueError(f"{n['ood_val']} and {name} are {how}: OOD validation data must be other images than "
+                             "the ID data (APS would compare a set with itself)")
+    if dcal is not None:
+        n_cal = len(dcal)
+    elif tunes:
+        n_cal = int(round(len(dval) * calibration_fraction))
+    else:
+        n_cal = len(dval)
+    need = min_calibration_size(tpr)
+    if n_cal < need:
+        split = (f" ({len(dval)} images, {calibration_fraction:g} of them kept for calibration)"
+                 if dcal is None and tunes else "")
+        raise ValueError(f"{calib_name} gives {n_cal} calibration image(s){split}: too few for {n['tpr']} {tpr} "
+                         f"(the conformal rule needs at least {need} to flag anything; more is better); "
+                         f"pass more ID validation images or a lower {n['tpr']}")
+
+
+def check_fit_data(*, id_train=None, id_val, ood_val=None, id_calibration=None, scorer="aps", tpr: float = 0.95,
+                   calibration_fraction: float = 0.5, names: dict | None = None) -> None:
+    """The data checks of :meth:`Detector.fit`, before any model is loaded: calibration images that the
+    scorer's fit saw (id_val or id_calibration overlapping id_train for scorers fitted on it, id_calibration
+    overlapping the tuning id_val), ood_val overlapping the ID data, and too few calibration images for
+    ``tpr``. ValueError naming the arguments (``names`` maps them to, e.g., the CLI's flags)."""
+    data = {"id_train": id_train, "id_val": id_val, "ood_val": ood_val, "id_calibration": id_calibration}
+    datasets = {k: _listing(v, k) for k, v in data.items() if v is not None}
+    _check_roles(data, datasets, fits_on_train=id_train is not None and _fits_on_train(scorer, True),
+                 tunes=_tunes(scorer, ood_val is not None), tpr=check_tpr(tpr),
+                 calibration_fraction=calibration_fraction, names=names or {})
+
+
+def _listing(data, what: str):
+    """A dataset of ``data`` for counting and comparing files only (paths are listed, no image is read)."""
+    if isinstance(data, (str, os.PathLike)):
+        path = os.fspath(data)
+        if not os.path.exists(path):
+            raise DataError(f"{what} not found: {path}")
+        return dataset_from_path(path, None, train=False)
+    return _as_dataset(data, None, what)
+
+
+def ignored_data_notes(scorer, *, id_train=None, ood_val=None, names: dict | None = None) -> list[str]:
+    """One line per data argument the chosen scorer does not use (id_train for a scorer that fits nothing on it;
+    ood_val for a scorer with no hyperparameters for APS to choose)."""
+    n = {**DATA_NAMES, **(names or {})}
+    probe = _scorer_probe(scorer)
+    if probe is None:
+        return []
+    notes = []
+    if id_train is not None and not _fits_on_train(probe, True):
+        notes.append(f"{n['id_train']} is not used: scorer {probe.name} fits no statistics on ID training data")
+    if ood_val is not None and probe.grid() == [{}]:
+        notes.append(f"{n['ood_val']}: scorer {probe.name} has no hyperparameters for APS to choose, so "
+                     f"{n['ood_val']} only gives validation numbers (and still splits {n['id_val']} into tuning and "
+                     f"calibration parts); leave it out to calibrate on all of {n['id_val']}")
+    return notes
 
 
 # -- helpers --------------------------------------------------------------------------------------------------

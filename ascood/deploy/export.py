@@ -96,7 +96,12 @@ def metadata(det, fmt: str) -> dict:
     """What a serving stack needs besides the graph (JSON): preprocessing, classes, decision, outputs."""
     return {
         "format": GRAPH_FORMAT, "graph_format": fmt,
-        "input": {"name": "images", **det.preprocessing.to_json()},
+        # "preprocessing" as detector.json calls it; "input" only says what the graph's input tensor is.
+        "preprocessing": det.preprocessing.to_json(),
+        "input": {"name": "images", "dtype": "float32",
+                  "shape": ["B", det.preprocessing.channels, det.preprocessing.image_size,
+                            det.preprocessing.image_size],
+                  "values": "pixel values in [0, 1] after resize + centre crop, before mean/std (see preprocessing)"},
         "outputs": {"logits": "(B, K) float32 model logits", "score": "(B,) float32, higher = more ID",
                     "is_ood": "(B,) bool, p_value <= k / (n + 1), i.e. score < threshold",
                     "p_value": "(B,) float64 conformal p-value (1 + #{calibration <= score}) / (n + 1)"},
@@ -124,6 +129,9 @@ def export(det, path: str, fmt: str = "onnx", *, check: bool = True) -> str:
     the in-memory graph (a broken export fails here, not in production).
     """
     check_export_path(path, fmt)
+    if os.path.isdir(path):
+        raise ValueError(f"path {path} is a folder: name the file to write, e.g. "
+                         f"{os.path.join(path, DEFAULT_NAMES[fmt])}")
     if fmt == "onnx" and needs_gradient(det):
         raise ValueError(f"scorer {det.scorer.name} perturbs the input along its gradient, which an ONNX inference "
                          "graph cannot compute: export it with --format torch-export or torchscript, or build the "
@@ -241,14 +249,22 @@ def read_metadata(path: str, fmt: str) -> dict:
         onnx = require_deploy_extra("onnx")
         model = onnx.load(path, load_external_data=False)
         props = {p.key: p.value for p in model.metadata_props}
-        return json.loads(props["ascood"])
+        return _upgrade_metadata(json.loads(props["ascood"]))
     extra = {"ascood.json": ""}
     if fmt == "torch-export":
         torch.export.load(path, extra_files=extra)
     else:
         _load_torchscript(path, _extra_files=extra)
     data = extra["ascood.json"]
-    return json.loads(data.decode() if isinstance(data, bytes) else data)
+    return _upgrade_metadata(json.loads(data.decode() if isinstance(data, bytes) else data))
+
+
+def _upgrade_metadata(meta: dict) -> dict:
+    """Files written before "preprocessing" had its own key kept it under "input": read them the same way."""
+    if isinstance(meta, dict) and "preprocessing" not in meta and isinstance(meta.get("input"), dict) \
+            and "image_size" in meta["input"]:
+        meta["preprocessing"] = {k: v for k, v in meta["input"].items() if k != "name"}
+    return meta
 
 
 def default_path(det_dir: str, fmt: str) -> str:

@@ -10,8 +10,10 @@ crop, before the normalisation) and normalise inside.
 :func:`expand_paths` turns the command line's PATH arguments into image files:
 an image file is itself, a folder is every image below it (sorted; hidden entries
 skipped and symlinks followed only inside it, as for training data), any other
-file is an image list (one path per line, relative to the list's folder, an
-optional trailing integer label ignored).
+file is an image list (one path per line, absolute or relative to the list's
+folder, an optional trailing integer label ignored; ``find $PWD -name '*.png'
+> list.txt`` makes one). Only training and OpenOOD lists keep their paths
+inside an image root; a list of images to score may name any file.
 """
 from __future__ import annotations
 
@@ -22,10 +24,40 @@ from typing import Sequence
 
 import torch
 
-from ..data.datasets import (IMAGE_EXTENSIONS, DataError, ImageListDataset, build_transforms, find_images,
-                             open_image)
+from ..data.datasets import (IMAGE_EXTENSIONS, DataError, ImageReadError, build_transforms, find_images,
+                             open_image, parses_as, read_text_list)
 
-__all__ = ["Preprocessing", "expand_paths", "check_image_tensor", "PathDataset"]
+__all__ = ["Preprocessing", "expand_paths", "check_image_tensor", "PathDataset", "device_problem", "resolve_device"]
+
+
+def device_problem(text: str) -> str | None:
+    """What is wrong with a device name on this machine (cpu, cuda or cuda:N), or None when it is usable.
+
+    One wording for the CLI's --device and the API's ``device=``."""
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError, TypeError):
+        return f"expected cpu, cuda or cuda:N, got {text!r}"
+    if dev.type == "cpu":
+        return None
+    if dev.type != "cuda":
+        return f"expected cpu, cuda or cuda:N, got {text!r} (device type {dev.type!r} is not supported)"
+    if not torch.cuda.is_available():
+        return f"{text!r}: no CUDA device is available on this machine (use cpu)"
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        return f"{text!r}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+    return None
+
+
+def resolve_device(device, name: str = "device") -> str:
+    """``device`` (None: cuda when available, else cpu) checked like the CLI's --device; ValueError naming ``name``."""
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    text = str(device)
+    problem = device_problem(text)
+    if problem:
+        raise ValueError(f"{name}: {problem}")
+    return text
 
 
 @dataclass
@@ -112,11 +144,19 @@ def check_image_tensor(x: torch.Tensor, prep: Preprocessing, normalized: bool, n
     """
     if not torch.is_tensor(x):
         raise TypeError(f"{name} must be a tensor, PIL image(s) or image path(s), got {type(x).__name__}")
+    source_dim = x.dim()
     if x.dim() == 3:
         x = x[None]
     want = f"(B, {prep.channels}, {prep.image_size}, {prep.image_size})"
     if x.dim() != 4:
         raise ValueError(f"{name} must be an image batch {want}, got shape {tuple(x.shape)}")
+    if x.shape[1] != prep.channels and x.shape[-1] in (1, 3, 4) and x.shape[1] not in (1, 3, 4):
+        order, fix = ("(H, W, C)", "x.transpose(2, 0, 1)") if source_dim == 3 else ("(B, H, W, C)",
+                                                                                    "x.transpose(0, 3, 1, 2)")
+        shape = tuple(x.shape[1:]) if source_dim == 3 else tuple(x.shape)
+        raise ValueError(f"{name} has shape {shape}: a channels-last {order} array (as numpy and PIL give); the "
+                         f"model takes channels first {want}: pass {fix} (or PIL images / files, which are "
+                         "converted as in training)")
     if x.shape[1] != prep.channels:
         kind = {1: "greyscale", 3: "RGB"}
         got = kind.get(x.shape[1], f"{x.shape[1]}-channel")
@@ -144,9 +184,26 @@ def check_image_tensor(x: torch.Tensor, prep: Preprocessing, normalized: bool, n
     return x
 
 
-def _image_list(path: str) -> list[str]:
-    ds = ImageListDataset(path, os.path.dirname(os.path.abspath(path)))
-    return [p for p, _ in ds.samples]
+def _image_list(path: str, name: str) -> list[str]:
+    """The images an image list names: one per line, absolute or relative to the list's folder (a trailing
+    integer label and '#' comment lines are ignored); DataError naming the list, the line and the file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    files = []
+    for lineno, line in enumerate(read_text_list(path), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = line.rsplit(maxsplit=1)
+        entry = parts[0] if len(parts) == 2 and parses_as(parts[1], int) and not os.path.exists(
+            os.path.join(folder, line)) else line
+        full = os.path.join(folder, entry)  # an absolute entry stays itself
+        if not os.path.isfile(full):
+            what = "is not a file" if os.path.exists(full) else "not found"
+            raise DataError(f"{name} {path}:{lineno}: image {full} {what}")
+        files.append(full)
+    if not files:
+        raise DataError(f"{name} {path}: the image list has no entries")
+    return files
 
 
 def expand_paths(paths: Sequence[str | os.PathLike], name: str = "PATH") -> list[str]:
@@ -166,21 +223,30 @@ def expand_paths(paths: Sequence[str | os.PathLike], name: str = "PATH") -> list
         elif path.lower().endswith(IMAGE_EXTENSIONS):
             files.append(path)
         else:
-            files.extend(_image_list(path))
+            files.extend(_image_list(path, name))
     if not files:
         raise DataError(f"no images given ({name})")
     return files
 
 
 class PathDataset(torch.utils.data.Dataset):
-    """Image files -> (pixel tensor in [0, 1] (C, S, S), index); an unreadable file raises DataError naming it."""
+    """Image files -> (pixel tensor in [0, 1] (C, S, S), index, error); an unreadable file raises
+    :class:`~ascood.data.datasets.ImageReadError` naming it, or with ``skip=True`` gives a zero tensor and
+    the reason in ``error`` ("" for a file read fine)."""
 
-    def __init__(self, files: Sequence[str], prep: Preprocessing) -> None:
-        self.files, self.prep = list(files), prep
+    def __init__(self, files: Sequence[str], prep: Preprocessing, skip: bool = False) -> None:
+        self.files, self.prep, self.skip = list(files), prep, skip
         self.tf = prep.pixel_transform()
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, i: int):
-        return self.tf(open_image(self.files[i], self.prep.mode)), i
+        try:
+            return self.tf(open_image(self.files[i], self.prep.mode)), i, ""
+        except (ImageReadError, DataError) as err:
+            if not self.skip:
+                raise
+            reason = err.reason if isinstance(err, ImageReadError) else str(err)
+            p = self.prep
+            return torch.zeros(p.channels, p.image_size, p.image_size), i, reason

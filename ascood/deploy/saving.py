@@ -7,14 +7,15 @@ import torch
 from torch import nn
 
 from ..scoring.scorers.features import has_feature_head
-from ..training.rundir import claim_output_dir
-from .artifact import (ARTIFACT_FILES, ARTIFACT_FORMAT, CALIBRATION_FILE, MODEL_FILE, SCORER_FILE, SPEC,
+from ..files import TMP_SUFFIX, TMP_TAG, atomic_write_dir, remove_stale_dir_temporaries
+from ..training.rundir import LOCK_NAME, claim_output_file
+from .artifact import (ARTIFACT_FILES, ARTIFACT_FORMAT, CALIBRATION_FILE, MANIFEST, MODEL_FILE, SCORER_FILE, SPEC,
                        open_tensor_file, read_artifact, read_tensors, write_artifact)
 from .conformal import check_tpr, min_calibration_size
-from .inputs import Preprocessing
+from .inputs import Preprocessing, resolve_device
 from .state import BANK_DTYPES, BANK_SCORERS, STORABLE_SCORERS, ArtifactError, StoredBank, restore_scorer, scorer_state
 
-__all__ = ["save_detector", "load_detector", "model_card", "BUILD_KEYS"]
+__all__ = ["save_detector", "load_detector", "model_card", "BUILD_KEYS", "check_detector_out", "claim_detector_out"]
 
 #: The keys of a model build record (the arguments of ascood.build_model that a checkpoint stores).
 BUILD_KEYS = {"name": str, "num_classes": int, "in_channels": int, "head": str, "sigma": (int, float),
@@ -28,8 +29,60 @@ def _version() -> str:
     return __version__
 
 
+def _is_detector(path: str) -> bool:
+    """Whether ``path`` holds a manifest of this artifact format (the folder was written by Detector.save)."""
+    import json
+
+    try:
+        with open(os.path.join(path, MANIFEST), "rb") as f:
+            manifest = json.loads(f.read(2 ** 20).decode("utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("format") == ARTIFACT_FORMAT
+
+
+def check_detector_out(path: str, flag: str = "path") -> None:
+    """``path`` may take a detector: a new folder, an empty one, or an existing detector (replaced as one unit).
+
+    Any other existing folder (a user's notes, the ID data, a training run) or a file is refused with a
+    ValueError naming ``flag``: saving would replace what is there. Files a save itself leaves (its lock, a
+    killed write's temporaries) do not count against an existing detector.
+    """
+    if not os.path.lexists(path):
+        return
+    if not os.path.isdir(path):
+        raise ValueError(f"{flag} {path} is an existing file, not a folder: a detector is a folder of files; "
+                         "choose a new folder name")
+    # An old-style lock or a killed write's temporaries are ours: they make no folder a user's.
+    entries = [e for e in sorted(os.listdir(path))
+               if not e.endswith(LOCK_NAME) and not (TMP_TAG in e and e.endswith(TMP_SUFFIX))]
+    if not entries:
+        return
+    from .export import DEFAULT_NAMES
+
+    # `ascood export DET` writes DET/detector.onnx (.pt2, .ts) by default: graphs of the detector being
+    # replaced, which would no longer match it; they go with it.
+    foreign = [e for e in entries if e not in ARTIFACT_FILES and e not in DEFAULT_NAMES.values()]
+    if _is_detector(path) and not foreign:
+        return
+    shown = ", ".join(foreign[:5]) + (" ..." if len(foreign) > 5 else "")
+    what = (f"a detector folder that also holds other files ({shown})" if _is_detector(path)
+            else f"an existing folder that is not a detector (it holds {shown or ', '.join(entries[:5])}"
+                 f"{' ...' if len(entries) > 5 and not foreign else ''})")
+    raise ValueError(f"{flag} {path} is {what}: saving replaces the whole folder, so nothing was written; "
+                     "choose a new or empty folder, or an earlier detector's folder")
+
+
+def claim_detector_out(path: str, flag: str = "path"):
+    """The lock of a detector folder (beside it, ``.NAME.ascood.lock``), after :func:`check_detector_out`."""
+    check_detector_out(path, flag)
+    return claim_output_file(path, flag=flag)
+
+
 def save_detector(det, path: str, bank_dtype: str = "float32") -> str:
-    """Write ``det`` to the directory ``path`` (claimed and checked first: a lock, no directory where a file goes)."""
+    """Write ``det`` to the folder ``path`` as one unit (checked and claimed first, see :func:`check_detector_out`):
+    a sibling temporary folder is filled, then swapped in, so an earlier detector there is replaced whole or
+    not at all."""
     if bank_dtype not in BANK_DTYPES:
         raise ValueError(f"bank_dtype must be one of {BANK_DTYPES}, got {bank_dtype!r}")
     params, scorer_tensors = scorer_state(det.scorer, bank_dtype)
@@ -51,8 +104,11 @@ def save_detector(det, path: str, bank_dtype: str = "float32") -> str:
         "provenance": det.provenance,
         "validation": det.validation,
     }
-    with claim_output_dir(path, flag="the detector directory", outputs=ARTIFACT_FILES):
-        write_artifact(path, spec, state, scorer_tensors, det.calibration, model_card(det, spec))
+    card = model_card(det, spec)
+    with claim_detector_out(path, flag="path"):
+        check_detector_out(path, flag="path")  # again under the lock: the folder may have changed meanwhile
+        remove_stale_dir_temporaries(path)
+        atomic_write_dir(path, lambda tmp: write_artifact(tmp, spec, state, scorer_tensors, det.calibration, card))
     return path
 
 
@@ -77,6 +133,8 @@ def _check_build(build, where: str) -> dict:
 
 def load_detector(cls, path: str, model: nn.Module | None = None, device=None, max_bank_mb: float = 1024):
     """Read and verify the artifact at ``path``; see :meth:`ascood.Detector.load`."""
+    if device is not None:
+        resolve_device(device, "device")  # before reading anything: the CLI's --device wording
     spec, paths = read_artifact(path)
     where = paths[SPEC]
     try:
@@ -216,8 +274,11 @@ def model_card(det, spec: dict) -> str:
 
     lines = [
         "# ascood detector", "",
-        f"Scorer **{det.scorer.name}** {spec['scorer']['params']}; decision at target TPR **{det.tpr}** "
-        f"(false-alarm bound {det.alpha:.4g}).", "",
+        f"Scorer **{det.scorer.name}** {spec['scorer']['params']}; decision at target TPR **{det.tpr}**: "
+        f"is_ood when p <= {det.k}/{det.calibration.numel() + 1} = {det.cutoff:.4g} (the false-alarm bound; "
+        f"nominal 1 - tpr = {det.alpha:.4g}).", "",
+        "This card is for people: you may edit it. It is not read back and not in manifest.json; every other "
+        "file is checked against its sha256 on load.", "",
         "## Model and preprocessing", "",
         f"- model: {spec['model']['class']} ({(spec['model']['build'] or {}).get('name', 'no build record')}), "
         f"{det.num_classes} classes: {', '.join(det.classes[:20])}{' ...' if len(det.classes) > 20 else ''}",
@@ -225,10 +286,11 @@ def model_card(det, spec: dict) -> str:
         f"- input: resize shorter side to {det.preprocessing.resize}, centre crop {det.preprocessing.image_size}, "
         f"{det.preprocessing.channels} channel(s), mean {det.preprocessing.mean}, std {det.preprocessing.std}", "",
         "## Data", "",
-        f"- ID train (scorer statistics): {data.get('id_train')} ({data.get('n_id_train')} images)",
+        *([f"- ID train (scorer statistics): {data.get('id_train')} ({data.get('n_id_train')} images)"]
+          if data.get("id_train") else ["- ID train: not used (the scorer fits no statistics on it)"]),
         f"- ID validation: {data.get('id_val')}; tuning part {data.get('n_tune')} images, calibration part "
         f"{data.get('n_calibration')} images (split seed {data.get('split_seed')})",
-        f"- OOD validation (APS only): {data.get('ood_val')}",
+        *([f"- OOD validation (APS, validation numbers): {data.get('ood_val')}"] if data.get("ood_val") else []),
         f"- scorer choice: {choice.get('mode')}" + (f", validation AUROC {pct(choice.get('val_auroc'))}"
                                                     if choice.get("val_auroc") is not None else ""), "",
         "## Decision", "",
@@ -246,14 +308,16 @@ def model_card(det, spec: dict) -> str:
     lines += [
         "", "## Guarantee and limits", "",
         f"- If new ID images are exchangeable with the calibration images (same distribution, same model and "
-        f"preprocessing), P(an ID image is flagged) <= {det.alpha:.4g}, over the calibration draw and the image. "
+        f"preprocessing), P(an ID image is flagged) <= {det.cutoff:.4g}, over the calibration draw and the image. "
         "With one fixed calibration set the realised rate varies by about "
-        f"{(det.alpha * (1 - det.alpha) / max(det.calibration.numel(), 1)) ** 0.5:.3g} (one standard deviation).",
+        f"{(det.cutoff * (1 - det.cutoff) / max(det.calibration.numel(), 1)) ** 0.5:.3g} (one standard deviation).",
         "- Batches: Benjamini-Hochberg over conformal p-values (`predict --fdr q`) keeps the expected share of ID "
-        "images among the flagged ones <= q under the same assumption.",
+        "images among the flagged ones <= q under the same assumption. It can flag a lone OOD image in a batch of "
+        f"m only when n + 1 >= m / q (n = {det.calibration.numel()}: batches of at most "
+        f"{int(0.1 * (det.calibration.numel() + 1) + 1e-9)} images at q = 0.1).",
         "- Nothing is guaranteed about which OOD images are caught: that depends on the scorer and the kind of shift.",
         "- A shift of the ID data itself (new camera, new season) breaks exchangeability: recalibrate on fresh ID data.",
         "", "Files: detector.json (all settings), model.safetensors, scorer.safetensors, calibration.safetensors; "
-        "manifest.json holds each file's sha256 (checked on load).", "",
+        "manifest.json holds each of their sha256 (checked on load; this README.md is not covered).", "",
     ]
     return "\n".join(lines)

@@ -33,7 +33,11 @@ BANK_DTYPES = ("float32", "float16")
 
 
 class ArtifactError(ValueError):
-    """A detector artifact (or one of its pieces) is missing, altered, malformed or does not fit its model."""
+    """A detector artifact (or one of its pieces) is missing, altered, malformed or does not fit its model.
+
+    The user pointed the package at it: bad input (the CLI's exit status 2)."""
+
+    user_facing = True
 
 
 class StreamedTensor:

@@ -29,7 +29,8 @@ from typing import Iterator, Sequence
 
 from ..files import remove_stale_temporaries
 
-__all__ = ["LOCK_NAME", "OutputDirError", "claim_output_dir", "check_output_dir", "read_lock"]
+__all__ = ["LOCK_NAME", "OutputDirError", "claim_output_dir", "check_output_dir", "read_lock", "claim_output_file",
+           "file_lock_name"]
 
 LOCK_NAME = ".ascood.lock"
 
@@ -62,9 +63,11 @@ def _alive(pid: int, start: str | None) -> bool:
     return not (start and now and now != start)
 
 
-def read_lock(directory: str | os.PathLike) -> dict | None:
-    """The lock record of ``directory`` ({"pid", "host", "started", ...}), {} if unreadable, None if absent."""
-    path = os.path.join(os.fspath(directory), LOCK_NAME)
+def read_lock(directory: str | os.PathLike, name: str = LOCK_NAME) -> dict | None:
+    """The lock record of ``directory`` ({"pid", "host", "started", ...}), {} if unreadable, None if absent.
+
+    ``name``: the lock file's name in ``directory`` (a file claim's lock is ``.NAME.ascood.lock`` beside it)."""
+    path = os.path.join(os.fspath(directory), name)
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
@@ -125,15 +128,17 @@ def _create_lock(path: str, record: dict) -> bool:
         os.unlink(tmp)
 
 
-def _acquire(directory: str, flag: str) -> dict:
-    path = os.path.join(directory, LOCK_NAME)
+def _acquire(directory: str, flag: str, name: str = LOCK_NAME, target: str | None = None) -> dict:
+    """Take ``directory/name``; ``target`` is what the messages call locked (default: the directory)."""
+    path = os.path.join(directory, name)
+    target = target or directory
     host = socket.gethostname()
     record = {"pid": os.getpid(), "host": host, "started": time.strftime("%Y-%m-%d %H:%M:%S %z"),
               "proc_start": _process_start(os.getpid()), "argv": sys.argv[:8]}
     for _ in range(3):
         if _create_lock(path, record):
             return record
-        held = read_lock(directory)
+        held = read_lock(directory, name)
         if held is None:
             continue  # released between our attempt and the read: try again
         pid = held.get("pid")
@@ -146,20 +151,20 @@ def _acquire(directory: str, flag: str) -> dict:
                 pass
             continue
         if not held:
-            raise OutputDirError(f"{flag} {directory} is locked by {path}, which cannot be read; if no other "
-                                 "ascood run uses this directory, delete that file")
+            raise OutputDirError(f"{flag} {target} is locked by {path}, which cannot be read; if no other "
+                                 "ascood run uses it, delete that file")
         where = f"pid {pid} on {held.get('host')}" if held.get("host") != host else f"pid {pid}"
-        raise OutputDirError(f"{flag} {directory} is in use by another ascood run ({where}, started "
+        raise OutputDirError(f"{flag} {target} is in use by another ascood run ({where}, started "
                              f"{held.get('started', '?')}); wait for it to finish or choose another {flag}"
                              + ("" if held.get("host") == host else f" (if it is gone, delete {path})"))
-    raise OutputDirError(f"{flag} {directory}: could not take the lock {path}")
+    raise OutputDirError(f"{flag} {target}: could not take the lock {path}")
 
 
-def _release(directory: str, record: dict) -> None:
-    held = read_lock(directory)
+def _release(directory: str, record: dict, name: str = LOCK_NAME) -> None:
+    held = read_lock(directory, name)
     if held and held.get("pid") == record["pid"] and held.get("started") == record["started"]:
         try:
-            os.unlink(os.path.join(directory, LOCK_NAME))
+            os.unlink(os.path.join(directory, name))
         except FileNotFoundError:
             pass
 
@@ -188,3 +193,62 @@ def claim_output_dir(directory: str | os.PathLike, flag: str = "--out",
     finally:
         _HELD.pop(key, None)
         _release(directory, record)
+
+
+def file_lock_name(path: str | os.PathLike) -> str:
+    """The name of the lock a file claim takes beside ``path``: ``.NAME.ascood.lock``."""
+    return "." + os.path.basename(os.path.abspath(os.fspath(path))) + LOCK_NAME
+
+
+@contextmanager
+def claim_output_file(path: str | os.PathLike, flag: str = "--out") -> Iterator[str]:
+    """Claim one output file (or a directory written as one unit) by a lock *beside* it, ``.NAME.ascood.lock``.
+
+    Two runs writing the same file stop at once, while other files of the same folder stay free (a results
+    folder shared by many ``predict --out`` tables). The parent folder is created when missing (and removed
+    again, when still empty, if the block fails). Raises :class:`OutputDirError` naming ``flag`` when the
+    parent is a file or not writable.
+    """
+    path = os.path.abspath(os.fspath(path))
+    parent, name = os.path.dirname(path), file_lock_name(path)
+    created = _missing_parents(parent)
+    check_output_dir(parent, flag)
+    key = os.path.join(os.path.realpath(parent), name)
+    ok = False
+    try:
+        if _HELD.get(key):
+            _HELD[key] += 1
+            try:
+                yield path
+                ok = True
+            finally:
+                _HELD[key] -= 1
+            return
+        record = _acquire(parent, flag, name=name, target=path)
+        _HELD[key] = 1
+        try:
+            remove_stale_temporaries(parent, only=os.path.basename(path))  # a killed write of this file only
+            yield path
+            ok = True
+        finally:
+            _HELD.pop(key, None)
+            _release(parent, record, name=name)
+    finally:
+        if not ok:
+            for folder in created:  # deepest first: leave no empty folders behind a failed run
+                try:
+                    os.rmdir(folder)
+                except OSError:
+                    break
+
+
+def _missing_parents(folder: str) -> list[str]:
+    """The folders of ``folder``'s path that do not exist yet, deepest first."""
+    missing = []
+    while folder and not os.path.exists(folder):
+        missing.append(folder)
+        up = os.path.dirname(folder)
+        if up == folder:
+            break
+        folder = up
+    return missing

@@ -115,7 +115,10 @@ def test_bad_input_is_named(argv, message, setup, tmp_path, capsys):
 def test_runtime_failures_name_the_file(setup, tmp_path, capsys):
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"not an image")
-    assert main(["predict", setup["det"], str(bad), "--no-progress"]) == 1
+    # Issue 30: an unreadable image is an error row and exit status 4 (2 with --strict: bad input).
+    assert main(["predict", setup["det"], str(bad), "--no-progress"]) == 4
+    assert "broken.png" in capsys.readouterr().err
+    assert main(["predict", setup["det"], str(bad), "--no-progress", "--strict"]) == 2
     assert "broken.png" in capsys.readouterr().err
     (tmp_path / "odin").mkdir()
     assert main(["detector", setup["run"], "--id-val", setup["val"], "--scorer", "odin", "--tpr", "0.9",
@@ -129,7 +132,7 @@ def test_runtime_failures_name_the_file(setup, tmp_path, capsys):
     with open(tampered / "model.safetensors", "r+b") as f:
         f.seek(-3, 2)
         f.write(b"\x00\x01\x02")
-    assert main(["predict", str(tampered), setup["val"], "--no-progress"]) == 1
+    assert main(["predict", str(tampered), setup["val"], "--no-progress"]) == 2  # a tampered artifact: bad input
     assert "model.safetensors does not match its sha256" in capsys.readouterr().err
 
 

@@ -74,7 +74,8 @@ def test_export_parity(name, fmt, tmp_path):
         runs_without_ascood(det, path, fmt, x, tmp_path)
     meta = read_metadata(path, fmt)
     assert meta["classes"] == H.CLASSES and meta["decision"]["threshold"] == det.threshold
-    assert meta["input"]["image_size"] == 8 and meta["input"]["mean"] == H.MEAN and meta["scorer"]["name"] == name
+    prep = meta["preprocessing"]  # as detector.json calls it (issue 30)
+    assert prep["image_size"] == 8 and prep["mean"] == H.MEAN and meta["scorer"]["name"] == name
 
 
 def test_gradient_scorers_refuse_onnx_naming_a_forward_only_scorer(tmp_path):
