@@ -6,7 +6,7 @@ import math
 import os
 
 __all__ = ["OneLineParser", "positive_int", "non_negative_int", "fraction", "non_negative", "positive", "finite",
-           "floats", "named_path", "model_name", "device_name"]
+           "floats", "named_path", "model_name", "device_name", "existing_dir"]
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -132,4 +132,12 @@ def device_name(text: str) -> str:
         raise argparse.ArgumentTypeError(f"{text!r}: no CUDA device is available on this machine (use cpu)")
     if dev.index is not None and dev.index >= torch.cuda.device_count():
         raise argparse.ArgumentTypeError(f"{text!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return text
+
+
+def existing_dir(text: str) -> str:
+    """A path that is an existing folder (as typed)."""
+    if not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"expected an existing folder, got {text!r}"
+                                         + (" (a file)" if os.path.exists(text) else " (not found)"))
     return text

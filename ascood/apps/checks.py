@@ -89,7 +89,12 @@ def check_image_size(build: Callable[[], "object"], image_size: int, channels: i
 
 
 def training_num_classes(ds, data_path: str) -> int:
-    """Number of classes of a training set; every sample must have a label. Warns about label gaps."""
+    """Number of classes of a training set; every sample must have a label.
+
+    The count is the class folders', the class table's (``classes.txt`` beside a list), or else the largest
+    label + 1: a gap that leaves most of those classes empty is refused (:func:`~ascood.data.classes.
+    check_label_span`: a typo such as 5000 among 0..9), a smaller gap is a warning.
+    """
     classes = getattr(ds, "classes", None)
     if classes:
         return len(classes)
@@ -103,6 +108,16 @@ def training_num_classes(ds, data_path: str) -> int:
         where = f"{ds.list_file}:{lines[unlabelled[0]]}" if lines else f"{data_path} (sample {unlabelled[0]})"
         raise InputError(f"{where}: no label ({len(unlabelled)} unlabelled line(s)); training needs "
                          "'relative/path label' on every line")
+    names = getattr(ds, "class_names", None)
+    if names:  # classes.txt beside the list gives the class count (labels were checked against it)
+        return len(names)
+    from ..data.classes import check_label_span
+    from ..data.datasets import DataError
+
+    try:
+        check_label_span(targets, ds, data_path)
+    except DataError as err:
+        raise InputError(str(err)) from None
     present = sorted(set(targets))
     n = present[-1] + 1
     missing = sorted(set(range(n)) - set(present))

@@ -13,7 +13,7 @@ import sys
 
 from . import checks
 from .argtypes import named_path
-from .common_args import add_data_args, tree_from_args
+from .common_args import add_data_args, link_roots, tree_from_args
 from .presets import add_benchmark_args
 
 __all__ = ["add_parser", "run", "EVAL_OUTPUTS"]
@@ -155,8 +155,12 @@ def _evaluate(args, names: list[str], ckpt_path: str) -> int:
     mode = "L" if extra.get("channels", 3) == 1 else "RGB"
     tf = D.build_transforms(size, mean, std, train=False)
 
+    named = [args.id, args.train, args.val, args.aps_id, args.aps_ood] + [p for _, p in args.ood + args.near + args.far]
+    allowed = link_roots(args, named)
+
     def dataset(path: str, train: bool = False):
-        return D.dataset_from_path(path, tf, train=train, fmt=args.data_format, root=args.root, mode=mode)
+        return D.dataset_from_path(path, tf, train=train, fmt=args.data_format, root=args.root, mode=mode,
+                                   allowed_roots=allowed)
 
     def loader(ds):
         return D.make_loader(ds, args.batch_size, train=False, workers=args.workers)

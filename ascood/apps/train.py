@@ -14,7 +14,7 @@ import sys
 
 from . import checks
 from .argtypes import finite, floats, fraction, model_name, non_negative, positive, positive_int
-from .common_args import add_data_args, tree_from_args
+from .common_args import add_data_args, link_roots, tree_from_args
 from .presets import add_benchmark_args
 
 __all__ = ["add_parser", "run", "TRAIN_OUTPUTS"]
@@ -197,7 +197,8 @@ def _normalisation(args, tree, mode: str) -> dict:
         plain = T.Compose([T.Resize(args.image_size), T.CenterCrop(args.image_size), T.ToTensor()])
         return D.estimate_mean_std(tree.dataset("id_train", plain, mode) if tree else
                                    D.dataset_from_path(args.data, plain, train=True, fmt=args.data_format,
-                                                       root=args.root, mode=mode))
+                                                       root=args.root, mode=mode,
+                                                       allowed_roots=link_roots(args, [args.data, args.val])))
 
     try:
         norm = choose_normalization(args.channels, mean=args.mean, std=args.std, pretrained=bool(args.weights),
@@ -221,11 +222,13 @@ def _datasets(args, tree, mean, std, mode: str):
         val_ds = tree.dataset("id_val", test_tf, mode)
         num_classes = tree.benchmark.num_classes
     else:
-        ds = D.dataset_from_path(args.data, train_tf, train=True, fmt=args.data_format, root=args.root, mode=mode)
+        ds = D.dataset_from_path(args.data, train_tf, train=True, fmt=args.data_format, root=args.root, mode=mode,
+                                 allowed_roots=link_roots(args, [args.data, args.val]))
         num_classes = checks.training_num_classes(ds, args.data)
     classes = class_names(ds) or [str(i) for i in range(num_classes)]
     if args.val:  # an explicit --val wins over the benchmark's ID val list
-        val_ds = D.dataset_from_path(args.val, test_tf, train=False, fmt=args.data_format, root=args.root, mode=mode)
+        val_ds = D.dataset_from_path(args.val, test_tf, train=False, fmt=args.data_format, root=args.root, mode=mode,
+                                     allowed_roots=link_roots(args, [args.data, args.val]))
     if val_ds is not None:
         what = f"--val {args.val}" if args.val else "the benchmark's ID val list"
         try:

@@ -22,9 +22,9 @@ from typing import Sequence
 
 import numpy as np
 
-from .datasets import DataError
+from .datasets import CLASS_TABLE_NAME, DataError
 
-__all__ = ["ClassMatch", "class_names", "is_labelled", "match_classes", "fingerprint"]
+__all__ = ["ClassMatch", "class_names", "is_labelled", "match_classes", "fingerprint", "check_label_span"]
 
 
 def class_names(ds) -> list[str] | None:
@@ -124,3 +124,32 @@ def fingerprint(ds) -> str:
     names = class_names(ds)
     h.update(("\n".join(names) if names else "").encode())
     return h.hexdigest()[:16]
+
+
+def check_label_span(targets: Sequence[int], ds=None, what: str = "the data") -> None:
+    """Refuse labels whose largest value leaves most classes empty when the class count comes from it.
+
+    Without class folders or a class table, a dataset's class count is its largest label + 1. One stray
+    label (5000 among 0..9) would then make a 5001-class model with 4991 empty classes, train without a
+    word and score against the wrong class count. The rule: when more than half of the classes
+    0..max have no sample, it is an error naming the line of the largest label (``ds.list_file`` /
+    ``ds.lines`` when the dataset has them) and the numbers. A smaller gap is left to the caller (a warning).
+    """
+    labels = [int(t) for t in targets if int(t) >= 0]
+    if not labels:
+        return
+    present = set(labels)
+    top = max(present)
+    n = top + 1
+    empty = n - len(present)
+    if 2 * empty <= n:
+        return
+    where = what
+    lines, list_file = getattr(ds, "lines", None), getattr(ds, "list_file", None)
+    if lines and list_file:
+        where = f"{list_file}:{lines[[int(t) for t in targets].index(top)]}"
+    below = sorted(present - {top})
+    others = f"the other labels are {below[0]}..{below[-1]} ({len(below)} distinct)" if below else "no other label"
+    raise DataError(f"{where}: label {top} is far beyond the others ({others}): {empty} of the {n} classes "
+                    f"0..{top} would have no images. Fix the label, or give the class count with a class table "
+                    f"({CLASS_TABLE_NAME} beside the list, line i naming label i)")
