@@ -17,14 +17,15 @@ from __future__ import annotations
 
 import hashlib
 import os
+import unicodedata
 from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 
-from .datasets import CLASS_TABLE_NAME, DataError
+from .datasets import CLASS_TABLE_NAME, DataError, code_points
 
-__all__ = ["ClassMatch", "class_names", "is_labelled", "match_classes", "fingerprint", "check_label_span"]
+__all__ = ["ClassMatch", "class_names", "nfc", "is_labelled", "match_classes", "fingerprint", "check_label_span"]
 
 
 def class_names(ds) -> list[str] | None:
@@ -34,7 +35,36 @@ def class_names(ds) -> list[str] | None:
         names = getattr(ds, "classes", None)
         if names is not None and all(isinstance(c, (int, np.integer)) for c in names):
             return None  # CIFAR: indices only
-    return [str(c) for c in names] if names is not None else None
+    return [nfc(str(c)) for c in names] if names is not None else None
+
+
+def nfc(name: str) -> str:
+    """A class name in Unicode NFC: macOS writes folder names decomposed (NFD, ``e`` + U+0301), Linux and
+    Windows tools composed (NFC, U+00E9); compared, stored and fingerprinted in NFC they are one class.
+    An NFC name is unchanged, so fingerprints of checkpoints made from NFC names stay the same."""
+    return unicodedata.normalize("NFC", name)
+
+
+def _skeleton(name: str) -> str:
+    """What a name looks like: NFKC, case-folded, invisible format characters and outer spaces removed."""
+    folded = unicodedata.normalize("NFKC", name).casefold()
+    return " ".join("".join(c for c in folded if unicodedata.category(c) != "Cf").split())
+
+
+def _look_alike_note(unknown: str, model_classes: Sequence[str]) -> str:
+    """"; it looks like model class X: code points ... vs ..." when ``unknown`` looks like one of the model's
+    classes (same letters after NFKC / case folding / invisible characters removed, or non-ASCII and close)."""
+    import difflib
+
+    key = _skeleton(unknown)
+    twins = [c for c in model_classes if _skeleton(c) == key]
+    if not twins and not unknown.isascii():
+        twins = difflib.get_close_matches(unknown, list(model_classes), n=1, cutoff=0.6)
+    if not twins:
+        return ""
+    twin = twins[0]
+    return (f"; it looks like the model's class {twin!r} but differs in its characters: {unknown!r} is "
+            f"{code_points(unknown)}, {twin!r} is {code_points(twin)}")
 
 
 def is_labelled(ds) -> bool:
@@ -77,7 +107,7 @@ def match_classes(ds, model_classes: Sequence[str], *, what: str) -> ClassMatch:
     ``what`` names the split in messages, e.g. "--id data/test". Raises
     :class:`DataError` for unlabelled data, an unknown class name or an index out of range.
     """
-    model_classes = [str(c) for c in model_classes]
+    model_classes = [nfc(str(c)) for c in model_classes]  # checkpoints from NFD folder names match NFC data
     if not is_labelled(ds):
         raise DataError(f"{what} has no labels (a flat folder or a list without labels), but labels are needed "
                         f"here: give class folders named like the model's classes ({', '.join(model_classes[:5])}"
@@ -99,6 +129,7 @@ def match_classes(ds, model_classes: Sequence[str], *, what: str) -> ClassMatch:
     if unknown:
         raise DataError(f"{what}: class {unknown[0]!r} is not one of the model's classes "
                         f"({', '.join(model_classes[:10])}{', ...' if len(model_classes) > 10 else ''})"
+                        + _look_alike_note(unknown[0], model_classes)
                         + (f"; also unknown: {', '.join(unknown[1:6])}" if len(unknown) > 1 else ""))
     _set_targets(ds, [index[names[t]] if t >= 0 else -1 for t in targets])
     return ClassMatch(used, [c for c in model_classes if c not in set(used)])

@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import unicodedata
 import warnings
 from typing import Callable, Sequence
 
@@ -106,16 +107,35 @@ class _Skipped:
         self.hidden: list[str] = []
         self.outside: list[str] = []
         self.loops: list[str] = []
+        #: class-level entries, each named in full: folders without images, class folders linking out.
+        self.empty_classes: list[str] = []
+        self.outside_classes: list[str] = []
 
-    def warn(self, root: str) -> None:
+    def describe(self, root: str) -> str:
+        """What was skipped, one clause per cause ("" when nothing was)."""
         parts = []
+        if self.empty_classes:
+            parts.append(f"{len(self.empty_classes)} folder(s) with no images, not classes: "
+                         + _some(os.path.basename(p) for p in self.empty_classes))
+        if self.outside_classes:
+            parts.append(f"{len(self.outside_classes)} class folder link(s) leading out of {root}: "
+                         + _some(f"{os.path.basename(p)} -> {os.path.realpath(p)}" for p in self.outside_classes))
         for items, what in ((self.hidden, "hidden file(s)/folder(s)"),
                             (self.outside, "symlink(s) leading out of the data folder"),
                             (self.loops, "symlink loop(s)")):
             if items:
                 parts.append(f"{len(items)} {what} (e.g. {os.path.relpath(items[0], root)})")
-        if parts:
-            warnings.warn(f"{root}: skipped " + "; ".join(parts), stacklevel=3)
+        return "; ".join(parts)
+
+    def warn(self, root: str) -> None:
+        text = self.describe(root)
+        if text:
+            warnings.warn(f"{root}: skipped " + text, stacklevel=3)
+
+
+def _some(items, shown: int = 8) -> str:
+    items = list(items)
+    return ", ".join(items[:shown]) + (f", ... ({len(items) - shown} more)" if len(items) > shown else "")
 
 
 def scan_images(top: str, root: str, skipped: _Skipped) -> list[str]:
@@ -168,26 +188,38 @@ def _image_folder_class():
         """torchvision's ImageFolder with a safe scan (:func:`scan_images`): hidden folders are not classes."""
 
         def find_classes(self, directory: str):
+            """Class folders: sub-folders holding at least one image (an empty folder or macOS's ``__MACOSX``
+            residue is not a class; each skipped folder is named once). Names must differ after NFC."""
             root_real = os.path.realpath(directory)
             classes = []
+            self._images: dict[str, list[str]] = {}
             for e in sorted(os.scandir(directory), key=lambda e: e.name):
                 if e.name.startswith("."):
                     self._skipped.hidden.append(e.path)
                 elif e.is_symlink() and not _inside(os.path.realpath(e.path), root_real):
-                    self._skipped.outside.append(e.path)
+                    self._skipped.outside_classes.append(e.path)
                 elif e.is_dir():
-                    classes.append(e.name)
+                    # Each class folder is its own root: a link out of it (to the parent, to another class)
+                    # would give other images this class's label.
+                    found = scan_images(e.path, e.path, self._skipped)
+                    if found:
+                        classes.append(e.name)
+                        self._images[e.name] = found
+                    else:
+                        self._skipped.empty_classes.append(e.path)
             if not classes:
-                raise FileNotFoundError(f"no class folders in {directory}")
+                why = self._skipped.describe(directory)
+                raise FileNotFoundError(f"no class folders in {directory}" + (f" (skipped {why})" if why else ""))
+            _refuse_nfc_twins(classes, directory)
             return classes, {c: i for i, c in enumerate(classes)}
 
         def make_dataset(self, directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
             samples = []
             for name, idx in sorted(class_to_idx.items(), key=lambda kv: kv[1]):
-                # Each class folder is its own root: a link out of it (to the parent, to another class)
-                # would give other images this class's label.
                 folder = os.path.join(directory, name)
-                samples += [(p, idx) for p in scan_images(folder, folder, self._skipped)]
+                found = self._images.get(name)
+                samples += [(p, idx) for p in (found if found is not None else
+                                               scan_images(folder, folder, self._skipped))]
             if not samples:
                 raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in the class folders of "
                                         f"{directory}")
@@ -200,6 +232,22 @@ def _image_folder_class():
             self._skipped.warn(root)
 
     return SafeImageFolder
+
+
+def code_points(name: str) -> str:
+    """``name`` as its code points (U+0065 U+0301), to tell apart names that look the same."""
+    return " ".join(f"U+{ord(c):04X}" for c in name)
+
+
+def _refuse_nfc_twins(names: Sequence[str], where: str) -> None:
+    """Two names equal after Unicode NFC normalisation (a macOS NFD folder beside its NFC twin) are one class."""
+    seen: dict[str, str] = {}
+    for name in names:
+        key = unicodedata.normalize("NFC", name)
+        if key in seen:
+            raise DataError(f"{where}: {seen[key]!r} ({code_points(seen[key])}) and {name!r} ({code_points(name)}) "
+                            "are the same name in different Unicode forms (NFC / NFD); merge the two folders")
+        seen[key] = name
 
 
 def image_folder(root: str | os.PathLike, transform: Callable | None = None, mode: str = "RGB"):
@@ -336,6 +384,7 @@ class ImageListDataset(Dataset):
             raise DataError(f"{self.list_file}: label {top} has no name in {table} ({len(names)} names)")
         if len(set(names)) != len(names):
             raise DataError(f"{table}: class names must be unique")
+        _refuse_nfc_twins(names, table)
         return names
 
     def __len__(self) -> int:
@@ -384,8 +433,8 @@ def split_list_line(line: str, where: str) -> tuple[str, int]:
     label = parse_label(parts[1])
     if label is None:
         if parses_as(parts[1], int) or parses_as(parts[1], float):
-            raise DataError(f"{where}: label {parts[1]!r} is not a plain decimal class index (expected ASCII "
-                            "digits such as 3, or -1 for OOD / unlabelled)")
+            raise DataError(f"{where}: label {parts[1]!r} is not an integer class index in plain decimal "
+                            "(expected ASCII digits such as 3, or -1 for OOD / unlabelled)")
         return line, -1
     if label < -1:
         raise DataError(f"{where}: label {label} is negative; labels are class indices 0, 1, ... or -1 "
