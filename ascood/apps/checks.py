@@ -18,7 +18,7 @@ from typing import Callable, Iterator, Sequence
 __all__ = ["InputError", "explicit_dests", "check_normalisation", "min_image_size", "check_image_size",
            "training_num_classes", "parse_scorer_names", "check_scorers_have_train", "warn_unlabelled_id",
            "one_line_warnings", "require_path", "claim_out",
-           "check_out_outside_data", "check_ood_names"]
+           "check_out_outside_data", "check_ood_names", "check_distinct_data"]
 
 
 class InputError(Exception):
@@ -224,3 +224,21 @@ def check_ood_names(ood: Sequence[tuple[str, str]], near: Sequence[tuple[str, st
                 raise InputError(f"two OOD sets are named {name!r}: {seen[name]} and {where}; name them "
                                  "apart with NAME=PATH")
             seen[name] = where
+
+
+def check_distinct_data(first, first_name: str, second, second_name: str, why: str) -> None:
+    """Two splits that must be different data: the same images (same folder, a symlink to it, or a list
+    naming the same files) is an :class:`InputError` naming both; a partial overlap is a warning with the
+    count. ``first_name`` / ``second_name``: the flags with their paths ("DATA data/train", "--val x");
+    ``why``: what the overlap would make wrong."""
+    from ..data.classes import shared_files
+
+    counts = shared_files(first, second)
+    if counts is None or counts[0] == 0:
+        return
+    shared, n_first, n_second = counts
+    if shared == n_first == n_second:
+        raise InputError(f"{second_name} reads the same {shared} images as {first_name} (the same files, "
+                         f"compared after following symlinks): {why}; give separate data")
+    warnings.warn(f"{shared} of the {n_second} images of {second_name} are also in {first_name}: {why}",
+                  stacklevel=2)

@@ -171,6 +171,12 @@ def _evaluate(args, names: list[str], ckpt_path: str) -> int:
     for group, items in (("near", args.near), ("far", args.far)):
         if items:
             ood[group] = {name: loader(dataset(path)) for name, path in items}
+    id_ds = dataset(args.id)  # read before any fitting or sweep, so an OOD set equal to it stops at once
+    for flag, items in (("--ood", args.ood), ("--near", args.near), ("--far", args.far)):
+        for name, path in items:
+            ood_ds = (ood[name] if flag == "--ood" else ood[flag[2:]][name]).dataset
+            checks.check_distinct_data(id_ds, f"--id {args.id}", ood_ds, f"{flag} {name}={path}",
+                                       "images scored as both ID and OOD make FPR/AUROC meaningless")
     # ODIN / i-ODIN read the model's input_std.
     scorers = [get_scorer(key) for key in names]
     val_path = args.val or args.aps_id
@@ -191,7 +197,6 @@ def _evaluate(args, names: list[str], ckpt_path: str) -> int:
                 res = sweep(scorer, model, val_id, val_ood, id_train_loader=train_loader, id_val_loader=val_loader,
                             cache=cache)
                 print(f"APS {scorer.name}: {res.best_params} (validation AUROC {100 * res.best_auroc:.2f})")
-    id_ds = dataset(args.id)
     checks.warn_unlabelled_id(id_ds, args.id)
     _match_labelled(id_ds, _model_classes(model, extra), f"--id {args.id}")
     table = evaluate(model, loader(id_ds), ood, scorers=scorers, id_train_loader=train_loader,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 
 from . import checks
 from .argtypes import finite, floats, fraction, model_name, non_negative, positive, positive_int
@@ -47,7 +48,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     t.add_argument("--resume", nargs="?", const="", default=None,
                    help="continue from a checkpoint (default: OUT/last.pt); flags not given take the checkpoint's "
                         "saved values, a flag given with another value is an error")
-    t.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    t.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bars (the one summary line per epoch is still printed)")
     t.add_argument("--no-figures", dest="figures", action="store_false", help="skip the outlier-grid figure")
     return t
 
@@ -231,6 +233,9 @@ def _datasets(args, tree, mean, std, mode: str):
                                      allowed_roots=link_roots(args, [args.data, args.val]))
     if val_ds is not None:
         what = f"--val {args.val}" if args.val else "the benchmark's ID val list"
+        checks.check_distinct_data(ds, f"DATA {args.data}" if tree is None else "the benchmark's ID train list",
+                                   val_ds, what, "validation accuracy and best.pt would measure the training "
+                                   "images, not held-out ones")
         try:
             note = match_classes(val_ds, classes, what=what).describe(what)
         except D.DataError as err:
@@ -264,7 +269,7 @@ def _train(args, resume: str | None, tree=None) -> int:
     from ..data import datasets as D
     from ..data.classes import fingerprint
     from ..data.normalization import describe
-    from ..training.trainer import Trainer
+    from ..training.trainer import Trainer, few_steps_note
 
     checks.check_image_size(lambda: _build(args, 2), args.image_size, args.channels, args.model)
     mode = "L" if args.channels == 1 else "RGB"
@@ -288,9 +293,12 @@ def _train(args, resume: str | None, tree=None) -> int:
     if tree is not None:
         extra["benchmark"] = tree.benchmark.name
     trainer = Trainer(model, loader, config, val_loader=val_loader, out_dir=args.out, resume=resume,
-                      device=args.device, progress=args.progress, extra=extra)
+                      device=args.device, progress=args.progress, extra=extra, epoch_lines=True)
     if trainer.dist.is_main:
         print(describe(norm), flush=True)
+        note = few_steps_note(len(ds), args.batch_size, len(trainer.loader))
+        if note:
+            warnings.warn(note, stacklevel=2)
     model = trainer.fit()
     if trainer.dist.is_main:
         print(f"checkpoint: {trainer.checkpoint_path}")

@@ -25,7 +25,8 @@ import numpy as np
 
 from .datasets import CLASS_TABLE_NAME, DataError, code_points
 
-__all__ = ["ClassMatch", "class_names", "nfc", "is_labelled", "match_classes", "fingerprint", "check_label_span"]
+__all__ = ["ClassMatch", "class_names", "nfc", "is_labelled", "match_classes", "fingerprint", "check_label_span", "file_set",
+           "shared_files"]
 
 
 def class_names(ds) -> list[str] | None:
@@ -184,3 +185,22 @@ def check_label_span(targets: Sequence[int], ds=None, what: str = "the data") ->
     raise DataError(f"{where}: label {top} is far beyond the others ({others}): {empty} of the {n} classes "
                     f"0..{top} would have no images. Fix the label, or give the class count with a class table "
                     f"({CLASS_TABLE_NAME} beside the list, line i naming label i)")
+
+
+def file_set(ds) -> set[str] | None:
+    """The resolved paths of the image files ``ds`` reads (symlinks followed), or None for in-memory data."""
+    samples = getattr(ds, "samples", None)
+    paths = [p for p, _ in samples] if samples else getattr(ds, "paths", None)
+    if not paths:
+        return None
+    return {os.path.realpath(p) for p in paths}
+
+
+def shared_files(a, b) -> tuple[int, int, int] | None:
+    """(images of ``b`` that ``a`` reads too, images of ``a``, images of ``b``), files compared after
+    resolving symlinks (two paths to one folder, or a list naming the same images, count as the same);
+    None when either is in-memory data (CIFAR batches: their train and test batches are different data)."""
+    fa, fb = file_set(a), file_set(b)
+    if fa is None or fb is None:
+        return None
+    return len(fa & fb), len(fa), len(fb)
