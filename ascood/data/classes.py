@@ -193,7 +193,16 @@ def file_set(ds) -> set[str] | None:
     paths = [p for p, _ in samples] if samples else getattr(ds, "paths", None)
     if not paths:
         return None
-    return {os.path.realpath(p) for p in paths}
+    folders: dict[str, str] = {}  # one realpath per folder, one lstat per file: cheap on ImageNet-size lists
+    out = set()
+    for path in paths:
+        folder, name = os.path.split(os.path.abspath(path))
+        real = folders.get(folder)
+        if real is None:
+            real = folders[folder] = os.path.realpath(folder)
+        target = os.path.join(real, name)
+        out.add(os.path.realpath(target) if os.path.islink(target) else target)
+    return out
 
 
 def shared_files(a, b) -> tuple[int, int, int] | None:
