@@ -279,3 +279,27 @@ def test_few_steps_note(images, batch, steps, expected):
     else:
         assert f"only {steps} optimiser step(s)" in note and f"fewer than {FEW_STEPS_PER_EPOCH}" in note
         assert expected in note
+
+
+def test_an_openood_tree_whose_image_folder_links_to_another_disk(tmp_path):
+    """The OpenOOD layout links image folders on purpose: refused unless the target is named (--allow-links-into),
+    then read through the link."""
+    import shutil
+
+    from fake_openood import make_tree
+    from ascood.data.openood import BENCHMARKS, OpenOODTreeError, resolve_benchmark
+
+    root = make_tree(str(tmp_path / "data"), benchmarks=["waterbirds"])
+    spec = next(s for s in BENCHMARKS["waterbirds"].sets if s.role == "id_train")
+    with open(os.path.join(root, spec.list)) as f:
+        first = f.readline().rsplit(maxsplit=1)[0]
+    top = first.split("/")[0]
+    linked = os.path.join(root, spec.folder, top)
+    shutil.move(linked, tmp_path / "disk")
+    os.symlink(tmp_path / "disk", linked)
+    with pytest.raises(OpenOODTreeError, match=rf"{spec.list}:1: '{first}' leads through a symlink to "
+                                               rf"{os.path.realpath(tmp_path / 'disk')}"):
+        resolve_benchmark("waterbirds", root)
+    tree = resolve_benchmark("waterbirds", root, link_roots=[str(tmp_path / "disk")])
+    ds = tree.dataset("id_train", None)
+    assert len(ds) == tree.size("id_train") and ds[0][0].size
