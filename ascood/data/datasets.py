@@ -35,6 +35,9 @@ __all__ = ["DataError", "IMAGE_EXTENSIONS", "build_transforms", "image_folder", 
            "looks_like_pickle", "unpack_batch", "scan_images", "find_images", "list_entry_path", "CLASS_TABLE_NAME",
            "LinkRoots", "parse_label", "split_list_line"]
 
+#: The folder macOS's Archive Utility adds to zip files (resource forks as ``._name``): never data.
+MACOS_RESIDUE = "__MACOSX"
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
 
@@ -678,7 +681,9 @@ def detect_format(path: str) -> str:
         return "cifar10"
     if pickles("train", "test"):
         return "cifar100"
-    has_class_dirs = any(os.path.isdir(os.path.join(path, n)) for n in names if not n.startswith("."))
+    # macOS's zip residue is never a class folder: a flat folder unzipped with it stays flat.
+    has_class_dirs = any(os.path.isdir(os.path.join(path, n)) for n in names
+                         if not n.startswith(".") and n != MACOS_RESIDUE)
     return "folder" if has_class_dirs else "flat"
 
 

@@ -303,3 +303,12 @@ def test_an_openood_tree_whose_image_folder_links_to_another_disk(tmp_path):
     tree = resolve_benchmark("waterbirds", root, link_roots=[str(tmp_path / "disk")])
     ds = tree.dataset("id_train", None)
     assert len(ds) == tree.size("id_train") and ds[0][0].size
+
+
+def test_a_flat_folder_with_macos_residue_stays_flat(tmp_path):
+    for i in range(3):
+        _png(tmp_path / "ood" / f"{i}.png")
+    _png(tmp_path / "ood" / "__MACOSX" / "._0.png")
+    assert D.detect_format(str(tmp_path / "ood")) == "flat"
+    with pytest.warns(UserWarning, match=r"skipped 1 hidden file\(s\)/folder\(s\) \(e.g. __MACOSX/._0.png\)"):
+        assert len(D.dataset_from_path(tmp_path / "ood", None, train=False)) == 3
