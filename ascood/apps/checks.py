@@ -226,14 +226,18 @@ def check_ood_names(ood: Sequence[tuple[str, str]], near: Sequence[tuple[str, st
             seen[name] = where
 
 
-def check_distinct_data(first, first_name: str, second, second_name: str, why: str) -> None:
+def check_distinct_data(first, first_name: str, second, second_name: str, why: str,
+                        same_path: bool = False) -> None:
     """Two splits that must be different data: the same images (same folder, a symlink to it, or a list
     naming the same files) is an :class:`InputError` naming both; a partial overlap is a warning with the
     count. ``first_name`` / ``second_name``: the flags with their paths ("DATA data/train", "--val x");
-    ``why``: what the overlap would make wrong."""
+    ``why``: what the overlap would make wrong. ``same_path``: both were read from one path the same way
+    (what decides for in-memory data such as CIFAR batches, whose files are not compared)."""
     from ..data.classes import shared_files
 
     counts = shared_files(first, second)
+    if counts is None and same_path:
+        raise InputError(f"{second_name} is the same data as {first_name}: {why}; give separate data")
     if counts is None or counts[0] == 0:
         return
     shared, n_first, n_second = counts

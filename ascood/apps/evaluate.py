@@ -176,7 +176,8 @@ def _evaluate(args, names: list[str], ckpt_path: str) -> int:
         for name, path in items:
             ood_ds = (ood[name] if flag == "--ood" else ood[flag[2:]][name]).dataset
             checks.check_distinct_data(id_ds, f"--id {args.id}", ood_ds, f"{flag} {name}={path}",
-                                       "images scored as both ID and OOD make FPR/AUROC meaningless")
+                                       "images scored as both ID and OOD make FPR/AUROC meaningless",
+                                       same_path=os.path.realpath(path) == os.path.realpath(args.id))
     # ODIN / i-ODIN read the model's input_std.
     scorers = [get_scorer(key) for key in names]
     val_path = args.val or args.aps_id

@@ -312,3 +312,10 @@ def test_a_flat_folder_with_macos_residue_stays_flat(tmp_path):
     assert D.detect_format(str(tmp_path / "ood")) == "flat"
     with pytest.warns(UserWarning, match=r"skipped 1 hidden file\(s\)/folder\(s\) \(e.g. __MACOSX/._0.png\)"):
         assert len(D.dataset_from_path(tmp_path / "ood", None, train=False)) == 3
+
+
+def test_in_memory_data_read_from_one_path_is_the_same_data():
+    a = D.ArrayDataset(np.zeros((2, 4, 4, 3), np.uint8), [0, 1])
+    check_distinct_data(a, "--id c", a, "--ood c", "why")  # nothing to compare: let through
+    with pytest.raises(InputError, match="--ood c is the same data as --id c"):
+        check_distinct_data(a, "--id c", a, "--ood c", "why", same_path=True)
