@@ -171,13 +171,6 @@ def _evaluate(args, names: list[str], ckpt_path: str) -> int:
     for group, items in (("near", args.near), ("far", args.far)):
         if items:
             ood[group] = {name: loader(dataset(path)) for name, path in items}
-    id_ds = dataset(args.id)  # read before any fitting or sweep, so an OOD set equal to it stops at once
-    for flag, items in (("--ood", args.ood), ("--near", args.near), ("--far", args.far)):
-        for name, path in items:
-            ood_ds = (ood[name] if flag == "--ood" else ood[flag[2:]][name]).dataset
-            checks.check_distinct_data(id_ds, f"--id {args.id}", ood_ds, f"{flag} {name}={path}",
-                                       "images scored as both ID and OOD make FPR/AUROC meaningless",
-                                       same_path=os.path.realpath(path) == os.path.realpath(args.id))
     # ODIN / i-ODIN read the model's input_std.
     scorers = [get_scorer(key) for key in names]
     val_path = args.val or args.aps_id
@@ -189,10 +182,13 @@ def _evaluate(args, names: list[str], ckpt_path: str) -> int:
             _match_labelled(ds, classes, f"{flag} {path}")
     train_loader = loader(train_ds) if train_ds is not None else None
     val_loader = loader(val_ds) if val_ds is not None else None
-    if args.aps_id:
+    aps_sets = (dataset(args.aps_id), dataset(args.aps_ood)) if args.aps_id else None
+    id_ds = dataset(args.id)
+    _check_id_apart_from_ood(args, id_ds, ood)  # every set is read, nothing is fitted or swept yet
+    if aps_sets is not None:
         from ..scoring.scorers import sweep
 
-        val_id, val_ood = loader(dataset(args.aps_id)), loader(dataset(args.aps_ood))
+        val_id, val_ood = loader(aps_sets[0]), loader(aps_sets[1])
         for scorer in scorers:
             if scorer.default_grid:
                 res = sweep(scorer, model, val_id, val_ood, id_train_loader=train_loader, id_val_loader=val_loader,
@@ -210,6 +206,17 @@ def _evaluate(args, names: list[str], ckpt_path: str) -> int:
         paths = score_histograms(table.scores, args.out)
         print(f"results: {os.path.join(args.out, 'results.csv')}" + (f"; figures: {len(paths)}" if paths else ""))
     return 0
+
+
+def _check_id_apart_from_ood(args, id_ds, ood: dict) -> None:
+    """An OOD set holding the --id images (the same folder, a link to it, a list of the same files) is refused,
+    a partial overlap is warned about, each naming both flags."""
+    for flag, items in (("--ood", args.ood), ("--near", args.near), ("--far", args.far)):
+        for name, path in items:
+            ood_ds = (ood[name] if flag == "--ood" else ood[flag[2:]][name]).dataset
+            checks.check_distinct_data(id_ds, f"--id {args.id}", ood_ds, f"{flag} {name}={path}",
+                                       "images scored as both ID and OOD make FPR/AUROC meaningless",
+                                       same_path=os.path.realpath(path) == os.path.realpath(args.id))
 
 
 def _eval_benchmark(args, ckpt_path: str) -> int:
