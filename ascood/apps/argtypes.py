@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 
 __all__ = ["OneLineParser", "positive_int", "non_negative_int", "fraction", "non_negative", "positive", "finite",
            "floats", "named_path", "model_name", "device_name", "existing_dir"]
@@ -25,10 +26,10 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def _int_at_least(text: str, minimum: int, what: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a {what} integer, got {text!r}") from None
+    # ASCII decimal only: int() also reads "1_0" as 10 and other scripts' digits, a silent misreading of a typo.
+    if not re.fullmatch(r"[+-]?[0-9]+", text.strip()):
+        raise argparse.ArgumentTypeError(f"expected a {what} integer (decimal digits), got {text!r}")
+    v = int(text)
     if v < minimum:
         raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {v}")
     return v

@@ -206,3 +206,13 @@ def test_no_progress_keeps_the_epoch_lines(env, tmp_path, capsys):
 def test_no_progress_help_says_what_it_hides():
     proc = run_cli("train", "--help")
     assert "no progress bars (the one summary line per epoch is still printed)" in " ".join(proc.stdout.split())
+
+
+@pytest.mark.parametrize("value", ["1_0", "\u0661", "1.0", "ten"])
+def test_integer_flags_take_plain_decimal_only(value, tmp_path, capsys):
+    """--epochs 1_0 was read as 10 epochs (int() accepts underscores and other scripts' digits)."""
+    with pytest.raises(SystemExit) as stop:
+        main(["train", str(tmp_path), "--epochs", value, "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "Traceback" not in err
+    assert f"argument --epochs: expected a positive integer (decimal digits), got {value!r}" in err
