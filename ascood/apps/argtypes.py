@@ -4,9 +4,10 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 
 __all__ = ["OneLineParser", "positive_int", "non_negative_int", "fraction", "non_negative", "positive", "finite",
-           "floats", "named_path", "model_name", "device_name"]
+           "floats", "named_path", "model_name", "device_name", "existing_dir"]
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -25,10 +26,10 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def _int_at_least(text: str, minimum: int, what: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a {what} integer, got {text!r}") from None
+    # ASCII decimal only: int() also reads "1_0" as 10 and other scripts' digits, a silent misreading of a typo.
+    if not re.fullmatch(r"[+-]?[0-9]+", text.strip()):
+        raise argparse.ArgumentTypeError(f"expected a {what} integer (decimal digits), got {text!r}")
+    v = int(text)
     if v < minimum:
         raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {v}")
     return v
@@ -132,4 +133,12 @@ def device_name(text: str) -> str:
         raise argparse.ArgumentTypeError(f"{text!r}: no CUDA device is available on this machine (use cpu)")
     if dev.index is not None and dev.index >= torch.cuda.device_count():
         raise argparse.ArgumentTypeError(f"{text!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return text
+
+
+def existing_dir(text: str) -> str:
+    """A path that is an existing folder (as typed)."""
+    if not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"expected an existing folder, got {text!r}"
+                                         + (" (a file)" if os.path.exists(text) else " (not found)"))
     return text

@@ -18,7 +18,7 @@ from typing import Callable, Iterator, Sequence
 __all__ = ["InputError", "explicit_dests", "check_normalisation", "min_image_size", "check_image_size",
            "training_num_classes", "parse_scorer_names", "check_scorers_have_train", "warn_unlabelled_id",
            "one_line_warnings", "require_path", "claim_out",
-           "check_out_outside_data", "check_ood_names"]
+           "check_out_outside_data", "check_ood_names", "check_distinct_data"]
 
 
 class InputError(Exception):
@@ -89,7 +89,12 @@ def check_image_size(build: Callable[[], "object"], image_size: int, channels: i
 
 
 def training_num_classes(ds, data_path: str) -> int:
-    """Number of classes of a training set; every sample must have a label. Warns about label gaps."""
+    """Number of classes of a training set; every sample must have a label.
+
+    The count is the class folders', the class table's (``classes.txt`` beside a list), or else the largest
+    label + 1: a gap that leaves most of those classes empty is refused (:func:`~ascood.data.classes.
+    check_label_span`: a typo such as 5000 among 0..9), a smaller gap is a warning.
+    """
     classes = getattr(ds, "classes", None)
     if classes:
         return len(classes)
@@ -103,6 +108,16 @@ def training_num_classes(ds, data_path: str) -> int:
         where = f"{ds.list_file}:{lines[unlabelled[0]]}" if lines else f"{data_path} (sample {unlabelled[0]})"
         raise InputError(f"{where}: no label ({len(unlabelled)} unlabelled line(s)); training needs "
                          "'relative/path label' on every line")
+    names = getattr(ds, "class_names", None)
+    if names:  # classes.txt beside the list gives the class count (labels were checked against it)
+        return len(names)
+    from ..data.classes import check_label_span
+    from ..data.datasets import DataError
+
+    try:
+        check_label_span(targets, ds, data_path)
+    except DataError as err:
+        raise InputError(str(err)) from None
     present = sorted(set(targets))
     n = present[-1] + 1
     missing = sorted(set(range(n)) - set(present))
@@ -212,3 +227,25 @@ def check_ood_names(ood: Sequence[tuple[str, str]], near: Sequence[tuple[str, st
                 raise InputError(f"two OOD sets are named {name!r}: {seen[name]} and {where}; name them "
                                  "apart with NAME=PATH")
             seen[name] = where
+
+
+def check_distinct_data(first, first_name: str, second, second_name: str, why: str,
+                        same_path: bool = False) -> None:
+    """Two splits that must be different data: the same images (same folder, a symlink to it, or a list
+    naming the same files) is an :class:`InputError` naming both; a partial overlap is a warning with the
+    count. ``first_name`` / ``second_name``: the flags with their paths ("DATA data/train", "--val x");
+    ``why``: what the overlap would make wrong. ``same_path``: both were read from one path the same way
+    (what decides for in-memory data such as CIFAR batches, whose files are not compared)."""
+    from ..data.classes import shared_files
+
+    counts = shared_files(first, second)
+    if counts is None and same_path:
+        raise InputError(f"{second_name} is the same data as {first_name}: {why}; give separate data")
+    if counts is None or counts[0] == 0:
+        return
+    shared, n_first, n_second = counts
+    if shared == n_first == n_second:
+        raise InputError(f"{second_name} reads the same {shared} images as {first_name} (the same files, "
+                         f"compared after following symlinks): {why}; give separate data")
+    warnings.warn(f"{shared} of the {n_second} images of {second_name} are also in {first_name}: {why}",
+                  stacklevel=2)

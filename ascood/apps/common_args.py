@@ -6,11 +6,16 @@ keeps their flags, defaults and messages identical.
 from __future__ import annotations
 
 import argparse
+import os
+from typing import Sequence
 
 from ..data.openood import BENCHMARKS, OpenOODTreeError, ResolvedBenchmark, resolve_benchmark
-from .argtypes import device_name, non_negative_int, positive_int
+from .argtypes import device_name, existing_dir, non_negative_int, positive_int
 
-__all__ = ["add_data_args", "add_tree_args", "tree_from_args"]
+__all__ = ["add_data_args", "add_tree_args", "tree_from_args", "link_roots", "LINK_FLAG"]
+
+#: The flag that adds a folder symlinked list entries may lead into.
+LINK_FLAG = "--allow-links-into"
 
 
 def add_data_args(p: argparse.ArgumentParser) -> None:
@@ -24,6 +29,11 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=positive_int, default=128, help="batch size (default 128)")
     p.add_argument("--workers", type=non_negative_int, default=0, help="DataLoader worker processes (default 0)")
     p.add_argument("--device", type=device_name, help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument(LINK_FLAG, dest="link_roots", action="append", type=existing_dir, default=[], metavar="DIR",
+                   help="image-list entries (and OpenOOD lists) may reach images through symlinks that lead into "
+                        "the list's root, the --data-root, or a data path named on the command line; this adds "
+                        "DIR to those places (repeatable; e.g. the disk that images_classic/cifar10 links to). "
+                        "An entry leading anywhere else is refused with its file and line")
 
 
 def add_tree_args(p) -> None:
@@ -41,6 +51,14 @@ def add_tree_args(p) -> None:
                         "ImageNet-1K label); not part of OpenOOD's tree")
 
 
+def link_roots(args, paths: Sequence[str | None] = ()) -> list[str]:
+    """The folders symlinked list entries may lead into: the data ``paths`` named on the command line (a list
+    file counts as its folder), ``--root``, ``--data-root`` and every ``--allow-links-into DIR``."""
+    named = [*paths, getattr(args, "root", None), getattr(args, "data_root", None)]
+    out = [p if os.path.isdir(p) else os.path.dirname(os.path.abspath(p)) for p in named if p and os.path.exists(p)]
+    return out + list(getattr(args, "link_roots", None) or [])
+
+
 def tree_from_args(args, progress: bool = False) -> ResolvedBenchmark | None:
     """The resolved benchmark when --data-root is given (None otherwise); errors name every missing piece."""
     root = getattr(args, "data_root", None)
@@ -53,4 +71,5 @@ def tree_from_args(args, progress: bool = False) -> ResolvedBenchmark | None:
         raise OpenOODTreeError("--data-root needs --benchmark NAME or --preset NAME "
                                f"(one of {', '.join(BENCHMARKS)})")
     return resolve_benchmark(name, root, allow_missing=bool(getattr(args, "allow_missing", False)), progress=progress,
-                             class_list=getattr(args, "class_list", None))
+                             class_list=getattr(args, "class_list", None),
+                             link_roots=list(getattr(args, "link_roots", None) or []))

@@ -13,7 +13,7 @@ import sys
 
 from . import checks
 from .argtypes import named_path
-from .common_args import add_data_args, tree_from_args
+from .common_args import add_data_args, link_roots, tree_from_args
 from .presets import add_benchmark_args
 
 __all__ = ["add_parser", "run", "EVAL_OUTPUTS"]
@@ -175,8 +175,12 @@ def _evaluate(args, names: list[str], ckpt_path: str) -> int:
     mode = "L" if extra.get("channels", 3) == 1 else "RGB"
     tf = D.build_transforms(size, mean, std, train=False)
 
+    named = [args.id, args.train, args.val, args.aps_id, args.aps_ood] + [p for _, p in args.ood + args.near + args.far]
+    allowed = link_roots(args, named)
+
     def dataset(path: str, train: bool = False):
-        return D.dataset_from_path(path, tf, train=train, fmt=args.data_format, root=args.root, mode=mode)
+        return D.dataset_from_path(path, tf, train=train, fmt=args.data_format, root=args.root, mode=mode,
+                                   allowed_roots=allowed)
 
     def loader(ds):
         return D.make_loader(ds, args.batch_size, train=False, workers=args.workers)
@@ -200,16 +204,18 @@ def _evaluate(args, names: list[str], ckpt_path: str) -> int:
             _match_labelled(ds, classes, f"{flag} {path}")
     train_loader = loader(train_ds) if train_ds is not None else None
     val_loader = loader(val_ds) if val_ds is not None else None
-    if args.aps_id:
+    aps_sets = (dataset(args.aps_id), dataset(args.aps_ood)) if args.aps_id else None
+    id_ds = dataset(args.id)
+    _check_id_apart_from_ood(args, id_ds, ood)  # every set is read, nothing is fitted or swept yet
+    if aps_sets is not None:
         from ..scoring.scorers import sweep
 
-        val_id, val_ood = loader(dataset(args.aps_id)), loader(dataset(args.aps_ood))
+        val_id, val_ood = loader(aps_sets[0]), loader(aps_sets[1])
         for scorer in scorers:
             if scorer.default_grid:
                 res = sweep(scorer, model, val_id, val_ood, id_train_loader=train_loader, id_val_loader=val_loader,
                             cache=cache)
                 print(f"APS {scorer.name}: {res.best_params} (validation AUROC {100 * res.best_auroc:.2f})")
-    id_ds = dataset(args.id)
     checks.warn_unlabelled_id(id_ds, args.id)
     _match_labelled(id_ds, _model_classes(model, extra), f"--id {args.id}")
     table = evaluate(model, loader(id_ds), ood, scorers=scorers, id_train_loader=train_loader,
@@ -222,6 +228,17 @@ def _evaluate(args, names: list[str], ckpt_path: str) -> int:
         paths = score_histograms(table.scores, args.out)
         print(f"results: {os.path.join(args.out, 'results.csv')}" + (f"; figures: {len(paths)}" if paths else ""))
     return 0
+
+
+def _check_id_apart_from_ood(args, id_ds, ood: dict) -> None:
+    """An OOD set holding the --id images (the same folder, a link to it, a list of the same files) is refused,
+    a partial overlap is warned about, each naming both flags."""
+    for flag, items in (("--ood", args.ood), ("--near", args.near), ("--far", args.far)):
+        for name, path in items:
+            ood_ds = (ood[name] if flag == "--ood" else ood[flag[2:]][name]).dataset
+            checks.check_distinct_data(id_ds, f"--id {args.id}", ood_ds, f"{flag} {name}={path}",
+                                       "images scored as both ID and OOD make FPR/AUROC meaningless",
+                                       same_path=os.path.realpath(path) == os.path.realpath(args.id))
 
 
 def _eval_benchmark(args, ckpt_path: str) -> int:

@@ -565,7 +565,7 @@ def _check_device(device: str | None) -> None:
 
 def plan(name: str, data_root: str, overrides: dict, *, allow_missing: bool, weights: str | None,
          class_list: str | None = None, progress: bool = False, need_weights: bool = True, world_size: int = 1,
-         device: str | None = None, workers: int = 0) -> Plan:
+         device: str | None = None, workers: int = 0, link_roots: Sequence[str] = ()) -> Plan:
     """Resolve and check the configuration, the scorers and the data tree (nothing is written or trained)."""
     from . import checks
 
@@ -594,7 +594,7 @@ def plan(name: str, data_root: str, overrides: dict, *, allow_missing: bool, wei
     except checks.InputError as e:
         raise ReproduceError(str(e)) from None
     tree = resolve_benchmark(v["benchmark"], data_root, allow_missing=allow_missing, progress=progress,
-                             class_list=class_list)
+                             class_list=class_list, link_roots=link_roots)
     n_train = tree.size("id_train")
     # DistributedSampler gives each process ceil(n / world) samples, in batches of batch / world.
     steps = train_steps(-(-n_train // world_size), v["batch_size"] // world_size, v["epochs"])
@@ -705,13 +705,13 @@ def _dist_begin(device: str | None) -> tuple[DistContext, bool]:
 def reproduce(name: str, data_root: str, *, seeds: Sequence[int] = (0, 1, 2), out: str | None = None,
               overrides: dict | None = None, allow_missing: bool = False, weights: str | None = None,
               class_list: str | None = None, device: str | None = None, workers: int = 0, progress: bool = True,
-              argv: Sequence[str] = ()) -> dict | None:
+              argv: Sequence[str] = (), link_roots: Sequence[str] = ()) -> dict | None:
     """Train CE and ASCOOD for every seed (resumable), evaluate, write the outputs; returns the summary dict
     (None on the ranks other than 0 under torchrun)."""
     ctx, started = _dist_begin(device)
     try:
         return _reproduce(name, data_root, seeds, out, overrides or {}, allow_missing, weights, class_list, device,
-                          workers, progress, argv, ctx)
+                          workers, progress, argv, ctx, link_roots)
     finally:
         if started:
             import torch.distributed as dist
@@ -721,7 +721,7 @@ def reproduce(name: str, data_root: str, *, seeds: Sequence[int] = (0, 1, 2), ou
 
 
 def _reproduce(name, data_root, seeds, out, overrides, allow_missing, weights, class_list, device, workers, progress,
-               argv, ctx: DistContext) -> dict | None:
+               argv, ctx: DistContext, link_roots: Sequence[str] = ()) -> dict | None:
     from tqdm.auto import tqdm
 
     main_rank = ctx.is_main
@@ -729,7 +729,8 @@ def _reproduce(name, data_root, seeds, out, overrides, allow_missing, weights, c
     say = (lambda msg: tqdm.write(msg, file=sys.stderr)) if main_rank else (lambda msg: None)
     p = _on_every_rank(lambda: plan(name, data_root, overrides, allow_missing=allow_missing, weights=weights,
                                     class_list=class_list, progress=progress and main_rank,
-                                    world_size=ctx.world_size, device=device, workers=workers), ctx)
+                                    world_size=ctx.world_size, device=device, workers=workers,
+                                    link_roots=link_roots), ctx)
     v = p.resolved.values
     out = out or os.path.join("runs", "reproduce", name)
     jobs = [(m, s) for s in seeds for m in METHODS]
@@ -818,7 +819,8 @@ def add_parser(sub) -> None:
     import argparse
 
     from .argtypes import device_name, fraction, non_negative as nonneg, non_negative_int, positive as positive_float
-    from .argtypes import positive_int
+    from .argtypes import existing_dir, positive_int
+    from .common_args import LINK_FLAG
     from ..nets.registry import MODEL_NAMES
     from ..training.outliers import OOD_TYPES, SHUFFLE_RANKS
     from .presets import PRESETS
@@ -845,6 +847,9 @@ def add_parser(sub) -> None:
     r.add_argument("--allow-missing", action="store_true",
                    help="run with the OOD sets that are present when some are missing; the table says which were "
                         "skipped (iSUN, not in OpenOOD's download, is skipped without this flag)")
+    r.add_argument(LINK_FLAG, dest="link_roots", action="append", type=existing_dir, default=[], metavar="DIR",
+                   help="a folder the tree's symlinks may lead into besides --data-root (repeatable; e.g. the disk "
+                        "that images_classic/cifar10 links to); list entries leading anywhere else are refused")
     r.add_argument("--print-config", action="store_true",
                    help="print the resolved configuration, its sources and the training steps per run, and exit")
     g = r.add_argument_group("overrides of the preset (for quick or partial runs)")
@@ -887,7 +892,8 @@ def cmd(args, argv: Sequence[str] = ()) -> int:
     main_rank = int(os.environ.get("RANK", "0")) == 0
     if args.print_config:
         p = plan(args.name, args.data_root, overrides, allow_missing=args.allow_missing, weights=args.weights,
-                 class_list=args.class_list, need_weights=False, device=args.device, workers=args.workers)
+                 class_list=args.class_list, need_weights=False, device=args.device, workers=args.workers,
+                 link_roots=args.link_roots)
         if main_rank:
             print(p.resolved.format())
             note = pretrained_weights_error(p.resolved, args.weights)
@@ -902,7 +908,8 @@ def cmd(args, argv: Sequence[str] = ()) -> int:
     try:
         summary = reproduce(args.name, args.data_root, seeds=args.seeds, out=args.out, overrides=overrides,
                             allow_missing=args.allow_missing, weights=args.weights, class_list=args.class_list,
-                            device=args.device, workers=args.workers, progress=args.progress, argv=argv)
+                            device=args.device, workers=args.workers, progress=args.progress, argv=argv,
+                            link_roots=args.link_roots)
     except _PeerFailed as err:  # rank 0 printed the message; this rank only ends with the same status
         return err.status
     if summary is None:

@@ -11,10 +11,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 
 from . import checks
 from .argtypes import finite, floats, fraction, model_name, non_negative, positive, positive_int
-from .common_args import add_data_args, tree_from_args
+from .common_args import add_data_args, link_roots, tree_from_args
 from .presets import add_benchmark_args
 
 __all__ = ["add_parser", "run", "TRAIN_OUTPUTS"]
@@ -47,7 +48,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     t.add_argument("--resume", nargs="?", const="", default=None,
                    help="continue from a checkpoint (default: OUT/last.pt); flags not given take the checkpoint's "
                         "saved values, a flag given with another value is an error")
-    t.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    t.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bars (the one summary line per epoch is still printed)")
     t.add_argument("--no-figures", dest="figures", action="store_false", help="skip the outlier-grid figure")
     return t
 
@@ -197,7 +199,8 @@ def _normalisation(args, tree, mode: str) -> dict:
         plain = T.Compose([T.Resize(args.image_size), T.CenterCrop(args.image_size), T.ToTensor()])
         return D.estimate_mean_std(tree.dataset("id_train", plain, mode) if tree else
                                    D.dataset_from_path(args.data, plain, train=True, fmt=args.data_format,
-                                                       root=args.root, mode=mode))
+                                                       root=args.root, mode=mode,
+                                                       allowed_roots=link_roots(args, [args.data, args.val])))
 
     try:
         norm = choose_normalization(args.channels, mean=args.mean, std=args.std, pretrained=bool(args.weights),
@@ -221,13 +224,18 @@ def _datasets(args, tree, mean, std, mode: str):
         val_ds = tree.dataset("id_val", test_tf, mode)
         num_classes = tree.benchmark.num_classes
     else:
-        ds = D.dataset_from_path(args.data, train_tf, train=True, fmt=args.data_format, root=args.root, mode=mode)
+        ds = D.dataset_from_path(args.data, train_tf, train=True, fmt=args.data_format, root=args.root, mode=mode,
+                                 allowed_roots=link_roots(args, [args.data, args.val]))
         num_classes = checks.training_num_classes(ds, args.data)
     classes = class_names(ds) or [str(i) for i in range(num_classes)]
     if args.val:  # an explicit --val wins over the benchmark's ID val list
-        val_ds = D.dataset_from_path(args.val, test_tf, train=False, fmt=args.data_format, root=args.root, mode=mode)
+        val_ds = D.dataset_from_path(args.val, test_tf, train=False, fmt=args.data_format, root=args.root, mode=mode,
+                                     allowed_roots=link_roots(args, [args.data, args.val]))
     if val_ds is not None:
         what = f"--val {args.val}" if args.val else "the benchmark's ID val list"
+        checks.check_distinct_data(ds, f"DATA {args.data}" if tree is None else "the benchmark's ID train list",
+                                   val_ds, what, "validation accuracy and best.pt would measure the training "
+                                   "images, not held-out ones")
         try:
             note = match_classes(val_ds, classes, what=what).describe(what)
         except D.DataError as err:
@@ -261,7 +269,7 @@ def _train(args, resume: str | None, tree=None) -> int:
     from ..data import datasets as D
     from ..data.classes import fingerprint
     from ..data.normalization import describe
-    from ..training.trainer import Trainer
+    from ..training.trainer import Trainer, few_steps_note
 
     checks.check_image_size(lambda: _build(args, 2), args.image_size, args.channels, args.model)
     mode = "L" if args.channels == 1 else "RGB"
@@ -285,9 +293,12 @@ def _train(args, resume: str | None, tree=None) -> int:
     if tree is not None:
         extra["benchmark"] = tree.benchmark.name
     trainer = Trainer(model, loader, config, val_loader=val_loader, out_dir=args.out, resume=resume,
-                      device=args.device, progress=args.progress, extra=extra)
+                      device=args.device, progress=args.progress, extra=extra, epoch_lines=True)
     if trainer.dist.is_main:
         print(describe(norm), flush=True)
+        note = few_steps_note(len(ds), args.batch_size, len(trainer.loader))
+        if note:
+            warnings.warn(note, stacklevel=2)
     model = trainer.fit()
     if trainer.dist.is_main:
         print(f"checkpoint: {trainer.checkpoint_path}")

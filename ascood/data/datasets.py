@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
+import unicodedata
 import warnings
 from typing import Callable, Sequence
 
@@ -31,7 +33,11 @@ __all__ = ["DataError", "IMAGE_EXTENSIONS", "build_transforms", "image_folder", 
            "FlatImageDataset", "dataset_from_path", "detect_format", "DATA_FORMATS",
            "ArrayDataset", "open_image", "make_loader", "estimate_mean_std", "read_cifar_batch",
            "looks_like_pickle", "unpack_batch", "scan_images", "find_images", "list_entry_path", "CLASS_TABLE_NAME",
-           "ImageReadError", "to_mode", "ALPHA_NOTE", "read_text_list"]
+           "ImageReadError", "to_mode", "ALPHA_NOTE", "read_text_list", "LinkRoots", "parse_label",
+           "split_list_line"]
+
+#: The folder macOS's Archive Utility adds to zip files (resource forks as ``._name``): never data.
+MACOS_RESIDUE = "__MACOSX"
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
@@ -148,16 +154,35 @@ class _Skipped:
         self.hidden: list[str] = []
         self.outside: list[str] = []
         self.loops: list[str] = []
+        #: class-level entries, each named in full: folders without images, class folders linking out.
+        self.empty_classes: list[str] = []
+        self.outside_classes: list[str] = []
 
-    def warn(self, root: str) -> None:
+    def describe(self, root: str) -> str:
+        """What was skipped, one clause per cause ("" when nothing was)."""
         parts = []
+        if self.empty_classes:
+            parts.append(f"{len(self.empty_classes)} folder(s) with no images, not classes: "
+                         + _some(os.path.basename(p) for p in self.empty_classes))
+        if self.outside_classes:
+            parts.append(f"{len(self.outside_classes)} class folder link(s) leading out of {root}: "
+                         + _some(f"{os.path.basename(p)} -> {os.path.realpath(p)}" for p in self.outside_classes))
         for items, what in ((self.hidden, "hidden file(s)/folder(s)"),
                             (self.outside, "symlink(s) leading out of the data folder"),
                             (self.loops, "symlink loop(s)")):
             if items:
                 parts.append(f"{len(items)} {what} (e.g. {os.path.relpath(items[0], root)})")
-        if parts:
-            warnings.warn(f"{root}: skipped " + "; ".join(parts), stacklevel=3)
+        return "; ".join(parts)
+
+    def warn(self, root: str) -> None:
+        text = self.describe(root)
+        if text:
+            warnings.warn(f"{root}: skipped " + text, stacklevel=3)
+
+
+def _some(items, shown: int = 8) -> str:
+    items = list(items)
+    return ", ".join(items[:shown]) + (f", ... ({len(items) - shown} more)" if len(items) > shown else "")
 
 
 def scan_images(top: str, root: str, skipped: _Skipped) -> list[str]:
@@ -210,26 +235,38 @@ def _image_folder_class():
         """torchvision's ImageFolder with a safe scan (:func:`scan_images`): hidden folders are not classes."""
 
         def find_classes(self, directory: str):
+            """Class folders: sub-folders holding at least one image (an empty folder or macOS's ``__MACOSX``
+            residue is not a class; each skipped folder is named once). Names must differ after NFC."""
             root_real = os.path.realpath(directory)
             classes = []
+            self._images: dict[str, list[str]] = {}
             for e in sorted(os.scandir(directory), key=lambda e: e.name):
                 if e.name.startswith("."):
                     self._skipped.hidden.append(e.path)
                 elif e.is_symlink() and not _inside(os.path.realpath(e.path), root_real):
-                    self._skipped.outside.append(e.path)
+                    self._skipped.outside_classes.append(e.path)
                 elif e.is_dir():
-                    classes.append(e.name)
+                    # Each class folder is its own root: a link out of it (to the parent, to another class)
+                    # would give other images this class's label.
+                    found = scan_images(e.path, e.path, self._skipped)
+                    if found:
+                        classes.append(e.name)
+                        self._images[e.name] = found
+                    else:
+                        self._skipped.empty_classes.append(e.path)
             if not classes:
-                raise FileNotFoundError(f"no class folders in {directory}")
+                why = self._skipped.describe(directory)
+                raise FileNotFoundError(f"no class folders in {directory}" + (f" (skipped {why})" if why else ""))
+            _refuse_nfc_twins(classes, directory)
             return classes, {c: i for i, c in enumerate(classes)}
 
         def make_dataset(self, directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
             samples = []
             for name, idx in sorted(class_to_idx.items(), key=lambda kv: kv[1]):
-                # Each class folder is its own root: a link out of it (to the parent, to another class)
-                # would give other images this class's label.
                 folder = os.path.join(directory, name)
-                samples += [(p, idx) for p in scan_images(folder, folder, self._skipped)]
+                found = self._images.get(name)
+                samples += [(p, idx) for p in (found if found is not None else
+                                               scan_images(folder, folder, self._skipped))]
             if not samples:
                 raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in the class folders of "
                                         f"{directory}")
@@ -242,6 +279,22 @@ def _image_folder_class():
             self._skipped.warn(root)
 
     return SafeImageFolder
+
+
+def code_points(name: str) -> str:
+    """``name`` as its code points (U+0065 U+0301), to tell apart names that look the same."""
+    return " ".join(f"U+{ord(c):04X}" for c in name)
+
+
+def _refuse_nfc_twins(names: Sequence[str], where: str) -> None:
+    """Two names equal after Unicode NFC normalisation (a macOS NFD folder beside its NFC twin) are one class."""
+    seen: dict[str, str] = {}
+    for name in names:
+        key = unicodedata.normalize("NFC", name)
+        if key in seen:
+            raise DataError(f"{where}: {seen[key]!r} ({code_points(seen[key])}) and {name!r} ({code_points(name)}) "
+                            "are the same name in different Unicode forms (NFC / NFD); merge the two folders")
+        seen[key] = name
 
 
 def image_folder(root: str | os.PathLike, transform: Callable | None = None, mode: str = "RGB"):
@@ -265,8 +318,14 @@ def image_folder(root: str | os.PathLike, transform: Callable | None = None, mod
         raise DataError(f"no class folders with images under {root}: {err}") from err
 
 
-def list_entry_path(list_file: str, lineno: int, entry: str, root: str) -> str:
-    """``root/entry`` for one image-list line; an absolute path or one that climbs out of ``root`` is refused."""
+def list_entry_path(list_file: str, lineno: int, entry: str, root: str,
+                    allowed_roots: "LinkRoots | Sequence[str] | None" = None) -> str:
+    """``root/entry`` for one image-list line; an absolute path or one that climbs out of ``root`` is refused.
+
+    With ``allowed_roots`` the entry is also resolved on disk: a symlink on its way that leads outside both
+    ``root`` and every folder of ``allowed_roots`` is refused (see :class:`LinkRoots`). Without it only the
+    text is checked (the callers that pass nothing keep their old behaviour).
+    """
     norm = os.path.normpath(entry)
     if os.path.isabs(entry):
         rel = os.path.relpath(norm, os.path.abspath(root))
@@ -277,7 +336,48 @@ def list_entry_path(list_file: str, lineno: int, entry: str, root: str) -> str:
     if norm == ".." or norm.startswith(".." + os.sep):
         raise DataError(f"{list_file}:{lineno}: path {entry!r} leaves the image root {root} ('..' climbs above "
                         "it); list paths must stay inside the root")
-    return os.path.join(root, norm)
+    full = os.path.join(root, norm)
+    if allowed_roots is not None:
+        guard = allowed_roots if isinstance(allowed_roots, LinkRoots) else LinkRoots(root, allowed_roots)
+        guard.check(full, f"{list_file}:{lineno}", entry)
+    return full
+
+
+class LinkRoots:
+    """Where the symlinks met by image-list entries may lead: the rule for data reached through links.
+
+    OpenOOD trees link image folders on purpose (``images_classic/cifar10 -> /disk/cifar10``), so links are
+    followed, but only to places the user chose: inside the image ``root`` itself (resolved, so a root that
+    is a link is fine), inside the data root of an OpenOOD tree, or inside one of ``allowed`` (the other
+    data folders named on the command line, and ``--allow-links-into DIR``). An entry that resolves
+    anywhere else (``/etc``, another user's home) is refused with its file, line and where it leads.
+    Resolution is cached per folder, so a list of a million entries costs one ``lstat`` per entry.
+    """
+
+    def __init__(self, root: str, allowed: Sequence[str | os.PathLike] = ()) -> None:
+        self.root = os.fspath(root)
+        self.allowed = [os.path.realpath(os.fspath(root))] + [os.path.realpath(os.fspath(a)) for a in allowed]
+        self._dirs: dict[str, str] = {}
+
+    def resolve(self, full: str) -> str:
+        """``full`` with every symlink resolved (folders cached)."""
+        folder, name = os.path.split(full)
+        real_dir = self._dirs.get(folder)
+        if real_dir is None:
+            real_dir = self._dirs[folder] = os.path.realpath(folder)
+        target = os.path.join(real_dir, name)
+        return os.path.realpath(target) if os.path.islink(target) else target
+
+    def check(self, full: str, where: str, entry: str) -> None:
+        """DataError naming ``where`` when ``full`` resolves outside every allowed folder."""
+        real = self.resolve(full)
+        if any(_inside(real, top) for top in self.allowed):
+            return
+        shown = ", ".join(self.allowed[:4]) + (" ..." if len(self.allowed) > 4 else "")
+        raise DataError(f"{where}: {entry!r} leads through a symlink to {real}, outside the image root "
+                        f"{self.root} and the folders allowed for links ({shown}); links may lead only into the "
+                        "data root or a data folder named on the command line (add its target with "
+                        "--allow-links-into DIR, or allowed_roots= in the API)")
 
 
 #: A class-name table beside an image list: one class name per line, line i naming label i.
@@ -287,22 +387,26 @@ CLASS_TABLE_NAME = "classes.txt"
 class ImageListDataset(Dataset):
     """OpenOOD-style image list: each non-empty line is ``relative/path label`` (label int, default -1).
 
-    Paths may contain spaces (the label is the last whitespace-separated field);
-    they are relative to ``root`` and may not leave it (no absolute paths, no
-    ``..`` above it); every listed image must exist (checked here, not mid-epoch).
+    Paths may contain spaces (the label is the last whitespace-separated field, ASCII decimal digits; a
+    negative label other than -1 is refused); the file is UTF-8 with or without a byte-order mark. Paths
+    are relative to ``root`` and may not leave it (no absolute paths, no ``..`` above it, and a symlink on
+    the way must resolve inside ``root`` or one of ``allowed_roots``: :class:`LinkRoots`); every listed
+    image must exist (checked here, not mid-epoch).
     Returns (image tensor, label) pairs; OOD lists may omit the label. A
     ``classes.txt`` beside the list (one name per line, line i naming label i)
     gives the labels names, so splits are matched to a model's classes by name.
     """
 
     def __init__(self, list_file: str | os.PathLike, root: str | os.PathLike, transform: Callable | None = None,
-                 mode: str = "RGB") -> None:
+                 mode: str = "RGB", allowed_roots: Sequence[str | os.PathLike] = ()) -> None:
         list_file, root = os.fspath(list_file), os.fspath(root)
         if not os.path.isfile(list_file):
             raise DataError(f"image list not found: {list_file}")
         if not os.path.isdir(root):
             raise DataError(f"image root not found: {root}")
         self.root, self.transform, self.mode = root, transform, mode
+        #: Entries reached through symlinks must resolve inside ``root`` or one of these (:class:`LinkRoots`).
+        self.allowed_roots = LinkRoots(root, allowed_roots)
         self.list_file = list_file
         self.samples: list[tuple[str, int]] = []
         #: line number in ``list_file`` of each sample (for messages that point at a line).
@@ -311,14 +415,8 @@ class ImageListDataset(Dataset):
             line = line.strip()
             if not line or line.startswith("#"):
                 continue
-            parts = line.rsplit(maxsplit=1)
-            if len(parts) == 2 and parses_as(parts[1], int):
-                path, label = parts[0], int(parts[1])
-            elif len(parts) == 2 and parses_as(parts[1], float):
-                raise DataError(f"{list_file}:{lineno}: label {parts[1]!r} is not an integer class index")
-            else:
-                path, label = line, -1
-            full = list_entry_path(list_file, lineno, path, root)
+            path, label = split_list_line(line, f"{list_file}:{lineno}")
+            full = list_entry_path(list_file, lineno, path, root, allowed_roots=self.allowed_roots)
             if not os.path.isfile(full):  # found now, not mid-epoch
                 raise DataError(f"{list_file}:{lineno}: image {full} not found")
             self.samples.append((full, label))
@@ -339,6 +437,7 @@ class ImageListDataset(Dataset):
             raise DataError(f"{self.list_file}: label {top} has no name in {table} ({len(names)} names)")
         if len(set(names)) != len(names):
             raise DataError(f"{table}: class names must be unique")
+        _refuse_nfc_twins(names, table)
         return names
 
     def __len__(self) -> int:
@@ -362,10 +461,43 @@ def _read_text_list(list_file: str) -> list[str]:
     try:
         if b"\0" in raw:
             raise UnicodeDecodeError("utf-8", raw, raw.index(b"\0"), raw.index(b"\0") + 1, "NUL byte")
-        return raw.decode("utf-8").splitlines()
+        return raw.decode("utf-8-sig").splitlines()  # -sig: a byte-order mark is not part of the first path
     except UnicodeDecodeError:
         raise DataError(f"{list_file} is not a text image list (expected UTF-8 lines 'relative/path label'); "
                         "for a folder of images pass the folder") from None
+
+
+#: A label as OpenOOD writes it: plain ASCII decimal digits, "-" only for -1 (int() also takes "1_0",
+#: "+1" and other scripts' digits such as Arabic-Indic ones; those are refused, not read as another number).
+_PLAIN_INT = re.compile(r"-?[0-9]+")
+
+
+def parse_label(text: str) -> int | None:
+    """``text`` as a plain decimal integer (ASCII digits, optional leading "-"), else None."""
+    return int(text) if _PLAIN_INT.fullmatch(text) else None
+
+
+def split_list_line(line: str, where: str) -> tuple[str, int]:
+    """(path, label) of one stripped, non-comment image-list line; the label is -1 when the line has none.
+
+    The label is the last whitespace-separated field when it is a number; paths may hold spaces. A last
+    field that Python would read as a number but that is not a plain decimal integer (``1.5``, ``1_0``,
+    ``+1``, ``١``) and a negative label other than -1 (OOD / unlabelled) raise :class:`DataError` naming
+    ``where`` ("file:line").
+    """
+    parts = line.rsplit(maxsplit=1)
+    if len(parts) != 2:
+        return line, -1
+    label = parse_label(parts[1])
+    if label is None:
+        if parses_as(parts[1], int) or parses_as(parts[1], float):
+            raise DataError(f"{where}: label {parts[1]!r} is not an integer class index in plain decimal "
+                            "(expected ASCII digits such as 3, or -1 for OOD / unlabelled)")
+        return line, -1
+    if label < -1:
+        raise DataError(f"{where}: label {label} is negative; labels are class indices 0, 1, ... or -1 "
+                        "(OOD / unlabelled)")
+    return parts[0], label
 
 
 def parses_as(s: str, kind: type) -> bool:
@@ -604,12 +736,15 @@ def detect_format(path: str) -> str:
         return "cifar10"
     if pickles("train", "test"):
         return "cifar100"
-    has_class_dirs = any(os.path.isdir(os.path.join(path, n)) for n in names if not n.startswith("."))
+    # macOS's zip residue is never a class folder: a flat folder unzipped with it stays flat.
+    has_class_dirs = any(os.path.isdir(os.path.join(path, n)) for n in names
+                         if not n.startswith(".") and n != MACOS_RESIDUE)
     return "folder" if has_class_dirs else "flat"
 
 
 def dataset_from_path(path: str | os.PathLike, transform: Callable | None, *, train: bool, fmt: str = "auto",
-                      root: str | os.PathLike | None = None, mode: str = "RGB") -> Dataset:
+                      root: str | os.PathLike | None = None, mode: str = "RGB",
+                      allowed_roots: Sequence[str | os.PathLike] = ()) -> Dataset:
     """A dataset from a path: class folders, a flat folder, an image list (with ``root``) or CIFAR batches.
 
     ``fmt="auto"`` detects: a file is an image list (root defaults to the
@@ -618,6 +753,8 @@ def dataset_from_path(path: str | os.PathLike, transform: Callable | None, *, tr
     (read with a restricted unpickler: no code runs); a directory with
     subdirectories is a class-per-folder tree; otherwise a flat folder of
     unlabelled images. For CIFAR, ``train`` picks the train or test batches.
+    ``allowed_roots``: for image lists, folders that symlinked entries may lead into besides the root
+    (:class:`LinkRoots`).
     """
     path = os.fspath(path)
     if fmt not in DATA_FORMATS:
@@ -627,7 +764,7 @@ def dataset_from_path(path: str | os.PathLike, transform: Callable | None, *, tr
     fmt = detect_format(path) if fmt == "auto" else fmt
     if fmt == "list":
         return ImageListDataset(path, root if root is not None else os.path.dirname(os.path.abspath(path)),
-                                transform, mode)
+                                transform, mode, allowed_roots=allowed_roots)
     if fmt in ("cifar10", "cifar100"):
         ds = CIFARDataset(path, train=train, num_classes=10 if fmt == "cifar10" else 100, transform=transform)
         return ds

@@ -44,7 +44,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping, Sequence
 
-from .datasets import DataError, ImageListDataset, parses_as, list_entry_path
+from .datasets import DataError, ImageListDataset, LinkRoots, list_entry_path, parse_label, split_list_line
 
 __all__ = ["SetSpec", "Benchmark", "BENCHMARKS", "OpenOODTreeError", "ResolvedBenchmark", "resolve_benchmark",
            "read_image_list", "read_class_list", "ID_ROLES", "OOD_ROLES", "CONVENTIONAL_SETS", "ISUN_NOTE",
@@ -186,18 +186,22 @@ class ListCheck:
 
 
 def read_image_list(list_path: str, image_dir: str, num_classes: int | None, check_images: bool = True,
-                    max_reported: int = 5, keep: Mapping[int, int] | None = None) -> ListCheck:
+                    max_reported: int = 5, keep: Mapping[int, int] | None = None,
+                    links: LinkRoots | None = None) -> ListCheck:
     """Check an OpenOOD list: ``path label`` per non-empty line (``#`` comments allowed).
 
     ``num_classes``: ID lists need labels in ``[0, num_classes)``; None (OOD
     lists) accepts any integer (OpenOOD writes -1). Errors and missing images
     are reported as ``file:line: ...``, up to ``max_reported`` of each.
     ``keep``: only lines with these labels count as entries and have their
-    image checked (imagenet100's subset of ImageNet-1K's lists).
+    image checked (imagenet100's subset of ImageNet-1K's lists). ``links``: where symlinked entries may
+    lead (:class:`~ascood.data.datasets.LinkRoots`; default: inside ``image_dir``). The list is UTF-8 with
+    or without a byte-order mark; labels are plain decimal integers.
     """
+    links = links if links is not None else LinkRoots(image_dir)
     check = ListCheck(list_path)
     try:
-        f = open(list_path, encoding="utf-8")
+        f = open(list_path, encoding="utf-8-sig")
     except OSError as err:
         check.errors.append(f"{list_path}: cannot read: {err}")
         return check
@@ -208,19 +212,23 @@ def read_image_list(list_path: str, image_dir: str, num_classes: int | None, che
                 continue
             where = f"{list_path}:{lineno}"
             parts = line.rsplit(maxsplit=1)
-            if len(parts) != 2 or not parses_as(parts[1], int):
+            if len(parts) != 2 or parse_label(parts[1]) is None:
                 if len(check.errors) < max_reported:
                     check.errors.append(f"{where}: malformed line {line[:80]!r} (expected 'relative/path label', "
-                                        "label an integer)")
+                                        "label a plain decimal integer such as 3 or -1)")
                 continue
             label = int(parts[1])
+            if label < -1:
+                if len(check.errors) < max_reported:
+                    check.errors.append(f"{where}: label {label} is negative (expected a class index, or -1 for OOD)")
+                continue
             if num_classes is not None and not 0 <= label < num_classes:
                 if len(check.errors) < max_reported:
                     check.errors.append(f"{where}: label {label} out of range for {num_classes} classes "
                                         f"(expected 0..{num_classes - 1})")
                 continue
             try:
-                list_entry_path(list_path, lineno, parts[0], image_dir)
+                list_entry_path(list_path, lineno, parts[0], image_dir, allowed_roots=links)
             except DataError as err:
                 if len(check.errors) < max_reported:
                     check.errors.append(str(err))
@@ -250,7 +258,7 @@ def read_class_list(path: str, num_classes: int, source_classes: int, flag: str 
     try:
         with open(path, "rb") as f:
             raw = f.read()
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")
     except OSError as err:
         raise OpenOODTreeError(f"{flag} {path}: cannot read ({err.strerror or err})") from None
     except UnicodeDecodeError:
@@ -262,7 +270,7 @@ def read_class_list(path: str, num_classes: int, source_classes: int, flag: str 
             continue
         if _WNID.match(item):
             key = item
-        elif parses_as(item, int) and 0 <= int(item) < source_classes:
+        elif parse_label(item) is not None and 0 <= int(item) < source_classes:
             key = str(int(item))
         else:
             errors.append(f"{path}:{lineno}: {item[:40]!r} is neither a WordNet id (n01440764) nor a label "
@@ -285,10 +293,10 @@ def _label_map(classes: Sequence[str], train_list: str, class_list: str, flag: s
     folder names of the train list's paths (OpenOOD's ``imagenet_1k/train/<wnid>/...``)."""
     wnid_label: dict[str, int] = {}
     if any(_WNID.match(c) for c in classes):
-        with open(train_list, encoding="utf-8", errors="replace") as f:
+        with open(train_list, encoding="utf-8-sig", errors="replace") as f:
             for line in f:
                 parts = line.strip().rsplit(maxsplit=1)
-                if len(parts) != 2 or not parses_as(parts[1], int):
+                if len(parts) != 2 or parse_label(parts[1]) is None:
                     continue
                 for folder in parts[0].replace("\\", "/").split("/")[:-1]:
                     if _WNID.match(folder):
@@ -320,8 +328,8 @@ class _LineNamedDataset(ImageListDataset):
     """
 
     def __init__(self, list_file: str, root: str, transform, mode: str = "RGB",
-                 label_map: Mapping[int, int] | None = None) -> None:
-        super().__init__(list_file, root, transform, mode)
+                 label_map: Mapping[int, int] | None = None, allowed_roots: Sequence[str] = ()) -> None:
+        super().__init__(list_file, root, transform, mode, allowed_roots=allowed_roots)
         self.list_file = list_file
         self.line_numbers = _entry_line_numbers(list_file)
         if label_map is not None:
@@ -339,7 +347,7 @@ class _LineNamedDataset(ImageListDataset):
 
 
 def _entry_line_numbers(list_file: str) -> list[int]:
-    with open(list_file, encoding="utf-8") as f:
+    with open(list_file, encoding="utf-8-sig") as f:
         return [n for n, line in enumerate(f, 1) if line.strip() and not line.strip().startswith("#")]
 
 
@@ -366,6 +374,8 @@ class ResolvedBenchmark:
     skipped: list[tuple[SetSpec, str]]
     class_list: str | None = None
     label_map: dict[int, int] | None = None
+    #: Folders that symlinked list entries may lead into besides the tree's root (:class:`LinkRoots`).
+    link_roots: tuple[str, ...] = ()
     _digests: dict[str, str] = field(default_factory=dict, repr=False)
 
     def size(self, role: str) -> int:
@@ -381,7 +391,7 @@ class ResolvedBenchmark:
     def _dataset(self, spec: SetSpec, transform: Callable | None, mode: str = "RGB") -> ImageListDataset:
         subset = self.label_map if spec.role in ID_ROLES else None
         return _LineNamedDataset(os.path.join(self.root, spec.list), os.path.join(self.root, spec.folder),
-                                 transform, mode, label_map=subset)
+                                 transform, mode, label_map=subset, allowed_roots=(self.root, *self.link_roots))
 
     def dataset(self, role: str, transform: Callable | None, mode: str = "RGB") -> ImageListDataset:
         """The dataset of a single-set role: id_train, id_val, id_test or ood_val."""
@@ -447,7 +457,8 @@ def _optional_note(spec: SetSpec) -> str:
 
 
 def resolve_benchmark(name: str, root: str | os.PathLike, *, allow_missing: bool = False, check_images: bool = True,
-                      progress: bool = False, class_list: str | os.PathLike | None = None) -> ResolvedBenchmark:
+                      progress: bool = False, class_list: str | os.PathLike | None = None,
+                      link_roots: Sequence[str | os.PathLike] = ()) -> ResolvedBenchmark:
     """Find and check every set of benchmark ``name`` under ``root``.
 
     Raises :class:`OpenOODTreeError`: unknown benchmark; root not an OpenOOD
@@ -457,6 +468,9 @@ def resolve_benchmark(name: str, root: str | os.PathLike, *, allow_missing: bool
     which are then skipped and recorded in ``skipped``). Optional sets
     (full-spectrum, iSUN) are skipped when missing even without ``allow_missing``.
     ``class_list``: imagenet100's class-list file (required there, refused elsewhere).
+    Symlinks met by list entries must lead inside ``root`` or one of ``link_roots`` (the rule of
+    :class:`~ascood.data.datasets.LinkRoots`: OpenOOD trees link image folders on purpose, a link to
+    anywhere else is an error naming the list, line and target).
     """
     key = str(name).lower()
     if key not in BENCHMARKS:
@@ -497,7 +511,7 @@ def resolve_benchmark(name: str, root: str | os.PathLike, *, allow_missing: bool
             if ck not in checked:  # the same list can serve two roles (openimage_o: OOD val and far)
                 keep = label_map if spec.role in ID_ROLES else None
                 checked[ck] = read_image_list(list_path, folder, id_classes if spec.is_id else None,
-                                              check_images, keep=keep)
+                                              check_images, keep=keep, links=LinkRoots(folder, (root, *link_roots)))
             res = checked[ck]
             errors.extend(res.errors)
             if res.missing_count:
@@ -511,7 +525,8 @@ def resolve_benchmark(name: str, root: str | os.PathLike, *, allow_missing: bool
     if errors:
         raise OpenOODTreeError(f"{bench.name}: bad image lists under {root}:\n  " + "\n  ".join(dict.fromkeys(errors)))
     skipped = _refuse_missing(bench, root, present, missing, allow_missing)
-    return ResolvedBenchmark(bench, root, present, sizes, skipped, class_list=class_list, label_map=label_map)
+    return ResolvedBenchmark(bench, root, present, sizes, skipped, class_list=class_list, label_map=label_map,
+                             link_roots=tuple(os.path.abspath(os.fspath(p)) for p in link_roots))
 
 
 def _subset_label_map(bench: Benchmark, root: str, class_list: str) -> dict:

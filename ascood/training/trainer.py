@@ -41,7 +41,7 @@ from .distributed import DistContext, all_reduce_sum, convert_sync_batchnorm, di
 from .losses import ENERGY_MARGIN_IN, ENERGY_MARGIN_OUT, OUTLIER_LOSSES
 from .outliers import ALPHA_MODES, OOD_TYPES, SALIENCY_MODES, SALIENCY_TARGETS, SHUFFLE_RANKS, check_alpha_range
 
-__all__ = ["TrainConfig", "Trainer", "train", "NonFiniteLossError", "CHECKPOINT_NAME", "BEST_CHECKPOINT_NAME",
+__all__ = ["TrainConfig", "Trainer", "train", "NonFiniteLossError", "few_steps_note", "FEW_STEPS_PER_EPOCH", "CHECKPOINT_NAME", "BEST_CHECKPOINT_NAME",
            "cosine_factor", "accuracy"]
 
 CHECKPOINT_NAME = "last.pt"
@@ -164,6 +164,26 @@ def accuracy(model: nn.Module, loader: Iterable, device: torch.device) -> float:
     return correct / seen
 
 
+#: Fewer optimiser steps than this per epoch is "very few": with the default batch of 128, a few hundred
+#: images give 3 steps an epoch, and 5 epochs (15 steps) of SGD leave a chance-level model.
+FEW_STEPS_PER_EPOCH = 20
+
+
+def few_steps_note(num_images: int, batch_size: int, steps_per_epoch: int) -> str | None:
+    """A sentence when an epoch makes fewer than :data:`FEW_STEPS_PER_EPOCH` optimiser steps (None otherwise),
+    with a batch size that gives at least that many (a power of two, as batch sizes usually are)."""
+    if steps_per_epoch >= FEW_STEPS_PER_EPOCH:
+        return None
+    text = (f"an epoch makes only {steps_per_epoch} optimiser step(s) ({num_images} images, batch size "
+            f"{batch_size}; fewer than {FEW_STEPS_PER_EPOCH} steps per epoch): few epochs of so few steps can "
+            "leave a chance-level model")
+    suggested = 1 << max(0, (num_images // FEW_STEPS_PER_EPOCH).bit_length() - 1)
+    if suggested < batch_size and num_images >= FEW_STEPS_PER_EPOCH:
+        steps = -(-num_images // suggested)
+        return text + f"; try --batch-size {suggested} ({steps} steps per epoch) or more --epochs"
+    return text + "; use more images or more --epochs"
+
+
 def cosine_factor(step: int, total: int, min_ratio: float) -> float:
     """lr multiplier at ``step`` of ``total``: min_ratio + (1 - min_ratio) * (1 + cos(pi step/total)) / 2."""
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
@@ -190,6 +210,9 @@ class Trainer:
         resume: a checkpoint path (or ``out_dir`` holding ``last.pt``) to continue from.
         device: default CUDA (the local rank's GPU) when available, else CPU.
         progress: tqdm bars (rank 0 only).
+        epoch_lines: print one summary line per epoch (rank 0 only); default: as ``progress``, so
+            ``progress=False`` alone stays silent (``ascood train --no-progress`` passes True: bars off,
+            epoch lines kept).
         callbacks: called as ``cb(trainer, metrics)`` after each epoch's checkpoint.
         extra: JSON-able metadata stored in the checkpoint and config.json
             (the CLI keeps the data normalisation and image size there).
@@ -198,7 +221,8 @@ class Trainer:
     def __init__(self, model: nn.Module, train_loader: DataLoader, config: TrainConfig, *,
                  val_loader: Iterable | None = None, out_dir: str | os.PathLike | None = None, resume: str | os.PathLike | None = None,
                  device: str | torch.device | None = None, progress: bool = True,
-                 callbacks: Iterable[EpochCallback] = (), extra: dict | None = None) -> None:
+                 callbacks: Iterable[EpochCallback] = (), extra: dict | None = None,
+                 epoch_lines: bool | None = None) -> None:
         config.validate()
         self.extra = dict(extra or {})
         self.config = config
@@ -230,6 +254,7 @@ class Trainer:
         self.best_val_acc: float | None = None
         self.out_dir = os.fspath(out_dir) if out_dir is not None else None
         self.progress = progress
+        self.epoch_lines = progress if epoch_lines is None else epoch_lines
         self.callbacks = list(callbacks)
         self.epoch = 0  # completed epochs
         self._step_in_epoch = 0
@@ -492,7 +517,7 @@ class Trainer:
             if is_best:
                 self.best_val_acc = val
             self.save(is_best)
-            if self.progress and self.dist.is_main:
+            if self.epoch_lines and self.dist.is_main:
                 extra = f"  val_acc {val:.4f}{' (best)' if is_best else ''}" if val is not None else ""
                 print(f"epoch {metrics['epoch']}/{self.config.epochs}  loss {metrics['loss']:.4f}  "
                       f"acc {metrics['acc']:.4f}{extra}  alpha {metrics['alpha']:.4g}  lr {metrics['lr']:.3g}",

@@ -64,10 +64,11 @@ def test_images_beside_class_folders_warn_with_count(tmp_path):
 def test_label_gaps_warn_and_unlabelled_lines_fail(tmp_path):
     for i in range(3):
         Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / f"{i}.png")
-    (tmp_path / "gaps.txt").write_text("0.png 0\n1.png 5\n2.png 5\n")
+    # a gap that leaves at most half the classes empty warns (a larger one is refused: test_readers_round4)
+    (tmp_path / "gaps.txt").write_text("0.png 0\n1.png 3\n2.png 3\n")
     ds = D.ImageListDataset(tmp_path / "gaps.txt", tmp_path)
-    with pytest.warns(UserWarning, match=r"no samples for 4 class\(es\) \(1, 2, 3, 4\); training 6 classes"):
-        assert training_num_classes(ds, "gaps.txt") == 6
+    with pytest.warns(UserWarning, match=r"no samples for 2 class\(es\) \(1, 2\); training 4 classes"):
+        assert training_num_classes(ds, "gaps.txt") == 4
     (tmp_path / "half.txt").write_text("0.png 0\n\n1.png\n2.png 1\n")
     with pytest.raises(InputError, match=r"half.txt:3: no label"):
         training_num_classes(D.ImageListDataset(tmp_path / "half.txt", tmp_path), "half.txt")
