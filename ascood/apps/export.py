@@ -26,8 +26,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("detector", help="detector directory (from `ascood detector --out`)")
     p.add_argument("--format", required=True, choices=FORMATS, help="onnx (onnxruntime), torch-export (.pt2) or "
                    "torchscript")
-    p.add_argument("--out", metavar="FILE", help="output file (default DET/detector.onnx, .pt2 or .ts); an existing file is replaced only if an "
-                   "ascood export wrote it (or it is empty)")
+    p.add_argument("--out", metavar="FILE", help="output file (default DET/detector.onnx, .pt2 or .ts); an "
+                   "existing file is replaced only if an ascood export wrote it (or it is empty)")
     p.add_argument("--no-check", dest="check", action="store_false",
                    help="skip running the written file once against the detector")
     return p

@@ -41,8 +41,8 @@ from ..training.rundir import claim_output_file
 from .artifact import require_deploy_extra
 from .graph import GRADIENT_SCORERS, build_graph
 
-__all__ = ["FORMATS", "check_export_path", "check_export_target", "is_ascood_export", "score_tolerance", "export", "metadata", "read_metadata", "run_exported", "load_exported", "OUTPUTS",
-           "DEFAULT_NAMES", "needs_gradient"]
+__all__ = ["FORMATS", "check_export_path", "check_export_target", "is_ascood_export", "score_tolerance", "export",
+           "metadata", "read_metadata", "run_exported", "load_exported", "OUTPUTS", "DEFAULT_NAMES", "needs_gradient"]
 
 FORMATS = ("onnx", "torch-export", "torchscript")
 DEFAULT_NAMES = {"onnx": "detector.onnx", "torch-export": "detector.pt2", "torchscript": "detector.ts"}
