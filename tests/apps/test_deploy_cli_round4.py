@@ -142,7 +142,7 @@ def test_detector_out_empty_or_earlier_detector_is_replaced_whole(env, tmp_path,
                  "--out", str(empty)]) == 0
     out = capsys.readouterr().out
     assert "is_ood when p <= 4/41 = 0.09756" in out  # the rule's real cut-off k/(n+1), not 1 - tpr
-    (empty / "detector.onnx").write_bytes(b"graph of the old detector")
+    (empty / "detector.onnx").write_bytes(b"\x08\x08\x12\x06ascood")  # an ONNX header written by ascood
     assert main(["detector", env["run"], "--id-val", env["val"], "--scorer", "ebo", "--tpr", "0.8",
                  "--out", str(empty)]) == 0
     from ascood.deploy import Detector

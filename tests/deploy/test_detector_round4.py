@@ -47,6 +47,12 @@ def _save_onto_user_folder(tmp_path, saved):
     H.fitted("msp").save(tmp_path / "notes")
 
 
+def _save_onto_detector_with_a_foreign_graph(tmp_path, saved):
+    det = _copy(saved, tmp_path)
+    (det / "detector.onnx").write_bytes(b"\x08\x08\x12\x07pytorch")  # the user's own model, not an ascood export
+    H.fitted("ebo").save(det)
+
+
 def _save_onto_file(tmp_path, saved):
     (tmp_path / "f").write_text("x")
     H.fitted("msp").save(tmp_path / "f")
@@ -147,6 +153,8 @@ CASES = [
     ("save onto a user folder", _save_onto_user_folder, ValueError, r"path .*notes is an existing folder that is "
                                                                      r"not a detector \(it holds README.md\)"),
     ("save onto a file", _save_onto_file, ValueError, r"path .*f is an existing file"),
+    ("save onto a detector holding a foreign detector.onnx", _save_onto_detector_with_a_foreign_graph, ValueError,
+     r"path .*det is a detector folder that also holds other files \(detector.onnx\)"),
     ("symlinked artifact file", _symlinked_piece, ArtifactError, r"model.safetensors is a symbolic link"),
     ("load on cuda without a GPU", _cuda_device, ValueError, r"device: 'cuda': no CUDA device is available"),
     ("fit on cuda without a GPU", _cuda_fit, ValueError, r"device: 'cuda': no CUDA device is available"),
@@ -174,6 +182,9 @@ def test_bad_input_is_named(case, action, error, message, saved, tmp_path):
     if case.startswith("export onto a foreign"):  # the user's file is as it was
         name = "m.onnx" if "onnx" in case else "m.ts"
         assert sorted(os.listdir(tmp_path)) == [name] and (tmp_path / name).stat().st_size > 0
+    if case == "save onto a detector holding a foreign detector.onnx":
+        assert (tmp_path / "det" / "detector.onnx").read_bytes() == b"\x08\x08\x12\x07pytorch"
+        assert Detector.load(tmp_path / "det").scorer.name == "msp"
     if case == "save onto a user folder":  # nothing written: the user's file is as it was, nothing beside it
         assert (tmp_path / "notes" / "README.md").read_text() == "mine"
         assert sorted(os.listdir(tmp_path / "notes")) == ["README.md"]
@@ -188,7 +199,7 @@ def test_save_replaces_an_earlier_detector_whole(exchange, saved, tmp_path, monk
     if not exchange:
         monkeypatch.setattr(F, "_exchange", lambda a, b: False)
     det = _copy(saved, tmp_path)
-    (det / "detector.onnx").write_bytes(b"an old export")  # the old detector's graph goes with it
+    (det / "detector.onnx").write_bytes(b"\x08\x08\x12\x06ascood")  # the old detector's graph goes with it
     H.fitted("ebo").save(det)
     assert Detector.load(det).scorer.name == "ebo"
     assert not (det / "detector.onnx").exists()
