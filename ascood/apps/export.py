@@ -26,10 +26,21 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("detector", help="detector directory (from `ascood detector --out`)")
     p.add_argument("--format", required=True, choices=FORMATS, help="onnx (onnxruntime), torch-export (.pt2) or "
                    "torchscript")
-    p.add_argument("--out", metavar="FILE", help="output file (default DET/detector.onnx, .pt2 or .ts)")
+    p.add_argument("--out", metavar="FILE", help="output file (default DET/detector.onnx, .pt2 or .ts); an "
+                   "existing file is replaced only if an ascood export wrote it (or it is empty)")
     p.add_argument("--no-check", dest="check", action="store_false",
                    help="skip running the written file once against the detector")
     return p
+
+
+def _check_target(out: str, fmt: str) -> None:
+    """--out is not a folder, nor an existing file that an ascood export did not write (exit status 2)."""
+    from ..deploy.export import check_export_target
+
+    try:
+        check_export_target(out, fmt, flag="--out")
+    except ValueError as err:
+        raise checks.InputError(str(err)) from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -42,13 +53,12 @@ def run(args: argparse.Namespace) -> int:
         check_export_path(out, args.format)
     except ValueError as err:
         raise checks.InputError(f"--out: {err}") from None
-    if os.path.isdir(out):
-        raise checks.InputError(f"--out {out} is a folder: name the file to write, e.g. "
-                                f"{os.path.join(out, os.path.basename(default_path('.', args.format)))}")
+    _check_target(out, args.format)
     parent = os.path.dirname(os.path.abspath(out))
     if os.path.exists(parent) and not os.path.isdir(parent):
         raise checks.InputError(f"--out {out}: {parent} is a file, not a folder")
     with claim_output_file(out, flag="--out"):  # a lock beside the file: its folder stays free
+        _check_target(out, args.format)  # again under the lock: the file may have appeared meanwhile
         from ..deploy.detector import Detector
         from ..deploy.export import export, needs_gradient
 

@@ -22,7 +22,7 @@ from . import checks
 from .argtypes import device_name, non_negative_int, positive_int
 
 __all__ = ["add_parser", "run", "FLAGGED_EXIT", "FAILED_EXIT", "FLAGGED_AND_FAILED_EXIT", "EXIT_STATUSES",
-           "exit_status", "write_predictions"]
+           "exit_status", "write_predictions", "is_predictions_table", "check_table_out"]
 
 FLAGGED_EXIT = 3
 FAILED_EXIT = 4
@@ -34,14 +34,16 @@ EXIT_STATUSES = """exit status:
   4  some file(s) could not be read (rows with an error column, named on stderr); none of the others is flagged
   5  both: some image is flagged OOD and some file(s) could not be read
   2  bad input before any scoring: a missing path, a folder without images, a bad list line, a folder that is
-     not a detector, a tampered or missing artifact file, --out naming a folder; with --strict, an unreadable
-     image
-  1  any other error
+     not a detector, a tampered or missing artifact file, --out naming a folder or an existing file that is not
+     an ascood table; with --strict, an unreadable image
+  1  any other error, among them --out FILE in use by another ascood run (its lock held: the holder is named;
+     the same command works once that run ends) and an --out folder that cannot be written
 
 PATH rules: an image file, a folder (every image below it, sorted; hidden files skipped), or an image list
 (one path per line, absolute or relative to the list's folder; a trailing integer label is ignored), so
 `find $PWD -name '*.png' > list.txt; ascood predict DET list.txt` works. --out FILE is claimed alone (a lock
-beside it); other files of its folder stay free."""
+beside it); other files of its folder stay free. An existing FILE is replaced only if it is empty or an earlier
+ascood table (its first line is ascood's CSV header, or for .jsonl a record with exactly ascood's keys)."""
 
 
 def exit_status(flagged: int, failed: int) -> int:
@@ -81,8 +83,50 @@ def add_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
-def write_predictions(pred, path: str | None) -> str:
-    """The table as CSV or JSON lines text; written atomically to ``path`` when given."""
+#: The columns every table has; bh_ood (with --fdr) and error (with unreadable files) follow in FIELDS' order.
+_BASE_FIELDS = FIELDS[:7]
+
+
+def _is_our_header(fields: list) -> bool:
+    """Whether ``fields`` are the columns (or JSON keys) a table of :func:`write_predictions` has."""
+    return list(fields[:len(_BASE_FIELDS)]) == list(_BASE_FIELDS) and list(fields) == [f for f in FIELDS if f in fields]
+
+
+def is_predictions_table(path: str) -> bool:
+    """Whether the existing file ``path`` was written by :func:`write_predictions`: its first line is exactly
+    ascood's CSV header, or (.jsonl) a JSON object with exactly ascood's keys. An empty file counts as ours
+    (nothing to lose, e.g. a name from ``mktemp``)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(2 ** 16)
+    except OSError:
+        return False
+    if not head:
+        return True
+    first = head.split(b"\n", 1)[0]
+    try:
+        text = first.decode("utf-8")
+        if path.lower().endswith(".jsonl"):
+            record = json.loads(text)
+            return isinstance(record, dict) and _is_our_header(list(record))
+    except ValueError:
+        return False
+    return _is_our_header(text.split(","))
+
+
+def check_table_out(path: str, flag: str = "path") -> None:
+    """ValueError naming ``flag`` when ``path`` is an existing file that is not an ascood predictions table:
+    a table replaces only an earlier table."""
+    if os.path.lexists(path) and not os.path.isdir(path) and not is_predictions_table(path):
+        first_line = ("a JSON record with exactly ascood's keys" if path.lower().endswith(".jsonl")
+                      else "ascood's CSV header (" + ",".join(_BASE_FIELDS) + ",...)")
+        raise ValueError(f"{flag} {path} is an existing file that ascood did not write (its first line is not "
+                         f"{first_line}), so nothing was written: remove it or choose another file name")
+
+
+def write_predictions(pred, path: str | None, flag: str = "path") -> str:
+    """The table as CSV or JSON lines text; written atomically to ``path`` when given. An existing ``path``
+    is replaced only if it is an earlier table (:func:`check_table_out`; ValueError naming ``flag``)."""
     from ..files import atomic_write_text
 
     rows = pred.rows()
@@ -98,6 +142,7 @@ def write_predictions(pred, path: str | None) -> str:
             w.writerow({k: ("" if v is None else f"{v:.8g}" if isinstance(v, float) else v) for k, v in r.items()})
         text = buf.getvalue()
     if path is not None:
+        check_table_out(path, flag)  # just before the write: the file may have appeared since the run began
         atomic_write_text(text, path)
     return text
 
@@ -114,10 +159,14 @@ def _claim_out_file(out: str | None):
         raise checks.InputError(f"--out {out}: expected a .csv or .jsonl file name")
     if os.path.isdir(out):
         raise checks.InputError(f"--out {out} is a folder: name the table file, e.g. {os.path.join(out, 'preds.csv')}")
+    try:
+        check_table_out(out, "--out")
+    except ValueError as err:
+        raise checks.InputError(str(err)) from None
     parent = os.path.dirname(os.path.abspath(out))
     if os.path.exists(parent) and not os.path.isdir(parent):
         raise checks.InputError(f"--out {out}: {parent} is a file, not a folder")
-    return claim_output_file(out, flag="--out")  # in use by another run: exit status 1, the holder named
+    return claim_output_file(out, flag="--out")  # in use by another run: exit status 1 (not bad input), holder named
 
 
 def run(args: argparse.Namespace) -> int:
@@ -140,7 +189,10 @@ def run(args: argparse.Namespace) -> int:
                                progress=args.progress, on_error="raise" if args.strict else "skip")
         except ImageReadError as err:  # --strict: an unreadable image is bad input
             raise checks.InputError(f"{err} (--strict stops at the first unreadable file)") from None
-        text = write_predictions(pred, args.out)
+        try:
+            text = write_predictions(pred, args.out, flag="--out")
+        except ValueError as err:  # a file that appeared at --out while the images were scored
+            raise checks.InputError(str(err)) from None
     for i in pred.failed:
         print(f"ascood predict: cannot read {pred.source[i]}: {pred.error[i]}", file=sys.stderr)
     failed = len(pred.failed)

@@ -31,16 +31,18 @@ from __future__ import annotations
 import io
 import json
 import os
+import zipfile
 
 import numpy as np
 import torch
 
 from ..files import atomic_write
+from ..training.rundir import claim_output_file
 from .artifact import require_deploy_extra
 from .graph import GRADIENT_SCORERS, build_graph
 
-__all__ = ["FORMATS", "check_export_path", "score_tolerance", "export", "metadata", "read_metadata", "run_exported", "load_exported", "OUTPUTS",
-           "DEFAULT_NAMES", "needs_gradient"]
+__all__ = ["FORMATS", "check_export_path", "check_export_target", "is_ascood_export", "score_tolerance", "export",
+           "metadata", "read_metadata", "run_exported", "load_exported", "OUTPUTS", "DEFAULT_NAMES", "needs_gradient"]
 
 FORMATS = ("onnx", "torch-export", "torchscript")
 DEFAULT_NAMES = {"onnx": "detector.onnx", "torch-export": "detector.pt2", "torchscript": "detector.ts"}
@@ -60,6 +62,89 @@ def check_export_path(path: str, fmt: str) -> None:
         if other != fmt and low.endswith(endings):
             raise ValueError(f"{path} ends in {os.path.splitext(path)[1]}, the ending of {other} files, but the "
                              f"format is {fmt}: name it *{FORMAT_SUFFIXES[fmt][0]} (or choose --format {other})")
+
+
+#: The metadata member of a .pt2 / TorchScript zip archive: ``<archive>/extra/ascood.json``.
+_ZIP_METADATA = ("extra", "ascood.json")
+_METADATA_LIMIT = 64 * 2 ** 20  # far above any class list; a larger member is not ours
+
+
+def _onnx_producer(head: bytes) -> bytes | None:
+    """The ``producer_name`` of an ONNX ModelProto from its first bytes (protobuf writes fields in number order:
+    ir_version (1), then producer_name (2)); None when the bytes do not start that way."""
+    pos = 0
+
+    def varint() -> int:
+        nonlocal pos
+        value = shift = 0
+        while pos < len(head) and shift < 64:
+            byte = head[pos]
+            pos += 1
+            value |= (byte & 0x7F) << shift
+            if not byte & 0x80:
+                return value
+            shift += 7
+        raise ValueError("truncated varint")
+
+    try:
+        while pos < len(head):
+            key = varint()
+            if key == (1 << 3 | 0):  # ir_version, a varint
+                varint()
+            elif key == (2 << 3 | 2):  # producer_name, length-delimited
+                size = varint()
+                return head[pos:pos + size] if pos + size <= len(head) else None
+            else:
+                return None
+    except ValueError:
+        return None
+    return None
+
+
+def _zip_has_ascood_metadata(path: str) -> bool:
+    """Whether the zip archive ``path`` holds ``<archive>/extra/ascood.json`` with this graph format (read with
+    zipfile: nothing in the archive is loaded or run)."""
+    try:
+        if not zipfile.is_zipfile(path):
+            return False
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                parts = info.filename.split("/")
+                if len(parts) == 3 and tuple(parts[1:]) == _ZIP_METADATA and info.file_size <= _METADATA_LIMIT:
+                    with archive.open(info) as f:
+                        meta = json.loads(f.read(_METADATA_LIMIT + 1).decode("utf-8"))
+                    return isinstance(meta, dict) and meta.get("format") == GRAPH_FORMAT
+    except (OSError, ValueError, zipfile.BadZipFile, NotImplementedError, RuntimeError):
+        return False
+    return False
+
+
+def is_ascood_export(path: str) -> bool:
+    """Whether the existing file ``path`` was written by :func:`export`, by a cheap marker (nothing is loaded):
+    an ONNX file whose ``producer_name`` is ``ascood``, or a .pt2 / TorchScript zip archive whose
+    ``extra/ascood.json`` member holds this package's graph format. An empty file counts as ours (nothing to
+    lose, e.g. a name from ``mktemp``)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(256)
+    except OSError:
+        return False
+    if not head:
+        return True
+    if head.startswith(b"PK"):
+        return _zip_has_ascood_metadata(path)
+    return _onnx_producer(head) == b"ascood"
+
+
+def check_export_target(path: str, fmt: str, flag: str = "path") -> None:
+    """ValueError naming ``flag`` when ``path`` is a folder, or an existing file an ascood export did not write
+    (:func:`is_ascood_export`): an export replaces only its own files."""
+    if os.path.isdir(path):
+        raise ValueError(f"{flag} {path} is a folder: name the file to write, e.g. "
+                         f"{os.path.join(path, DEFAULT_NAMES[fmt])}")
+    if os.path.lexists(path) and not is_ascood_export(path):
+        raise ValueError(f"{flag} {path} is an existing file that ascood did not write (no ascood export metadata in "
+                         "it), so nothing was written: remove it or choose another file name")
 
 
 def _load_torchscript(path: str, **kw):
@@ -129,13 +214,19 @@ def export(det, path: str, fmt: str = "onnx", *, check: bool = True) -> str:
     the in-memory graph (a broken export fails here, not in production).
     """
     check_export_path(path, fmt)
-    if os.path.isdir(path):
-        raise ValueError(f"path {path} is a folder: name the file to write, e.g. "
-                         f"{os.path.join(path, DEFAULT_NAMES[fmt])}")
+    check_export_target(path, fmt)
     if fmt == "onnx" and needs_gradient(det):
         raise ValueError(f"scorer {det.scorer.name} perturbs the input along its gradient, which an ONNX inference "
                          "graph cannot compute: export it with --format torch-export or torchscript, or build the "
                          "detector with a forward-only scorer (e.g. ebo, msp, mls, gen, react, scale, knn, vim)")
+    with claim_output_file(path, flag="path"):  # a lock beside the file (nested claims of one process are fine)
+        check_export_target(path, fmt)  # again under the lock: the file may have appeared meanwhile
+        _write(det, path, fmt, check)
+    return path
+
+
+def _write(det, path: str, fmt: str, check: bool) -> None:
+    """Trace, write and (``check``) run the file once against the in-memory graph."""
     det.model.cpu().eval()
     meta = json.dumps(metadata(det, fmt), sort_keys=True, default=str)
     x = _example(det)
@@ -156,7 +247,6 @@ def export(det, path: str, fmt: str = "onnx", *, check: bool = True) -> str:
             raise RuntimeError(f"the exported {fmt} graph disagrees with the detector (score difference "
                                f"{diff.max():.3g}, tolerance {tol.min():.3g}; logits close: {logit_ok}); "
                                f"the file {path} is not usable")
-    return path
 
 
 def _export_onnx(det, path: str, x: torch.Tensor, meta: str) -> None:

@@ -58,11 +58,13 @@ def check_detector_out(path: str, flag: str = "path") -> None:
                if not e.endswith(LOCK_NAME) and not (TMP_TAG in e and e.endswith(TMP_SUFFIX))]
     if not entries:
         return
-    from .export import DEFAULT_NAMES
+    from .export import DEFAULT_NAMES, is_ascood_export
 
     # `ascood export DET` writes DET/detector.onnx (.pt2, .ts) by default: graphs of the detector being
-    # replaced, which would no longer match it; they go with it.
-    foreign = [e for e in entries if e not in ARTIFACT_FILES and e not in DEFAULT_NAMES.values()]
+    # replaced, which would no longer match it; they go with it (when ascood wrote them: a user's file of
+    # that name stays, and the folder is refused).
+    foreign = [e for e in entries if e not in ARTIFACT_FILES
+               and not (e in DEFAULT_NAMES.values() and is_ascood_export(os.path.join(path, e)))]
     if _is_detector(path) and not foreign:
         return
     shown = ", ".join(foreign[:5]) + (" ..." if len(foreign) > 5 else "")

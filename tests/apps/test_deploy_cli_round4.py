@@ -1,8 +1,11 @@
 """Issue 30, round 4 (deploy, CLI): ``ascood detector | predict | export`` either work or stop before any work
 with the documented exit status and a message naming the argument; nothing of the user's is overwritten."""
 import csv
+import json
 import os
 import shutil
+import socket
+import zipfile
 
 import numpy as np
 import pytest
@@ -45,6 +48,16 @@ def env(tmp_path_factory):
     p["missing_piece"] = str(root / "missing_piece")
     shutil.copytree(p["det"], p["missing_piece"])
     os.remove(os.path.join(p["missing_piece"], "scorer.safetensors"))
+    # files of the user's at predict / export --out: not written by ascood, never replaced
+    mine = root / "mine"
+    mine.mkdir()
+    (mine / "t.csv").write_text("path,label,score\nx.png,1,0.5\n")  # a table of the user's, similar columns
+    (mine / "extra.csv").write_text("path,label,label_name,probability,score,p_value,is_ood,note\n")
+    (mine / "t.jsonl").write_text('{"path": "x.png", "label": 1, "mine": true}\n')
+    (mine / "m.onnx").write_bytes(b"\x08\x08\x12\x07pytorch")  # another producer's ONNX header
+    with zipfile.ZipFile(mine / "m.pt2", "w") as z:  # a zip archive without ascood's metadata member
+        z.writestr("m/models/model.json", "{}")
+    p["mine"] = str(mine)
     p["linked_piece"] = str(root / "linked_piece")
     shutil.copytree(p["det"], p["linked_piece"])
     os.replace(os.path.join(p["linked_piece"], "model.safetensors"), root / "model.safetensors")
@@ -85,6 +98,18 @@ CASES = [
     (["predict", "{det}", "{broken}", "--strict"], 2, "cannot read image {broken}: not an image file", [], []),
     (["export", "{det}", "--format", "onnx", "--out", "{outdir}"], 2, "--out {outdir} is a folder", ["outdir"], []),
     (["predict", "{det}", "{val}", "--device", "cuda:99"], 2, "argument --device:", [], []),
+    # an existing --out file that ascood did not write is never replaced (deploy follow-up)
+    (["predict", "{det}", "{ood}", "--out", "{mine}/t.csv"], 2, "--out {mine}/t.csv is an existing file that ascood "
+     "did not write (its first line is not ascood's CSV header (path,label,label_name,", ["mine"], []),
+    (["predict", "{det}", "{ood}", "--out", "{mine}/extra.csv"], 2, "is an existing file that ascood did not write",
+     ["mine"], []),
+    (["predict", "{det}", "{ood}", "--out", "{mine}/t.jsonl"], 2, "--out {mine}/t.jsonl is an existing file that "
+     "ascood did not write (its first line is not a JSON record with exactly ascood's keys)", ["mine"], []),
+    (["export", "{det}", "--format", "onnx", "--out", "{mine}/m.onnx"], 2, "--out {mine}/m.onnx is an existing file "
+     "that ascood did not write (no ascood export metadata in it), so nothing was written: remove it or choose "
+     "another file name", ["mine"], []),
+    (["export", "{det}", "--format", "torch-export", "--out", "{mine}/m.pt2"], 2,
+     "--out {mine}/m.pt2 is an existing file that ascood did not write", ["mine"], []),
 ]
 
 
@@ -117,7 +142,7 @@ def test_detector_out_empty_or_earlier_detector_is_replaced_whole(env, tmp_path,
                  "--out", str(empty)]) == 0
     out = capsys.readouterr().out
     assert "is_ood when p <= 4/41 = 0.09756" in out  # the rule's real cut-off k/(n+1), not 1 - tpr
-    (empty / "detector.onnx").write_bytes(b"graph of the old detector")
+    (empty / "detector.onnx").write_bytes(b"\x08\x08\x12\x06ascood")  # an ONNX header written by ascood
     assert main(["detector", env["run"], "--id-val", env["val"], "--scorer", "ebo", "--tpr", "0.8",
                  "--out", str(empty)]) == 0
     from ascood.deploy import Detector
@@ -223,3 +248,60 @@ def test_a_killed_write_of_the_table_is_cleaned_up_alone(env, tmp_path):
     (tmp_path / "q.csv.ascood.abcd1234.tmp").write_text("another writer's, maybe alive")
     assert main(["predict", env["det"], env["ood"], "--out", str(tmp_path / "p.csv"), "--no-progress"]) == 3
     assert sorted(os.listdir(tmp_path)) == ["p.csv", "q.csv.ascood.abcd1234.tmp"]
+
+
+# -- deploy follow-up: --out replaces only ascood's own files; a held lock is exit status 1 everywhere ------------
+@pytest.mark.parametrize("name,fdr", [("p.csv", []), ("p.jsonl", []), ("p.csv", ["--fdr", "0.5"])])
+def test_predict_out_replaces_an_earlier_table_or_an_empty_file(name, fdr, env, tmp_path, capsys):
+    table = tmp_path / name
+    table.write_bytes(b"")  # e.g. a name from mktemp
+    assert main(["predict", env["det"], env["ood"], "--out", str(table), "--no-progress"]) == 3
+    first = table.read_text()
+    # again, with another column set (bh_ood with --fdr; error rows for an unreadable file): still our table
+    assert main(["predict", env["det"], env["ood"], env["broken"], *fdr, "--out", str(table), "--no-progress"]) == 5
+    assert table.read_text() != first and len(table.read_text().splitlines()) == name.endswith(".csv") + 16 + 1
+    assert sorted(os.listdir(tmp_path)) == [name]
+
+
+def test_export_out_replaces_its_own_file_or_an_empty_one(env, tmp_path):
+    out = tmp_path / "d.onnx"
+    out.write_bytes(b"")
+    assert main(["export", env["det"], "--format", "onnx", "--out", str(out), "--no-check"]) == 0
+    first = out.stat().st_mtime_ns
+    assert main(["export", env["det"], "--format", "onnx", "--out", str(out), "--no-check"]) == 0
+    assert out.stat().st_mtime_ns >= first and sorted(os.listdir(tmp_path)) == ["d.onnx"]
+
+
+def test_a_file_appearing_at_out_while_scoring_is_kept(env, tmp_path, capsys, monkeypatch):
+    """The rule is checked again just before the table is written (under the lock)."""
+    from ascood.deploy import Detector
+
+    table = tmp_path / "p.csv"
+    predict = Detector.predict
+
+    def user_writes_meanwhile(self, *a, **kw):
+        table.write_text("my,own\n")
+        return predict(self, *a, **kw)
+
+    monkeypatch.setattr(Detector, "predict", user_writes_meanwhile)
+    assert main(["predict", env["det"], env["ood"], "--out", str(table), "--no-progress"]) == 2
+    assert "--out " + str(table) + " is an existing file that ascood did not write" in capsys.readouterr().err
+    assert table.read_text() == "my,own\n" and sorted(os.listdir(tmp_path)) == ["p.csv"]
+
+
+def test_out_in_use_by_another_run_is_status_1_for_every_deploy_command(env, tmp_path, capsys):
+    """A held lock is not bad input (the same command works once the other run ends): status 1, as documented."""
+    held = json.dumps({"pid": 1, "host": socket.gethostname(), "started": "earlier", "proc_start": None})
+    for name in ("p.csv", "d.onnx", "det"):
+        (tmp_path / f".{name}.ascood.lock").write_text(held)
+    runs = [["predict", env["det"], env["ood"], "--out", str(tmp_path / "p.csv"), "--no-progress"],
+            ["export", env["det"], "--format", "onnx", "--out", str(tmp_path / "d.onnx"), "--no-check"],
+            ["detector", env["run"], "--id-val", env["val"], "--scorer", "msp", "--out", str(tmp_path / "det")]]
+    for argv in runs:
+        assert main(argv) == 1, argv
+        assert "--out " + argv[argv.index("--out") + 1] + " is in use by another ascood run (pid 1" in \
+            capsys.readouterr().err
+    assert sorted(n for n in os.listdir(tmp_path) if not n.startswith(".")) == []
+    with pytest.raises(SystemExit):
+        main(["predict", "--help"])
+    assert "1  any other error, among them --out FILE in use by another ascood run" in capsys.readouterr().out

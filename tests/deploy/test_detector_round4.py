@@ -47,6 +47,12 @@ def _save_onto_user_folder(tmp_path, saved):
     H.fitted("msp").save(tmp_path / "notes")
 
 
+def _save_onto_detector_with_a_foreign_graph(tmp_path, saved):
+    det = _copy(saved, tmp_path)
+    (det / "detector.onnx").write_bytes(b"\x08\x08\x12\x07pytorch")  # the user's own model, not an ascood export
+    H.fitted("ebo").save(det)
+
+
 def _save_onto_file(tmp_path, saved):
     (tmp_path / "f").write_text("x")
     H.fitted("msp").save(tmp_path / "f")
@@ -120,15 +126,35 @@ def _unreadable_strict(tmp_path, saved):
     H.fitted("msp").predict([str(tmp_path / "bad.png")])
 
 
+def _export_onto_foreign_onnx(tmp_path, saved):
+    (tmp_path / "m.onnx").write_bytes(b"\x08\x08\x12\x07pytorch")  # another producer's ONNX model
+    H.fitted("msp").export(tmp_path / "m.onnx", "onnx")
+
+
+def _export_onto_foreign_torchscript(tmp_path, saved):
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "m.ts", "w") as z:  # ascood.json of another program: not ascood's format
+        z.writestr("m/extra/ascood.json", json.dumps({"format": "something-else"}))
+    H.fitted("msp").export(tmp_path / "m.ts", "torchscript")
+
+
 def _bad_on_error(tmp_path, saved):
     H.fitted("msp").predict(torch.zeros(1, 3, 8, 8), on_error="ignore")
 
 
 CASES = [
     ("export onto a folder", _export_to_folder, ValueError, r"path .*out is a folder: name the file"),
+    ("export onto a foreign onnx file", _export_onto_foreign_onnx, ValueError,
+     r"path .*m.onnx is an existing file that ascood did not write \(no ascood export metadata in it\), so nothing "
+     r"was written: remove it or choose another file name"),
+    ("export onto a foreign torchscript file", _export_onto_foreign_torchscript, ValueError,
+     r"path .*m.ts is an existing file that ascood did not write"),
     ("save onto a user folder", _save_onto_user_folder, ValueError, r"path .*notes is an existing folder that is "
                                                                      r"not a detector \(it holds README.md\)"),
     ("save onto a file", _save_onto_file, ValueError, r"path .*f is an existing file"),
+    ("save onto a detector holding a foreign detector.onnx", _save_onto_detector_with_a_foreign_graph, ValueError,
+     r"path .*det is a detector folder that also holds other files \(detector.onnx\)"),
     ("symlinked artifact file", _symlinked_piece, ArtifactError, r"model.safetensors is a symbolic link"),
     ("load on cuda without a GPU", _cuda_device, ValueError, r"device: 'cuda': no CUDA device is available"),
     ("fit on cuda without a GPU", _cuda_fit, ValueError, r"device: 'cuda': no CUDA device is available"),
@@ -153,6 +179,12 @@ CASES = [
 def test_bad_input_is_named(case, action, error, message, saved, tmp_path):
     with pytest.raises(error, match=message):
         action(tmp_path, saved)
+    if case.startswith("export onto a foreign"):  # the user's file is as it was
+        name = "m.onnx" if "onnx" in case else "m.ts"
+        assert sorted(os.listdir(tmp_path)) == [name] and (tmp_path / name).stat().st_size > 0
+    if case == "save onto a detector holding a foreign detector.onnx":
+        assert (tmp_path / "det" / "detector.onnx").read_bytes() == b"\x08\x08\x12\x07pytorch"
+        assert Detector.load(tmp_path / "det").scorer.name == "msp"
     if case == "save onto a user folder":  # nothing written: the user's file is as it was, nothing beside it
         assert (tmp_path / "notes" / "README.md").read_text() == "mine"
         assert sorted(os.listdir(tmp_path / "notes")) == ["README.md"]
@@ -167,7 +199,7 @@ def test_save_replaces_an_earlier_detector_whole(exchange, saved, tmp_path, monk
     if not exchange:
         monkeypatch.setattr(F, "_exchange", lambda a, b: False)
     det = _copy(saved, tmp_path)
-    (det / "detector.onnx").write_bytes(b"an old export")  # the old detector's graph goes with it
+    (det / "detector.onnx").write_bytes(b"\x08\x08\x12\x06ascood")  # the old detector's graph goes with it
     H.fitted("ebo").save(det)
     assert Detector.load(det).scorer.name == "ebo"
     assert not (det / "detector.onnx").exists()
@@ -329,3 +361,44 @@ def test_graph_metadata_calls_the_preprocessing_as_detector_json_does(saved):
     assert meta["preprocessing"] == spec["preprocessing"] and meta["input"]["name"] == "images"
     old = {"input": {"name": "images", **spec["preprocessing"]}}  # what files exported before round 4 hold
     assert _upgrade_metadata(old)["preprocessing"] == spec["preprocessing"]
+
+
+# -- export replaces only its own files, found by a marker read without loading the file ---------------------------
+def test_export_replaces_its_own_files_found_without_loading_them(tmp_path, monkeypatch):
+    from ascood.deploy.export import FORMATS, DEFAULT_NAMES, is_ascood_export
+
+    det = H.fitted("msp")
+    for fmt in FORMATS:
+        det.export(tmp_path / DEFAULT_NAMES[fmt], fmt, check=False)
+
+    def refuse(*a, **kw):
+        raise AssertionError("the marker check must not load the file")
+
+    for module in (torch, torch.jit, torch.export):  # no loader may run on a file being checked
+        monkeypatch.setattr(module, "load", refuse)
+    for fmt in FORMATS:
+        assert is_ascood_export(str(tmp_path / DEFAULT_NAMES[fmt])), fmt
+    monkeypatch.undo()
+    for fmt in FORMATS:  # written again over their own earlier file
+        before = (tmp_path / DEFAULT_NAMES[fmt]).stat().st_mtime_ns
+        det.export(tmp_path / DEFAULT_NAMES[fmt], fmt, check=False)
+        assert (tmp_path / DEFAULT_NAMES[fmt]).stat().st_mtime_ns >= before
+    (tmp_path / "empty.onnx").write_bytes(b"")  # an empty file (mktemp) holds nothing to lose
+    det.export(tmp_path / "empty.onnx", "onnx", check=False)
+    assert is_ascood_export(str(tmp_path / "empty.onnx")) and (tmp_path / "empty.onnx").stat().st_size > 0
+    assert sorted(os.listdir(tmp_path)) == sorted([*DEFAULT_NAMES.values(), "empty.onnx"])  # no lock left
+
+
+def test_a_foreign_file_is_never_taken_for_an_export(tmp_path):
+    import zipfile
+
+    from ascood.deploy.export import is_ascood_export
+
+    (tmp_path / "text.onnx").write_text("hello")
+    with zipfile.ZipFile(tmp_path / "no_meta.pt2", "w") as z:
+        z.writestr("a/models/model.json", "{}")
+    with zipfile.ZipFile(tmp_path / "bad_json.ts", "w") as z:
+        z.writestr("a/extra/ascood.json", "not json")
+    (tmp_path / "fake.pt2").write_bytes(b"PK\x03\x04 but not a zip")
+    for name in ("text.onnx", "no_meta.pt2", "bad_json.ts", "fake.pt2", "missing.onnx"):
+        assert not is_ascood_export(str(tmp_path / name)), name
