@@ -13,7 +13,19 @@ import argparse
 from . import checks
 from .argtypes import device_name, non_negative_int, positive_int
 
-__all__ = ["add_parser", "run"]
+__all__ = ["add_parser", "run", "EXIT_STATUSES"]
+
+EXIT_STATUSES = """exit status:
+  0  the detector was written to --out
+  2  bad input, found before any fitting: a missing path, a folder without images, a bad list line, a flag value
+     out of range, calibration data that overlaps the fit data (--id-val vs --id-train), --ood-val equal to the
+     ID data, too few calibration images for --tpr, or --out naming an existing folder that is neither empty nor
+     an earlier detector (nothing is written then)
+  1  any other error, among them --out in use by another ascood run (its lock held: the holder is named) and an
+     --out folder that cannot be written
+
+--out rule: a new folder, an empty one, or an earlier detector, which is replaced as one unit (written beside it,
+then swapped in: readers see the old or the new detector, never a mix)."""
 
 
 def _open_unit(text: str) -> float:
@@ -34,7 +46,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("detector", help="build a calibrated OOD detector (threshold at a target TPR, conformal "
                        "p-values) from a trained run and save it",
                        description="Fits one scorer on ID data, chooses its hyperparameters by APS with --ood-val, "
-                       "and calibrates the threshold on held-out ID validation data.")
+                       "and calibrates the threshold on held-out ID validation data.",
+                       epilog=EXIT_STATUSES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", help="run directory of `ascood train` (best.pt when present, else last.pt) or a checkpoint")
     p.add_argument("--which", choices=CHECKPOINT_CHOICES, help="with a run directory: best or last checkpoint")
     p.add_argument("--id-val", required=True, metavar="PATH",

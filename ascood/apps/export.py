@@ -14,7 +14,18 @@ import os
 
 from . import checks
 
-__all__ = ["add_parser", "run"]
+__all__ = ["add_parser", "run", "EXIT_STATUSES"]
+
+EXIT_STATUSES = """exit status:
+  0  the file was written (and, without --no-check, run once against the detector: results agree)
+  2  bad input before any work: a folder that is not a detector, a tampered, missing or symlinked artifact file,
+     a scorer the format cannot express (ODIN / i-ODIN to ONNX), --out naming a folder, a file name ending in
+     another format's suffix, or an existing file that is not an ascood export
+  1  any other error, among them --out in use by another ascood run (its lock held) and a parity check that
+     failed
+
+--out rule: an existing FILE is replaced only if it is empty or an earlier ascood export (found from its header
+or its ascood.json member, without loading it); the lock is on FILE alone, not its folder."""
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -22,7 +33,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     from ..deploy.export import FORMATS
 
     p = sub.add_parser("export", help="export a saved detector as one graph (images -> logits, score, is_ood, "
-                       "p_value) to ONNX, torch.export or TorchScript")
+                       "p_value) to ONNX, torch.export or TorchScript", epilog=EXIT_STATUSES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("detector", help="detector directory (from `ascood detector --out`)")
     p.add_argument("--format", required=True, choices=FORMATS, help="onnx (onnxruntime), torch-export (.pt2) or "
                    "torchscript")

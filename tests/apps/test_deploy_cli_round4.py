@@ -189,6 +189,18 @@ def test_predict_help_lists_exit_statuses(capsys):
         assert line in text
 
 
+@pytest.mark.parametrize("command, lines", [
+    ("detector", ("0  the detector was written", "2  bad input", "1  any other error", "--out rule: a new folder")),
+    ("export", ("0  the file was written", "2  bad input", "1  any other error", "--out rule: an existing FILE")),
+])
+def test_detector_and_export_help_state_exit_statuses_and_the_out_rule(command, lines, capsys):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = capsys.readouterr().out
+    for line in lines:
+        assert line in text
+
+
 def test_predict_takes_a_find_pwd_list_and_relative_paths(env, tmp_path, capsys, monkeypatch):
     files = sorted(os.path.join(d, f) for d, _, fs in os.walk(env["ood"]) for f in fs)
     (tmp_path / "list.txt").write_text("".join(f + "\n" for f in files))  # find $PWD -name '*.png' > list.txt
