@@ -118,6 +118,17 @@ def _warn_reference(reason: str) -> None:
                       stacklevel=4)
 
 
+def _gpu_candidates(device: torch.device) -> list[str] | None:
+    """The compiled backends ``auto`` may pick on ``device`` when it is a GPU, best first ([]: none); else None.
+
+    The one place where ``auto`` tells a GPU: tests replace it to route CPU
+    tensors through the GPU branch to the emulated CUDA kernels.
+    """
+    if device.type != "cuda":
+        return None
+    return [name for name, ok in (("cuda", cuda_built()), ("triton", triton_loaded())) if ok]
+
+
 def resolve(backend: str | None, device: torch.device, op: str | None = None,
             dtype: torch.dtype | None = None) -> str:
     """The concrete backend for a call of ``op`` on ``device`` (raises on impossible requests).
@@ -134,8 +145,8 @@ def resolve(backend: str | None, device: torch.device, op: str | None = None,
         raise ValueError(f"{source} must be one of {', '.join(BACKENDS)}, got {backend!r}")
     on_cuda = device.type == "cuda"
     if backend == "auto":
-        if on_cuda:
-            candidates = [name for name, ok in (("cuda", cuda_built()), ("triton", triton_loaded())) if ok]
+        candidates = _gpu_candidates(device)
+        if candidates is not None:
             if candidates:
                 if op is None or dtype is None:
                     return candidates[0]
