@@ -106,7 +106,7 @@ def test_compiled_auto_op_on_the_gpu_branch(gpu_route, name):
         assert mismatch(got, want, tol) is None
     assert len(graphs) == 2
     if kernel is not None:  # the emulated CUDA kernel is what the compiled graphs run
-        assert all(f"{EMU_OPS}{kernel}.default" in targets for targets in graphs), graphs
+        assert all(f"{EMU_OPS}{kernel}" in targets for targets in graphs), graphs
     else:
         assert not any(EMU_OPS in t for targets in graphs for t in targets), graphs
         reference_notes = [w for w in caught if "slow reference backend" in str(w.message)]
@@ -132,3 +132,57 @@ def test_compiled_backward_through_the_gpu_branch(gpu_route):
                                    want_grads):
         assert mismatch(g_got, g_want, LOSS_TOL[torch.float32]) is None, what
     assert _first_use._verdicts.get(("zscore", "cuda", "cpu", "float32")) == []
+
+
+def test_a_wrong_kernel_found_while_tracing_is_not_compiled_in(gpu_route, monkeypatch):
+    """The probe that runs before the graph is built catches a wrong kernel: one warning, the graph runs the next."""
+    emu = getattr(torch.ops, emulation.NAMESPACE)
+    right = emu.zscore
+    monkeypatch.setattr(emu, "zscore", lambda *args: (right(*args)[0] + 1e-3, *right(*args)[1:]))
+    x, g, h, zi, std, y, zo = _inputs()
+    graphs: list = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = _compiled(lambda h: ak.zscore(h, 0.5, 1e-2), graphs)(h)
+    assert mismatch(got, ak.zscore(h, 0.5, 1e-2, backend="reference"), ZSCORE_TOL[torch.float32]) is None
+    msgs = [str(w.message) for w in caught if "first-use check" in str(w.message)]
+    assert len(msgs) == 1 and "kernel of zscore (float32) does not match" in msgs[0], msgs
+    assert "Using the reference backend" in msgs[0]
+    assert not any(EMU_OPS in t for t in graphs[0]), graphs
+
+
+def test_no_probe_under_fake_tensors_then_the_next_eager_call_checks(gpu_route):
+    """Under a fake-tensor mode (as in torch.export's non-strict tracing) a probe cannot run: nothing is judged."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    key = ("zscore", "cuda", "cpu", "float32")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no probe ran, so none could fail or warn
+        with FakeTensorMode() as mode:
+            out = ak.zscore(mode.from_tensor(torch.randn(3, 8)))
+    assert out.shape == (3, 8) and key not in _first_use._verdicts and key not in _first_use._unjudged
+    h = torch.randn(3, 8)
+    assert mismatch(ak.zscore(h), ak.zscore(h, backend="reference"), ZSCORE_TOL[torch.float32]) is None
+    assert _first_use._verdicts[key] == []
+
+
+def test_an_unjudged_probe_warns_once_and_the_kernel_runs_unchecked(gpu_route, monkeypatch):
+    """The reference side of the probe fails: one warning saying so, the kernel's result, probed again later."""
+    from ascood_kernels import reference
+
+    h = torch.randn(3, 8)
+    want = ak.zscore(h, 0.5, 1e-2, backend="reference")
+
+    def refused(*args, **kwargs):
+        raise RuntimeError("zscore_backward does not have a deterministic implementation")
+    monkeypatch.setattr(reference, "zscore_backward", refused)
+    key = ("zscore", "cuda", "cpu", "float32")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(_first_use.UNJUDGED_TRIES + 1):
+            assert mismatch(ak.zscore(h, 0.5, 1e-2), want, ZSCORE_TOL[torch.float32]) is None
+    msgs = [str(w.message) for w in caught if "first-use check" in str(w.message)]
+    assert len(msgs) == 1, msgs
+    assert "could not check the CUDA C++ kernel of zscore (float32) on cpu" in msgs[0]
+    assert "does not have a deterministic implementation" in msgs[0] and "unchecked" in msgs[0]
+    assert key not in _first_use._verdicts and _first_use._unjudged[key] == _first_use.UNJUDGED_TRIES
