@@ -15,7 +15,8 @@ falls back to reference (with one warning saying why) only when nothing
 compiled can run. On CUDA tensors the kernel ``auto`` picks is checked
 against the reference on its first use (:mod:`ascood_kernels._first_use`);
 one that does not match is replaced by the next choice. ``ASCOOD_BACKEND``
-sets the default for calls that pass ``backend=None``/``"auto"``.
+sets the default for calls that pass ``backend=None``/``"auto"``. Under
+``torch.compile`` the choice is made while the op is traced, outside the graph.
 """
 from __future__ import annotations
 
@@ -118,12 +119,28 @@ def _warn_reference(reason: str) -> None:
                       stacklevel=4)
 
 
+def _gpu_candidates(device: torch.device) -> list[str] | None:
+    """The compiled backends ``auto`` may pick on ``device`` when it is a GPU, best first ([]: none); else None.
+
+    The one place where ``auto`` tells a GPU: tests replace it to route CPU
+    tensors through the GPU branch to the emulated CUDA kernels.
+    """
+    if device.type != "cuda":
+        return None
+    return [name for name, ok in (("cuda", cuda_built()), ("triton", triton_loaded())) if ok]
+
+
+# Both resolvers are constants to torch.compile (assume_constant_result): Dynamo calls them natively
+# while it traces, so their locks, first-use probes and warnings never enter a graph (they cannot be
+# traced, and would break fullgraph=True); a compiled graph keeps the backend chosen when it was traced.
+@torch.compiler.assume_constant_result
 def resolve(backend: str | None, device: torch.device, op: str | None = None,
             dtype: torch.dtype | None = None) -> str:
     """The concrete backend for a call of ``op`` on ``device`` (raises on impossible requests).
 
     With ``op`` and ``dtype`` given, an ``auto`` choice on CUDA tensors goes
     through the first-use check (:func:`ascood_kernels._first_use.choose`).
+    Under ``torch.compile`` it runs before the graph is built, not in it.
     """
     if backend is None or backend == "auto":
         backend = os.environ.get("ASCOOD_BACKEND", "auto") or "auto"
@@ -134,8 +151,8 @@ def resolve(backend: str | None, device: torch.device, op: str | None = None,
         raise ValueError(f"{source} must be one of {', '.join(BACKENDS)}, got {backend!r}")
     on_cuda = device.type == "cuda"
     if backend == "auto":
-        if on_cuda:
-            candidates = [name for name, ok in (("cuda", cuda_built()), ("triton", triton_loaded())) if ok]
+        candidates = _gpu_candidates(device)
+        if candidates is not None:
             if candidates:
                 if op is None or dtype is None:
                     return candidates[0]
@@ -177,6 +194,7 @@ def resolve(backend: str | None, device: torch.device, op: str | None = None,
     return backend
 
 
+@torch.compiler.assume_constant_result
 def resolve_without_cuda_kernel(backend: str | None, device: torch.device, op: str) -> str:
     """:func:`resolve` for an op that has no CUDA C++ kernel (only Triton on GPUs).
 

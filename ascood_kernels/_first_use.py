@@ -11,11 +11,26 @@ mismatch or an error it warns once, naming the op, the device and the build,
 and ``auto`` uses the next backend (Triton, else the reference) for that op,
 device and dtype from then on.
 
-``ASCOOD_FIRST_USE_CHECK=0`` turns the check off. It is not run while
-``torch.compile`` traces (verdicts of earlier eager calls still apply) nor
-during CUDA graph capture (it synchronises); explicit ``backend="cuda"`` or
-``"triton"`` requests are never redirected. Cost: a few small kernel launches
-and reference ops per op and dtype, once (BENCHMARKS.md, GPU section).
+A probe that cannot judge -- it fails on its reference side (e.g. an op that
+``torch.use_deterministic_algorithms`` refuses) or for want of memory -- is no
+pass: it warns once (op, device, dtype, the reason), the call uses the kernel
+unchecked (the next backend's reference path may fail the same way), and the
+next calls probe again, :data:`UNJUDGED_TRIES` probes in all; after that the
+kernel stays in use unchecked (``python -m ascood_kernels`` is the full check).
+
+``torch.compile``: the backend choice (:func:`ascood_kernels._backend.resolve`)
+runs natively while Dynamo traces, before the graph is built, never inside it
+(no lock, probe or warning is traced). An op traced before any eager call is
+probed then, on the real device, and the graph is built with the checked
+kernel; a graph keeps the backend chosen when it was traced. Where no real
+tensor can be made -- under a fake-tensor or tracing mode (``torch.export``'s
+non-strict tracing, ``make_fx``) or any other dispatch mode -- and during CUDA
+graph capture (the probe synchronises), nothing is probed: a known verdict
+applies, else the kernel is used unchecked and checked at the next call that
+can probe. ``ASCOOD_FIRST_USE_CHECK=0`` turns the check off; explicit
+``backend="cuda"`` or ``"triton"`` requests are never redirected. Cost: a few
+small kernel launches and reference ops per op and dtype, once (BENCHMARKS.md,
+GPU section).
 """
 from __future__ import annotations
 
@@ -29,7 +44,7 @@ import torch
 from . import reference
 from ._compare import LOSS_TOL, TOL, ZSCORE_TOL, mismatch
 
-__all__ = ["ENV", "FAMILY", "enabled", "probe", "choose", "reset"]
+__all__ = ["ENV", "FAMILY", "UNJUDGED_TRIES", "Unjudged", "enabled", "probe", "choose", "reset"]
 
 #: Environment variable that turns the check off when set to 0.
 ENV = "ASCOOD_FIRST_USE_CHECK"
@@ -38,9 +53,13 @@ ENV = "ASCOOD_FIRST_USE_CHECK"
 FAMILY = {"invariant_mask": "select", "gradient_outlier": "select", "zscore": "zscore",
           "iodin_perturb": "iodin_perturb", "ascood_loss": "ascood_loss"}
 
-_verdicts: dict[tuple, list[str] | None] = {}  # (family, backend, device, dtype) -> problems (None: unchecked)
+#: Probes that could not judge a kernel, per op family, backend, device and dtype, before it is used unchecked.
+UNJUDGED_TRIES = 3
+
+_verdicts: dict[tuple, list[str]] = {}  # (family, backend, device, dtype) -> problems ([]: matched)
+_unjudged: dict[tuple, int] = {}  # the same keys -> probes that could not judge
 _warned: set[tuple] = set()
-_lock = threading.RLock()
+_lock = threading.RLock()  # only ever taken natively: never inside a torch.compile graph (module docstring)
 
 
 def enabled() -> bool:
@@ -51,6 +70,7 @@ def reset() -> None:
     """Forget every verdict and warning (tests)."""
     with _lock:
         _verdicts.clear()
+        _unjudged.clear()
         _warned.clear()
 
 
@@ -165,6 +185,10 @@ class _KernelError(Exception):
     pass
 
 
+class Unjudged(Exception):
+    """A probe could not judge the kernel: something other than the kernel failed (the message says what)."""
+
+
 class _Kernels:
     """The namespace's ops, with their exceptions told apart from the reference's."""
 
@@ -190,13 +214,14 @@ def _first_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {lines[0] if lines else ''}"
 
 
-def probe(family: str, backend: str, device: torch.device, dtype: torch.dtype) -> list[str] | None:
+def probe(family: str, backend: str, device: torch.device, dtype: torch.dtype) -> list[str]:
     """Run ``family``'s probe with ``backend``'s kernels on ``device``: the problems found ([]: all matched).
 
     A kernel that raises, or a CUDA error (device-side asserts surface at the
-    next synchronisation), is a problem too. None when the probe could not be
-    judged because the reference side failed (e.g. an op refused under
-    ``torch.use_deterministic_algorithms``): the kernel is then trusted.
+    next synchronisation), is a problem too. Raises :class:`Unjudged` when the
+    probe could not judge the kernel because something else failed (e.g. the
+    reference side, refused under ``torch.use_deterministic_algorithms``, or
+    an allocation).
     """
     from . import _backend
 
@@ -210,10 +235,9 @@ def probe(family: str, backend: str, device: torch.device, dtype: torch.dtype) -
             problems = [f"error: {err}"]
         except Exception as err:
             text = str(err)
-            if "CUDA error" in text or "device-side assert" in text:
-                problems = [f"error: {_first_line(err)}"]
-            else:
-                problems = None
+            if "CUDA error" not in text and "device-side assert" not in text:
+                raise Unjudged(_first_line(err)) from err
+            problems = [f"error: {_first_line(err)}"]
     return problems
 
 
@@ -256,36 +280,86 @@ def _capturing(device: torch.device) -> bool:
         return False
 
 
+def _real_tensors_here() -> bool:
+    """True unless a dispatch mode is active (fake tensors, make_fx, non-strict export, a user's mode).
+
+    Dynamo runs the backend choice natively with no such mode active, so an op
+    traced by ``torch.compile`` is probed on real tensors before its graph is
+    built; under a mode the probe's tensors would be fake (or its ops recorded).
+    """
+    try:
+        from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+        keys = torch._C._TorchDispatchModeKey
+        infra = (keys.FAKE, keys.PROXY, keys.FUNCTIONAL)
+        return not _get_current_dispatch_mode_stack() and all(torch._C._get_dispatch_mode(k) is None for k in infra)
+    except (AttributeError, ImportError):  # another torch's internals: probe only outside any compilation
+        return not torch.compiler.is_compiling()
+
+
+def _can_probe(device: torch.device) -> bool:
+    return _real_tensors_here() and not _capturing(device)
+
+
+def _what(backend: str) -> str:
+    return "CUDA C++" if backend == "cuda" else backend
+
+
+def _warn_mismatch(op: str, device: torch.device, dt: str, backend: str, fallback: str, problems: list[str]) -> None:
+    shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
+    warnings.warn(
+        f"ascood_kernels first-use check: the {_what(backend)} kernel of {op} ({dt}) does not match the reference "
+        f"on {_device_text(device)} [{_build_text(backend)}]: {shown}. Using the {fallback} backend for "
+        f"{op} on this device instead. Please report this with the output of `python -m ascood_kernels` "
+        f"(the full check); {ENV}=0 skips this check.", RuntimeWarning, stacklevel=5)
+
+
+def _warn_unjudged(op: str, device: torch.device, dt: str, backend: str, reason: str) -> None:
+    again = (f"later calls probe it again ({UNJUDGED_TRIES} probes in all), then it stays in use unchecked"
+             if UNJUDGED_TRIES > 1 else "it stays in use unchecked")
+    warnings.warn(
+        f"ascood_kernels first-use check: could not check the {_what(backend)} kernel of {op} ({dt}) on "
+        f"{_device_text(device)} [{_build_text(backend)}]: the probe failed outside the kernel ({reason}). This call "
+        f"uses the kernel unchecked; {again}. `python -m ascood_kernels` runs the full check; {ENV}=0 skips this "
+        f"check.", RuntimeWarning, stacklevel=5)
+
+
 def choose(op: str, device: torch.device, dtype: torch.dtype, candidates: Sequence[str]) -> str:
     """The first of ``candidates`` whose kernel passes ``op``'s probe on ``device`` (``"reference"`` if none).
 
     Probes each candidate at most once per process (per op family, device and
-    dtype), and warns once for each that fails.
+    dtype) and warns once for each that fails. A candidate whose probe could
+    not judge it is used unchecked and probed again at later calls (up to
+    :data:`UNJUDGED_TRIES` probes); where no probe can run (the module
+    docstring), a known verdict applies, else the first candidate is used
+    unchecked. Runs natively, never inside a ``torch.compile`` graph (its
+    caller, :func:`ascood_kernels._backend.resolve`, is a constant to Dynamo).
     """
     family = FAMILY.get(op)
     if family is None or not enabled() or not candidates:
         return candidates[0] if candidates else "reference"
     dev = str(device)
     dt = str(dtype).replace("torch.", "")
-    probing_allowed = not torch.compiler.is_compiling() and not _capturing(device)
+    can_probe = _can_probe(device)
     with _lock:
         for i, backend in enumerate(candidates):
             key = (family, backend, dev, dt)
-            if key not in _verdicts:
-                if not probing_allowed:
-                    return backend  # nothing known yet; checked at the next eager call
-                _verdicts[key] = probe(family, backend, device, dtype)
-            problems = _verdicts[key]
-            if not problems:  # [] matched; None could not be judged
+            problems = _verdicts.get(key)
+            if problems is None:  # not judged yet
+                if not can_probe or _unjudged.get(key, 0) >= UNJUDGED_TRIES:
+                    return backend
+                try:
+                    problems = _verdicts[key] = probe(family, backend, device, dtype)
+                except Unjudged as err:
+                    _unjudged[key] = _unjudged.get(key, 0) + 1
+                    if ("unjudged", key) not in _warned:
+                        _warned.add(("unjudged", key))
+                        _warn_unjudged(op, device, dt, backend, str(err))
+                    return backend
+            if not problems:
                 return backend
             if key not in _warned:
                 _warned.add(key)
                 fallback = candidates[i + 1] if i + 1 < len(candidates) else "reference"
-                what = "CUDA C++" if backend == "cuda" else backend
-                shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
-                warnings.warn(
-                    f"ascood_kernels first-use check: the {what} kernel of {op} ({dt}) does not match the reference "
-                    f"on {_device_text(device)} [{_build_text(backend)}]: {shown}. Using the {fallback} backend for "
-                    f"{op} on this device instead. Please report this with the output of `python -m ascood_kernels` "
-                    f"(the full check); {ENV}=0 skips this check.", RuntimeWarning, stacklevel=4)
+                _warn_mismatch(op, device, dt, backend, fallback, problems)
     return "reference"

@@ -44,11 +44,15 @@ def main(argv=None) -> int:
         for _ in range(max(2, args.repeat)):
             _sync(device)
             t0 = time.perf_counter()
-            problems = _first_use.probe(family, backend, device, dtype)
+            try:
+                problems = _first_use.probe(family, backend, device, dtype)
+            except _first_use.Unjudged as err:
+                print(f"  {family}: could not be judged ({err})")
+                return 1
             _sync(device)
             times.append(time.perf_counter() - t0)
-            if problems is None or problems:
-                print(f"  {family}: {'could not be judged' if problems is None else f'MISMATCH {problems}'}")
+            if problems:
+                print(f"  {family}: MISMATCH {problems}")
                 return 1
         first_total += times[0]
         again_total += min(times[1:])

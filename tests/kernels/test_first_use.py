@@ -108,7 +108,10 @@ def _fake_cuda(monkeypatch, verdicts):
 
     def probe(family, backend, device, dtype):
         calls.append((family, backend))
-        return verdicts[backend]
+        verdict = verdicts[backend]
+        if isinstance(verdict, Exception):
+            raise verdict
+        return verdict
     monkeypatch.setattr(_first_use, "probe", probe)
     return calls
 
@@ -134,30 +137,60 @@ def test_auto_on_cuda_tensors_goes_through_the_check(monkeypatch):
     assert calls[2:] == [("select", "cuda"), ("select", "triton")]
 
 
-def test_the_check_can_be_turned_off_and_is_skipped_while_compiling(monkeypatch):
+def test_the_check_can_be_turned_off_and_is_skipped_where_no_probe_can_run(monkeypatch):
     cuda = torch.device("cuda")
     calls = _fake_cuda(monkeypatch, {"cuda": ["wrong"], "triton": []})
     monkeypatch.setenv(_first_use.ENV, "0")
     assert _backend.resolve("auto", cuda, "zscore", torch.float32) == "cuda" and calls == []
     monkeypatch.setenv(_first_use.ENV, "1")
-    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    # Under a dispatch mode (fake tensors: non-strict export, make_fx) or CUDA graph capture: unchecked.
+    monkeypatch.setattr(_first_use, "_real_tensors_here", lambda: False)
     assert _backend.resolve("auto", cuda, "zscore", torch.float32) == "cuda" and calls == []
-    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
+    monkeypatch.setattr(_first_use, "_real_tensors_here", lambda: True)
+    monkeypatch.setattr(_first_use, "_capturing", lambda device: True)
+    assert _backend.resolve("auto", cuda, "zscore", torch.float32) == "cuda" and calls == []
+    monkeypatch.setattr(_first_use, "_capturing", lambda device: False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert _backend.resolve("auto", cuda, "zscore", torch.float32) == "triton"
-    # While compiling, an earlier verdict still applies.
-    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    # Where no probe can run, an earlier verdict still applies.
+    monkeypatch.setattr(_first_use, "_real_tensors_here", lambda: False)
     assert _backend.resolve("auto", cuda, "zscore", torch.float32) == "triton"
 
 
-def test_an_unjudgeable_probe_trusts_the_kernel(monkeypatch):
-    """A failure on the reference side (not the kernel's) leaves the kernel in use, without a warning."""
+def test_no_dispatch_mode_means_real_tensors():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    assert _first_use._real_tensors_here()
+    with FakeTensorMode():
+        assert not _first_use._real_tensors_here()
+
+
+def test_an_unjudgeable_probe_is_no_pass(monkeypatch):
+    """A failure outside the kernel: one warning, the kernel used unchecked, probed again up to UNJUDGED_TRIES."""
     cuda = torch.device("cuda")
-    _fake_cuda(monkeypatch, {"cuda": None, "triton": []})
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert _backend.resolve("auto", cuda, "ascood_loss", torch.float32) == "cuda"
+    verdicts = {"cuda": _first_use.Unjudged("OutOfMemoryError: CUDA out of memory"), "triton": []}
+    calls = _fake_cuda(monkeypatch, verdicts)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(_first_use.UNJUDGED_TRIES + 2):
+            assert _backend.resolve("auto", cuda, "ascood_loss", torch.float32) == "cuda"
+    assert calls == [("ascood_loss", "cuda")] * _first_use.UNJUDGED_TRIES  # then no more probes
+    msgs = [str(w.message) for w in caught]
+    assert len(msgs) == 1, msgs
+    assert "could not check the CUDA C++ kernel of ascood_loss (float32) on cuda" in msgs[0]
+    assert "OutOfMemoryError: CUDA out of memory" in msgs[0] and "unchecked" in msgs[0]
+    # A later probe that judges decides, as a first one would: here a mismatch moves auto to Triton.
+    _first_use.reset()
+    calls.clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert _backend.resolve("auto", cuda, "zscore", torch.float32) == "cuda"
+        verdicts["cuda"] = ["zscore: 1 of 10 elements differ"]
+        assert _backend.resolve("auto", cuda, "zscore", torch.float32) == "triton"
+        assert _backend.resolve("auto", cuda, "zscore", torch.float32) == "triton"
+    assert calls == [("zscore", "cuda"), ("zscore", "cuda"), ("zscore", "triton")]
+    assert ["could not check" in str(w.message) for w in caught] == [True, False]
 
 
 @needs_ext
@@ -167,8 +200,8 @@ def test_reference_errors_are_not_blamed_on_the_kernel(monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("deterministic algorithms: not supported")
     monkeypatch.setattr(reference, "zscore_backward", broken)
-    assert _first_use.probe("zscore", "cpu", CPU, torch.float32) is None
-
+    with pytest.raises(_first_use.Unjudged, match="RuntimeError: deterministic algorithms: not supported"):
+        _first_use.probe("zscore", "cpu", CPU, torch.float32)
 
 
 def test_a_backend_without_the_op_fails_the_probe(monkeypatch):
