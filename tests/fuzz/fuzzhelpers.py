@@ -1,0 +1,121 @@
+"""What the fuzz tests share: the example budgets, the "named error" rule, a hang guard and the counts.
+
+A fuzz property holds when a reader, given a mutated file, ends in one of two ways:
+
+* the same result as for the clean file (or, where the mutation legitimately changes the content,
+  a result that passes the reader's own invariants), or
+* a **named error**: an exception of one of the package's own error classes for that surface
+  (:data:`NAMED_ERRORS`) whose message names the file (or its folder) the user handed over.
+
+Anything else fails the property: a bare ``KeyError``/``TypeError``/``struct.error``/``UnicodeDecodeError``,
+a library's internal error, an error of the right class that does not say which file, an example
+running longer than :data:`HANG_SECONDS` (a hang), or a marker file written by a pickle payload
+(code execution).
+
+Budgets: each test asks :func:`budget` for its share; the ``ci`` profile (the default, what CI runs)
+uses it as is, ``ASCOOD_FUZZ_PROFILE=long`` multiplies it by 20 (docs/FUZZING.md).
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+import os
+import signal
+
+from hypothesis import HealthCheck, settings
+
+from ascood.data.datasets import DataError
+from ascood.deploy.state import ArtifactError
+
+PROFILE = os.environ.get("ASCOOD_FUZZ_PROFILE", "ci")
+_SCALE = {"ci": 1, "long": 20}
+if PROFILE not in _SCALE:
+    raise RuntimeError(f"ASCOOD_FUZZ_PROFILE must be one of {sorted(_SCALE)}, got {PROFILE!r}")
+
+#: Seconds one example may take before it counts as a hang (generous: 2 shared CPU cores in CI).
+HANG_SECONDS = 20
+
+# Reproducible in CI (same examples every run, derandomize), nothing written into the clone (database=None),
+# no per-example deadline (the hang guard below is the time limit: a shared CI core is sometimes slow).
+for _name, _scale in _SCALE.items():
+    settings.register_profile(_name, derandomize=True, database=None, deadline=None, print_blob=True,
+                              suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
+                                                     HealthCheck.data_too_large, HealthCheck.filter_too_much])
+settings.load_profile(PROFILE)
+
+#: The package's named errors per surface (subclasses included: OpenOODTreeError is a DataError).
+NAMED_ERRORS = {
+    "image list": (DataError,),
+    "detector": (ArtifactError,),
+    # load_checkpoint / load_model document FileNotFoundError and RuntimeError naming the file; a bare
+    # torch RuntimeError does not name it, so the message check below tells them apart.
+    "checkpoint": (RuntimeError, FileNotFoundError),
+}
+
+#: Examples run per test (its node id -> count), printed in pytest's terminal summary (conftest.py).
+COUNTS: collections.Counter = collections.Counter()
+
+
+def budget(n: int) -> int:
+    """Examples for a test whose CI share is ``n`` (times 20 under the long profile)."""
+    return n * _SCALE[PROFILE]
+
+
+def count(test_id: str) -> None:
+    """Record one example run by ``test_id``."""
+    COUNTS[test_id] += 1
+
+
+class PropertyFailure(AssertionError):
+    """The reader ended in neither the clean result nor a named error."""
+
+
+class Hang(PropertyFailure):
+    """An example ran longer than HANG_SECONDS."""
+
+
+@contextlib.contextmanager
+def hang_guard(seconds: int = HANG_SECONDS):
+    """Fail with :class:`Hang` when the block runs longer than ``seconds`` (SIGALRM; main thread, POSIX)."""
+    fired = []
+
+    def on_alarm(signum, frame):
+        fired.append(True)
+        raise Hang(f"the reader ran longer than {seconds} s (a hang)")
+
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    if fired:  # the reader caught the Hang (an ``except Exception`` inside it) and carried on or re-raised
+        raise Hang(f"the reader ran longer than {seconds} s (a hang)")
+
+
+def check_named(err: BaseException, surface: str, *names: str) -> None:
+    """Fail unless ``err`` is one of ``surface``'s named errors and its message contains one of ``names``."""
+    if isinstance(err, Hang):
+        raise err
+    if not isinstance(err, NAMED_ERRORS[surface]):
+        raise PropertyFailure(f"{surface} reader raised a bare {type(err).__module__}.{type(err).__name__}: "
+                              f"{str(err)[:300]}") from err
+    text = str(err)
+    if not any(n and n in text for n in names):
+        raise PropertyFailure(f"{surface} reader raised {type(err).__name__} without naming the file "
+                              f"({' or '.join(map(repr, names))}): {text[:300]}") from err
+    if "Traceback (most recent call last)" in text:
+        raise PropertyFailure(f"{surface} reader's message carries a traceback: {text[:300]}") from err
+
+
+def outcome(read, surface: str, *names: str):
+    """``("ok", result)`` when ``read()`` returns, ``("error", err)`` for a named error; else PropertyFailure."""
+    with hang_guard():
+        try:
+            return "ok", read()
+        except PropertyFailure:
+            raise
+        except Exception as err:  # noqa: BLE001 - the property is exactly about which exceptions escape
+            check_named(err, surface, *names)
+            return "error", err
