@@ -52,8 +52,11 @@ NAMED_ERRORS = {
     "checkpoint": (RuntimeError, FileNotFoundError),
 }
 
-#: Examples run per test (its node id -> count), printed in pytest's terminal summary (conftest.py).
+#: Examples run per property (its name -> count), printed in pytest's terminal summary (conftest.py).
 COUNTS: collections.Counter = collections.Counter()
+#: (property, "ok" or "refused") -> count: how many examples ended in a result and in a named error.
+OUTCOMES: collections.Counter = collections.Counter()
+_CURRENT: list[str] = [""]
 
 
 def budget(n: int) -> int:
@@ -62,8 +65,9 @@ def budget(n: int) -> int:
 
 
 def count(test_id: str) -> None:
-    """Record one example run by ``test_id``."""
+    """Record one example run by ``test_id`` (its outcome, from :func:`outcome`, is recorded under it too)."""
     COUNTS[test_id] += 1
+    _CURRENT[0] = test_id
 
 
 class PropertyFailure(AssertionError):
@@ -113,9 +117,12 @@ def outcome(read, surface: str, *names: str):
     """``("ok", result)`` when ``read()`` returns, ``("error", err)`` for a named error; else PropertyFailure."""
     with hang_guard():
         try:
-            return "ok", read()
+            result = read()
         except PropertyFailure:
             raise
         except Exception as err:  # noqa: BLE001 - the property is exactly about which exceptions escape
             check_named(err, surface, *names)
+            OUTCOMES[_CURRENT[0], "refused"] += 1
             return "error", err
+    OUTCOMES[_CURRENT[0], "ok"] += 1
+    return "ok", result
