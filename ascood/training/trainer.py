@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader
 
 from ..data.datasets import unpack_batch
 from ..files import atomic_save, atomic_write_text, write_json
-from .checkpoint import FORMAT, get_rng_state, load_checkpoint, load_state_dict_checked, set_rng_state
+from .checkpoint import FORMAT, CheckpointError, get_rng_state, load_checkpoint, load_state_dict_checked, set_rng_state
 from .criterion import ASCOODCriterion
 from .distributed import DistContext, all_reduce_sum, convert_sync_batchnorm, distributed_loader, init_from_env
 from .losses import ENERGY_MARGIN_IN, ENERGY_MARGIN_OUT, OUTLIER_LOSSES
@@ -46,6 +46,15 @@ __all__ = ["TrainConfig", "Trainer", "train", "NonFiniteLossError", "CHECKPOINT_
 
 CHECKPOINT_NAME = "last.pt"
 BEST_CHECKPOINT_NAME = "best.pt"
+
+
+#: What a malformed (edited, crafted) checkpoint makes the resume code raise; each becomes a CheckpointError.
+_MALFORMED = (KeyError, TypeError, ValueError, AttributeError, IndexError, OverflowError)
+
+
+def _malformed(path: str, what: str, err: BaseException) -> CheckpointError:
+    return CheckpointError(f"cannot resume {path}: its {what} is malformed ({type(err).__name__}: "
+                           f"{str(err)[:200]}); was the file edited, or written by another program?")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -307,20 +316,42 @@ class Trainer:
         # otherwise "resume" would silently train something config.json does not describe.
         from .resume import format_differences, resume_differences
 
-        diffs = resume_differences(ckpt, self.config, amp=self.amp, steps_per_epoch=len(self.loader),
-                                   model_build=getattr(self.raw_model, "build_args", None), extra=self.extra)
+        try:
+            diffs = resume_differences(ckpt, self.config, amp=self.amp, steps_per_epoch=len(self.loader),
+                                       model_build=getattr(self.raw_model, "build_args", None), extra=self.extra)
+        except _MALFORMED as err:  # an edited record (a list where a dict goes, ...): not a settings change
+            raise _malformed(path, "recorded settings (train_config, model_build, extra)", err) from None
         if diffs:
             raise ValueError(format_differences(path, diffs))
-        load_state_dict_checked(self.raw_model, ckpt["model"], path)
+        load_state_dict_checked(self.raw_model, ckpt.get("model"), path)
+        # torch / numpy / random are process-wide: a state that fails half-way is undone, not left half-applied.
+        rng_before = get_rng_state()
+        try:
+            self._restore_training_state(ckpt)
+        except _MALFORMED + (RuntimeError,) as err:
+            set_rng_state(rng_before)
+            raise _malformed(path, "training state (optimizer, scheduler, scaler, epoch, history, RNG states)",
+                             err) from None
+
+    def _restore_training_state(self, ckpt: dict) -> None:
+        """Optimizer, schedule, scaler, counters and RNGs from a checkpoint (errors are the caller's to name)."""
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         if ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
-        self.epoch = int(ckpt["epoch"])
-        self.history = list(ckpt.get("history", []))
+        epoch = ckpt["epoch"]
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or not 0 <= epoch <= self.config.epochs:
+            raise ValueError(f"epoch {epoch!r} is not a count of completed epochs in 0..{self.config.epochs}")
+        history = ckpt.get("history", [])
+        if not isinstance(history, list):
+            raise TypeError(f"history must be a list, got {type(history).__name__}")
+        extra = ckpt.get("extra", {})
+        if not isinstance(extra, dict):
+            raise TypeError(f"extra must be a dict, got {type(extra).__name__}")
+        self.epoch, self.history = epoch, list(history)
         self.best_val_acc = ckpt.get("best_val_acc")
         self.seed = int(ckpt.get("seed", self.seed))
-        self.extra = {**ckpt.get("extra", {}), **self.extra}
+        self.extra = {**extra, **self.extra}
         if hasattr(getattr(self.loader, "sampler", None), "seed"):
             self.loader.sampler.seed = self.seed  # DistributedSampler: same shuffles as the first run
         rng = ckpt["rng"]

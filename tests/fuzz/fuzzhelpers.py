@@ -26,6 +26,7 @@ from hypothesis import HealthCheck, settings
 
 from ascood.data.datasets import DataError
 from ascood.deploy.state import ArtifactError
+from ascood.training.checkpoint import CheckpointError
 
 PROFILE = os.environ.get("ASCOOD_FUZZ_PROFILE", "ci")
 _SCALE = {"ci": 1, "long": 20}
@@ -47,9 +48,9 @@ settings.load_profile(PROFILE)
 NAMED_ERRORS = {
     "image list": (DataError,),
     "detector": (ArtifactError,),
-    # load_checkpoint / load_model document FileNotFoundError and RuntimeError naming the file; a bare
-    # torch RuntimeError does not name it, so the message check below tells them apart.
-    "checkpoint": (RuntimeError, FileNotFoundError),
+    "checkpoint": (CheckpointError, FileNotFoundError),
+    # Trainer(resume=...) also refuses a checkpoint of other settings: "cannot resume PATH: ..." (ValueError).
+    "resume": (CheckpointError, FileNotFoundError, ValueError),
 }
 
 #: Examples run per property (its name -> count), printed in pytest's terminal summary (conftest.py).
