@@ -57,6 +57,58 @@ def _malformed(path: str, what: str, err: BaseException) -> CheckpointError:
                            f"{str(err)[:200]}); was the file edited, or written by another program?")
 
 
+def _check_like(saved, fresh, where: str) -> None:
+    """``saved`` has the structure of ``fresh`` (a state dict this run made): dicts with fresh's keys (a missing
+    flag -- a bool or None -- is allowed, torch versions add them; extra keys are left to torch), lists of the same
+    length, numbers for numbers, tensors of the same shape. ValueError naming the entry otherwise."""
+    def bad(expected: str):
+        return ValueError(f"{where} is {type(saved).__name__} {str(saved)[:60]}, expected {expected}")
+
+    if isinstance(fresh, dict):
+        if not isinstance(saved, dict):
+            raise bad("a dict")
+        for key, value in fresh.items():
+            if key in saved:
+                _check_like(saved[key], value, f"{where}[{key!r}]")
+            elif not (value is None or isinstance(value, bool)):
+                raise ValueError(f"{where} lacks {key!r}")
+    elif isinstance(fresh, (list, tuple)):
+        if not isinstance(saved, (list, tuple)) or len(saved) != len(fresh):
+            raise bad(f"a list of {len(fresh)}")
+        for i, (s, f) in enumerate(zip(saved, fresh)):
+            _check_like(s, f, f"{where}[{i}]")
+    elif torch.is_tensor(fresh):
+        if not torch.is_tensor(saved) or saved.shape != fresh.shape:
+            raise bad(f"a tensor of shape {tuple(fresh.shape)}")
+    elif isinstance(fresh, (int, float)) and not isinstance(fresh, bool):
+        if isinstance(saved, bool) or not isinstance(saved, (int, float)):
+            raise bad("a number")
+    elif fresh is not None and type(saved) is not type(fresh):
+        raise bad(type(fresh).__name__)
+
+
+def _check_optimizer_state(saved, optimizer: torch.optim.Optimizer) -> None:
+    """A saved optimizer state fits ``optimizer``: its param groups, and per-parameter entries (buffers such as
+    SGD's momentum: the parameter's shape; a "step" counter: one element)."""
+    fresh = optimizer.state_dict()
+    if not isinstance(saved, dict) or not isinstance(saved.get("state"), dict):
+        raise ValueError("optimizer state must be a dict with 'state' and 'param_groups'")
+    _check_like(saved.get("param_groups"), fresh["param_groups"], "optimizer param_groups")
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for index, entry in saved["state"].items():
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(params) \
+                or not isinstance(entry, dict):
+            raise ValueError(f"optimizer state entry {index!r} does not belong to one of the {len(params)} parameters")
+        for key, value in entry.items():
+            if key == "step":  # a counter (Adam-style optimizers)
+                ok = torch.is_tensor(value) and value.numel() == 1 or isinstance(value, (int, float))
+            else:  # buffers of the parameter's shape (SGD's momentum_buffer; None until first used)
+                ok = value is None or torch.is_tensor(value) and value.shape == params[index].shape
+            if not ok:
+                raise ValueError(f"optimizer state {index}[{key!r}] must be a tensor of shape "
+                                 f"{tuple(params[index].shape)}, got {type(value).__name__}")
+
+
 class NonFiniteLossError(RuntimeError):
     """Training produced a NaN/inf loss; the last good checkpoint is left as it was."""
 
@@ -335,6 +387,10 @@ class Trainer:
 
     def _restore_training_state(self, ckpt: dict) -> None:
         """Optimizer, schedule, scaler, counters and RNGs from a checkpoint (errors are the caller's to name)."""
+        # torch accepts a malformed optimizer / scheduler state and fails steps later (a broadcast error, a
+        # KeyError in step()): compare with this run's own fresh state first.
+        _check_optimizer_state(ckpt["optimizer"], self.optimizer)
+        _check_like(ckpt["scheduler"], self.scheduler.state_dict(), "scheduler")
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         if ckpt.get("scaler"):

@@ -82,11 +82,15 @@ def _load_model_checked(path: str, clean_logits: torch.Tensor, must_match: bool)
 
 def _resume_checked(path: str) -> str:
     """Trainer(resume=path): a named error naming ``path`` (a CheckpointError, or the settings-differ ValueError
-    'cannot resume PATH: ...'), or a trainer ready to go on."""
+    'cannot resume PATH: ...'), or a trainer that finishes the run."""
     kind, got = F.outcome(lambda: Trainer(_model(), _loader(), TrainConfig(**BASE), resume=path, progress=False),
                           "resume", path)
     if kind == "ok":
         assert 0 <= got.epoch <= BASE["epochs"]
+        # What was accepted must train: a malformed optimizer or schedule state would fail here, mid-run.
+        with F.hang_guard():
+            got.fit()
+        assert got.epoch == BASE["epochs"]
     return kind
 
 
