@@ -65,10 +65,11 @@ def _write(tmp_dir: str, data: bytes) -> str:
     return path
 
 
-def _load_model_checked(path: str, clean_logits: torch.Tensor, must_match: bool) -> str:
-    """load_model: a named error naming ``path``, or a model that runs (the clean logits when ``must_match``)."""
+def _load_model_checked(path: str, clean_logits: torch.Tensor, must_match: bool, loader=load_model) -> str:
+    """``loader`` (load_model, or a broken copy): a named error naming ``path``, or a model that runs (the clean
+    logits when ``must_match``)."""
     def read():
-        model, _ = load_model(path)
+        model, _ = loader(path)
         with torch.no_grad():
             return model(PROBE)
 
@@ -238,24 +239,35 @@ def _packed(kind: str, payload, run_bytes: bytes) -> bytes:
     return buf.getvalue()
 
 
-@settings(max_examples=F.budget(60))
-@given(func=st.sampled_from(["os.system", "exec", "eval", "subprocess", "open"]),
-       kind=st.sampled_from(["zip", "legacy", "pickle", "spliced"]), reader=st.sampled_from(["load_model", "resume"]))
-def test_pickle_payloads_never_run(func, kind, reader, run, tmp_path_factory):
-    """A checkpoint whose pickle would run code (os.system, exec, eval, subprocess, open) is refused naming the
-    file, and the marker the code would write never appears."""
-    F.count("checkpoint: pickle payloads")
-    base = str(tmp_path_factory.getbasetemp())
+def payload_property(func: str, kind: str, reader: str, run, base: str, loader=load_model) -> None:
+    """A checkpoint whose pickle would run code is refused naming the file, and the code never runs (``loader``:
+    load_model, or a broken copy in test_fuzz_catches_broken_readers.py)."""
     marker = os.path.join(base, "PAYLOAD_RAN")
     if os.path.exists(marker):
         os.unlink(marker)
     path = _write(base, _packed(kind, _Payload(*_payloads(marker)[func]), run[1]))
-    if reader == "load_model":
-        kind_got = _load_model_checked(path, run[2], must_match=True)
-    else:
-        kind_got = _resume_checked(path)
-    assert kind_got == "error"
-    assert not os.path.exists(marker), f"the {func} payload ran ({kind} checkpoint, {reader})"
+    try:
+        if reader == "load_model":
+            kind_got = _load_model_checked(path, run[2], must_match=True, loader=loader)
+        else:
+            kind_got = _resume_checked(path)
+        assert kind_got == "error"
+    finally:  # checked even when the reader failed otherwise: code that ran is the worse finding
+        assert not os.path.exists(marker), f"the {func} payload ran ({kind} checkpoint, {reader})"
+
+
+PAYLOAD_CASES = dict(func=st.sampled_from(["os.system", "exec", "eval", "subprocess", "open"]),
+                     kind=st.sampled_from(["zip", "legacy", "pickle", "spliced"]),
+                     reader=st.sampled_from(["load_model", "resume"]))
+
+
+@settings(max_examples=F.budget(60))
+@given(**PAYLOAD_CASES)
+def test_pickle_payloads_never_run(func, kind, reader, run, tmp_path_factory):
+    """os.system, exec, eval, subprocess and open payloads in a torch zip, a legacy torch file, a bare pickle or
+    a genuine last.pt's data.pkl, read by load_model and by resume."""
+    F.count("checkpoint: pickle payloads")
+    payload_property(func, kind, reader, run, str(tmp_path_factory.getbasetemp()))
 
 
 def test_the_payloads_would_run_under_plain_pickle(tmp_path):

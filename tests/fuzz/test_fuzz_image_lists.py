@@ -195,19 +195,53 @@ def test_any_label_token_is_an_integer_label_or_a_named_refusal(token, sep, root
             assert _samples(ds, images) == [("a.png", int(token))]
 
 
-@settings(max_examples=F.budget(300))
-@given(case=listed(images=IMAGES + [BAD_IMAGE]), mutations=st.lists(_MUTATION, max_size=3),
-       num_classes=st.none() | st.integers(1, 20))
-def test_openood_list_check_collects_errors_and_never_raises(case, mutations, num_classes, root):
-    """read_image_list (resolve_benchmark's check) reports every bad line as 'file:line: ...' in its result."""
-    F.count("image lists: OpenOOD list check")
+def openood_check_property(reader, case, mutations, num_classes, root) -> None:
+    """The OpenOOD list check's property for ``reader`` (read_image_list, or a broken copy in
+    test_fuzz_catches_broken_readers.py): every problem is a 'file:line: ...' entry of its result."""
     text, _ = case
     images = os.path.join(root, "images")
     path = _write(root, _mutate(text.encode("utf-8"), mutations), "openood.txt")
-    kind, check = F.outcome(lambda: read_image_list(path, images, num_classes), "image list", path)
+    kind, check = F.outcome(lambda: reader(path, images, num_classes), "image list", path)
     if kind == "ok":
         assert all(e.startswith(path) for e in check.errors + check.missing_images), check
         assert check.entries >= 0 and check.missing_count >= len(check.missing_images)
+
+
+OPENOOD_CHECK_CASES = dict(case=listed(images=IMAGES + [BAD_IMAGE]), mutations=st.lists(_MUTATION, max_size=3),
+                           num_classes=st.none() | st.integers(1, 20))
+
+
+@settings(max_examples=F.budget(300))
+@given(**OPENOOD_CHECK_CASES)
+def test_openood_list_check_collects_errors_and_never_raises(case, mutations, num_classes, root):
+    """read_image_list (resolve_benchmark's check) reports every bad line as 'file:line: ...' in its result."""
+    F.count("image lists: OpenOOD list check")
+    openood_check_property(read_image_list, case, mutations, num_classes, root)
+
+
+#: Path pieces of list entries that try to leave the root: '..', absolute paths, the list itself (a file that
+#: exists one level up), links' targets are not needed: the reader must refuse '..' before looking.
+_SEGMENTS = st.lists(st.sampled_from(["..", ".", "", "sub", "images", "a.png", "escape.txt", "x#y.png", "..."]),
+                     min_size=1, max_size=5)
+
+
+def stays_inside_property(reader, segments, absolute, root) -> None:
+    """An entry built from '..', '.', empty and real segments (optionally absolute) is refused naming the list,
+    or is a file inside the root: never a file outside it (``reader``: ImageListDataset or a broken copy)."""
+    images = os.path.join(root, "images")
+    entry = ("/" + root.lstrip("/") + "/" if absolute else "") + "/".join(segments)
+    path = _write(root, f"{entry} 0\n".encode("utf-8"), "escape.txt")
+    kind, ds = F.outcome(lambda: reader(path, images), "image list", path)
+    if kind == "ok":
+        _check_invariants(ds, images)
+
+
+@settings(max_examples=F.budget(200))
+@given(segments=_SEGMENTS, absolute=st.booleans())
+def test_entries_never_leave_the_root(segments, absolute, root):
+    """'../escape.txt' (the list itself, one level above the image root), '/abs/path', 'sub/../../x': refused."""
+    F.count("image lists: entries leaving the root")
+    stays_inside_property(ImageListDataset, segments, absolute, root)
 
 
 @settings(max_examples=F.budget(200))
