@@ -21,8 +21,10 @@ import collections
 import contextlib
 import os
 import signal
+import tempfile
 
 from hypothesis import HealthCheck, settings
+from hypothesis.configuration import set_hypothesis_home_dir
 
 from ascood.data.datasets import DataError
 from ascood.deploy.state import ArtifactError
@@ -35,6 +37,10 @@ if PROFILE not in _SCALE:
 
 #: Seconds one example may take before it counts as a hang (generous: 2 shared CPU cores in CI).
 HANG_SECONDS = 20
+
+# Hypothesis keeps caches (Unicode tables, constants) in ./.hypothesis even without an example database:
+# put them in the temporary folder, so a test run writes nothing into the clone.
+set_hypothesis_home_dir(os.path.join(tempfile.gettempdir(), "ascood-hypothesis"))
 
 # Reproducible in CI (same examples every run, derandomize), nothing written into the clone (database=None),
 # no per-example deadline (the hang guard below is the time limit: a shared CI core is sometimes slow).
