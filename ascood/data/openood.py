@@ -44,7 +44,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping, Sequence
 
-from .datasets import DataError, ImageListDataset, LinkRoots, list_entry_path, parse_label, split_list_line
+from .datasets import DataError, ImageListDataset, LinkRoots, list_entry_path, parse_label, read_text_list
 
 __all__ = ["SetSpec", "Benchmark", "BENCHMARKS", "OpenOODTreeError", "ResolvedBenchmark", "resolve_benchmark",
            "read_image_list", "read_class_list", "ID_ROLES", "OOD_ROLES", "CONVENTIONAL_SETS", "ISUN_NOTE",
@@ -201,45 +201,49 @@ def read_image_list(list_path: str, image_dir: str, num_classes: int | None, che
     links = links if links is not None else LinkRoots(image_dir)
     check = ListCheck(list_path)
     try:
-        f = open(list_path, encoding="utf-8-sig")
+        # The same decoding and line splitting as ImageListDataset, which reads the list later: a binary or
+        # non-UTF-8 file is a bad list (not a UnicodeDecodeError), and line numbers agree between the two.
+        lines = read_text_list(list_path)
     except OSError as err:
         check.errors.append(f"{list_path}: cannot read: {err}")
         return check
-    with f:
-        for lineno, raw in enumerate(f, 1):
-            line = raw.strip()
-            if not line or line.startswith("#"):
-                continue
-            where = f"{list_path}:{lineno}"
-            parts = line.rsplit(maxsplit=1)
-            if len(parts) != 2 or parse_label(parts[1]) is None:
-                if len(check.errors) < max_reported:
-                    check.errors.append(f"{where}: malformed line {line[:80]!r} (expected 'relative/path label', "
-                                        "label a plain decimal integer such as 3 or -1)")
-                continue
-            label = int(parts[1])
-            if label < -1:
-                if len(check.errors) < max_reported:
-                    check.errors.append(f"{where}: label {label} is negative (expected a class index, or -1 for OOD)")
-                continue
-            if num_classes is not None and not 0 <= label < num_classes:
-                if len(check.errors) < max_reported:
-                    check.errors.append(f"{where}: label {label} out of range for {num_classes} classes "
-                                        f"(expected 0..{num_classes - 1})")
-                continue
-            try:
-                list_entry_path(list_path, lineno, parts[0], image_dir, allowed_roots=links)
-            except DataError as err:
-                if len(check.errors) < max_reported:
-                    check.errors.append(str(err))
-                continue
-            if keep is not None and label not in keep:
-                continue
-            check.entries += 1
-            if check_images and not os.path.isfile(os.path.join(image_dir, parts[0])):
-                check.missing_count += 1
-                if len(check.missing_images) < max_reported:
-                    check.missing_images.append(f"{where}: image {os.path.join(image_dir, parts[0])} not found")
+    except DataError as err:
+        check.errors.append(str(err))
+        return check
+    for lineno, raw in enumerate(lines, 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        where = f"{list_path}:{lineno}"
+        parts = line.rsplit(maxsplit=1)
+        if len(parts) != 2 or parse_label(parts[1]) is None:
+            if len(check.errors) < max_reported:
+                check.errors.append(f"{where}: malformed line {line[:80]!r} (expected 'relative/path label', "
+                                    "label a plain decimal integer such as 3 or -1)")
+            continue
+        label = int(parts[1])
+        if label < -1:
+            if len(check.errors) < max_reported:
+                check.errors.append(f"{where}: label {label} is negative (expected a class index, or -1 for OOD)")
+            continue
+        if num_classes is not None and not 0 <= label < num_classes:
+            if len(check.errors) < max_reported:
+                check.errors.append(f"{where}: label {label} out of range for {num_classes} classes "
+                                    f"(expected 0..{num_classes - 1})")
+            continue
+        try:
+            list_entry_path(list_path, lineno, parts[0], image_dir, allowed_roots=links)
+        except DataError as err:
+            if len(check.errors) < max_reported:
+                check.errors.append(str(err))
+            continue
+        if keep is not None and label not in keep:
+            continue
+        check.entries += 1
+        if check_images and not os.path.isfile(os.path.join(image_dir, parts[0])):
+            check.missing_count += 1
+            if len(check.missing_images) < max_reported:
+                check.missing_images.append(f"{where}: image {os.path.join(image_dir, parts[0])} not found")
     if check.entries == 0 and not check.errors:
         check.errors.append(f"{list_path}: the list has no entries"
                             + (" of the classes in the class list" if keep is not None else ""))
@@ -331,7 +335,9 @@ class _LineNamedDataset(ImageListDataset):
                  label_map: Mapping[int, int] | None = None, allowed_roots: Sequence[str] = ()) -> None:
         super().__init__(list_file, root, transform, mode, allowed_roots=allowed_roots)
         self.list_file = list_file
-        self.line_numbers = _entry_line_numbers(list_file)
+        # ImageListDataset's own line numbers: a second count of the file's lines (open() splits only at
+        # \n and \r, str.splitlines also at \f, \x85, U+2028, ...) named other lines, or none (IndexError).
+        self.line_numbers = list(self.lines)
         if label_map is not None:
             keep = [i for i, (_, lab) in enumerate(self.samples) if lab in label_map]
             self.samples = [(self.samples[i][0], label_map[self.samples[i][1]]) for i in keep]
@@ -344,11 +350,6 @@ class _LineNamedDataset(ImageListDataset):
             return super().__getitem__(i)
         except DataError as err:
             raise DataError(f"{self.list_file}:{self.line_numbers[i]}: {err}") from err
-
-
-def _entry_line_numbers(list_file: str) -> list[int]:
-    with open(list_file, encoding="utf-8-sig") as f:
-        return [n for n, line in enumerate(f, 1) if line.strip() and not line.strip().startswith("#")]
 
 
 def _sha256(path: str) -> str:

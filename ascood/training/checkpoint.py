@@ -22,11 +22,15 @@ import torch
 
 from ..files import atomic_save, atomic_write_text, current_umask, remove_stale_temporaries, write_json  # noqa: F401
 
-__all__ = ["FORMAT", "atomic_save", "atomic_write_text", "load_checkpoint", "load_model", "get_rng_state",
+__all__ = ["FORMAT", "CheckpointError", "atomic_save", "atomic_write_text", "load_checkpoint", "load_model", "get_rng_state",
            "set_rng_state", "remove_stale_temporaries", "current_umask", "describe_state_dict_mismatch",
            "load_state_dict_checked", "write_json"]
 
 FORMAT = "ascood-checkpoint-v1"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is unreadable, not an ascood checkpoint, or holds malformed contents (the message names it)."""
 
 
 def get_rng_state(extra_generators: dict[str, torch.Generator] | None = None) -> dict:
@@ -71,8 +75,8 @@ def set_rng_state(state: dict, extra_generators: dict[str, torch.Generator] | No
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     """Load an ascood checkpoint with ``weights_only=True``.
 
-    Raises FileNotFoundError / RuntimeError naming the file when it is
-    missing, unreadable, or not an ascood checkpoint.
+    Raises FileNotFoundError / :class:`CheckpointError` (a RuntimeError) naming
+    the file when it is missing, unreadable, or not an ascood checkpoint.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -81,15 +85,15 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
         head = f.read(4)
     # torch.save writes a zip archive (PK\3\4); the legacy format starts with a pickle header (0x80).
     if not (head == b"PK\x03\x04" or head[:1] == b"\x80"):
-        raise RuntimeError(f"{path} is not a torch checkpoint file (expected last.pt written by `ascood train` "
+        raise CheckpointError(f"{path} is not a torch checkpoint file (expected last.pt written by `ascood train` "
                            "or torch.save)")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise RuntimeError(f"cannot read checkpoint {path}: {first}") from err
+        raise CheckpointError(f"cannot read checkpoint {path}: {first}") from err
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise RuntimeError(f"{path} is not an ascood checkpoint (format {FORMAT!r} expected)")
+        raise CheckpointError(f"{path} is not an ascood checkpoint (format {FORMAT!r} expected)")
     return ckpt
 
 
@@ -102,12 +106,20 @@ def load_model(path: str | os.PathLike, map_location="cpu"):
     from ..nets.registry import build_model
 
     ckpt = load_checkpoint(path, map_location)
+    path = os.fspath(path)
     build = ckpt.get("model_build")
     if not build:
-        raise RuntimeError(f"checkpoint {os.fspath(path)} has no model_build record (model was not made by "
-                           "ascood.build_model); rebuild the model yourself and load ckpt['model']")
-    model = build_model(**build)
-    load_state_dict_checked(model, ckpt["model"], os.fspath(path))
+        raise CheckpointError(f"checkpoint {path} has no model_build record (model was not made by "
+                              "ascood.build_model); rebuild the model yourself and load ckpt['model']")
+    if not isinstance(build, dict) or not all(isinstance(k, str) for k in build):
+        raise CheckpointError(f"checkpoint {path}: model_build must be a dict of build_model arguments, got "
+                              f"{type(build).__name__}")
+    try:
+        model = build_model(**build)
+    except Exception as err:  # an edited record: unknown keys, wrong types, an unknown model name
+        raise CheckpointError(f"checkpoint {path}: cannot rebuild its model from model_build ({type(err).__name__}: "
+                              f"{str(err)[:200]})") from None
+    load_state_dict_checked(model, ckpt.get("model"), path)
     model.eval()
     return model, ckpt
 
@@ -135,10 +147,14 @@ def describe_state_dict_mismatch(model_state: dict, saved_state: dict, limit: in
 
 
 def load_state_dict_checked(model: torch.nn.Module, state: dict, source: str) -> None:
-    """``model.load_state_dict(state)`` with a one-line error naming ``source`` and the real difference."""
+    """``model.load_state_dict(state)`` with a one-line error (:class:`CheckpointError`) naming ``source`` and the
+    real difference."""
+    if not (isinstance(state, dict) and all(isinstance(k, str) for k in state)):
+        raise CheckpointError(f"checkpoint {source}: the model's weights must be a state dict (names -> tensors), "
+                              f"got {type(state).__name__}")
     try:
         model.load_state_dict(state)
     except RuntimeError as err:
         detail = describe_state_dict_mismatch(model.state_dict(), state)
-        raise RuntimeError(f"checkpoint {source} does not fit this model ({detail}): was it trained with another "
-                           "--model, --width, --channels or number of classes?") from err
+        raise CheckpointError(f"checkpoint {source} does not fit this model ({detail}): was it trained with another "
+                              "--model, --width, --channels or number of classes?") from err

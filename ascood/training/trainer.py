@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader
 
 from ..data.datasets import unpack_batch
 from ..files import atomic_save, atomic_write_text, write_json
-from .checkpoint import FORMAT, get_rng_state, load_checkpoint, load_state_dict_checked, set_rng_state
+from .checkpoint import FORMAT, CheckpointError, get_rng_state, load_checkpoint, load_state_dict_checked, set_rng_state
 from .criterion import ASCOODCriterion
 from .distributed import DistContext, all_reduce_sum, convert_sync_batchnorm, distributed_loader, init_from_env
 from .losses import ENERGY_MARGIN_IN, ENERGY_MARGIN_OUT, OUTLIER_LOSSES
@@ -46,6 +46,67 @@ __all__ = ["TrainConfig", "Trainer", "train", "NonFiniteLossError", "few_steps_n
 
 CHECKPOINT_NAME = "last.pt"
 BEST_CHECKPOINT_NAME = "best.pt"
+
+
+#: What a malformed (edited, crafted) checkpoint makes the resume code raise; each becomes a CheckpointError.
+_MALFORMED = (KeyError, TypeError, ValueError, AttributeError, IndexError, OverflowError)
+
+
+def _malformed(path: str, what: str, err: BaseException) -> CheckpointError:
+    return CheckpointError(f"cannot resume {path}: its {what} is malformed ({type(err).__name__}: "
+                           f"{str(err)[:200]}); was the file edited, or written by another program?")
+
+
+def _check_like(saved, fresh, where: str) -> None:
+    """``saved`` has the structure of ``fresh`` (a state dict this run made): dicts with fresh's keys (a missing
+    flag -- a bool or None -- is allowed, torch versions add them; extra keys are left to torch), lists of the same
+    length, numbers for numbers, tensors of the same shape. ValueError naming the entry otherwise."""
+    def bad(expected: str):
+        return ValueError(f"{where} is {type(saved).__name__} {str(saved)[:60]}, expected {expected}")
+
+    if isinstance(fresh, dict):
+        if not isinstance(saved, dict):
+            raise bad("a dict")
+        for key, value in fresh.items():
+            if key in saved:
+                _check_like(saved[key], value, f"{where}[{key!r}]")
+            elif not (value is None or isinstance(value, bool)):
+                raise ValueError(f"{where} lacks {key!r}")
+    elif isinstance(fresh, (list, tuple)):
+        if not isinstance(saved, (list, tuple)) or len(saved) != len(fresh):
+            raise bad(f"a list of {len(fresh)}")
+        for i, (s, f) in enumerate(zip(saved, fresh)):
+            _check_like(s, f, f"{where}[{i}]")
+    elif torch.is_tensor(fresh):
+        if not torch.is_tensor(saved) or saved.shape != fresh.shape:
+            raise bad(f"a tensor of shape {tuple(fresh.shape)}")
+    elif isinstance(fresh, (int, float)) and not isinstance(fresh, bool):
+        if isinstance(saved, bool) or not isinstance(saved, (int, float)):
+            raise bad("a number")
+    elif fresh is not None and type(saved) is not type(fresh):
+        raise bad(type(fresh).__name__)
+
+
+def _check_optimizer_state(saved, optimizer: torch.optim.Optimizer) -> None:
+    """A saved optimizer state fits ``optimizer``: its param groups, and per-parameter entries (buffers such as
+    SGD's momentum: the parameter's shape; a "step" counter: one element)."""
+    fresh = optimizer.state_dict()
+    if not isinstance(saved, dict) or not isinstance(saved.get("state"), dict):
+        raise ValueError("optimizer state must be a dict with 'state' and 'param_groups'")
+    _check_like(saved.get("param_groups"), fresh["param_groups"], "optimizer param_groups")
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for index, entry in saved["state"].items():
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(params) \
+                or not isinstance(entry, dict):
+            raise ValueError(f"optimizer state entry {index!r} does not belong to one of the {len(params)} parameters")
+        for key, value in entry.items():
+            if key == "step":  # a counter (Adam-style optimizers)
+                ok = torch.is_tensor(value) and value.numel() == 1 or isinstance(value, (int, float))
+            else:  # buffers of the parameter's shape (SGD's momentum_buffer; None until first used)
+                ok = value is None or torch.is_tensor(value) and value.shape == params[index].shape
+            if not ok:
+                raise ValueError(f"optimizer state {index}[{key!r}] must be a tensor of shape "
+                                 f"{tuple(params[index].shape)}, got {type(value).__name__}")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -332,20 +393,46 @@ class Trainer:
         # otherwise "resume" would silently train something config.json does not describe.
         from .resume import format_differences, resume_differences
 
-        diffs = resume_differences(ckpt, self.config, amp=self.amp, steps_per_epoch=len(self.loader),
-                                   model_build=getattr(self.raw_model, "build_args", None), extra=self.extra)
+        try:
+            diffs = resume_differences(ckpt, self.config, amp=self.amp, steps_per_epoch=len(self.loader),
+                                       model_build=getattr(self.raw_model, "build_args", None), extra=self.extra)
+        except _MALFORMED as err:  # an edited record (a list where a dict goes, ...): not a settings change
+            raise _malformed(path, "recorded settings (train_config, model_build, extra)", err) from None
         if diffs:
             raise ValueError(format_differences(path, diffs))
-        load_state_dict_checked(self.raw_model, ckpt["model"], path)
+        load_state_dict_checked(self.raw_model, ckpt.get("model"), path)
+        # torch / numpy / random are process-wide: a state that fails half-way is undone, not left half-applied.
+        rng_before = get_rng_state()
+        try:
+            self._restore_training_state(ckpt)
+        except _MALFORMED + (RuntimeError,) as err:
+            set_rng_state(rng_before)
+            raise _malformed(path, "training state (optimizer, scheduler, scaler, epoch, history, RNG states)",
+                             err) from None
+
+    def _restore_training_state(self, ckpt: dict) -> None:
+        """Optimizer, schedule, scaler, counters and RNGs from a checkpoint (errors are the caller's to name)."""
+        # torch accepts a malformed optimizer / scheduler state and fails steps later (a broadcast error, a
+        # KeyError in step()): compare with this run's own fresh state first.
+        _check_optimizer_state(ckpt["optimizer"], self.optimizer)
+        _check_like(ckpt["scheduler"], self.scheduler.state_dict(), "scheduler")
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         if ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
-        self.epoch = int(ckpt["epoch"])
-        self.history = list(ckpt.get("history", []))
+        epoch = ckpt["epoch"]
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or not 0 <= epoch <= self.config.epochs:
+            raise ValueError(f"epoch {epoch!r} is not a count of completed epochs in 0..{self.config.epochs}")
+        history = ckpt.get("history", [])
+        if not isinstance(history, list):
+            raise TypeError(f"history must be a list, got {type(history).__name__}")
+        extra = ckpt.get("extra", {})
+        if not isinstance(extra, dict):
+            raise TypeError(f"extra must be a dict, got {type(extra).__name__}")
+        self.epoch, self.history = epoch, list(history)
         self.best_val_acc = ckpt.get("best_val_acc")
         self.seed = int(ckpt.get("seed", self.seed))
-        self.extra = {**ckpt.get("extra", {}), **self.extra}
+        self.extra = {**extra, **self.extra}
         if hasattr(getattr(self.loader, "sampler", None), "seed"):
             self.loader.sampler.seed = self.seed  # DistributedSampler: same shuffles as the first run
         rng = ckpt["rng"]
