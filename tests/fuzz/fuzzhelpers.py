@@ -133,3 +133,61 @@ def outcome(read, surface: str, *names: str):
             return "error", err
     OUTCOMES[_CURRENT[0], "ok"] += 1
     return "ok", result
+
+
+def byte_mutations(max_at: int, inserts=None, max_delete: int = 64):
+    """A hypothesis strategy of one ``(kind, at, arg)`` edit for :func:`mutate_bytes`: a flipped, inserted
+    (``inserts``, default any 1-8 bytes), deleted or cut byte run at an offset below ``max_at``."""
+    from hypothesis import strategies as st
+
+    at = st.integers(0, max_at)
+    return st.one_of(
+        st.tuples(st.just("flip"), at, st.integers(1, 255)),
+        st.tuples(st.just("insert"), at, inserts if inserts is not None else st.binary(min_size=1, max_size=8)),
+        st.tuples(st.just("delete"), at, st.integers(1, max_delete)),
+        st.tuples(st.just("truncate"), at, st.just(0)),
+    )
+
+
+def mutate_bytes(data: bytes, mutations) -> bytes:
+    """``data`` after each ``(kind, at, arg)`` of ``mutations``: flip (xor a byte with arg), insert (the bytes
+    arg), delete (arg bytes) or truncate, at offset ``at`` taken modulo the current length (so one strategy
+    serves files of any size)."""
+    buf = bytearray(data)
+    for kind, at, arg in mutations:
+        at = at % (len(buf) + 1)
+        if kind == "flip" and buf:
+            buf[at % len(buf)] ^= arg
+        elif kind == "insert":
+            buf[at:at] = arg
+        elif kind == "delete":
+            del buf[at:at + arg]
+        elif kind == "truncate":
+            del buf[at:]
+    return bytes(buf)
+
+
+def edit_tree(tree, path: tuple, action: str, value) -> None:
+    """Edit a nested dict/list ``tree`` (a checkpoint's dict, a parsed JSON file) in place at ``path``:
+    ``replace`` the value, ``delete`` it, ``add`` a sibling (``KEY_extra`` in a dict, appended to a list),
+    ``wrap`` it in a list, or ``stringify`` it (its JSON text). Tuples on the way become lists."""
+    import json
+
+    parent = tree
+    for k in path[:-1]:
+        if isinstance(parent[k], tuple):
+            parent[k] = list(parent[k])
+        parent = parent[k]
+    key = path[-1]
+    if action == "replace":
+        parent[key] = value
+    elif action == "delete":
+        del parent[key]
+    elif action == "add" and isinstance(parent, dict):
+        parent[f"{key}_extra"] = value
+    elif action == "add":
+        parent.append(value)
+    elif action == "wrap":
+        parent[key] = [parent[key]]
+    elif action == "stringify":
+        parent[key] = json.dumps(parent[key])

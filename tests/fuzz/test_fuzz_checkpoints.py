@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import ascood
 import fuzzhelpers as F
-from ascood.training.checkpoint import load_checkpoint, load_model
+from ascood.training.checkpoint import load_model
 from ascood.training.trainer import TrainConfig, Trainer
 
 BASE = dict(epochs=2, ood_type="gradient", p_inv=0.2, alpha_min=0.5, alpha_max=1.0, alpha_mode="relative", w=1.0,
@@ -96,27 +96,7 @@ def _resume_checked(path: str) -> str:
 
 
 # -- flipped bytes -------------------------------------------------------------------------------------------
-_MUTATION = st.one_of(
-    st.tuples(st.just("flip"), st.integers(0, 2 ** 20), st.integers(1, 255)),
-    st.tuples(st.just("insert"), st.integers(0, 2 ** 20), st.binary(min_size=1, max_size=8)),
-    st.tuples(st.just("delete"), st.integers(0, 2 ** 20), st.integers(1, 64)),
-    st.tuples(st.just("truncate"), st.integers(0, 2 ** 20), st.just(0)),
-)
-
-
-def _mutate(data: bytes, mutations) -> bytes:
-    buf = bytearray(data)
-    for kind, at, arg in mutations:
-        at = at % (len(buf) + 1)
-        if kind == "flip" and buf:
-            buf[at % len(buf)] ^= arg
-        elif kind == "insert":
-            buf[at:at] = arg
-        elif kind == "delete":
-            del buf[at:at + arg]
-        elif kind == "truncate":
-            del buf[at:]
-    return bytes(buf)
+_MUTATION = F.byte_mutations(2 ** 20)
 
 
 @settings(max_examples=F.budget(250))
@@ -125,7 +105,7 @@ def test_flipped_bytes(mutations, run, tmp_path_factory):
     """Bytes flipped, inserted, deleted or cut anywhere in last.pt (a zip: headers, data.pkl, tensor records)."""
     F.count("checkpoint: flipped bytes")
     _, data, logits = run
-    new = _mutate(data, mutations)
+    new = F.mutate_bytes(data, mutations)
     path = _write(str(tmp_path_factory.getbasetemp()), new)
     # A changed byte of a tensor record is not detected (a zip's CRC is not checked by torch): such a model runs,
     # with other weights; everything else must be the clean model or refused.
@@ -154,25 +134,6 @@ def _paths(node, prefix=(), depth=0):
     return out
 
 
-def _edit(tree, path, action, value):
-    parent = tree
-    for k in path[:-1]:
-        if isinstance(parent[k], tuple):
-            parent[k] = list(parent[k])
-        parent = parent[k]
-    key = path[-1]
-    if action == "replace":
-        parent[key] = value
-    elif action == "delete":
-        del parent[key]
-    elif action == "add" and isinstance(parent, dict):
-        parent[f"{key}_extra"] = value
-    elif action == "add":
-        parent.append(value)
-    elif action == "wrap":
-        parent[key] = [parent[key]]
-
-
 @settings(max_examples=F.budget(250))
 @given(data=st.data(), action=st.sampled_from(["replace", "delete", "add", "wrap"]), value=_VALUE,
        edits=st.integers(1, 3))
@@ -187,7 +148,7 @@ def test_edited_contents_load_model_and_resume(data, action, value, edits, run, 
     for _ in range(edits):
         paths = _paths(ckpt)
         where = data.draw(st.sampled_from(paths), label="path")
-        _edit(ckpt, where, action, copy.deepcopy(value))
+        F.edit_tree(ckpt, where, action, copy.deepcopy(value))
         touched.append(where)
     path = _write(str(tmp_path_factory.getbasetemp()), b"")
     torch.save(ckpt, path)

@@ -99,27 +99,7 @@ def _load_and_check(d: str, clean_pred: dict, must_match: bool):
 
 
 # -- flipped bytes -------------------------------------------------------------------------------------------
-_MUTATION = st.one_of(
-    st.tuples(st.just("flip"), st.integers(0, 2 ** 20), st.integers(1, 255)),
-    st.tuples(st.just("insert"), st.integers(0, 2 ** 20), st.binary(min_size=1, max_size=8)),
-    st.tuples(st.just("delete"), st.integers(0, 2 ** 20), st.integers(1, 64)),
-    st.tuples(st.just("truncate"), st.integers(0, 2 ** 20), st.just(0)),
-)
-
-
-def _mutate(data: bytes, mutations) -> bytes:
-    buf = bytearray(data)
-    for kind, at, arg in mutations:
-        at = at % (len(buf) + 1)
-        if kind == "flip" and buf:
-            buf[at % len(buf)] ^= arg
-        elif kind == "insert":
-            buf[at:at] = arg
-        elif kind == "delete":
-            del buf[at:at + arg]
-        elif kind == "truncate":
-            del buf[at:]
-    return bytes(buf)
+_MUTATION = F.byte_mutations(2 ** 20)
 
 
 @settings(max_examples=F.budget(400))
@@ -131,7 +111,7 @@ def test_flipped_bytes(scorer, piece, mutations, reseal, clean, work):
     d = _fresh_copy(clean, scorer, work)
     path = os.path.join(d, piece)
     data = open(path, "rb").read()
-    new = _mutate(data, mutations)
+    new = F.mutate_bytes(data, mutations)
     with open(path, "wb") as f:
         f.write(new)
     if reseal and piece != MANIFEST:
@@ -168,25 +148,6 @@ def _draw_path(data, tree) -> tuple:
     return data.draw(st.sampled_from(below), label="path")
 
 
-def _edit(tree, path, action: str, value):
-    parent = tree
-    for k in path[:-1]:
-        parent = parent[k]
-    key = path[-1]
-    if action == "replace":
-        parent[key] = value
-    elif action == "delete":
-        del parent[key]
-    elif action == "add" and isinstance(parent, dict):
-        parent[f"{key}_extra"] = value
-    elif action == "add":
-        parent.append(value)
-    elif action == "wrap":
-        parent[key] = [parent[key]]
-    elif action == "stringify":
-        parent[key] = json.dumps(parent[key])
-
-
 @settings(max_examples=F.budget(600))
 @given(scorer=st.sampled_from(SCORERS), piece=st.sampled_from([SPEC, MANIFEST]), data=st.data(),
        action=st.sampled_from(["replace", "delete", "add", "wrap", "stringify"]), value=_JSON,
@@ -201,7 +162,7 @@ def test_edited_json_values_and_types(scorer, piece, data, action, value, reseal
         tree = json.load(f)
     where = _draw_path(data, tree)
     before = json.dumps(tree, sort_keys=True)
-    _edit(tree, where, action, value)
+    F.edit_tree(tree, where, action, value)
     with open(path, "w", encoding="utf-8") as f:
         json.dump(tree, f)  # NaN / Infinity go out as Python's json writes them
     if reseal and piece == SPEC:
@@ -248,7 +209,7 @@ def test_edited_safetensors_headers(scorer, piece, data, action, value, length, 
     if action == "rename" and len(where) == 1:
         header[str(value)[:20] or "x"] = header.pop(where[0])
     elif action != "rename":
-        _edit(header, where, action, value)
+        F.edit_tree(header, where, action, value)
     payload = {"keep": payload, "drop-tail": payload[:-max(1, len(payload) // 3)], "add-tail": payload + b"\0" * 24,
                "zero": bytes(len(payload))}[body]
     new = _join_safetensors(header, payload, length)

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 import fuzzhelpers as F
-from ascood.data.datasets import DataError, ImageListDataset
+from ascood.data.datasets import ImageListDataset
 from ascood.data.openood import _LineNamedDataset, read_image_list
 
 #: Images under the root (relative paths): spaces, non-ASCII names, a '#' inside a name, a folder.
@@ -89,29 +89,12 @@ def _check_invariants(ds: ImageListDataset, images: str) -> None:
         assert isinstance(label, int) and not isinstance(label, bool)
 
 
-_MUTATION = st.one_of(
-    st.tuples(st.just("flip"), st.integers(0, 10 ** 6), st.integers(1, 255)),
-    st.tuples(st.just("insert"), st.integers(0, 10 ** 6),
-              st.sampled_from([b"\0", b"\xff", b"\xc3", b"\xef\xbb\xbf", b"\r", b"\x85", b"\xe2\x80\xa8", b" ",
-                               b"..", b"/", b"../", b"#", b"-", b"1.5", b"\t", b"\\", b"\x0c"]) | st.binary(max_size=8)),
-    st.tuples(st.just("delete"), st.integers(0, 10 ** 6), st.integers(1, 8)),
-    st.tuples(st.just("truncate"), st.integers(0, 10 ** 6), st.just(0)),
-)
-
-
-def _mutate(data: bytes, mutations) -> bytes:
-    buf = bytearray(data)
-    for kind, at, arg in mutations:
-        at = at % (len(buf) + 1)
-        if kind == "flip" and buf:
-            buf[at % len(buf)] ^= arg
-        elif kind == "insert":
-            buf[at:at] = arg
-        elif kind == "delete":
-            del buf[at:at + arg]
-        elif kind == "truncate":
-            del buf[at:]
-    return bytes(buf)
+# Inserts favour the bytes list readers must handle: NUL, invalid UTF-8, a BOM, line breaks other than \n,
+# path pieces and label spellings.
+_MUTATION = F.byte_mutations(
+    10 ** 6, max_delete=8,
+    inserts=st.sampled_from([b"\0", b"\xff", b"\xc3", b"\xef\xbb\xbf", b"\r", b"\x85", b"\xe2\x80\xa8", b" ", b"..",
+                             b"/", b"../", b"#", b"-", b"1.5", b"\t", b"\\", b"\x0c"]) | st.binary(max_size=8))
 
 
 @settings(max_examples=F.budget(500))
@@ -132,7 +115,7 @@ def test_mutated_lists_are_read_or_refused_naming_the_list(case, mutations, clas
             os.unlink(table)
     else:
         _write(folder, classes, "classes.txt")
-    path = _write(folder, _mutate(text.encode("utf-8"), mutations))
+    path = _write(folder, F.mutate_bytes(text.encode("utf-8"), mutations))
     kind, ds = F.outcome(lambda: ImageListDataset(path, images), "image list", path, table)
     if kind == "ok":
         _check_invariants(ds, images)
@@ -200,7 +183,7 @@ def openood_check_property(reader, case, mutations, num_classes, root) -> None:
     test_fuzz_catches_broken_readers.py): every problem is a 'file:line: ...' entry of its result."""
     text, _ = case
     images = os.path.join(root, "images")
-    path = _write(root, _mutate(text.encode("utf-8"), mutations), "openood.txt")
+    path = _write(root, F.mutate_bytes(text.encode("utf-8"), mutations), "openood.txt")
     kind, check = F.outcome(lambda: reader(path, images, num_classes), "image list", path)
     if kind == "ok":
         assert all(e.startswith(path) for e in check.errors + check.missing_images), check
