@@ -117,17 +117,24 @@ def asan_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
     """``env`` (default: this process's) for a Python process that loads an ``asan`` flavour library.
 
     GCC's libasan must be the first library of the process, so it is preloaded
-    (LD_PRELOAD of ``gcc -print-file-name=libasan.so``); leak detection is off
-    (the interpreter's own allocations are never freed), and an error aborts
-    with the report on stderr. Raises RuntimeError when no libasan is found.
+    (LD_PRELOAD of ``c++ -print-file-name=libasan.so``), followed by the
+    compiler's libstdc++: the interpreter does not link it, and without it
+    preloaded libasan's interceptor of ``__cxa_throw`` finds no real function
+    and the first C++ exception (any TORCH_CHECK) stops the process with
+    "CHECK failed: asan_interceptors.cpp". Leak detection is off (the
+    interpreter's own allocations are never freed); an error exits with the
+    report on stderr. Raises RuntimeError when no libasan is found.
     """
     cxx = os.environ.get("CXX", "c++")
-    proc = subprocess.run([cxx, "-print-file-name=libasan.so"], capture_output=True, text=True)
-    lib = proc.stdout.strip()
-    if proc.returncode != 0 or not os.path.isabs(lib) or not os.path.exists(lib):
-        raise RuntimeError(f"no libasan.so for {cxx} (got {lib!r}); install the compiler's AddressSanitizer runtime")
+    libs = []
+    for name in ("libasan.so", "libstdc++.so"):
+        proc = subprocess.run([cxx, f"-print-file-name={name}"], capture_output=True, text=True)
+        lib = proc.stdout.strip()
+        if proc.returncode != 0 or not os.path.isabs(lib) or not os.path.exists(lib):
+            raise RuntimeError(f"no {name} for {cxx} (got {lib!r}); install the compiler's AddressSanitizer runtime")
+        libs.append(os.path.realpath(lib))
     out = dict(os.environ if env is None else env)
-    out["LD_PRELOAD"] = " ".join(x for x in (lib, out.get("LD_PRELOAD", "")) if x)
+    out["LD_PRELOAD"] = " ".join(x for x in (*libs, out.get("LD_PRELOAD", "")) if x)
     out["ASAN_OPTIONS"] = ":".join(x for x in ("detect_leaks=0:abort_on_error=0:halt_on_error=1",
                                                out.get("ASAN_OPTIONS", "")) if x)
     return out

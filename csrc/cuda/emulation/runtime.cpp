@@ -88,8 +88,8 @@ extern "C" void __sanitizer_set_death_callback(void (*callback)(void)) __attribu
 
 void report_kernel_on_asan_death() {
   const char* k = g_running_kernel.load();
-  std::fprintf(stderr, "cuda-emulation: AddressSanitizer stopped the process in kernel %s\n",
-               k ? k : "(none: outside a launch)");
+  std::fprintf(stderr, "cuda-emulation: AddressSanitizer stopped the process in kernel %s (launched as %s)\n",
+               k ? kernel_base_name(k).c_str() : "(none: outside a launch)", k ? k : "-");
 }
 
 [[maybe_unused]] const bool g_asan_hook = [] {
