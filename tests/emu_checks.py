@@ -132,11 +132,12 @@ FAULT_CASES = {
 }
 
 #: Tunables that send the op tests' small shapes down the GPU-size paths under the emulation
-#: (tests/kernels/conftest.py sets them for every cuda-emulated op test): rows over 64 float32
-#: take the multi-block select (2 blocks per row with one SM); zscore runs 2 blocks, so 3 rows
+#: (tests/kernels/conftest.py sets them for every cuda-emulated op test): rows over 4 KiB (1024
+#: float32, e.g. the op tests' 3x32x32 samples) take the multi-block select (up to 4 blocks per
+#: row with one SM), shorter rows the one-block select; zscore runs 2 blocks, so 3 rows
 #: or more take a second grid-stride pass; i-ODIN's every-element kernel runs 1 block of 256
 #: threads, so over 256 elements take a second pass.
-GPU_PATHS_AT_SMALL_SHAPES = {"small_bytes": 256, "num_sms": 1, "zscore_max_blocks": 2, "iodin_all_blocks_per_sm": 1}
+GPU_PATHS_AT_SMALL_SHAPES = {"small_bytes": 4096, "num_sms": 1, "zscore_max_blocks": 2, "iodin_all_blocks_per_sm": 1}
 
 #: (kernel, path) launch counts that must be non-zero after the op tests' emulated cases ran
 #: with GPU_PATHS_AT_SMALL_SHAPES (tests/kernels/test_emulated_paths.py asserts them).
