@@ -55,7 +55,8 @@ _CFLAGS = ("-O1", "-fsanitize=thread", "-ffp-contract=off", "-pthread", "-Wall",
 #: libasan (LD_PRELOAD, see :func:`asan_env`).
 FLAVOURS = {
     "default": ({}, []),
-    "fma": ({"-ffp-contract=off": "-ffp-contract=fast -mfma -DASCOOD_EMU_FP_CONTRACT"}, []),
+    # GCC contracts only with -fexpensive-optimizations (on from -O2; the build is -O1).
+    "fma": ({"-ffp-contract=off": "-ffp-contract=fast -mfma -fexpensive-optimizations -DASCOOD_EMU_FP_CONTRACT"}, []),
     "asan": ({"-fsanitize=thread": "-fsanitize=address -fno-omit-frame-pointer -g"}, ["-fsanitize=address"]),
 }
 # The runtime implements the instrumentation hooks, so it is compiled without it.

@@ -33,3 +33,18 @@ def _gpu_paths_at_small_shapes(request):
         return
     with emulation.options(**emu_checks.GPU_PATHS_AT_SMALL_SHAPES):
         yield
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """ASCOOD_EMU_COUNTS=1: the emulator's launch counts per kernel and path for this run (BENCHMARKS.md)."""
+    if os.environ.get("ASCOOD_EMU_COUNTS", "0") != "1":
+        return
+    from ascood_kernels import emulation
+
+    if not emulation._state.get("loaded"):
+        terminalreporter.write_line("emulated launch counts: the emulation did not run")
+        return
+    counts = emulation.launch_counts()
+    terminalreporter.write_line("emulated launch counts (kernel | path | launches):")
+    for (kernel, path), n in sorted(counts.items()):
+        terminalreporter.write_line(f"| {kernel} | {path} | {n} |")

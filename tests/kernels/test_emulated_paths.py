@@ -10,6 +10,11 @@ Without the lowered tunables the same shapes reach none of the GPU-size paths.
 """
 from __future__ import annotations
 
+import os
+import pathlib
+import shutil
+import subprocess
+
 import pytest
 import torch
 
@@ -78,3 +83,14 @@ def test_launch_counts_count_launches_and_reset():
     assert counts[("zscore_fwd_kernel", "grid-stride pass >= 2")] == 1
     assert emulation.launch_counts(reset=True) == counts
     assert emulation.launch_counts() == {}
+
+
+@pytest.mark.skipif(os.environ.get("ASCOOD_EMU_FLAVOUR") != "fma", reason="the fma flavour only (ASCOOD_EMU_FLAVOUR=fma)")
+def test_fma_flavour_fuses_multiply_adds():
+    """The flavour CI runs to hold the tolerances under nvcc's default contraction really emits FMA instructions."""
+    objdump = shutil.which("objdump")
+    if objdump is None:
+        pytest.skip("no objdump")
+    obj = pathlib.Path(emulation._state["library"]).parent / "emulated_zscore_cu.o"
+    text = subprocess.run([objdump, "-d", str(obj)], capture_output=True, text=True, check=True).stdout
+    assert "vfmadd" in text or "vfmsub" in text or "vfnmadd" in text
