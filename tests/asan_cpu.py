@@ -58,5 +58,12 @@ BUILD_SECONDS = round(time.perf_counter() - _t0, 1)
 sys.modules["ascood_kernels._C"] = types.ModuleType("ascood_kernels._C")
 
 
-def pytest_report_header(config):
-    return [f"ASAN-CPU-LIBRARY {LIBRARY} (built or reused in {BUILD_SECONDS} s) stands in for ascood_kernels._C"]
+def _shipped_extension_mapped() -> bool:
+    """True when the real ascood_kernels/_C*.so was loaded into this process after all."""
+    maps = pathlib.Path("/proc/self/maps")
+    return maps.is_file() and any("ascood_kernels/_C" in line for line in maps.read_text().splitlines())
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    terminalreporter.write_line(f"ASAN-CPU-LIBRARY {LIBRARY} (built or reused in {BUILD_SECONDS} s) stood in for "
+                                f"ascood_kernels._C; shipped _C loaded: {_shipped_extension_mapped()}")

@@ -40,9 +40,10 @@ def test_cpu_op_tests_pass_with_the_kernels_built_with_asan():
                            "-k", "cpu-cpu", *OP_TESTS], capture_output=True, text=True, env=env, timeout=1200,
                           cwd=str(TESTS.parent))
     out = proc.stdout + proc.stderr
-    header = [ln for ln in proc.stdout.splitlines() if ln.startswith("ASAN-CPU-LIBRARY ")]
+    marker = [ln for ln in proc.stdout.splitlines() if ln.startswith("ASAN-CPU-LIBRARY ")]
     summary = proc.stdout.strip().splitlines()[-1:] if proc.stdout.strip() else []
-    print(f"\n{header[0] if header else 'no ASan library header'}\n{summary}")
+    print(f"\n{marker[0] if marker else 'no ASan library line'}\n{summary}")
     assert "AddressSanitizer" not in out, out[-8000:]
-    assert proc.returncode == 0 and header, out[-8000:]
-    assert " passed" in proc.stdout
+    assert proc.returncode == 0 and marker, out[-8000:]
+    assert marker[0].endswith("shipped _C loaded: False"), marker[0]
+    assert " passed" in summary[0] and " failed" not in summary[0], summary
