@@ -21,7 +21,7 @@ from ascood_kernels import emulation
 
 # A job of its own in CI (.ci/run), as it builds an instrumented library: ASCOOD_ASAN_TESTS=1 runs it.
 pytestmark = pytest.mark.skipif(os.environ.get("ASCOOD_ASAN_TESTS", "0") != "1",
-                                reason="AddressSanitizer job: set ASCOOD_ASAN_TESTS=1 (CI runs it as a step of its own)")
+                                reason="AddressSanitizer job: set ASCOOD_ASAN_TESTS=1 (a step of its own in CI)")
 
 TESTS = pathlib.Path(__file__).resolve().parents[1]
 OP_TESTS = sorted(str(p) for p in (TESTS / "kernels").glob("test_op_*.py"))

@@ -27,7 +27,7 @@ from test_cuda_emulated_faults import FAULTS, make_copies
 
 # A job of its own in CI (.ci/run), as it builds an instrumented library: ASCOOD_ASAN_TESTS=1 runs it.
 pytestmark = pytest.mark.skipif(os.environ.get("ASCOOD_ASAN_TESTS", "0") != "1",
-                                reason="AddressSanitizer job: set ASCOOD_ASAN_TESTS=1 (CI runs it as a step of its own)")
+                                reason="AddressSanitizer job: set ASCOOD_ASAN_TESTS=1 (a step of its own in CI)")
 
 ASAN_FAULTS = [f for f in FAULTS if f.by == "asan"]
 # The kernel each fault's report must name (the launch it happened in).

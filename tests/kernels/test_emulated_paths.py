@@ -27,7 +27,9 @@ pytestmark = pytest.mark.skipif(not emulation.load(), reason=f"CUDA emulation un
 
 
 def _run_op_test_shapes() -> list[str]:
-    """zscore (7, 33) forward + backward, i-ODIN (5, 3, 17, 19) with k = all, select (8, 3, 32, 32) and (5, 3, 17, 19)."""
+    """zscore (7, 33) forward + backward, i-ODIN (5, 3, 17, 19) with k = all, select (8, 3, 32, 32), (5, 3, 17, 19).
+
+    Returns the mismatches with the reference ([] when all match)."""
     gen = torch.Generator().manual_seed(0)
     problems = []
     h = (torch.randn(7, 33, generator=gen, dtype=torch.float64) * 3 + 1).float().requires_grad_()
@@ -46,11 +48,11 @@ def _run_op_test_shapes() -> list[str]:
                    reference.iodin_perturb(x.double(), g.double(), 0.01, std.double(), 10 ** 6), TOL[torch.float32])
     problems += [f"iodin: {why}"] if why else []
     for shape in ((8, 3, 32, 32), (5, 3, 17, 19)):
-        problems += [f"select {shape}: {p}" for p in emu_checks.select(ak_ns(), shape, torch.float32, 0.1, "ties")]
+        problems += [f"select {shape}: {p}" for p in emu_checks.select(_emu_ops(), shape, torch.float32, 0.1, "ties")]
     return problems
 
 
-def ak_ns():
+def _emu_ops():
     return getattr(torch.ops, emulation.NAMESPACE)
 
 
@@ -76,8 +78,8 @@ def test_launch_counts_count_launches_and_reset():
     emulation.launch_counts(reset=True)
     h = torch.randn(3, 8)
     with emulation.options(zscore_max_blocks=1):
-        ak_ns().zscore(h, 0.5, 0.0)
-        ak_ns().zscore(h[:1], 0.5, 0.0)  # one row: a single pass
+        _emu_ops().zscore(h, 0.5, 0.0)
+        _emu_ops().zscore(h[:1], 0.5, 0.0)  # one row: a single pass
     counts = emulation.launch_counts()
     assert counts[("zscore_fwd_kernel", "launches")] == 2
     assert counts[("zscore_fwd_kernel", "grid-stride pass >= 2")] == 1
@@ -85,7 +87,8 @@ def test_launch_counts_count_launches_and_reset():
     assert emulation.launch_counts() == {}
 
 
-@pytest.mark.skipif(os.environ.get("ASCOOD_EMU_FLAVOUR") != "fma", reason="the fma flavour only (ASCOOD_EMU_FLAVOUR=fma)")
+@pytest.mark.skipif(os.environ.get("ASCOOD_EMU_FLAVOUR") != "fma",
+                    reason="the fma flavour only (ASCOOD_EMU_FLAVOUR=fma)")
 def test_fma_flavour_fuses_multiply_adds():
     """The flavour CI runs to hold the tolerances under nvcc's default contraction really emits FMA instructions."""
     objdump = shutil.which("objdump")
