@@ -15,7 +15,11 @@ never part of the installed ``ascood_kernels._C``.
 
 It checks what the kernels compute (against the reference, in the op tests and
 ``python -m ascood_kernels --backend cuda-emulated``), not their speed: timing,
-occupancy and inter-block races need a real GPU.
+occupancy and inter-block races need a real GPU. Fresh outputs are poisoned
+(0xff) while an emulated op runs, the emulator counts launches per kernel and
+per marked path (:func:`launch_counts`), and two more build flavours exist
+(:data:`FLAVOURS`, ASCOOD_EMU_FLAVOUR): ``fma`` (multiply-adds fused as nvcc
+does) and ``asan`` (AddressSanitizer; see :func:`asan_env`).
 """
 from __future__ import annotations
 
