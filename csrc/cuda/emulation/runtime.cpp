@@ -46,9 +46,14 @@ constexpr unsigned char kGuardByte = 0x5a;
 // ---------------------------------------------------------------------------
 // Options. Tunables are the constants a test may lower (see common.cuh);
 // deadlock_timeout_ms, poison and race_check are the emulator's own.
-const char* const kOptionNames[] = {"num_sms",           "cand_budget",      "small_bytes",
-                                     "zscore_max_blocks", "iodin_all_blocks_per_sm",
-                                     "deadlock_timeout_ms", "poison",         "race_check"};
+const char* const kOptionNames[] = {"num_sms",
+                                     "cand_budget",
+                                     "small_bytes",
+                                     "zscore_max_blocks",
+                                     "iodin_all_blocks_per_sm",
+                                     "deadlock_timeout_ms",
+                                     "poison",
+                                     "race_check"};
 
 std::mutex g_option_mu;
 std::map<std::string, int64_t> g_options;
