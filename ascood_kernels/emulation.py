@@ -15,11 +15,16 @@ never part of the installed ``ascood_kernels._C``.
 
 It checks what the kernels compute (against the reference, in the op tests and
 ``python -m ascood_kernels --backend cuda-emulated``), not their speed: timing,
-occupancy and inter-block races need a real GPU.
+occupancy and inter-block races need a real GPU. Fresh outputs are poisoned
+(0xff) while an emulated op runs, the emulator counts launches per kernel and
+per marked path (:func:`launch_counts`), and two more build flavours exist
+(:data:`FLAVOURS`, ASCOOD_EMU_FLAVOUR): ``fma`` (multiply-adds fused as nvcc
+does) and ``asan`` (AddressSanitizer; see :func:`asan_env`).
 """
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import os
 import pathlib
@@ -30,20 +35,34 @@ from typing import Iterator, Mapping
 
 import torch
 
-__all__ = ["NAMESPACE", "KERNEL_FILES", "source_dir", "build", "build_variants", "load", "available", "why_not",
-           "options", "selftest"]
+__all__ = ["NAMESPACE", "KERNEL_FILES", "FLAVOURS", "source_dir", "flavour", "build", "build_variants", "load",
+           "available", "why_not", "options", "selftest", "launch_counts", "asan_env"]
 
 #: torch.ops namespace of the emulated kernels.
 NAMESPACE = "ascood_emu"
 #: The CUDA sources compiled into the emulated library (each with its launchers).
 KERNEL_FILES = ("select.cu", "iodin.cu", "zscore.cu", "loss.cu")
-_LIBRARY_FILES = ("register.cpp", "selftest.cpp")
+_LIBRARY_FILES = ("register.cpp", "selftest.cpp", "poison.cpp")
 # -ffp-contract=off: nothing is fused into an FMA, as the kernels' *_rn arithmetic requires.
 # -fsanitize=thread: GCC's access instrumentation, whose hooks the emulator's runtime
 # implements for its race check (no libtsan). -O1: the emulator's cost is in thread
 # switches, not in the kernels' arithmetic, and it compiles faster.
 _CFLAGS = ("-O1", "-fsanitize=thread", "-ffp-contract=off", "-pthread", "-Wall", "-Wno-unknown-pragmas",
            "-DASCOOD_CUDA_EMULATION")
+
+#: Build flavours (ASCOOD_EMU_FLAVOUR, or the ``flavour`` argument), each cached in its own
+#: build directory: flags replaced in :data:`_CFLAGS` and link flags added.
+#: "fma": a * b + c contracts into an FMA as nvcc does by default (-fmad=true); the *_rn
+#: intrinsics stay unfused behind a barrier (cuda_emu.h), as on a GPU; x86-64 with FMA only.
+#: "asan": AddressSanitizer instead of the race check's instrumentation (the race_check
+#: option then sees nothing); the library only loads into a process that starts with
+#: libasan (LD_PRELOAD, see :func:`asan_env`).
+FLAVOURS = {
+    "default": ({}, []),
+    # GCC contracts only with -fexpensive-optimizations (on from -O2; the build is -O1).
+    "fma": ({"-ffp-contract=off": "-ffp-contract=fast -mfma -fexpensive-optimizations -DASCOOD_EMU_FP_CONTRACT"}, []),
+    "asan": ({"-fsanitize=thread": "-fsanitize=address -fno-omit-frame-pointer -g"}, ["-fsanitize=address"]),
+}
 # The runtime implements the instrumentation hooks, so it is compiled without it.
 _RUNTIME_CFLAGS = ("-std=c++20", "-O2", "-fPIC", "-pthread", "-Wall")
 
@@ -71,13 +90,71 @@ def _digest(files: list[pathlib.Path], extra: list[str]) -> str:
     return h.hexdigest()[:16]
 
 
+def flavour(name: str | None = None) -> str:
+    """The build flavour: ``name``, else ASCOOD_EMU_FLAVOUR, else "default" (see :data:`FLAVOURS`)."""
+    name = name or os.environ.get("ASCOOD_EMU_FLAVOUR", "") or "default"
+    if name not in FLAVOURS:
+        raise ValueError(f"ASCOOD_EMU_FLAVOUR must be one of {', '.join(FLAVOURS)}, got {name!r}")
+    if name == "fma" and not _cpu_has_fma():
+        raise RuntimeError("the fma flavour needs an x86-64 CPU with FMA (no 'fma' flag in /proc/cpuinfo)")
+    return name
+
+
+def _cpu_has_fma() -> bool:
+    try:
+        return " fma " in f" {pathlib.Path('/proc/cpuinfo').read_text()} ".replace("\n", " ")
+    except OSError:
+        return False
+
+
+def _flavour_flags(name: str) -> tuple[list[str], list[str]]:
+    """(compile flags, extra link flags) of flavour ``name``."""
+    replace, ldflags = FLAVOURS[name]
+    cflags = [part for f in _CFLAGS for part in replace.get(f, f).split()]
+    return cflags, list(ldflags)
+
+
+def _library_name(base: str, name: str) -> str:
+    return base if name == "default" else f"{base}_{name}"
+
+
+def asan_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """``env`` (default: this process's) for a Python process that loads an ``asan`` flavour library.
+
+    GCC's libasan must be the first library of the process, so it is preloaded
+    (LD_PRELOAD of ``c++ -print-file-name=libasan.so``), followed by the
+    compiler's libstdc++: the interpreter does not link it, and without it
+    preloaded libasan's interceptor of ``__cxa_throw`` finds no real function
+    and the first C++ exception (any TORCH_CHECK) stops the process with
+    "CHECK failed: asan_interceptors.cpp". Leak detection is off (the
+    interpreter's own allocations are never freed); an error exits with the
+    report on stderr. Raises RuntimeError when no libasan is found.
+    """
+    cxx = os.environ.get("CXX", "c++")
+    libs = []
+    for name in ("libasan.so", "libstdc++.so"):
+        proc = subprocess.run([cxx, f"-print-file-name={name}"], capture_output=True, text=True)
+        lib = proc.stdout.strip()
+        if proc.returncode != 0 or not os.path.isabs(lib) or not os.path.exists(lib):
+            raise RuntimeError(f"no {name} for {cxx} (got {lib!r}); install the compiler's AddressSanitizer runtime")
+        libs.append(os.path.realpath(lib))
+    out = dict(os.environ if env is None else env)
+    out["LD_PRELOAD"] = " ".join(x for x in (*libs, out.get("LD_PRELOAD", "")) if x)
+    out["ASAN_OPTIONS"] = ":".join(x for x in ("detect_leaks=0:abort_on_error=0:halt_on_error=1",
+                                               out.get("ASAN_OPTIONS", "")) if x)
+    return out
+
+
 def _compile_library(name: str, sources: list[str], hashed: list[pathlib.Path], flags: list[str],
-                     csrc: pathlib.Path, write: Mapping[str, str], verbose: bool) -> str:
+                     csrc: pathlib.Path, write: Mapping[str, str], verbose: bool,
+                     ldflags: list[str] | None = None) -> str:
     """Build (or reuse) and load one library from ``sources`` plus generated files ``write`` (name -> text)."""
     from torch.utils import cpp_extension
 
     cuda_dir = csrc / "cuda"
-    digest = _digest(hashed, [*flags, torch.__version__, *sources, *(f"{k}\0{v}" for k, v in sorted(write.items()))])
+    ldflags = list(ldflags or [])
+    digest = _digest(hashed, [*flags, *ldflags, torch.__version__, *sources,
+                              *(f"{k}\0{v}" for k, v in sorted(write.items()))])
     build_dir = _build_root(csrc) / f"{name}_{digest}"
     build_dir.mkdir(parents=True, exist_ok=True)
     for fname, text in write.items():
@@ -98,7 +175,7 @@ def _compile_library(name: str, sources: list[str], hashed: list[pathlib.Path], 
         os.replace(str(runtime) + ".tmp", runtime)
     # -Bsymbolic: the library uses its own runtime even if another emulated library is loaded.
     path = cpp_extension.load(name=build_dir.name, sources=sources, extra_cflags=flags,
-                              extra_ldflags=["-pthread", "-Wl,-Bsymbolic", str(runtime)],
+                              extra_ldflags=["-pthread", "-Wl,-Bsymbolic", str(runtime), *ldflags],
                               extra_include_paths=[str(csrc), str(cuda_dir)], build_directory=str(build_dir),
                               is_python_module=False, verbose=verbose)
     # Builds of older sources under this name are stale: remove them (best effort).
@@ -115,12 +192,14 @@ def _sources_hash(csrc: pathlib.Path) -> list[pathlib.Path]:
         [csrc / "schema.h"]
 
 
-def build(verbose: bool = False) -> str:
+def build(verbose: bool = False, flavour_name: str | None = None) -> str:
     """Compile (or reuse) the emulated kernels of :data:`KERNEL_FILES` and load them; returns the library path.
 
-    The build directory is named by a hash of every source and flag. Also
-    builds the emulator's self-test kernels (tests/test_cuda_emulator.py).
+    The build directory is named by the flavour (:func:`flavour`) and a hash of
+    every source and flag. Also builds the emulator's self-test kernels
+    (tests/test_cuda_emulator.py).
     """
+    fl = flavour(flavour_name)
     csrc = source_dir()
     if csrc is None:
         raise RuntimeError("the cuda-emulated backend needs the source tree (csrc/ beside ascood_kernels/)")
@@ -129,12 +208,14 @@ def build(verbose: bool = False) -> str:
     write = {f"emulated_{k.replace('.', '_')}.cpp": f'// Generated: {k} for the CUDA emulation.\n'
                                                     f'#include "{(cuda_dir / k).resolve()}"\n' for k in KERNEL_FILES}
     sources = [str(cuda_dir / "emulation" / f) for f in _LIBRARY_FILES]
-    flags = [*_CFLAGS, f"-DASCOOD_EMU_NS={NAMESPACE}", "-DASCOOD_EMU_SELFTEST"]
-    return _compile_library(NAMESPACE, sources, _sources_hash(csrc), flags, csrc, write, verbose)
+    cflags, ldflags = _flavour_flags(fl)
+    flags = [*cflags, f"-DASCOOD_EMU_NS={NAMESPACE}", "-DASCOOD_EMU_SELFTEST"]
+    return _compile_library(_library_name(NAMESPACE, fl), sources, _sources_hash(csrc), flags, csrc, write, verbose,
+                            ldflags)
 
 
 def build_variants(variants: Mapping[str, pathlib.Path], name: str = "ascood_emu_variants",
-                   verbose: bool = False) -> str:
+                   verbose: bool = False, flavour_name: str | None = None) -> str:
     """Build modified copies of kernel files into one library, each under its own op namespace.
 
     ``variants`` maps a namespace (e.g. ``ascood_fault_sync``) to a copy of one
@@ -142,8 +223,10 @@ def build_variants(variants: Mapping[str, pathlib.Path], name: str = "ascood_emu
     beside it, which its include finds first. Each copy is compiled inside a
     C++ namespace of its own, so the modified inline helpers of one variant
     never replace another's (or the original's) at link time. Used by the
-    fault-injection test; returns the library path.
+    fault-injection test; returns the library path. ``flavour_name`` as in
+    :func:`build` (the ASan test builds its variants as "asan").
     """
+    fl = flavour(flavour_name)
     csrc = source_dir()
     if csrc is None:
         raise RuntimeError("building emulated variants needs the source tree (csrc/ beside ascood_kernels/)")
@@ -170,10 +253,13 @@ def build_variants(variants: Mapping[str, pathlib.Path], name: str = "ascood_emu
             f"#undef ASCOOD_EMU_NS\n#define ASCOOD_EMU_NS {ns}\n"
             f"namespace ascood_variant_{i} {{\n#include \"{path}\"\n}}\n"  # relative to this file
             f"static int64_t {ns}_option(std::string n, int64_t v) {{ return ::ascood::emu::set_option(n, v); }}\n"
+            f'[[maybe_unused]] static const bool {ns}_poisoned = ::ascood::emu::poison_outputs_of("{ns}");\n'
             f"TORCH_LIBRARY({ns}, m) {{\n  ::ascood::define_kernel_schemas(m);\n"
             f'  m.def("_emu_option(str name, int value) -> int", &{ns}_option);\n}}\n')
-    flags = [*_CFLAGS, f"-DASCOOD_EMU_NS={name}"]
-    return _compile_library(name, [], _sources_hash(csrc), flags, csrc, write, verbose)
+    cflags, ldflags = _flavour_flags(fl)
+    flags = [*cflags, f"-DASCOOD_EMU_NS={name}"]
+    write["poison.cpp"] = f'#include "{(csrc / "cuda" / "emulation" / "poison.cpp").resolve()}"\n'
+    return _compile_library(_library_name(name, fl), [], _sources_hash(csrc), flags, csrc, write, verbose, ldflags)
 
 
 def load(verbose: bool = False) -> bool:
@@ -219,7 +305,10 @@ def options(namespace: str = NAMESPACE, **values: int) -> Iterator[None]:
     small sizes): ``num_sms`` (default 4; the multi-block select splits a
     row into up to ``4 * num_sms / B`` blocks), ``small_bytes`` (rows up to this
     many bytes take the one-block select; default 32768), ``cand_budget``
-    (candidate-list entries per chunk of samples; default 2**24).
+    (candidate-list entries per chunk of samples; default 2**24),
+    ``zscore_max_blocks`` (grid of the zscore kernels, rows beyond it take
+    further grid-stride passes; default 2**20), ``iodin_all_blocks_per_sm``
+    (grid of i-ODIN's every-element kernel per SM; default 32).
     The emulator's own: ``deadlock_timeout_ms`` (default 10000), ``poison``
     (byte that fills fresh shared memory; default 0xff), ``race_check`` (1:
     report data races on shared and global memory; default 0).
@@ -245,3 +334,26 @@ def selftest(name: str, arg: int = 0) -> torch.Tensor:
     if not load():
         raise RuntimeError(f"the cuda-emulated backend is not available: {why_not()}")
     return getattr(torch.ops, NAMESPACE)._emu_selftest(name, arg)
+
+
+def launch_counts(reset: bool = False, library: str | None = None) -> dict[tuple[str, str], int]:
+    """Completed launches of the emulated kernels: {(kernel, path): count}.
+
+    ``path`` is "launches" (every launch of the kernel) or a path the kernel
+    marks with ASCOOD_PATH (csrc/cuda/common.cuh), counted once per launch that
+    reached it, e.g. "grid-stride pass >= 2". Counts accumulate over the
+    process; ``reset`` clears them after reading. ``library``: the path of a
+    build_variants library (default: the ``ascood_emu`` library).
+    """
+    if library is None:
+        if not load():
+            raise RuntimeError(f"the cuda-emulated backend is not available: {why_not()}")
+        library = _state["library"]
+    fn = ctypes.CDLL(library).ascood_emu_launch_counts
+    fn.restype = ctypes.c_char_p
+    fn.argtypes = [ctypes.c_int]
+    counts = {}
+    for line in fn(1 if reset else 0).decode().splitlines():
+        kernel, path, count = line.split("\t")
+        counts[(kernel, path)] = int(count)
+    return counts

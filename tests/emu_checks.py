@@ -118,7 +118,41 @@ FAULT_CASES = {
         ("zscore 3x300", lambda ns: zscore(ns, 3, 300, torch.float32, seed=1)),
         ("zscore 4x20 float64", lambda ns: zscore(ns, 4, 20, torch.float64, seed=2)),
     ],
+    "iodin.cu": [
+        ("iodin 2x3x10x10 k=1 ties (rounds)", lambda ns: iodin(ns, (2, 3, 10, 10), torch.float32, 1, "ties")),
+        ("iodin 3x2x7x7 k=5 NaN (rounds)", lambda ns: iodin(ns, (3, 2, 7, 7), torch.float32, 5, "nan", seed=1)),
+        ("iodin 2x3x10x10 k=40 (radix)", lambda ns: iodin(ns, (2, 3, 10, 10), torch.float32, 40, "ties", seed=2)),
+        ("iodin 2x3x10x10 float16 k=all", lambda ns: iodin(ns, (2, 3, 10, 10), torch.float16, 10 ** 6, "normal")),
+        ("iodin 3x1x9x9 k=all", lambda ns: iodin(ns, (3, 1, 9, 9), torch.float32, 10 ** 6, "nan", seed=3)),
+    ],
+    "loss.cu": [
+        ("loss 4+3 rows x 10 classes", lambda ns: loss(ns, 4, 3, 10, torch.float32)),
+        ("loss 2+5 rows x 1000 classes float64", lambda ns: loss(ns, 2, 5, 1000, torch.float64, seed=1)),
+    ],
 }
+
+#: Tunables that send the op tests' small shapes down the GPU-size paths under the emulation
+#: (tests/kernels/conftest.py sets them for every cuda-emulated op test): rows over 4 KiB (1024
+#: float32, e.g. the op tests' 3x32x32 samples) take the multi-block select (up to 4 blocks per
+#: row with one SM), shorter rows the one-block select; zscore runs 2 blocks, so 3 rows
+#: or more take a second grid-stride pass; i-ODIN's every-element kernel runs 1 block of 256
+#: threads, so over 256 elements take a second pass.
+GPU_PATHS_AT_SMALL_SHAPES = {"small_bytes": 4096, "num_sms": 1, "zscore_max_blocks": 2, "iodin_all_blocks_per_sm": 1}
+
+#: (kernel, path) launch counts that must be non-zero after the op tests' emulated cases ran
+#: with GPU_PATHS_AT_SMALL_SHAPES (tests/kernels/test_emulated_paths.py asserts them).
+REQUIRED_PATHS = [
+    ("zscore_fwd_kernel", "grid-stride pass >= 2"),
+    ("zscore_bwd_kernel", "grid-stride pass >= 2"),
+    ("iodin_all_kernel", "grid-stride pass >= 2"),
+    ("select_small_kernel", "launches"),
+    # the multi-block select: every kernel of the large-row path
+    ("hist_top_kernel", "launches"),
+    ("select_digit_kernel", "launches"),
+    ("split_kernel", "launches"),
+    ("hist_cand_kernel", "launches"),
+    ("apply_cand_kernel", "launches"),
+]
 
 
 def run_fault_checks(variants: dict[str, str], race_check: int) -> dict:
@@ -163,8 +197,34 @@ def _fault_main(argv: list[str]) -> None:
     print("FAULT-RESULTS " + json.dumps(result))
 
 
+def _asan_main(argv: list[str]) -> None:
+    """python emu_checks.py asan '<json {namespace: [copy path, kernel file]}>' '<json [namespace to run]>'
+
+    Run in a process started with libasan (ascood_kernels.emulation.asan_env):
+    builds the variants as the "asan" flavour (cached), then runs the checks of
+    the listed namespaces. An invalid access aborts the process with
+    AddressSanitizer's report on stderr; else prints ASAN-RESULTS.
+    """
+    import os
+
+    from ascood_kernels import emulation
+
+    os.environ.pop("LD_PRELOAD", None)  # this process has libasan; the compilers it starts need none
+    spec = json.loads(argv[0])
+    t0 = time.perf_counter()
+    emulation.build_variants({ns: path for ns, (path, _) in spec.items()}, name="ascood_emu_asan_checks",
+                             flavour_name="asan")
+    built = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    results = run_fault_checks({ns: spec[ns][1] for ns in json.loads(argv[1])}, race_check=0)
+    print("ASAN-RESULTS " + json.dumps({"build_seconds": round(built, 1),
+                                        "check_seconds": round(time.perf_counter() - t0, 1), "results": results}))
+
+
 if __name__ == "__main__":
     if len(sys.argv) >= 3 and sys.argv[1] == "faults":
         _fault_main(sys.argv[2:])
+    elif len(sys.argv) >= 4 and sys.argv[1] == "asan":
+        _asan_main(sys.argv[2:])
     else:
-        sys.exit("usage: python emu_checks.py faults '<json spec>'")
+        sys.exit("usage: python emu_checks.py faults '<json spec>' | asan '<json spec>' '<json namespaces>'")

@@ -50,6 +50,9 @@ constexpr unsigned kFullMask = 0xffffffffu;
 //   parentheses: ASCOOD_LAUNCH((k<scalar_t, true>), ...).
 // ASCOOD_TUNABLE(name, value): a tuning constant; the emulated build lets a
 //   test lower it (emulation option `name`) to reach a path at small sizes.
+// ASCOOD_PATH(path): marks a code path a test must see run (e.g. the second pass
+//   of a grid-stride loop); the emulator counts the launches that reached it
+//   (ascood_kernels.emulation.launch_counts); nothing in the CUDA build.
 // ASCOOD_CUDA_OPS_IMPL(m): TORCH_LIBRARY_IMPL(ascood, CUDA, m); under emulation
 //   the ops register for CPU tensors in the test namespace ASCOOD_EMU_NS.
 template <typename T>
@@ -64,6 +67,7 @@ using type_t = T;
 #define ASCOOD_LAUNCH(kernel, grid, block, smem, stream, ...) \
   ::ascood::emu::launch(#kernel, kernel, grid, block, smem, stream, __VA_ARGS__)
 #define ASCOOD_TUNABLE(name, value) ::ascood::emu::tunable(name, value)
+#define ASCOOD_PATH(path) ::ascood::emu::count_path(path)
 #define ASCOOD_CUDA_OPS_IMPL(m) TORCH_LIBRARY_IMPL(ASCOOD_EMU_NS, CPU, m)
 using KernelDeviceGuard = ::ascood::emu::DeviceGuard;
 constexpr const char* kKernelDevice = "CPU (cuda-emulated)";
@@ -87,6 +91,7 @@ using ::ascood::emu::device_math::sqrtf;
 #define ASCOOD_LAUNCH(kernel, grid, block, smem, stream, ...) \
   ::ascood::cuda::launch_kernel(kernel, grid, block, smem, stream, __VA_ARGS__)
 #define ASCOOD_TUNABLE(name, value) (value)
+#define ASCOOD_PATH(path) ((void)0)
 #define ASCOOD_CUDA_OPS_IMPL(m) TORCH_LIBRARY_IMPL(ascood, CUDA, m)
 using KernelDeviceGuard = c10::cuda::CUDAGuard;
 constexpr const char* kKernelDevice = "CUDA";

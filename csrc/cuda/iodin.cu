@@ -40,6 +40,7 @@ __global__ void __launch_bounds__(256)
                      int64_t hw, acc_t<scalar_t> eps) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += stride) {
+    if (i >= stride) ASCOOD_PATH("grid-stride pass >= 2");
     const int64_t c = (i % n) / hw;
     out[i] = iodin_value<scalar_t>(x[i], g[i], stdv[c], eps);
   }
@@ -198,8 +199,9 @@ at::Tensor iodin_perturb_cuda(const at::Tensor& x, const at::Tensor& grad, doubl
     if (kk >= n) {
       out = at::empty(x.sizes(), x.options());
       const int64_t total = B * n;
+      const int64_t max_blocks = ASCOOD_TUNABLE("iodin_all_blocks_per_sm", 32) * num_sms();
       const unsigned blocks =
-          static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(ceil_div(total, 256), 32LL * num_sms())));
+          static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(ceil_div(total, 256), max_blocks)));
       ASCOOD_LAUNCH(iodin_all_kernel<scalar_t>, blocks, 256, 0, stream, xp, gc.const_data_ptr<scalar_t>(), sp,
                     out.data_ptr<scalar_t>(), total, n, hw, e);
       return;

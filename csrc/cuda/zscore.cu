@@ -32,6 +32,7 @@ __global__ void __launch_bounds__(256)
   const acc mf = static_cast<acc>(m);
   const acc m1 = static_cast<acc>(m - 1);
   for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {  // uniform over the block
+    if (r >= gridDim.x) ASCOOD_PATH("grid-stride pass >= 2");
     const scalar_t* hr = h + r * m;
     scalar_t* outr = out + r * m;
     acc s = acc(0);
@@ -66,6 +67,7 @@ __global__ void __launch_bounds__(256)
   const acc mf = static_cast<acc>(m);
   const acc m1 = static_cast<acc>(m - 1);
   for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {  // uniform over the block
+    if (r >= gridDim.x) ASCOOD_PATH("grid-stride pass >= 2");
     const scalar_t* gr = grad_out + r * m;
     const scalar_t* hr = h + r * m;
     scalar_t* dr = dh + r * m;
@@ -115,7 +117,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> zscore_cuda(const at::Tensor& h, 
   const int64_t rows = h.numel() / m;
   if (rows == 0) return {out, mean, rstd};
   const cudaStream_t stream = current_stream();
-  const unsigned blocks = static_cast<unsigned>(std::min(rows, kMaxRowBlocks));
+  const unsigned blocks =
+      static_cast<unsigned>(std::min<int64_t>(rows, ASCOOD_TUNABLE("zscore_max_blocks", kMaxRowBlocks)));
   const int threads = zscore_threads(m);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "ascood_zscore_cuda", [&] {
     using acc = acc_t<scalar_t>;
@@ -154,7 +157,8 @@ at::Tensor zscore_backward_cuda(const at::Tensor& grad_out, const at::Tensor& h,
   const auto mc = mean.contiguous();
   const auto rc = rstd.contiguous();
   const cudaStream_t stream = current_stream();
-  const unsigned blocks = static_cast<unsigned>(std::min(rows, kMaxRowBlocks));
+  const unsigned blocks =
+      static_cast<unsigned>(std::min<int64_t>(rows, ASCOOD_TUNABLE("zscore_max_blocks", kMaxRowBlocks)));
   const int threads = zscore_threads(m);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "ascood_zscore_backward_cuda", [&] {
     using acc = acc_t<scalar_t>;

@@ -6,7 +6,9 @@ copies are built into one emulated library (ascood_kernels.emulation.
 build_variants, each in its own namespace) and run, in a separate process, on
 the same checks as the emulated tests (emu_checks.py): once with the race
 check on, as test_cuda_emulated.py runs, and once without it, to show what the
-comparison with the reference alone catches.
+comparison with the reference alone catches. Faults marked ``by="asan"`` are
+memory errors the emulator cannot see (an access past a tensor): they are built
+and run under AddressSanitizer by test_cuda_emulated_asan.py.
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ class Fault:
     # Does the comparison with the reference catch it without the race check? True / False are
     # asserted; None: it depends on how the OS schedules the block's threads (not asserted).
     alone: bool | None
+    by: str = "emulator"  # what must catch it: the emulated checks, or "asan" (test_cuda_emulated_asan.py)
 
 
 FAULTS = [
@@ -65,14 +68,29 @@ FAULTS = [
           "    const unsigned c = sh[i];\n    if (c != 0u) gh[i] += c;",
           "hist_top_kernel: the blocks of a sample add their histograms into global memory without atomicAdd",
           False),
+    Fault("unwritten_output_element", "iodin.cu", "iodin.cu",
+          "i < total; i += stride) {", "i < total - 1; i += stride) {",
+          "iodin_all_kernel: the grid-stride loop stops one short, so the last element of the `empty` output is "
+          "never written (the emulation poisons fresh outputs: it reads NaN)", True),
+    Fault("iodin_row_overrun", "iodin.cu", "iodin.cu",
+          "for (int64_t i64 = threadIdx.x; i64 < n; i64 += blockDim.x) {",
+          "for (int64_t i64 = threadIdx.x; i64 <= n; i64 += blockDim.x) {",
+          "iodin_rounds_kernel: the row loop reads one element past each row (past the tensor in the last row)",
+          None, by="asan"),
+    Fault("select_write_past_row", "select.cu", "select.cu",
+          "  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {\n    const bits_t gb = s_bits[i];",
+          "  for (int64_t i = threadIdx.x; i <= n; i += blockDim.x) {\n    const bits_t gb = s_bits[i];",
+          "select_small_kernel: the output loop writes one element past each row (past the tensor in the last row)",
+          None, by="asan"),
 ]
+EMULATOR_FAULTS = [f for f in FAULTS if f.by == "emulator"]
 
 
-def _make_copies(tmp: pathlib.Path) -> dict[str, list[str]]:
+def make_copies(tmp: pathlib.Path, faults: list[Fault]) -> dict[str, list[str]]:
     """One directory per fault with common.cuh and the kernel file, one of them broken."""
     cuda_dir = emulation.source_dir() / "cuda"
     spec = {}
-    for f in FAULTS:
+    for f in faults:
         d = tmp / f.name
         d.mkdir()
         for name in {"common.cuh", f.kernel}:
@@ -87,7 +105,7 @@ def _make_copies(tmp: pathlib.Path) -> dict[str, list[str]]:
 
 @pytest.fixture(scope="module")
 def fault_results(tmp_path_factory):
-    spec = _make_copies(tmp_path_factory.mktemp("faults"))
+    spec = make_copies(tmp_path_factory.mktemp("faults"), EMULATOR_FAULTS)
     tests_dir = pathlib.Path(__file__).resolve().parents[1]  # tests/: emu_checks.py and the shared helpers
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(tests_dir), str(tests_dir.parent), env.get("PYTHONPATH", "")])
@@ -101,7 +119,7 @@ def fault_results(tmp_path_factory):
     return result
 
 
-@pytest.mark.parametrize("fault", FAULTS, ids=lambda f: f.name)
+@pytest.mark.parametrize("fault", EMULATOR_FAULTS, ids=lambda f: f.name)
 def test_every_injected_fault_is_caught(fault, fault_results):
     ns = f"ascood_fault_{fault.name}"
     checked = fault_results["race_check=1"][ns]
@@ -114,7 +132,11 @@ def test_every_injected_fault_is_caught(fault, fault_results):
     assert caught, f"{fault.name} was not caught: {checked}"
     if fault.alone is True:
         assert plain["mismatch"], f"{fault.name}: expected the comparison alone to catch it"
-    elif fault.alone is False:
+    if fault.name == "unwritten_output_element":
+        # The one unwritten element reads as the emulation's output poison (NaN), in every k = all case.
+        assert len(plain["mismatch"]) == 2, plain
+        assert all("Mismatched elements: 1 /" in m and "nan" in m.lower() for m in plain["mismatch"]), plain
+    if fault.alone is False:
         # Blocks run one after another here, so the unsynchronised global adds give the right
         # counts: only the race check (the blocks of a launch are unordered) can see this fault.
         assert not plain["mismatch"] and not plain["error"]

@@ -32,10 +32,17 @@
 //   __syncwarp, atomics and kernel boundaries; the blocks of a launch are
 //   unordered, as on a GPU, although here they run one after another).
 //
+// * outputs: while an op of an emulated library runs, fresh CPU tensors are
+//   filled with 0xff bytes (poison.cpp), so an element a kernel leaves
+//   unwritten reads as NaN / all-ones and fails the comparison;
+// * launch counts per kernel and per ASCOOD_PATH (runtime.cpp), so a test can
+//   assert that a GPU-size path (grid-stride pass >= 2, multi-block select) ran.
+//
 // What it cannot show: timing, occupancy, register use, out-of-bounds global
-// accesses, and memory-ordering effects beyond the race check's model (while
-// running, every exchange here orders memory like __syncwarp; partial-mask
-// __syncwarp is not modelled by the race check).
+// accesses (the ASan build, ASCOOD_EMU_FLAVOUR=asan, shows those), and
+// memory-ordering effects beyond the race check's model (while running, every
+// exchange here orders memory like __syncwarp; partial-mask __syncwarp is not
+// modelled by the race check).
 #pragma once
 
 #include <atomic>
@@ -108,6 +115,11 @@ void run_grid(const char* kernel, dim3 grid, dim3 block, std::size_t smem, const
 // the emulator's own options; set from Python through ascood_emu::_emu_option.
 int64_t tunable(const char* name, int64_t default_value);
 int64_t set_option(const std::string& name, int64_t value);
+// ASCOOD_PATH: the running launch reached `path` (a string literal); counted
+// once per launch, per kernel (see launch_counts in runtime.cpp).
+void count_path(const char* path);
+// Poison fresh CPU tensors while an op of torch.ops namespace `ns` runs (poison.cpp).
+bool poison_outputs_of(const char* ns);
 
 template <typename T>
 inline uint64_t to_bits(T v) {
@@ -214,21 +226,35 @@ inline int __ffsll(long long x) { return x == 0 ? 0 : std::countr_zero(static_ca
 inline int __clz(int x) { return std::countl_zero(static_cast<unsigned>(x)); }
 inline int __clzll(long long x) { return std::countl_zero(static_cast<unsigned long long>(x)); }
 
-// Reinterpretation and exactly rounded arithmetic (round to nearest even; the
-// emulated build uses -ffp-contract=off so nothing is fused).
+// Reinterpretation and exactly rounded arithmetic (round to nearest even). The
+// default build uses -ffp-contract=off, so nothing is fused. The FMA flavour
+// (-ffp-contract=fast, as nvcc contracts plain a * b + c) defines
+// ASCOOD_EMU_FP_CONTRACT: nvcc never fuses a *_rn intrinsic, so their operands
+// and products pass an optimisation barrier that GCC cannot contract across.
 inline float __uint_as_float(unsigned x) { return std::bit_cast<float>(x); }
 inline unsigned __float_as_uint(float x) { return std::bit_cast<unsigned>(x); }
 inline float __int_as_float(int x) { return std::bit_cast<float>(x); }
 inline int __float_as_int(float x) { return std::bit_cast<int>(x); }
 inline double __longlong_as_double(long long x) { return std::bit_cast<double>(x); }
 inline long long __double_as_longlong(double x) { return std::bit_cast<long long>(x); }
-inline float __fadd_rn(float a, float b) { return a + b; }
-inline float __fsub_rn(float a, float b) { return a - b; }
-inline float __fmul_rn(float a, float b) { return a * b; }
+namespace ascood {
+namespace emu {
+template <typename T>
+inline T rounded(T v) {
+#ifdef ASCOOD_EMU_FP_CONTRACT
+  __asm__("" : "+g"(v));  // v is materialised, rounded to T: no FMA across this point
+#endif
+  return v;
+}
+}  // namespace emu
+}  // namespace ascood
+inline float __fadd_rn(float a, float b) { return ::ascood::emu::rounded(a) + ::ascood::emu::rounded(b); }
+inline float __fsub_rn(float a, float b) { return ::ascood::emu::rounded(a) - ::ascood::emu::rounded(b); }
+inline float __fmul_rn(float a, float b) { return ::ascood::emu::rounded(a * b); }
 inline float __fdiv_rn(float a, float b) { return a / b; }
-inline double __dadd_rn(double a, double b) { return a + b; }
-inline double __dsub_rn(double a, double b) { return a - b; }
-inline double __dmul_rn(double a, double b) { return a * b; }
+inline double __dadd_rn(double a, double b) { return ::ascood::emu::rounded(a) + ::ascood::emu::rounded(b); }
+inline double __dsub_rn(double a, double b) { return ::ascood::emu::rounded(a) - ::ascood::emu::rounded(b); }
+inline double __dmul_rn(double a, double b) { return ::ascood::emu::rounded(a * b); }
 inline double __ddiv_rn(double a, double b) { return a / b; }
 
 // ---------------------------------------------------------------------------

@@ -13,6 +13,11 @@ namespace {
 // returns the previous value (-1: the default was in use).
 int64_t emu_option(std::string name, int64_t value) { return ascood::emu::set_option(name, value); }
 
+#define ASCOOD_EMU_STR2(x) #x
+#define ASCOOD_EMU_STR(x) ASCOOD_EMU_STR2(x)
+// Outputs the kernels leave unwritten read as NaN / all-ones (poison.cpp).
+[[maybe_unused]] const bool poisoned = ascood::emu::poison_outputs_of(ASCOOD_EMU_STR(ASCOOD_EMU_NS));
+
 }  // namespace
 
 #ifdef ASCOOD_EMU_SELFTEST

@@ -46,8 +46,14 @@ constexpr unsigned char kGuardByte = 0x5a;
 // ---------------------------------------------------------------------------
 // Options. Tunables are the constants a test may lower (see common.cuh);
 // deadlock_timeout_ms, poison and race_check are the emulator's own.
-const char* const kOptionNames[] = {"num_sms",        "cand_budget", "small_bytes", "deadlock_timeout_ms",
-                                     "poison",         "race_check"};
+const char* const kOptionNames[] = {"num_sms",
+                                     "cand_budget",
+                                     "small_bytes",
+                                     "zscore_max_blocks",
+                                     "iodin_all_blocks_per_sm",
+                                     "deadlock_timeout_ms",
+                                     "poison",
+                                     "race_check"};
 
 std::mutex g_option_mu;
 std::map<std::string, int64_t> g_options;
@@ -57,6 +63,44 @@ int64_t option(const char* name, int64_t default_value) {
   const auto it = g_options.find(name);
   return it == g_options.end() ? default_value : it->second;
 }
+
+// ---------------------------------------------------------------------------
+// Launch counts: per kernel (its name without template arguments), the
+// launches, and per ASCOOD_PATH the launches that reached it. The running
+// kernel's name (for ASCOOD_PATH and the AddressSanitizer report).
+std::mutex g_count_mu;
+std::map<std::pair<std::string, std::string>, int64_t> g_counts;
+std::vector<const char*> g_launch_paths;  // the paths the running launch reached (string literals)
+std::atomic<const char*> g_running_kernel{nullptr};
+
+std::string kernel_base_name(const char* kernel) {
+  std::string s = kernel;
+  s.erase(std::remove_if(s.begin(), s.end(), [](char c) { return c == '(' || c == ')' || c == ' '; }), s.end());
+  return s.substr(0, s.find('<'));
+}
+
+void count_launch(const char* kernel) {
+  const std::string name = kernel_base_name(kernel);
+  std::lock_guard<std::mutex> lk(g_count_mu);
+  ++g_counts[{name, "launches"}];
+  for (const char* path : g_launch_paths) ++g_counts[{name, path}];
+  g_launch_paths.clear();
+}
+
+// AddressSanitizer build (ASCOOD_EMU_FLAVOUR=asan): its report names the
+// faulting frame; this adds the kernel launch it happened in, before it exits.
+extern "C" void __sanitizer_set_death_callback(void (*callback)(void)) __attribute__((weak));
+
+void report_kernel_on_asan_death() {
+  const char* k = g_running_kernel.load();
+  std::fprintf(stderr, "cuda-emulation: AddressSanitizer stopped the process in kernel %s (launched as %s)\n",
+               k ? kernel_base_name(k).c_str() : "(none: outside a launch)", k ? k : "-");
+}
+
+[[maybe_unused]] const bool g_asan_hook = [] {
+  if (__sanitizer_set_death_callback != nullptr) __sanitizer_set_death_callback(report_kernel_on_asan_death);
+  return true;
+}();
 
 // ---------------------------------------------------------------------------
 struct Abort {};  // unwinds an emulated thread once its block has failed
@@ -621,6 +665,13 @@ std::string dims(const dim3& d) {
 // ---------------------------------------------------------------------------
 int64_t tunable(const char* name, int64_t default_value) { return option(name, default_value); }
 
+void count_path(const char* path) {
+  std::lock_guard<std::mutex> lk(g_count_mu);
+  if (std::find(g_launch_paths.begin(), g_launch_paths.end(), path) == g_launch_paths.end()) {
+    g_launch_paths.push_back(path);
+  }
+}
+
 int64_t set_option(const std::string& name, int64_t value) {
   if (std::find(std::begin(kOptionNames), std::end(kOptionNames), name) == std::end(kOptionNames)) {
     std::string known;
@@ -869,6 +920,14 @@ void run_grid(const char* kernel, dim3 grid, dim3 block, std::size_t smem, const
                              " bytes > 48 KiB (a GPU needs cudaFuncSetAttribute for that)");
   }
   std::lock_guard<std::mutex> launch_lock(g_launch_mu);
+  {
+    std::lock_guard<std::mutex> lk(g_count_mu);
+    g_launch_paths.clear();
+  }
+  g_running_kernel.store(kernel);
+  struct NotRunning {
+    ~NotRunning() { g_running_kernel.store(nullptr); }
+  } not_running;
   const unsigned n = static_cast<unsigned>(nthreads);
   pool().ensure(n);
   gridDim = grid;
@@ -935,6 +994,7 @@ void run_grid(const char* kernel, dim3 grid, dim3 block, std::size_t smem, const
       }
     }
   }
+  count_launch(kernel);  // completed launches only
 }
 
 }  // namespace emu
@@ -1019,3 +1079,18 @@ void __tsan_atomic_thread_fence(int) { __atomic_thread_fence(__ATOMIC_SEQ_CST); 
 void __tsan_atomic_signal_fence(int) { __atomic_signal_fence(__ATOMIC_SEQ_CST); }
 
 }  // extern "C"
+
+// Launch counts as text, one "kernel<TAB>path<TAB>count" line each (path
+// "launches": all completed launches of the kernel); reset != 0 clears them.
+// Read through ctypes (ascood_kernels.emulation.launch_counts), so the op
+// registration stays as it is. The returned text lives until the next call.
+extern "C" const char* ascood_emu_launch_counts(int reset) {
+  static std::string text;
+  std::lock_guard<std::mutex> lk(ascood::emu::g_count_mu);
+  text.clear();
+  for (const auto& [key, count] : ascood::emu::g_counts) {
+    text += key.first + "\t" + key.second + "\t" + std::to_string(count) + "\n";
+  }
+  if (reset) ascood::emu::g_counts.clear();
+  return text.c_str();
+}
