@@ -1,0 +1,135 @@
+// The one header through which the kernels' glue reaches torch: the LibTorch
+// stable ABI (torch/csrc/stable: C shims behind small inline C++ wrappers) and
+// the header-only API (torch/headeronly: ScalarType, Half, BFloat16, dispatch).
+// Nothing here links against libtorch's C++ ABI (at::, c10::), so one binary
+// loads under every torch >= TORCH_TARGET_VERSION (set by setup.py; see
+// docs/OPS.md "Build and ABI").
+//
+// The stable surface lacks a few things the kernels used from ATen/c10; the
+// small header-only pieces below replace them:
+//   ASCOOD_CHECK        TORCH_CHECK (same message text: no "func, file:line"
+//                       prefix as STD_TORCH_CHECK adds; a std::runtime_error,
+//                       which Python sees as RuntimeError like c10::Error);
+//   operator<< for sizes and devices  c10's printing of IntArrayRef / Device;
+//   is_channels_last_contiguous        Tensor::is_contiguous(ChannelsLast);
+//   ASCOOD_DISPATCH_FLOATING           AT_DISPATCH_FLOATING_TYPES_AND2(Half, BFloat16).
+#pragma once
+
+#include <torch/csrc/stable/library.h>
+#include <torch/csrc/stable/ops.h>
+#include <torch/csrc/stable/tensor.h>
+#include <torch/headeronly/core/Dispatch.h>
+#include <torch/headeronly/core/ScalarType.h>
+#include <torch/headeronly/util/BFloat16.h>
+#include <torch/headeronly/util/Half.h>
+
+#include <cstdint>
+#include <optional>
+#include <ostream>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace ascood {
+
+using Tensor = torch::stable::Tensor;
+using ScalarType = torch::headeronly::ScalarType;
+using MemoryFormat = torch::headeronly::MemoryFormat;
+using IntArrayRef = torch::headeronly::IntHeaderOnlyArrayRef;
+using Half = torch::headeronly::Half;
+using BFloat16 = torch::headeronly::BFloat16;
+
+constexpr ScalarType kFloat = ScalarType::Float;
+constexpr ScalarType kDouble = ScalarType::Double;
+constexpr ScalarType kHalf = ScalarType::Half;
+constexpr ScalarType kBFloat16 = ScalarType::BFloat16;
+constexpr ScalarType kLong = ScalarType::Long;
+constexpr ScalarType kInt = ScalarType::Int;
+constexpr ScalarType kBool = ScalarType::Bool;
+
+// Shapes print as c10 prints them: [2, 3, 4].
+inline std::ostream& operator<<(std::ostream& os, IntArrayRef sizes) {
+  os << '[';
+  for (size_t i = 0; i < sizes.size(); ++i) os << (i ? ", " : "") << sizes[i];
+  return os << ']';
+}
+
+// Devices print as c10 prints them: cpu, cuda:0.
+inline std::ostream& operator<<(std::ostream& os, const torch::stable::Device& d) {
+  if (d.is_cpu()) return os << "cpu";
+  if (d.is_cuda()) os << "cuda";
+  else os << "device_type_" << static_cast<int>(d.type());
+  if (d.has_index()) os << ':' << static_cast<int>(d.index());
+  return os;
+}
+
+namespace detail {
+template <typename... Args>
+std::string cat(const Args&... args) {
+  std::ostringstream oss;
+  ((oss << args), ...);
+  return std::move(oss).str();
+}
+}  // namespace detail
+
+}  // namespace ascood
+
+// TORCH_CHECK's replacement: the message alone, built only on failure.
+#define ASCOOD_CHECK(cond, ...)                                              \
+  do {                                                                       \
+    if (__builtin_expect(!(cond), 0)) {                                      \
+      throw std::runtime_error(::ascood::detail::cat(__VA_ARGS__));          \
+    }                                                                        \
+  } while (0)
+
+// AT_DISPATCH_FLOATING_TYPES_AND2(kHalf, kBFloat16, TYPE, NAME, lambda):
+// `scalar_t` is float, double, Half or BFloat16 inside the lambda.
+#define ASCOOD_DISPATCH_FLOATING(TYPE, NAME, ...)                                   \
+  THO_DISPATCH_SWITCH(TYPE, NAME,                                                   \
+                      THO_DISPATCH_CASE(torch::headeronly::ScalarType::Float, __VA_ARGS__)  \
+                      THO_DISPATCH_CASE(torch::headeronly::ScalarType::Double, __VA_ARGS__) \
+                      THO_DISPATCH_CASE(torch::headeronly::ScalarType::Half, __VA_ARGS__)   \
+                      THO_DISPATCH_CASE(torch::headeronly::ScalarType::BFloat16, __VA_ARGS__))
+
+namespace ascood {
+
+// Tensor::is_contiguous(MemoryFormat::ChannelsLast) of c10 for a 4-D tensor
+// (c10's compute_channels_last_contiguous_2d): dims of size 1 are skipped.
+inline bool is_channels_last_contiguous(const Tensor& t) {
+  if (t.dim() != 4) return false;
+  int64_t expected = 1;
+  for (const int d : {1, 3, 2, 0}) {
+    const int64_t size = t.size(d);
+    if (size != 1) {
+      if (t.stride(d) != expected) return false;
+      expected *= size;
+    }
+  }
+  return true;
+}
+
+// at::empty(sizes, options.dtype(dtype).memory_format(fmt)) on t's device.
+inline Tensor empty_on(const Tensor& like, IntArrayRef sizes, ScalarType dtype,
+                       MemoryFormat fmt = MemoryFormat::Contiguous) {
+  return torch::stable::empty(sizes, dtype, std::nullopt, like.device(), std::nullopt, fmt);
+}
+
+// contiguous(t, fmt = Contiguous): t.contiguous(fmt), t itself when it already is.
+using torch::stable::contiguous;
+
+// t.to(dtype): t itself when it already has it.
+inline Tensor to_dtype(const Tensor& t, ScalarType dtype) { return torch::stable::to(t, dtype); }
+
+// dst.copy_(src); returns dst.
+inline Tensor copy_into(Tensor dst, const Tensor& src) {
+  torch::stable::copy_(dst, src);
+  return dst;
+}
+
+inline Tensor zero(Tensor t) {
+  torch::stable::zero_(t);
+  return t;
+}
+
+}  // namespace ascood
