@@ -12,7 +12,10 @@
 //                       which Python sees as RuntimeError like c10::Error);
 //   operator<< for sizes and devices  c10's printing of IntArrayRef / Device;
 //   is_channels_last_contiguous        Tensor::is_contiguous(ChannelsLast);
-//   ASCOOD_DISPATCH_FLOATING           AT_DISPATCH_FLOATING_TYPES_AND2(Half, BFloat16).
+//   ASCOOD_DISPATCH_FLOATING           AT_DISPATCH_FLOATING_TYPES_AND2(Half, BFloat16);
+//   is_floating_type                   c10::isFloatingType;
+//   empty_on / to_dtype / copy_into / zero / nbytes / scalar_value (cpu/common.h)
+//                                      at::empty(options) / Tensor::to / copy_ / zero_ / nbytes / item.
 #pragma once
 
 #include <torch/csrc/stable/library.h>
@@ -107,6 +110,24 @@ inline bool is_channels_last_contiguous(const Tensor& t) {
     }
   }
   return true;
+}
+
+// c10::isFloatingType (not in the header-only API).
+inline bool is_floating_type(ScalarType t) {
+  switch (t) {
+    case ScalarType::Float:
+    case ScalarType::Double:
+    case ScalarType::Half:
+    case ScalarType::BFloat16:
+    case ScalarType::Float8_e5m2:
+    case ScalarType::Float8_e4m3fn:
+    case ScalarType::Float8_e5m2fnuz:
+    case ScalarType::Float8_e4m3fnuz:
+    case ScalarType::Float8_e8m0fnu:
+      return true;
+    default:
+      return false;
+  }
 }
 
 // at::empty(sizes, options.dtype(dtype).memory_format(fmt)) on t's device.

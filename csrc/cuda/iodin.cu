@@ -170,7 +170,7 @@ Tensor iodin_perturb_cuda(const Tensor& x, const Tensor& grad, double eps, const
   ASCOOD_CHECK(x.dim() >= 2, "x must have rank >= 2 (batch, channel, ...), got shape ", x.sizes());
   ASCOOD_CHECK(eps >= 0.0, "eps must be >= 0, got ", eps);
   ASCOOD_CHECK(k >= 1, "k must be >= 1, got ", k);
-  ASCOOD_CHECK(stdev.defined() && torch::headeronly::isFloatingType(stdev.scalar_type()), "std must be a floating tensor");
+  ASCOOD_CHECK(stdev.defined() && is_floating_type(stdev.scalar_type()), "std must be a floating tensor");
   const int64_t C = x.size(1);
   ASCOOD_CHECK(stdev.numel() == C, "std must hold one value per channel (", C, "), got shape ", stdev.sizes());
   KernelDeviceGuard guard(x.get_device_index());

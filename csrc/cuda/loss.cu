@@ -177,7 +177,7 @@ std::tuple<Tensor, Tensor> ascood_loss_backward_cuda(const Tensor& grad, const T
   ASCOOD_CHECK(grad.defined() && grad.numel() == 1, "grad must be a one-element (0-dim) tensor");
   ASCOOD_CHECK(grad.device() == id_logits.device(), "grad must be on id_logits' device ", id_logits.device(),
               ", got ", grad.device());
-  ASCOOD_CHECK(torch::headeronly::isFloatingType(grad.scalar_type()), "grad must be a floating tensor, got ", grad.scalar_type());
+  ASCOOD_CHECK(is_floating_type(grad.scalar_type()), "grad must be a floating tensor, got ", grad.scalar_type());
   const char* names[2] = {"lse_id", "lse_ood"};
   const Tensor* lses[2] = {&lse_id, &lse_ood};
   const int64_t rows[2] = {B, B2};
