@@ -28,10 +28,10 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import re
 import warnings
 
 import torch
-from packaging.version import Version
 
 BACKENDS = ("auto", "reference", "cpu", "cuda", "triton", "cuda-emulated")
 
@@ -56,13 +56,18 @@ def stable_abi_target() -> str | None:
     return (build_info() or {}).get("stable_abi_target")
 
 
+def _major_minor(version: str) -> tuple[int, int]:
+    """(2, 13) of "2.13.0+cpu" (what the stable-ABI target compares: PyTorch keeps a minor's ABI in later ones)."""
+    match = re.match(r"(\d+)\.(\d+)", version)
+    return (int(match.group(1)), int(match.group(2))) if match else (0, 0)
+
+
 def _torch_too_old() -> str | None:
     """Why this torch cannot run the compiled kernels (older than their stable-ABI target), or None."""
     target = stable_abi_target()
     if target is None:
         return None
-    running = Version(torch.__version__.split("+")[0])
-    if running >= Version(target):
+    if _major_minor(torch.__version__) >= _major_minor(target):
         return None
     return (f"torch {torch.__version__} is older than {target}, the LibTorch stable-ABI version the compiled kernels "
             f"target; upgrade torch to >= {target} to use them")

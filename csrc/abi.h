@@ -136,11 +136,20 @@ inline Tensor empty_on(const Tensor& like, IntArrayRef sizes, ScalarType dtype,
   return torch::stable::empty(sizes, dtype, std::nullopt, like.device(), std::nullopt, fmt);
 }
 
-// contiguous(t, fmt = Contiguous): t.contiguous(fmt), t itself when it already is.
-using torch::stable::contiguous;
+// t.contiguous(fmt): t itself when it already is (checked here, through the
+// cheap shims, so the common case makes no dispatcher call).
+inline Tensor as_contiguous(const Tensor& t, MemoryFormat fmt = MemoryFormat::Contiguous) {
+  const bool already = fmt == MemoryFormat::Contiguous     ? t.is_contiguous()
+                       : fmt == MemoryFormat::ChannelsLast ? is_channels_last_contiguous(t)
+                                                           : false;
+  if (already) return t;
+  return torch::stable::contiguous(t, fmt);
+}
 
 // t.to(dtype): t itself when it already has it.
-inline Tensor to_dtype(const Tensor& t, ScalarType dtype) { return torch::stable::to(t, dtype); }
+inline Tensor to_dtype(const Tensor& t, ScalarType dtype) {
+  return t.scalar_type() == dtype ? t : torch::stable::to(t, dtype);
+}
 
 // dst.copy_(src); returns dst.
 inline Tensor copy_into(Tensor dst, const Tensor& src) {

@@ -75,7 +75,7 @@ inline size_t nbytes(const Tensor& t) { return static_cast<size_t>(t.numel()) * 
 
 // The value of a one-element float tensor as a double (Tensor::item<double>()).
 inline double scalar_value(const Tensor& t) {
-  const Tensor d = contiguous(to_dtype(t, kDouble));
+  const Tensor d = as_contiguous(to_dtype(t, kDouble));
   return *d.const_data_ptr<double>();
 }
 

@@ -84,17 +84,17 @@ Tensor iodin_perturb_cpu(const Tensor& x, const Tensor& grad, double eps, const 
   const auto fmt = output_memory_format(x);
   const int64_t n = per_sample_numel(x);
   if (B == 0 || n == 0) return copy_into(empty_image_like(x, fmt), x);
-  const Tensor xc = contiguous(x);
+  const Tensor xc = as_contiguous(x);
   const int64_t kk = std::min(k, n);
   // Work in NCHW order (unselected elements are copies of x; with k >= n
   // every element is written below), change layout last.
   Tensor out = empty_image_like(x, MemoryFormat::Contiguous);
   if (kk < n) copy_into(out, xc);
-  const Tensor gc = contiguous(grad);
+  const Tensor gc = as_contiguous(grad);
   const int64_t inner = n / C;  // elements per channel of a sample
   ASCOOD_DISPATCH_FLOATING(x.scalar_type(), "ascood_iodin_perturb_cpu", [&] {
     using acc = acc_t<scalar_t>;
-    const Tensor sd = contiguous(to_dtype(channel_std, std::is_same_v<acc, double> ? kDouble : kFloat));
+    const Tensor sd = as_contiguous(to_dtype(channel_std, std::is_same_v<acc, double> ? kDouble : kFloat));
     const acc* stdp = sd.const_data_ptr<acc>();
     const acc e = static_cast<acc>(eps);
     const scalar_t* xd = xc.const_data_ptr<scalar_t>();
@@ -129,7 +129,7 @@ Tensor iodin_perturb_cpu(const Tensor& x, const Tensor& grad, double eps, const 
       }
     });
   });
-  return contiguous(out, fmt);
+  return as_contiguous(out, fmt);
 }
 
 }  // namespace

@@ -101,7 +101,7 @@ std::tuple<Tensor, Tensor, Tensor> ascood_loss_cpu(const Tensor& id_logits, cons
                                                                const Tensor& ood_logits, double w) {
   check_logits(id_logits, target, ood_logits);
   const int64_t B = id_logits.size(0), B2 = ood_logits.size(0), C = id_logits.size(1);
-  const Tensor zi = contiguous(id_logits), zo = contiguous(ood_logits), tc = contiguous(target);
+  const Tensor zi = as_contiguous(id_logits), zo = as_contiguous(ood_logits), tc = as_contiguous(target);
   const int64_t* td = tc.const_data_ptr<int64_t>();
   check_target_range(td, B, C);
   const auto acc_type = acc_scalar_type(id_logits.scalar_type());
@@ -161,8 +161,8 @@ std::tuple<Tensor, Tensor> ascood_loss_backward_cpu(const Tensor& grad, const Te
     ASCOOD_CHECK(t.dim() == 1 && t.size(0) == rows, "ascood (CPU): ", name, " must have shape (", rows, ",), got ",
                 t.sizes());
   }
-  const Tensor zi = contiguous(id_logits), zo = contiguous(ood_logits), tc = contiguous(target);
-  const Tensor li = contiguous(lse_id), lo = contiguous(lse_ood);
+  const Tensor zi = as_contiguous(id_logits), zo = as_contiguous(ood_logits), tc = as_contiguous(target);
+  const Tensor li = as_contiguous(lse_id), lo = as_contiguous(lse_ood);
   const int64_t* td = tc.const_data_ptr<int64_t>();
   check_target_range(td, B, C);
   Tensor d_id = empty_on(id_logits, {B, C}, id_logits.scalar_type());

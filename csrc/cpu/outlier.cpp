@@ -107,7 +107,7 @@ Tensor invariant_mask_cpu(const Tensor& grad, double p_inv) {
   }
   // In either layout a sample is one contiguous block, and the mask is
   // elementwise, so the select can run on raw memory in that layout.
-  const Tensor g = contiguous(grad, fmt);
+  const Tensor g = as_contiguous(grad, fmt);
   Tensor out = empty_image_like(grad, fmt, kBool);
   ASCOOD_DISPATCH_FLOATING(grad.scalar_type(), "ascood_invariant_mask_cpu", [&] {
     MaskWriter<scalar_t> writer{g.const_data_ptr<scalar_t>(), out.mutable_data_ptr<bool>(),
@@ -128,8 +128,8 @@ Tensor gradient_outlier_cpu(const Tensor& x, const Tensor& grad, double p_inv, d
   const int64_t k = count_from_fraction(p_inv, n);
   Tensor out = empty_image_like(x, fmt);
   if (B == 0 || k == 0) return copy_into(out, x);  // nothing moves
-  const Tensor xc = contiguous(x, fmt);
-  const Tensor g = contiguous(grad, fmt);
+  const Tensor xc = as_contiguous(x, fmt);
+  const Tensor g = as_contiguous(grad, fmt);
   ASCOOD_DISPATCH_FLOATING(x.scalar_type(), "ascood_gradient_outlier_cpu", [&] {
     using acc = acc_t<scalar_t>;
     OutlierWriter<scalar_t> writer{xc.const_data_ptr<scalar_t>(), g.const_data_ptr<scalar_t>(),

@@ -32,7 +32,7 @@ Tensor random_permutations_cpu(const Tensor& seeds, int64_t n) {
   ASCOOD_CHECK(n >= 0, "ascood (CPU): n must be >= 0, got ", n);
   const int64_t R = seeds.size(0);
   Tensor out = empty_on(seeds, {R, n}, kLong);
-  const Tensor sc = contiguous(seeds);
+  const Tensor sc = as_contiguous(seeds);
   const int64_t* sd = sc.const_data_ptr<int64_t>();
   for (int64_t r = 0; r < R; ++r) {
     ASCOOD_CHECK(sd[r] >= 0 && sd[r] <= int64_t{0xFFFFFFFF}, "ascood (CPU): seeds must hold values in [0, 2^32), "

@@ -208,7 +208,7 @@ Tensor shuffle_outlier_cpu(const Tensor& x, const Tensor& saliency, double p_inv
   ASCOOD_CHECK(perm.dim() == 2 && perm.size(0) == B && perm.size(1) == npix,
               "ascood (CPU): perm must have shape (B, npix) = (", B, ", ", npix, ") with npix = int(p_inv * P), got ",
               perm.sizes());
-  const Tensor pc = contiguous(perm);
+  const Tensor pc = as_contiguous(perm);
   const int64_t* pd = pc.const_data_ptr<int64_t>();
   // A bad perm would index out of the sample (out of range) or copy one pixel into several places
   // (a repeated value): refuse both before any write.
@@ -228,9 +228,9 @@ Tensor shuffle_outlier_cpu(const Tensor& x, const Tensor& saliency, double p_inv
   if (B == 0 || npix == 0) return copy_into(empty_image_like(x, fmt), x);
   // x is read in the output's layout (a no-op for contiguous and
   // channels-last inputs); the saliency in its own when that is one of the two.
-  const Tensor xc = contiguous(x, fmt);
+  const Tensor xc = as_contiguous(x, fmt);
   const auto sal_fmt = per_channel ? output_memory_format(saliency) : MemoryFormat::Contiguous;
-  const Tensor sc = contiguous(saliency, sal_fmt);
+  const Tensor sc = as_contiguous(saliency, sal_fmt);
   const int64_t sal_channels = per_channel ? C : 1;
   const SampleLayout x_lay = layout_of(fmt, C, P);
   const SampleLayout s_lay = layout_of(sal_fmt, sal_channels, P);

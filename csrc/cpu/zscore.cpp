@@ -143,7 +143,7 @@ void check_zscore_input(const Tensor& h, double sigma) {
 std::tuple<Tensor, Tensor, Tensor> zscore_cpu(const Tensor& h, double sigma, double eps) {
   check_zscore_input(h, sigma);
   ASCOOD_CHECK(eps >= 0.0, "ascood (CPU): eps must be >= 0, got ", eps);
-  const Tensor hc = contiguous(h);
+  const Tensor hc = as_contiguous(h);
   const int64_t m = h.size(-1);
   const int64_t rows = m ? h.numel() / m : 0;
   const auto acc_type = acc_scalar_type(h.scalar_type());
@@ -178,8 +178,8 @@ Tensor zscore_backward_cpu(const Tensor& grad_out, const Tensor& h, const Tensor
   Tensor dh = empty_on(h, h.sizes(), h.scalar_type());
   advise_huge_pages(dh);
   if (rows == 0) return dh;
-  const Tensor gc = contiguous(grad_out), hc = contiguous(h);
-  const Tensor mc = contiguous(mean), rc = contiguous(rstd);
+  const Tensor gc = as_contiguous(grad_out), hc = as_contiguous(h);
+  const Tensor mc = as_contiguous(mean), rc = as_contiguous(rstd);
   ASCOOD_DISPATCH_FLOATING(h.scalar_type(), "ascood_zscore_backward_cpu", [&] {
     using acc = acc_t<scalar_t>;
     zscore_backward_rows<scalar_t>(gc.const_data_ptr<scalar_t>(), hc.const_data_ptr<scalar_t>(),

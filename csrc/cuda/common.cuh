@@ -15,6 +15,11 @@
 // instead of <<<...>>>, __shared__, the device guard and STABLE_TORCH_LIBRARY_IMPL(ascood, CUDA).
 #ifdef ASCOOD_CUDA_EMULATION
 #include "emulation/cuda_emu.h"
+// The emulated library is test-only and built for the torch at hand
+// (ascood_kernels/emulation.py): its schema registrations (register.cpp and
+// the generated fault-injection variants) use torch::Library; the kernels'
+// glue registers through the stable ABI as in the real build.
+#include <torch/library.h>
 #else
 #include <torch/csrc/stable/accelerator.h>
 

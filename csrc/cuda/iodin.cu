@@ -182,9 +182,9 @@ Tensor iodin_perturb_cuda(const Tensor& x, const Tensor& grad, double eps, const
   ASCOOD_CHECK(n <= static_cast<int64_t>(std::numeric_limits<int>::max()),
               "ascood CUDA kernels support at most 2^31 - 1 elements per sample, got ", n);
   const auto acc_type = acc_scalar_type(x.scalar_type());
-  const auto stdc = contiguous(torch::stable::to(stdev, acc_type, std::nullopt, x.device()));
-  const auto xc = contiguous(x);
-  const auto gc = contiguous(grad);
+  const auto stdc = as_contiguous(torch::stable::to(stdev, acc_type, std::nullopt, x.device()));
+  const auto xc = as_contiguous(x);
+  const auto gc = as_contiguous(grad);
   const int64_t kk = std::min(k, n);
   const cudaStream_t stream = current_stream();
   Tensor out;
@@ -213,7 +213,7 @@ Tensor iodin_perturb_cuda(const Tensor& x, const Tensor& grad, double eps, const
                     out.mutable_data_ptr<scalar_t>(), n, hw, static_cast<unsigned>(kk), e);
     }
   });
-  return contiguous(out, fmt);
+  return as_contiguous(out, fmt);
 }
 
 }  // namespace

@@ -148,9 +148,9 @@ std::tuple<Tensor, Tensor, Tensor> ascood_loss_cuda(const Tensor& id_logits, con
   auto lse_id = empty_on(id_logits, {B}, acc_type);
   auto lse_ood = empty_on(id_logits, {B2}, acc_type);
   auto terms = empty_on(id_logits, {B + B2}, acc_type);
-  const auto idc = contiguous(id_logits);
-  const auto oodc = contiguous(ood_logits);
-  const auto tc = contiguous(to_dtype(target, kLong));
+  const auto idc = as_contiguous(id_logits);
+  const auto oodc = as_contiguous(ood_logits);
+  const auto tc = as_contiguous(to_dtype(target, kLong));
   const cudaStream_t stream = current_stream();
   ASCOOD_DISPATCH_FLOATING(id_logits.scalar_type(), "ascood_loss_cuda", [&] {
     using acc = acc_t<scalar_t>;
@@ -194,12 +194,12 @@ std::tuple<Tensor, Tensor> ascood_loss_backward_cuda(const Tensor& grad, const T
   auto d_ood = empty_on(ood_logits, ood_logits.sizes(), ood_logits.scalar_type());
   const int64_t total = (B + B2) * C;
   if (total == 0) return {d_id, d_ood};
-  const auto gc = contiguous(to_dtype(torch::stable::reshape(grad, {1}), acc_type));
-  const auto idc = contiguous(id_logits);
-  const auto oodc = contiguous(ood_logits);
-  const auto tc = contiguous(to_dtype(target, kLong));
-  const auto lic = contiguous(lse_id);
-  const auto loc = contiguous(lse_ood);
+  const auto gc = as_contiguous(to_dtype(torch::stable::reshape(grad, {1}), acc_type));
+  const auto idc = as_contiguous(id_logits);
+  const auto oodc = as_contiguous(ood_logits);
+  const auto tc = as_contiguous(to_dtype(target, kLong));
+  const auto lic = as_contiguous(lse_id);
+  const auto loc = as_contiguous(lse_ood);
   const cudaStream_t stream = current_stream();
   const unsigned blocks = static_cast<unsigned>(elementwise_blocks(total));
   ASCOOD_DISPATCH_FLOATING(id_logits.scalar_type(), "ascood_loss_backward_cuda",

@@ -395,7 +395,7 @@ Tensor invariant_mask_cuda(const Tensor& grad, double p_inv) {
     return out;
   }
   check_selection_size(n);
-  const auto g = contiguous(grad, fmt);
+  const auto g = as_contiguous(grad, fmt);
   ASCOOD_DISPATCH_FLOATING(g.scalar_type(), "ascood_invariant_mask_cuda", [&] {
     run_select<scalar_t, false>(nullptr, g, out.mutable_data_ptr<bool>(), B, n, k, 0.0);
   });
@@ -420,8 +420,8 @@ Tensor gradient_outlier_cuda(const Tensor& x, const Tensor& grad, double p_inv, 
     return out;
   }
   check_selection_size(n);
-  const auto xc = contiguous(x, fmt);
-  const auto g = contiguous(grad, fmt);
+  const auto xc = as_contiguous(x, fmt);
+  const auto g = as_contiguous(grad, fmt);
   ASCOOD_DISPATCH_FLOATING(x.scalar_type(), "ascood_gradient_outlier_cuda", [&] {
     run_select<scalar_t, true>(xc.const_data_ptr<scalar_t>(), g, out.mutable_data_ptr<scalar_t>(), B, n, k, alpha);
   });

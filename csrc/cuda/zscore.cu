@@ -106,7 +106,7 @@ std::tuple<Tensor, Tensor, Tensor> zscore_cuda(const Tensor& h, double sigma, do
   ASCOOD_CHECK(eps >= 0.0, "eps must be >= 0, got ", eps);
   KernelDeviceGuard guard(h.get_device_index());
   const auto acc_type = acc_scalar_type(h.scalar_type());
-  const auto hc = contiguous(h);
+  const auto hc = as_contiguous(h);
   auto out = empty_on(h, h.sizes(), h.scalar_type());
   auto mean = empty_on(h, stat_shape(h), acc_type);
   auto rstd = empty_on(h, stat_shape(h), acc_type);
@@ -148,10 +148,10 @@ Tensor zscore_backward_cuda(const Tensor& grad_out, const Tensor& h, const Tenso
   KernelDeviceGuard guard(h.get_device_index());
   auto dh = empty_on(h, h.sizes(), h.scalar_type());
   if (rows == 0) return dh;
-  const auto hc = contiguous(h);
-  const auto gc = contiguous(grad_out);
-  const auto mc = contiguous(mean);
-  const auto rc = contiguous(rstd);
+  const auto hc = as_contiguous(h);
+  const auto gc = as_contiguous(grad_out);
+  const auto mc = as_contiguous(mean);
+  const auto rc = as_contiguous(rstd);
   const cudaStream_t stream = current_stream();
   const unsigned blocks = static_cast<unsigned>(std::min(rows, kMaxRowBlocks));
   const int threads = zscore_threads(m);
