@@ -107,8 +107,35 @@ def extensions():
     return exts
 
 
+def remove_stale_cuda_library() -> None:
+    """An in-place build without CUDA must not leave an earlier build's CUDA library beside its fresh _C."""
+    for path in glob.glob(os.path.join(ROOT, "ascood_kernels", "_C_cuda*.so")):
+        print(f"setup.py: removing {os.path.relpath(path, ROOT)}, left by an earlier build with CUDA")
+        os.remove(path)
+
+
+class BuildExt(cpp_extension.BuildExtension.with_options(use_ninja=True)):
+    """torch's build_ext (ninja), with the objects always in build/obj.
+
+    An editable install (scripts/setup.sh) would otherwise compile into a
+    throwaway folder; with a fixed one, ninja reuses its objects, so a wheel
+    built afterwards from the same tree (scripts/check_wheel.sh, in CI) only
+    relinks, and a rebuild recompiles only what changed.
+    """
+
+    def finalize_options(self):
+        super().finalize_options()
+        self.build_temp = os.path.join(ROOT, "build", "obj")
+
+    def run(self):
+        in_place = self.inplace or getattr(self, "editable_mode", False)
+        if in_place and not any(ext.name.endswith("_C_cuda") for ext in self.extensions):
+            remove_stale_cuda_library()  # it would load, and hold older kernels than the fresh _C
+        super().run()
+
+
 setup(
     ext_modules=extensions(),
-    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildExt},
     options={"bdist_wheel": {"py_limited_api": "cp310"}},
 )
