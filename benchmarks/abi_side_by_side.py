@@ -91,7 +91,7 @@ def _digest(torch, result) -> str:
     h = hashlib.sha256()
     for t in tensors:
         h.update(str((tuple(t.shape), t.stride(), t.dtype)).encode())
-        h.update(t.contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()[:16]
 
 

@@ -26,6 +26,7 @@
 #include <torch/headeronly/util/BFloat16.h>
 #include <torch/headeronly/util/Half.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <optional>
 #include <ostream>
@@ -130,10 +131,69 @@ inline bool is_floating_type(ScalarType t) {
   }
 }
 
-// at::empty(sizes, options.dtype(dtype).memory_format(fmt)) on t's device.
+namespace detail {
+
+// Throws when a stable C shim reports an error (its message went to stderr).
+inline void check_shim(AOTITorchError err, const char* what) {
+  ASCOOD_CHECK(err == AOTI_TORCH_SUCCESS, "ascood: torch's ", what, " failed");
+}
+
+// The shims' dtype code of the output dtypes the kernels create.
+inline int32_t shim_dtype(ScalarType t) {
+  switch (t) {
+    case ScalarType::Float:
+      return aoti_torch_dtype_float32();
+    case ScalarType::Double:
+      return aoti_torch_dtype_float64();
+    case ScalarType::Half:
+      return aoti_torch_dtype_float16();
+    case ScalarType::BFloat16:
+      return aoti_torch_dtype_bfloat16();
+    case ScalarType::Bool:
+      return aoti_torch_dtype_bool();
+    case ScalarType::Int:
+      return aoti_torch_dtype_int32();
+    case ScalarType::Long:
+      return aoti_torch_dtype_int64();
+    default:
+      ASCOOD_CHECK(false, "ascood: no output of dtype ", t);
+  }
+  return 0;
+}
+
+}  // namespace detail
+
+// at::empty(sizes, like.options().dtype(dtype).memory_format(fmt)): the strides
+// of c10's contiguous / channels-last layouts (get_channels_last_strides_2d),
+// made by the aoti_torch_empty_strided shim. torch::stable::empty would do the
+// same through torch_call_dispatcher, which looks the op up by name on every
+// call: a microsecond that the tiny inputs of the ops noticed.
 inline Tensor empty_on(const Tensor& like, IntArrayRef sizes, ScalarType dtype,
                        MemoryFormat fmt = MemoryFormat::Contiguous) {
-  return torch::stable::empty(sizes, dtype, std::nullopt, like.device(), std::nullopt, fmt);
+  const int64_t ndim = static_cast<int64_t>(sizes.size());
+  std::vector<int64_t> strides(static_cast<size_t>(ndim));
+  if (fmt == MemoryFormat::ChannelsLast) {
+    ASCOOD_CHECK(ndim == 4, "ascood: a channels-last output needs 4 dims, got ", sizes);
+    strides[1] = 1;
+    strides[3] = sizes[1];
+    strides[2] = strides[3] * sizes[3];
+    strides[0] = strides[2] * sizes[2];
+  } else {
+    ASCOOD_CHECK(fmt == MemoryFormat::Contiguous, "ascood: unsupported output memory format");
+    int64_t stride = 1;
+    for (int64_t d = ndim - 1; d >= 0; --d) {
+      strides[d] = stride;
+      stride *= std::max<int64_t>(sizes[d], 1);
+    }
+  }
+  int32_t device_type = 0, device_index = 0;
+  detail::check_shim(aoti_torch_get_device_type(like.get(), &device_type), "get_device_type");
+  detail::check_shim(aoti_torch_get_device_index(like.get(), &device_index), "get_device_index");
+  AtenTensorHandle out = nullptr;
+  detail::check_shim(aoti_torch_empty_strided(ndim, sizes.data(), strides.data(), detail::shim_dtype(dtype),
+                                              device_type, device_index, &out),
+                     "empty_strided");
+  return Tensor(out);
 }
 
 // t.contiguous(fmt): t itself when it already is (checked here, through the
@@ -151,14 +211,15 @@ inline Tensor to_dtype(const Tensor& t, ScalarType dtype) {
   return t.scalar_type() == dtype ? t : torch::stable::to(t, dtype);
 }
 
-// dst.copy_(src); returns dst.
+// dst.copy_(src); returns dst (the aoti_torch_copy_ shim: no lookup by name).
 inline Tensor copy_into(Tensor dst, const Tensor& src) {
-  torch::stable::copy_(dst, src);
+  detail::check_shim(aoti_torch_copy_(dst.get(), src.get(), /*non_blocking=*/0), "copy_");
   return dst;
 }
 
+// t.zero_(); returns t (the aoti_torch_zero_ shim).
 inline Tensor zero(Tensor t) {
-  torch::stable::zero_(t);
+  detail::check_shim(aoti_torch_zero_(t.get()), "zero_");
   return t;
 }
 

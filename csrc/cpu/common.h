@@ -73,10 +73,23 @@ inline MemoryFormat output_memory_format(const Tensor& t) {
 // Bytes of t's elements (Tensor::nbytes()).
 inline size_t nbytes(const Tensor& t) { return static_cast<size_t>(t.numel()) * t.element_size(); }
 
-// The value of a one-element float tensor as a double (Tensor::item<double>()).
+// The value of a one-element CPU float tensor as a double (Tensor::item<double>()),
+// read in place: its one element is at data_ptr() whatever its strides.
 inline double scalar_value(const Tensor& t) {
-  const Tensor d = as_contiguous(to_dtype(t, kDouble));
-  return *d.const_data_ptr<double>();
+  const void* p = t.const_data_ptr();
+  switch (t.scalar_type()) {
+    case kFloat:
+      return *static_cast<const float*>(p);
+    case kDouble:
+      return *static_cast<const double*>(p);
+    case kHalf:
+      return static_cast<double>(static_cast<float>(*static_cast<const c10::Half*>(p)));
+    case kBFloat16:
+      return static_cast<double>(static_cast<float>(*static_cast<const c10::BFloat16*>(p)));
+    default:
+      ASCOOD_CHECK(false, "ascood (CPU): expected a float tensor, got ", t.scalar_type());
+  }
+  return 0.0;
 }
 
 // Outputs at least this large ask the kernel for transparent huge pages.
