@@ -65,7 +65,7 @@ def environment(device: torch.device) -> dict:
         "torch_cuda_runtime": torch.version.cuda,
         "extension": "loaded" if ext else f"not loaded: {_backend._state.get('ext_error')}",
         "cuda_kernels": (f"compiled (CUDA {compiled_cuda // 1000}.{compiled_cuda % 1000 // 10})" if cuda_kernels
-                         else f"not compiled: {_backend._why_not('cuda')}"),
+                         else f"not loaded: {_backend._why_not('cuda')}"),
         "build": _build_info() or "unknown (no ascood_kernels/_build_info.py: built before setup.py recorded it)",
         "abi": _abi_line(_build_info()),
         "triton": _triton_line(),

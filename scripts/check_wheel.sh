@@ -53,5 +53,7 @@ assert "site-packages" in where, "imported the source tree, not the installed wh
 assert "cpu" in backends, f"the CPU kernels did not load: {_backend._why_not('cpu')}"
 assert torch.version.cuda is not None or "cuda" not in backends
 PY
+# The self-check there: its abi line names the build's torch, this torch and the target.
+ASCOOD_EMU=0 "$py" -m ascood_kernels --quick | grep -v "^  pass"
 ASCOOD_EMU=0 "$py" -m pytest -q -p no:cacheprovider -x .
 say "op tests passed on the wheel's CPU kernels under torch $OLD_TORCH"
