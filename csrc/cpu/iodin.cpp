@@ -66,7 +66,7 @@ C10_ALWAYS_INLINE scalar_t step(scalar_t x, scalar_t g, acc eps, acc std) {
 }
 
 Tensor iodin_perturb_cpu(const Tensor& x, const Tensor& grad, double eps, const Tensor& channel_std,
-                             int64_t k) {
+                         int64_t k) {
   check_float_cpu(x, "x", 2);
   check_float_cpu(grad, "grad", 2);
   check_like(x, "x", grad, "grad");

@@ -98,7 +98,7 @@ void check_target_range(const int64_t* t, int64_t B, int64_t C) {
 }
 
 std::tuple<Tensor, Tensor, Tensor> ascood_loss_cpu(const Tensor& id_logits, const Tensor& target,
-                                                               const Tensor& ood_logits, double w) {
+                                                   const Tensor& ood_logits, double w) {
   check_logits(id_logits, target, ood_logits);
   const int64_t B = id_logits.size(0), B2 = ood_logits.size(0), C = id_logits.size(1);
   const Tensor zi = as_contiguous(id_logits), zo = as_contiguous(ood_logits), tc = as_contiguous(target);
@@ -143,9 +143,9 @@ std::tuple<Tensor, Tensor, Tensor> ascood_loss_cpu(const Tensor& id_logits, cons
 }
 
 std::tuple<Tensor, Tensor> ascood_loss_backward_cpu(const Tensor& grad, const Tensor& id_logits,
-                                                            const Tensor& target, const Tensor& ood_logits,
-                                                            double w, const Tensor& lse_id,
-                                                            const Tensor& lse_ood) {
+                                                    const Tensor& target, const Tensor& ood_logits,
+                                                    double w, const Tensor& lse_id,
+                                                    const Tensor& lse_ood) {
   check_logits(id_logits, target, ood_logits);
   ASCOOD_CHECK(grad.is_cpu(), "ascood (CPU): grad must be a CPU tensor, got device ", grad.device());
   ASCOOD_CHECK(grad.numel() == 1 && is_supported_float(grad.scalar_type()),

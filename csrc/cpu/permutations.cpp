@@ -41,7 +41,8 @@ Tensor random_permutations_cpu(const Tensor& seeds, int64_t n) {
   ASCOOD_CHECK(n <= (int64_t{1} << 31), "ascood (CPU): n must be <= 2^31, got ", n);
   int64_t* od = out.mutable_data_ptr<int64_t>();
   // A row is n * 8 bytes of random swaps: rows in parallel, each on one thread.
-  torch::stable::parallel_for(0, R, std::max<int64_t>(1, 65536 / std::max<int64_t>(n, 1)), [&](int64_t begin, int64_t end) {
+  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(n, 1));
+  torch::stable::parallel_for(0, R, grain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       int64_t* p = od + r * n;
       std::iota(p, p + n, int64_t{0});

@@ -161,7 +161,7 @@ std::tuple<Tensor, Tensor, Tensor> zscore_cpu(const Tensor& h, double sigma, dou
 }
 
 Tensor zscore_backward_cpu(const Tensor& grad_out, const Tensor& h, const Tensor& mean,
-                               const Tensor& rstd, double sigma) {
+                           const Tensor& rstd, double sigma) {
   check_zscore_input(h, sigma);
   check_like(h, "h", grad_out, "grad_out");
   const auto acc_type = acc_scalar_type(h.scalar_type());

@@ -40,6 +40,27 @@ extern "C" AOTITorchError aoti_torch_get_current_cuda_stream(int32_t device_inde
 namespace ascood {
 namespace cuda {
 
+// The stable-ABI glue (abi.h), named from the global namespace: a copy of this
+// file compiled inside another namespace (the emulation's fault-injection
+// variants, ascood_kernels/emulation.py) must find the one ::ascood glue.
+using ::ascood::as_contiguous;
+using ::ascood::copy_into;
+using ::ascood::empty_on;
+using ::ascood::is_channels_last_contiguous;
+using ::ascood::is_floating_type;
+using ::ascood::kBFloat16;
+using ::ascood::kBool;
+using ::ascood::kDouble;
+using ::ascood::kFloat;
+using ::ascood::kHalf;
+using ::ascood::kInt;
+using ::ascood::kLong;
+using ::ascood::MemoryFormat;
+using ::ascood::ScalarType;
+using ::ascood::Tensor;
+using ::ascood::to_dtype;
+using ::ascood::zero;
+
 constexpr unsigned kFullMask = 0xffffffffu;
 
 // ---------------------------------------------------------------------------

@@ -163,7 +163,7 @@ __global__ void __launch_bounds__(kIodinThreads)
 }
 
 Tensor iodin_perturb_cuda(const Tensor& x, const Tensor& grad, double eps, const Tensor& stdev,
-                              int64_t k) {
+                          int64_t k) {
   check_cuda_float(x, "x");
   check_cuda_float(grad, "grad");
   check_like(x, "x", grad, "grad");

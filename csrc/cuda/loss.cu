@@ -139,7 +139,7 @@ int64_t elementwise_blocks(int64_t total) {
 }
 
 std::tuple<Tensor, Tensor, Tensor> ascood_loss_cuda(const Tensor& id_logits, const Tensor& target,
-                                                                const Tensor& ood_logits, double w) {
+                                                    const Tensor& ood_logits, double w) {
   check_logits(id_logits, target, ood_logits);
   KernelDeviceGuard guard(id_logits.get_device_index());
   const auto acc_type = acc_scalar_type(id_logits.scalar_type());
@@ -157,8 +157,8 @@ std::tuple<Tensor, Tensor, Tensor> ascood_loss_cuda(const Tensor& id_logits, con
     if (B + B2 > 0) {
       const unsigned blocks = static_cast<unsigned>(ceil_div(B + B2, kRowsPerBlock));
       ASCOOD_LAUNCH(loss_rows_kernel<scalar_t>, blocks, kRowThreads, 0, stream, idc.const_data_ptr<scalar_t>(),
-                    tc.const_data_ptr<int64_t>(), oodc.const_data_ptr<scalar_t>(), B, B2, C, lse_id.mutable_data_ptr<acc>(),
-                    lse_ood.mutable_data_ptr<acc>(), terms.mutable_data_ptr<acc>(),
+                    tc.const_data_ptr<int64_t>(), oodc.const_data_ptr<scalar_t>(), B, B2, C,
+                    lse_id.mutable_data_ptr<acc>(), lse_ood.mutable_data_ptr<acc>(), terms.mutable_data_ptr<acc>(),
                     static_cast<acc>(std::log(static_cast<double>(C))));
     }
     ASCOOD_LAUNCH(loss_final_kernel<scalar_t>, 1, 256, 0, stream, terms.const_data_ptr<acc>(), B, B2,
@@ -168,9 +168,9 @@ std::tuple<Tensor, Tensor, Tensor> ascood_loss_cuda(const Tensor& id_logits, con
 }
 
 std::tuple<Tensor, Tensor> ascood_loss_backward_cuda(const Tensor& grad, const Tensor& id_logits,
-                                                             const Tensor& target, const Tensor& ood_logits,
-                                                             double w, const Tensor& lse_id,
-                                                             const Tensor& lse_ood) {
+                                                     const Tensor& target, const Tensor& ood_logits,
+                                                     double w, const Tensor& lse_id,
+                                                     const Tensor& lse_ood) {
   check_logits(id_logits, target, ood_logits);
   const auto acc_type = acc_scalar_type(id_logits.scalar_type());
   const int64_t B = id_logits.size(0), B2 = ood_logits.size(0), C = id_logits.size(1);
@@ -202,16 +202,14 @@ std::tuple<Tensor, Tensor> ascood_loss_backward_cuda(const Tensor& grad, const T
   const auto loc = as_contiguous(lse_ood);
   const cudaStream_t stream = current_stream();
   const unsigned blocks = static_cast<unsigned>(elementwise_blocks(total));
-  ASCOOD_DISPATCH_FLOATING(id_logits.scalar_type(), "ascood_loss_backward_cuda",
-                                  [&] {
-                                    using acc = acc_t<scalar_t>;
-                                    ASCOOD_LAUNCH(loss_bwd_kernel<scalar_t>, blocks, 256, 0, stream,
-                                                  gc.const_data_ptr<acc>(), idc.const_data_ptr<scalar_t>(),
-                                                  tc.const_data_ptr<int64_t>(), oodc.const_data_ptr<scalar_t>(),
-                                                  lic.const_data_ptr<acc>(), loc.const_data_ptr<acc>(),
-                                                  d_id.mutable_data_ptr<scalar_t>(), d_ood.mutable_data_ptr<scalar_t>(), B, B2, C,
-                                                  static_cast<acc>(w), static_cast<acc>(1.0 / static_cast<double>(C)));
-                                  });
+  ASCOOD_DISPATCH_FLOATING(id_logits.scalar_type(), "ascood_loss_backward_cuda", [&] {
+    using acc = acc_t<scalar_t>;
+    ASCOOD_LAUNCH(loss_bwd_kernel<scalar_t>, blocks, 256, 0, stream, gc.const_data_ptr<acc>(),
+                  idc.const_data_ptr<scalar_t>(), tc.const_data_ptr<int64_t>(), oodc.const_data_ptr<scalar_t>(),
+                  lic.const_data_ptr<acc>(), loc.const_data_ptr<acc>(), d_id.mutable_data_ptr<scalar_t>(),
+                  d_ood.mutable_data_ptr<scalar_t>(), B, B2, C, static_cast<acc>(w),
+                  static_cast<acc>(1.0 / static_cast<double>(C)));
+  });
   return {d_id, d_ood};
 }
 

@@ -126,7 +126,7 @@ std::tuple<Tensor, Tensor, Tensor> zscore_cuda(const Tensor& h, double sigma, do
 }
 
 Tensor zscore_backward_cuda(const Tensor& grad_out, const Tensor& h, const Tensor& mean,
-                                const Tensor& rstd, double sigma) {
+                            const Tensor& rstd, double sigma) {
   check_cuda_float(h, "h");
   check_cuda_float(grad_out, "grad_out");
   check_like(h, "h", grad_out, "grad_out");

@@ -27,8 +27,10 @@ inline __m256i lane_mask(int64_t count) {
 
 // SLEEF xexpf (u10) on 8 lanes.
 inline __m256 expf8_u10(__m256 d) {
-  const __m256i q = _mm256_cvtps_epi32(_mm256_mul_ps(d, _mm256_set1_ps(1.442695040888963407359924681001892137426645954152985934135449406931f)));
+  constexpr float kRLn2 = 1.442695040888963407359924681001892137426645954152985934135449406931f;  // SLEEF's R_LN2f
+  const __m256i q = _mm256_cvtps_epi32(_mm256_mul_ps(d, _mm256_set1_ps(kRLn2)));
   const __m256 qf = _mm256_cvtepi32_ps(q);
+  // s = d - q * ln2, ln2 split in SLEEF's L2Uf + L2Lf.
   __m256 s = _mm256_fmadd_ps(qf, _mm256_set1_ps(-0.693145751953125f), d);
   s = _mm256_fmadd_ps(qf, _mm256_set1_ps(-1.428606765330187045e-06f), s);
   __m256 u = _mm256_set1_ps(0.000198527617612853646278381f);
