@@ -24,8 +24,14 @@ import os
 from packaging.version import Version
 from setuptools import find_packages, setup
 
-import torch
-from torch.utils import cpp_extension
+# As scripts/setup.sh: the standard toolkit location when CUDA_HOME is unset (torch would
+# otherwise guess from the first nvcc on PATH, e.g. a /usr/local/bin/nvcc link whose
+# /usr/local has no CUDA runtime library to link).
+if not os.environ.get("CUDA_HOME") and not os.environ.get("CUDA_PATH") and os.path.isfile("/usr/local/cuda/bin/nvcc"):
+    os.environ["CUDA_HOME"] = "/usr/local/cuda"
+
+import torch  # noqa: E402
+from torch.utils import cpp_extension  # noqa: E402
 
 # The lowest torch whose stable ABI covers what the kernels use (docs/OPS.md
 # "Build and ABI"): torch::stable::parallel_for / get_num_threads, empty with a
@@ -45,7 +51,9 @@ def want_cuda() -> bool:
     mode = os.environ.get("USE_CUDA", "auto").strip().lower()
     if mode not in {"auto", "0", "1"}:
         raise ValueError(f"USE_CUDA must be auto, 0 or 1, got {mode!r}")
-    have_toolkit = cpp_extension.CUDA_HOME is not None and torch.version.cuda is not None
+    home = cpp_extension.CUDA_HOME
+    have_toolkit = (home is not None and torch.version.cuda is not None and
+                    any(glob.glob(os.path.join(home, lib, "libcudart.so*")) for lib in ("lib64", "lib")))
     if mode == "1" and not have_toolkit:
         raise RuntimeError(
             "USE_CUDA=1 but no CUDA build is possible: torch.version.cuda="
