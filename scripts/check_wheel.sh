@@ -29,7 +29,9 @@ if [ "$USE_CUDA" = 1 ] && ! grep -q "ascood_kernels/_C_cuda.abi3.so" <<<"$listin
 fi
 
 say "a second venv with torch==$OLD_TORCH (CPU-only) and the wheel"
-python3 -m venv "$work/venv"
+# The interpreter behind .venv (the local torch wheels are built for it).
+base_python=$(.venv/bin/python -c 'import sys; print(sys._base_executable)')
+"$base_python" -m venv "$work/venv"
 py="$work/venv/bin/python"
 "$py" -m pip install -q --disable-pip-version-check "torch==$OLD_TORCH" pytest
 # --no-deps: the wheel's own dependencies include torchvision, whose pin would replace that torch.
