@@ -15,6 +15,7 @@ export USE_CUDA=${USE_CUDA:-1}
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 work=$(mktemp -d -t ascood-wheel.XXXXXX)
+trap 'rm -rf "$work"' EXIT  # the second venv holds a whole torch
 wheel_dir=${WHEEL_DIR:-$work/dist}
 say() { echo "[wheel] $*"; }
 
