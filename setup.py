@@ -34,9 +34,10 @@ import torch  # noqa: E402
 from torch.utils import cpp_extension  # noqa: E402
 
 # The lowest torch whose stable ABI covers what the kernels use (docs/OPS.md
-# "Build and ABI"): torch::stable::parallel_for / get_num_threads, empty with a
-# memory format, contiguous(memory_format), to(dtype, device) and the
-# templated data pointers all arrived in 2.10. Building needs its headers.
+# "Build and ABI"): torch::stable::parallel_for / get_num_threads,
+# contiguous(memory_format), to(dtype, device), reshape, the templated data
+# pointers and versioned kernel registration all arrived in 2.10. Building
+# needs its headers.
 STABLE_ABI_TARGET = (2, 10)
 MIN_TORCH = Version("%d.%d" % STABLE_ABI_TARGET)
 if Version(torch.__version__.split("+")[0]) < MIN_TORCH:

@@ -14,8 +14,9 @@
 //   is_channels_last_contiguous        Tensor::is_contiguous(ChannelsLast);
 //   ASCOOD_DISPATCH_FLOATING           AT_DISPATCH_FLOATING_TYPES_AND2(Half, BFloat16);
 //   is_floating_type                   c10::isFloatingType;
-//   empty_on / to_dtype / copy_into / zero / nbytes / scalar_value (cpu/common.h)
-//                                      at::empty(options) / Tensor::to / copy_ / zero_ / nbytes / item.
+//   empty_on / as_contiguous / to_dtype / copy_into / zero
+//                                      at::empty(options) / Tensor::contiguous / to / copy_ / zero_
+//                                      (cpu/common.h adds nbytes and scalar_value: nbytes(), item()).
 #pragma once
 
 #include <torch/csrc/stable/library.h>
