@@ -2,8 +2,13 @@
 
 Backends:
   ``reference``  plain PyTorch (ascood_kernels.reference), the specification;
-  ``cpu``        C++/OpenMP kernels of the compiled extension (CPU tensors);
-  ``cuda``       CUDA C++ kernels of the compiled extension (CUDA tensors);
+  ``cpu``        C++/OpenMP kernels of the compiled extension
+                 ``ascood_kernels._C`` (CPU tensors);
+  ``cuda``       CUDA C++ kernels, the library ``ascood_kernels._C_cuda``
+                 (CUDA tensors). Both are built on the LibTorch stable ABI
+                 and load under any torch >= the version they target
+                 (:func:`stable_abi_target`); the CPU kernels load even
+                 where the CUDA library cannot (a CPU-only torch);
   ``triton``     Triton kernels (CUDA tensors; CPU tensors only under the
                  Triton interpreter, ``TRITON_INTERPRET=1``, used by CI);
   ``cuda-emulated``  the CUDA kernels' sources built for the host and run on
@@ -21,7 +26,9 @@ sets the default for calls that pass ``backend=None``/``"auto"``. Under
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
+import re
 import warnings
 
 import torch
@@ -35,18 +42,75 @@ OP_NAMES = ("invariant_mask", "gradient_outlier", "zscore", "zscore_backward", "
 _state: dict = {}
 
 
+def build_info() -> dict | None:
+    """What the compiled kernels were built with (setup.py writes it), or None when unknown."""
+    try:
+        from ._build_info import BUILD_INFO
+    except ImportError:
+        return None
+    return dict(BUILD_INFO)
+
+
+def stable_abi_target() -> str | None:
+    """The lowest torch (``"2.10"``) the compiled kernels run under (their TORCH_TARGET_VERSION), or None."""
+    return (build_info() or {}).get("stable_abi_target")
+
+
+def _major_minor(version: str) -> tuple[int, int]:
+    """(2, 13) of "2.13.0+cpu" (what the stable-ABI target compares: PyTorch keeps a minor's ABI in later ones)."""
+    match = re.match(r"(\d+)\.(\d+)", version)
+    return (int(match.group(1)), int(match.group(2))) if match else (0, 0)
+
+
+def _torch_too_old() -> str | None:
+    """Why this torch cannot run the compiled kernels (older than their stable-ABI target), or None."""
+    target = stable_abi_target()
+    if target is None:
+        return None
+    if _major_minor(torch.__version__) >= _major_minor(target):
+        return None
+    return (f"torch {torch.__version__} is older than {target}, the LibTorch stable-ABI version the compiled kernels "
+            f"target; upgrade torch to >= {target} to use them")
+
+
 def _load_extension() -> None:
     if "ext" in _state:
+        return
+    _state["cuda_version"] = -1
+    too_old = _torch_too_old()
+    if too_old is not None:
+        # Loading would fail on a missing stable-ABI symbol; say why instead, once, in one line.
+        _state.update(ext=False, ext_error=too_old, cuda_error=too_old)
+        _warn_reference(too_old)
         return
     try:
         importlib.import_module("ascood_kernels._C")
         _state["ext"] = True
         _state["ext_error"] = None
-        _state["cuda_version"] = int(torch.ops.ascood._cuda_version())
-    except (ImportError, OSError) as err:  # not built, or built for another torch
+    except (ImportError, OSError) as err:  # not built, or its library cannot load
         _state["ext"] = False
         _state["ext_error"] = f"{type(err).__name__}: {err}"
-        _state["cuda_version"] = -1
+        _state["cuda_error"] = _state["ext_error"]
+        return
+    _load_cuda_library()
+
+
+def _load_cuda_library() -> None:
+    """Import ``ascood_kernels._C_cuda`` (after ``_C``, which defines the ops it implements) when it was built."""
+    if importlib.util.find_spec("ascood_kernels._C_cuda") is None:
+        _state["cuda_error"] = "the extension was built without CUDA (rebuild with USE_CUDA=1 and a CUDA toolkit)"
+        return
+    if torch.version.cuda is None:
+        _state["cuda_error"] = (f"torch {torch.__version__} is CPU-only, so the CUDA kernels (ascood_kernels._C_cuda) "
+                                "cannot load; the CPU kernels are used")
+        return
+    try:
+        module = importlib.import_module("ascood_kernels._C_cuda")
+    except (ImportError, OSError) as err:
+        _state["cuda_error"] = f"{type(err).__name__}: {err}"
+        return
+    _state["cuda_version"] = int(module.CUDA_VERSION)
+    _state["cuda_error"] = None
 
 
 def _load_triton() -> None:
@@ -71,7 +135,7 @@ def extension_loaded() -> bool:
 
 
 def cuda_built() -> bool:
-    """True when the extension was compiled with its CUDA kernels (a GPU need not be present)."""
+    """True when the CUDA kernels (``ascood_kernels._C_cuda``) loaded (a GPU need not be present)."""
     _load_extension()
     return _state["cuda_version"] >= 0
 
@@ -109,7 +173,7 @@ def _why_not(backend: str) -> str:
         return _state.get("ext_error") or "unknown reason"
     if not extension_loaded():
         return _state.get("ext_error") or "unknown reason"
-    return "the extension was built without CUDA (rebuild with USE_CUDA=1 and a CUDA toolkit)"
+    return _state.get("cuda_error") or "unknown reason"
 
 
 def _warn_reference(reason: str) -> None:

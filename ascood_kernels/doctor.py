@@ -43,11 +43,15 @@ DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64", torch.float16
 # ---------------------------------------------------------------------------------------------
 # What is installed
 def _build_info() -> dict | None:
-    try:
-        from ._build_info import BUILD_INFO
-    except ImportError:
-        return None
-    return dict(BUILD_INFO)
+    return _backend.build_info()
+
+
+def _abi_line(build: dict | None) -> str:
+    """The torch the kernels were built with, the one running, and the lowest torch they load under."""
+    if not build or not build.get("stable_abi_target"):
+        return f"unknown build; running under torch {torch.__version__}"
+    return (f"LibTorch stable ABI, target torch >= {build['stable_abi_target']}; built with torch {build['torch']}, "
+            f"running under torch {torch.__version__}")
 
 
 def environment(device: torch.device) -> dict:
@@ -61,8 +65,9 @@ def environment(device: torch.device) -> dict:
         "torch_cuda_runtime": torch.version.cuda,
         "extension": "loaded" if ext else f"not loaded: {_backend._state.get('ext_error')}",
         "cuda_kernels": (f"compiled (CUDA {compiled_cuda // 1000}.{compiled_cuda % 1000 // 10})" if cuda_kernels
-                         else f"not compiled: {_backend._why_not('cuda')}"),
+                         else f"not loaded: {_backend._why_not('cuda')}"),
         "build": _build_info() or "unknown (no ascood_kernels/_build_info.py: built before setup.py recorded it)",
+        "abi": _abi_line(_build_info()),
         "triton": _triton_line(),
         "triton_interpret": _backend.triton_interpreter(),
         "available_backends": _backend.available_backends(),

@@ -1,13 +1,15 @@
 // Schemas of the ops that have CUDA kernels, shared by the `ascood` library
 // (ops.cpp) and the test-only emulated CUDA library (cuda/emulation/register.cpp),
 // so both take exactly the same arguments. Semantics: docs/OPS.md.
+// A template over the library type: ops.cpp defines with the stable ABI's
+// StableLibrary, the emulated library (built for the torch at hand) with
+// torch::Library; both have def(const char*).
 #pragma once
-
-#include <torch/library.h>
 
 namespace ascood {
 
-inline void define_kernel_schemas(torch::Library& m) {
+template <typename Library>
+inline void define_kernel_schemas(Library& m) {
   m.def("invariant_mask(Tensor grad, float p_inv) -> Tensor");
   m.def("gradient_outlier(Tensor x, Tensor grad, float p_inv, float alpha) -> Tensor");
   m.def("zscore(Tensor h, float sigma, float eps) -> (Tensor, Tensor, Tensor)");

@@ -2,10 +2,7 @@
 // the output-layout rule of docs/OPS.md ("Layout").
 #pragma once
 
-#include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
-#include <c10/util/Exception.h>
+#include "abi.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -33,32 +30,32 @@ struct AccType<double> {
 template <typename scalar_t>
 using acc_t = typename AccType<scalar_t>::type;
 
-inline at::ScalarType acc_scalar_type(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
+inline ScalarType acc_scalar_type(ScalarType t) {
+  return t == kDouble ? kDouble : kFloat;
 }
 
-inline bool is_supported_float(at::ScalarType t) {
-  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble;
+inline bool is_supported_float(ScalarType t) {
+  return t == kFloat || t == kHalf || t == kBFloat16 || t == kDouble;
 }
 
 // Every op takes CPU tensors of one of the four float dtypes; say which
 // argument is wrong and what it should have been.
-inline void check_float_cpu(const at::Tensor& t, const char* name, int64_t min_rank) {
-  TORCH_CHECK(t.device().is_cpu(), "ascood (CPU): ", name, " must be a CPU tensor, got device ", t.device());
-  TORCH_CHECK(is_supported_float(t.scalar_type()), "ascood (CPU): ", name,
+inline void check_float_cpu(const Tensor& t, const char* name, int64_t min_rank) {
+  ASCOOD_CHECK(t.is_cpu(), "ascood (CPU): ", name, " must be a CPU tensor, got device ", t.device());
+  ASCOOD_CHECK(is_supported_float(t.scalar_type()), "ascood (CPU): ", name,
               " must have dtype float32, float16, bfloat16 or float64, got ", t.scalar_type());
-  TORCH_CHECK(t.dim() >= min_rank, "ascood (CPU): ", name, " must have rank >= ", min_rank, ", got shape ",
+  ASCOOD_CHECK(t.dim() >= min_rank, "ascood (CPU): ", name, " must have rank >= ", min_rank, ", got shape ",
               t.sizes());
 }
 
 // `b` must be a CPU tensor with a's dtype (and shape, unless shape == false).
-inline void check_like(const at::Tensor& a, const char* name_a, const at::Tensor& b, const char* name_b,
+inline void check_like(const Tensor& a, const char* name_a, const Tensor& b, const char* name_b,
                        bool shape = true) {
-  TORCH_CHECK(b.device().is_cpu(), "ascood (CPU): ", name_b, " must be a CPU tensor, got device ", b.device());
-  TORCH_CHECK(b.scalar_type() == a.scalar_type(), "ascood (CPU): ", name_b, " must have ", name_a, "'s dtype ",
+  ASCOOD_CHECK(b.is_cpu(), "ascood (CPU): ", name_b, " must be a CPU tensor, got device ", b.device());
+  ASCOOD_CHECK(b.scalar_type() == a.scalar_type(), "ascood (CPU): ", name_b, " must have ", name_a, "'s dtype ",
               a.scalar_type(), ", got ", b.scalar_type());
   if (shape) {
-    TORCH_CHECK(b.sizes() == a.sizes(), "ascood (CPU): ", name_b, " must have the shape of ", name_a, " ",
+    ASCOOD_CHECK(b.sizes() == a.sizes(), "ascood (CPU): ", name_b, " must have the shape of ", name_a, " ",
                 a.sizes(), ", got ", b.sizes());
   }
 }
@@ -66,11 +63,33 @@ inline void check_like(const at::Tensor& a, const char* name_a, const at::Tensor
 // Output layout of the image ops: channels-last only for a 4-D input that is
 // channels-last and not also plain contiguous (so ambiguous shapes such as
 // (B, C, 1, 1) stay contiguous, as in the reference).
-inline at::MemoryFormat output_memory_format(const at::Tensor& t) {
-  if (t.dim() == 4 && t.is_contiguous(at::MemoryFormat::ChannelsLast) && !t.is_contiguous()) {
-    return at::MemoryFormat::ChannelsLast;
+inline MemoryFormat output_memory_format(const Tensor& t) {
+  if (t.dim() == 4 && is_channels_last_contiguous(t) && !t.is_contiguous()) {
+    return MemoryFormat::ChannelsLast;
   }
-  return at::MemoryFormat::Contiguous;
+  return MemoryFormat::Contiguous;
+}
+
+// Bytes of t's elements (Tensor::nbytes()).
+inline size_t nbytes(const Tensor& t) { return static_cast<size_t>(t.numel()) * t.element_size(); }
+
+// The value of a one-element CPU float tensor as a double (Tensor::item<double>()),
+// read in place: its one element is at data_ptr() whatever its strides.
+inline double scalar_value(const Tensor& t) {
+  const void* p = t.const_data_ptr();
+  switch (t.scalar_type()) {
+    case kFloat:
+      return *static_cast<const float*>(p);
+    case kDouble:
+      return *static_cast<const double*>(p);
+    case kHalf:
+      return static_cast<double>(static_cast<float>(*static_cast<const c10::Half*>(p)));
+    case kBFloat16:
+      return static_cast<double>(static_cast<float>(*static_cast<const c10::BFloat16*>(p)));
+    default:
+      ASCOOD_CHECK(false, "ascood (CPU): expected a float tensor, got ", t.scalar_type());
+  }
+  return 0.0;
 }
 
 // Outputs at least this large ask the kernel for transparent huge pages.
@@ -84,9 +103,9 @@ constexpr size_t kAdviseHugeBytes = size_t{4} << 20;
 // buffer MADV_HUGEPAGE lets it fault in 2 MiB at a time where the system's
 // THP mode is "madvise". Advisory only: errors are ignored, nothing changes
 // where THP is off or on other systems.
-inline void advise_huge_pages(const at::Tensor& t) {
+inline void advise_huge_pages(const Tensor& t) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
-  const size_t bytes = t.nbytes();
+  const size_t bytes = nbytes(t);
   if (bytes < kAdviseHugeBytes) return;
   const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
   const uintptr_t lo = (begin + kHugePageBytes - 1) & ~(kHugePageBytes - 1);
@@ -98,11 +117,11 @@ inline void advise_huge_pages(const at::Tensor& t) {
 }
 
 // A fresh output with the strides the fake (meta) kernels report:
-// at::empty in `fmt`. (clone() would keep an input's odd strides on size-1
+// empty in `fmt`. (clone() would keep an input's odd strides on size-1
 // or empty dims.)
-inline at::Tensor empty_image_like(const at::Tensor& t, at::MemoryFormat fmt,
-                                   c10::optional<at::ScalarType> dtype = c10::nullopt) {
-  at::Tensor out = at::empty(t.sizes(), t.options().dtype(dtype.value_or(t.scalar_type())).memory_format(fmt));
+inline Tensor empty_image_like(const Tensor& t, MemoryFormat fmt,
+                                   std::optional<ScalarType> dtype = std::nullopt) {
+  Tensor out = empty_on(t, t.sizes(), dtype.value_or(t.scalar_type()), fmt);
   advise_huge_pages(out);
   return out;
 }
@@ -114,7 +133,7 @@ inline int64_t count_from_fraction(double p, int64_t n) {
 
 // Elements per sample of a batch-first tensor (the product of the non-batch
 // dims, also when the batch is empty).
-inline int64_t per_sample_numel(const at::Tensor& t) {
+inline int64_t per_sample_numel(const Tensor& t) {
   int64_t n = 1;
   for (int64_t d = 1; d < t.dim(); ++d) n *= t.size(d);
   return n;

@@ -9,7 +9,6 @@
 #include "convert.h"
 #include "select.h"
 
-#include <torch/library.h>
 
 // x - eps*s/std must round exactly like the reference: no fused multiply-add
 // (GCC in ISO mode does not contract anyway; this tells clang).
@@ -66,36 +65,36 @@ C10_ALWAYS_INLINE scalar_t step(scalar_t x, scalar_t g, acc eps, acc std) {
   return from_acc<scalar_t>(to_acc<acc>(x) - eps * s / std);
 }
 
-at::Tensor iodin_perturb_cpu(const at::Tensor& x, const at::Tensor& grad, double eps, const at::Tensor& channel_std,
-                             int64_t k) {
+Tensor iodin_perturb_cpu(const Tensor& x, const Tensor& grad, double eps, const Tensor& channel_std,
+                         int64_t k) {
   check_float_cpu(x, "x", 2);
   check_float_cpu(grad, "grad", 2);
   check_like(x, "x", grad, "grad");
-  TORCH_CHECK(eps >= 0.0, "ascood (CPU): eps must be >= 0, got ", eps);
-  TORCH_CHECK(k >= 1, "ascood (CPU): k must be >= 1, got ", k);
+  ASCOOD_CHECK(eps >= 0.0, "ascood (CPU): eps must be >= 0, got ", eps);
+  ASCOOD_CHECK(k >= 1, "ascood (CPU): k must be >= 1, got ", k);
   const int64_t B = x.size(0);
   const int64_t C = x.size(1);
-  TORCH_CHECK(channel_std.device().is_cpu(), "ascood (CPU): std must be a CPU tensor, got device ",
+  ASCOOD_CHECK(channel_std.is_cpu(), "ascood (CPU): std must be a CPU tensor, got device ",
               channel_std.device());
-  TORCH_CHECK(channel_std.scalar_type() == at::kFloat || channel_std.scalar_type() == at::kDouble,
+  ASCOOD_CHECK(channel_std.scalar_type() == kFloat || channel_std.scalar_type() == kDouble,
               "ascood (CPU): std must have dtype float32 or float64, got ", channel_std.scalar_type());
-  TORCH_CHECK(channel_std.dim() == 1 && channel_std.numel() == C, "ascood (CPU): std must have shape (C,) = (", C,
+  ASCOOD_CHECK(channel_std.dim() == 1 && channel_std.numel() == C, "ascood (CPU): std must have shape (C,) = (", C,
               ",) with C = x.size(1), got ", channel_std.sizes());
 
   const auto fmt = output_memory_format(x);
   const int64_t n = per_sample_numel(x);
-  if (B == 0 || n == 0) return empty_image_like(x, fmt).copy_(x);
-  const at::Tensor xc = x.contiguous();
+  if (B == 0 || n == 0) return copy_into(empty_image_like(x, fmt), x);
+  const Tensor xc = as_contiguous(x);
   const int64_t kk = std::min(k, n);
   // Work in NCHW order (unselected elements are copies of x; with k >= n
   // every element is written below), change layout last.
-  at::Tensor out = empty_image_like(x, at::MemoryFormat::Contiguous);
-  if (kk < n) out.copy_(xc);
-  const at::Tensor gc = grad.contiguous();
+  Tensor out = empty_image_like(x, MemoryFormat::Contiguous);
+  if (kk < n) copy_into(out, xc);
+  const Tensor gc = as_contiguous(grad);
   const int64_t inner = n / C;  // elements per channel of a sample
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ascood_iodin_perturb_cpu", [&] {
+  ASCOOD_DISPATCH_FLOATING(x.scalar_type(), "ascood_iodin_perturb_cpu", [&] {
     using acc = acc_t<scalar_t>;
-    const at::Tensor sd = channel_std.to(std::is_same_v<acc, double> ? at::kDouble : at::kFloat).contiguous();
+    const Tensor sd = as_contiguous(to_dtype(channel_std, std::is_same_v<acc, double> ? kDouble : kFloat));
     const acc* stdp = sd.const_data_ptr<acc>();
     const acc e = static_cast<acc>(eps);
     const scalar_t* xd = xc.const_data_ptr<scalar_t>();
@@ -103,7 +102,7 @@ at::Tensor iodin_perturb_cpu(const at::Tensor& x, const at::Tensor& grad, double
     scalar_t* od = out.mutable_data_ptr<scalar_t>();
     if (kk == n) {
       // ODIN: every element moves; a plain elementwise sweep.
-      at::parallel_for(0, B * C, std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(inner, 1)),
+      torch::stable::parallel_for(0, B * C, std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(inner, 1)),
                        [&](int64_t begin, int64_t end) {
                          for (int64_t bc = begin; bc < end; ++bc) {
                            const acc sc = stdp[bc % C];
@@ -113,7 +112,7 @@ at::Tensor iodin_perturb_cpu(const at::Tensor& x, const at::Tensor& grad, double
                        });
       return;
     }
-    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    torch::stable::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
       std::vector<int64_t> idx(kk);
       std::vector<std::pair<key_of_t<scalar_t>, int64_t>> work;
       for (int64_t b = begin; b < end; ++b) {
@@ -130,13 +129,13 @@ at::Tensor iodin_perturb_cpu(const at::Tensor& x, const at::Tensor& grad, double
       }
     });
   });
-  return out.contiguous(fmt);
+  return as_contiguous(out, fmt);
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(ascood, CPU, m) {
-  m.impl("iodin_perturb", &iodin_perturb_cpu);
+STABLE_TORCH_LIBRARY_IMPL(ascood, CPU, m) {
+  m.impl("iodin_perturb", TORCH_BOX(&iodin_perturb_cpu));
 }
 
 }  // namespace cpu

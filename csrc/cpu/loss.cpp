@@ -9,7 +9,6 @@
 #include "reduce.h"
 #include "vec_rows.h"
 
-#include <torch/library.h>
 
 #include <cmath>
 #include <limits>
@@ -76,40 +75,40 @@ void vec_rows_fix_target(const scalar_t* z, acc lse, acc g, acc den, scalar_t* d
   if constexpr (std::is_same_v<scalar_t, float>) d[y] = g * (vec_rows::softmax_at(z[y], lse) - 1.0f) / den;
 }
 
-void check_logits(const at::Tensor& id_logits, const at::Tensor& target, const at::Tensor& ood_logits) {
+void check_logits(const Tensor& id_logits, const Tensor& target, const Tensor& ood_logits) {
   check_float_cpu(id_logits, "id_logits", 2);
-  TORCH_CHECK(id_logits.dim() == 2, "ascood (CPU): id_logits must be (B, C), got shape ", id_logits.sizes());
-  TORCH_CHECK(id_logits.size(1) >= 1, "ascood (CPU): id_logits must have C >= 1 classes, got shape ",
+  ASCOOD_CHECK(id_logits.dim() == 2, "ascood (CPU): id_logits must be (B, C), got shape ", id_logits.sizes());
+  ASCOOD_CHECK(id_logits.size(1) >= 1, "ascood (CPU): id_logits must have C >= 1 classes, got shape ",
               id_logits.sizes());
   check_like(id_logits, "id_logits", ood_logits, "ood_logits", /*shape=*/false);
-  TORCH_CHECK(ood_logits.dim() == 2 && ood_logits.size(1) == id_logits.size(1),
+  ASCOOD_CHECK(ood_logits.dim() == 2 && ood_logits.size(1) == id_logits.size(1),
               "ascood (CPU): ood_logits must be (B2, ", id_logits.size(1), "), got shape ", ood_logits.sizes());
-  TORCH_CHECK(target.device().is_cpu(), "ascood (CPU): target must be a CPU tensor, got device ", target.device());
-  TORCH_CHECK(target.scalar_type() == at::kLong, "ascood (CPU): target must have dtype int64, got ",
+  ASCOOD_CHECK(target.is_cpu(), "ascood (CPU): target must be a CPU tensor, got device ", target.device());
+  ASCOOD_CHECK(target.scalar_type() == kLong, "ascood (CPU): target must have dtype int64, got ",
               target.scalar_type());
-  TORCH_CHECK(target.dim() == 1 && target.size(0) == id_logits.size(0), "ascood (CPU): target must have shape (",
+  ASCOOD_CHECK(target.dim() == 1 && target.size(0) == id_logits.size(0), "ascood (CPU): target must have shape (",
               id_logits.size(0), ",), got ", target.sizes());
 }
 
 void check_target_range(const int64_t* t, int64_t B, int64_t C) {
   for (int64_t b = 0; b < B; ++b) {
-    TORCH_CHECK(t[b] >= 0 && t[b] < C, "ascood (CPU): target must hold class indices in [0, ", C, "), got ", t[b],
+    ASCOOD_CHECK(t[b] >= 0 && t[b] < C, "ascood (CPU): target must hold class indices in [0, ", C, "), got ", t[b],
                 " at position ", b);
   }
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> ascood_loss_cpu(const at::Tensor& id_logits, const at::Tensor& target,
-                                                               const at::Tensor& ood_logits, double w) {
+std::tuple<Tensor, Tensor, Tensor> ascood_loss_cpu(const Tensor& id_logits, const Tensor& target,
+                                                   const Tensor& ood_logits, double w) {
   check_logits(id_logits, target, ood_logits);
   const int64_t B = id_logits.size(0), B2 = ood_logits.size(0), C = id_logits.size(1);
-  const at::Tensor zi = id_logits.contiguous(), zo = ood_logits.contiguous(), tc = target.contiguous();
+  const Tensor zi = as_contiguous(id_logits), zo = as_contiguous(ood_logits), tc = as_contiguous(target);
   const int64_t* td = tc.const_data_ptr<int64_t>();
   check_target_range(td, B, C);
   const auto acc_type = acc_scalar_type(id_logits.scalar_type());
-  at::Tensor lse_id = at::empty({B}, id_logits.options().dtype(acc_type));
-  at::Tensor lse_ood = at::empty({B2}, id_logits.options().dtype(acc_type));
-  at::Tensor loss = at::empty({}, id_logits.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, id_logits.scalar_type(), "ascood_loss_cpu", [&] {
+  Tensor lse_id = empty_on(id_logits, {B}, acc_type);
+  Tensor lse_ood = empty_on(id_logits, {B2}, acc_type);
+  Tensor loss = empty_on(id_logits, {}, id_logits.scalar_type());
+  ASCOOD_DISPATCH_FLOATING(id_logits.scalar_type(), "ascood_loss_cpu", [&] {
     using acc = acc_t<scalar_t>;
     const scalar_t* zid = zi.const_data_ptr<scalar_t>();
     const scalar_t* zod = zo.const_data_ptr<scalar_t>();
@@ -121,14 +120,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ascood_loss_cpu(const at::Tensor&
     const int64_t grain = std::max<int64_t>(1, kGrainElems / C);
     const bool vec = use_vec_rows<scalar_t>();
     // parallel_for runs inline (no thread pool) when the rows fit one grain.
-    at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
+    torch::stable::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
         const scalar_t* z = zid + b * C;
         li[b] = vec ? vec_rows_logsumexp(z, C) : row_logsumexp(z, C);
         ce[b] = li[b] - to_acc<acc>(z[td[b]]);
       }
     });
-    at::parallel_for(0, B2, grain, [&](int64_t begin, int64_t end) {
+    torch::stable::parallel_for(0, B2, grain, [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
         const scalar_t* z = zod + b * C;
         lo[b] = vec ? vec_rows_logsumexp(z, C) : row_logsumexp(z, C);
@@ -143,36 +142,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ascood_loss_cpu(const at::Tensor&
   return {loss, lse_id, lse_ood};
 }
 
-std::tuple<at::Tensor, at::Tensor> ascood_loss_backward_cpu(const at::Tensor& grad, const at::Tensor& id_logits,
-                                                            const at::Tensor& target, const at::Tensor& ood_logits,
-                                                            double w, const at::Tensor& lse_id,
-                                                            const at::Tensor& lse_ood) {
+std::tuple<Tensor, Tensor> ascood_loss_backward_cpu(const Tensor& grad, const Tensor& id_logits,
+                                                    const Tensor& target, const Tensor& ood_logits,
+                                                    double w, const Tensor& lse_id,
+                                                    const Tensor& lse_ood) {
   check_logits(id_logits, target, ood_logits);
-  TORCH_CHECK(grad.device().is_cpu(), "ascood (CPU): grad must be a CPU tensor, got device ", grad.device());
-  TORCH_CHECK(grad.numel() == 1 && is_supported_float(grad.scalar_type()),
+  ASCOOD_CHECK(grad.is_cpu(), "ascood (CPU): grad must be a CPU tensor, got device ", grad.device());
+  ASCOOD_CHECK(grad.numel() == 1 && is_supported_float(grad.scalar_type()),
               "ascood (CPU): grad must be a one-element float tensor (the loss gradient), got shape ", grad.sizes(),
               " dtype ", grad.scalar_type());
   const int64_t B = id_logits.size(0), B2 = ood_logits.size(0), C = id_logits.size(1);
   const auto acc_type = acc_scalar_type(id_logits.scalar_type());
-  for (const auto& [name, t, rows] : {std::tuple<const char*, const at::Tensor&, int64_t>{"lse_id", lse_id, B},
+  for (const auto& [name, t, rows] : {std::tuple<const char*, const Tensor&, int64_t>{"lse_id", lse_id, B},
                                       {"lse_ood", lse_ood, B2}}) {
-    TORCH_CHECK(t.device().is_cpu(), "ascood (CPU): ", name, " must be a CPU tensor, got device ", t.device());
-    TORCH_CHECK(t.scalar_type() == acc_type, "ascood (CPU): ", name, " must have dtype ", acc_type, ", got ",
+    ASCOOD_CHECK(t.is_cpu(), "ascood (CPU): ", name, " must be a CPU tensor, got device ", t.device());
+    ASCOOD_CHECK(t.scalar_type() == acc_type, "ascood (CPU): ", name, " must have dtype ", acc_type, ", got ",
                 t.scalar_type());
-    TORCH_CHECK(t.dim() == 1 && t.size(0) == rows, "ascood (CPU): ", name, " must have shape (", rows, ",), got ",
+    ASCOOD_CHECK(t.dim() == 1 && t.size(0) == rows, "ascood (CPU): ", name, " must have shape (", rows, ",), got ",
                 t.sizes());
   }
-  const at::Tensor zi = id_logits.contiguous(), zo = ood_logits.contiguous(), tc = target.contiguous();
-  const at::Tensor li = lse_id.contiguous(), lo = lse_ood.contiguous();
+  const Tensor zi = as_contiguous(id_logits), zo = as_contiguous(ood_logits), tc = as_contiguous(target);
+  const Tensor li = as_contiguous(lse_id), lo = as_contiguous(lse_ood);
   const int64_t* td = tc.const_data_ptr<int64_t>();
   check_target_range(td, B, C);
-  at::Tensor d_id = at::empty({B, C}, id_logits.options());
-  at::Tensor d_ood = at::empty({B2, C}, ood_logits.options());
+  Tensor d_id = empty_on(id_logits, {B, C}, id_logits.scalar_type());
+  Tensor d_ood = empty_on(ood_logits, {B2, C}, ood_logits.scalar_type());
   advise_huge_pages(d_id);
   advise_huge_pages(d_ood);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, id_logits.scalar_type(), "ascood_loss_backward_cpu", [&] {
+  ASCOOD_DISPATCH_FLOATING(id_logits.scalar_type(), "ascood_loss_backward_cpu", [&] {
     using acc = acc_t<scalar_t>;
-    const acc g = static_cast<acc>(grad.item<double>());
+    const acc g = static_cast<acc>(scalar_value(grad));
     const bool vec = use_vec_rows<scalar_t>();
     const acc gw = g * static_cast<acc>(w);
     const acc inv_c = static_cast<acc>(1.0 / static_cast<double>(C));
@@ -186,7 +185,7 @@ std::tuple<at::Tensor, at::Tensor> ascood_loss_backward_cpu(const at::Tensor& gr
     scalar_t* dod = d_ood.mutable_data_ptr<scalar_t>();
     const int64_t grain = std::max<int64_t>(1, kGrainElems / C);
     // d/dz_id = grad * (softmax - onehot) / B (Proposition 1).
-    at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
+    torch::stable::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
         const scalar_t* z = zid + b * C;
         scalar_t* d = did + b * C;
@@ -204,7 +203,7 @@ std::tuple<at::Tensor, at::Tensor> ascood_loss_backward_cpu(const at::Tensor& gr
       }
     });
     // d/dz_ood = grad * w * (softmax - 1/C) / B2.
-    at::parallel_for(0, B2, grain, [&](int64_t begin, int64_t end) {
+    torch::stable::parallel_for(0, B2, grain, [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
         const scalar_t* z = zod + b * C;
         scalar_t* d = dod + b * C;
@@ -225,9 +224,9 @@ std::tuple<at::Tensor, at::Tensor> ascood_loss_backward_cpu(const at::Tensor& gr
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(ascood, CPU, m) {
-  m.impl("ascood_loss", &ascood_loss_cpu);
-  m.impl("ascood_loss_backward", &ascood_loss_backward_cpu);
+STABLE_TORCH_LIBRARY_IMPL(ascood, CPU, m) {
+  m.impl("ascood_loss", TORCH_BOX(&ascood_loss_cpu));
+  m.impl("ascood_loss_backward", TORCH_BOX(&ascood_loss_backward_cpu));
 }
 
 }  // namespace cpu

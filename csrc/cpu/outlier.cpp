@@ -9,7 +9,6 @@
 #include "select.h"
 #include "stream.h"
 
-#include <torch/library.h>
 
 // x + alpha*g must round exactly like the reference (two roundings): no fused
 // multiply-add. GCC in ISO mode already does not contract; this tells clang.
@@ -77,9 +76,9 @@ struct OutlierWriter {
 template <typename scalar_t, typename Writer>
 void for_each_threshold(const scalar_t* grad, int64_t B, int64_t n, int64_t k, const Writer& write) {
   using key_t = key_of_t<scalar_t>;
-  const int64_t threads = at::get_num_threads();
+  const int64_t threads = static_cast<int64_t>(torch::stable::get_num_threads());
   if (B >= threads || n < 2 * kMinChunk) {
-    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    torch::stable::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
       SelectScratch<key_t> scratch;
       for (int64_t b = begin; b < end; ++b) {
         const key_t t = kth_largest_key(grad + b * n, n, k, scratch);
@@ -92,50 +91,50 @@ void for_each_threshold(const scalar_t* grad, int64_t B, int64_t n, int64_t k, c
   SelectScratch<key_t> scratch;
   for (int64_t b = 0; b < B; ++b) {
     const key_t t = kth_largest_key_parallel(grad + b * n, n, k, nchunks, scratch);
-    at::parallel_for(0, n, kMinChunk, [&](int64_t begin, int64_t end) { write(b, n, t, begin, end); });
+    torch::stable::parallel_for(0, n, kMinChunk, [&](int64_t begin, int64_t end) { write(b, n, t, begin, end); });
   }
 }
 
-at::Tensor invariant_mask_cpu(const at::Tensor& grad, double p_inv) {
+Tensor invariant_mask_cpu(const Tensor& grad, double p_inv) {
   check_float_cpu(grad, "grad", 2);
-  TORCH_CHECK(p_inv > 0.0 && p_inv <= 1.0, "ascood (CPU): p_inv must be in (0, 1], got ", p_inv);
+  ASCOOD_CHECK(p_inv > 0.0 && p_inv <= 1.0, "ascood (CPU): p_inv must be in (0, 1], got ", p_inv);
   const auto fmt = output_memory_format(grad);
   const int64_t B = grad.size(0);
   const int64_t n = per_sample_numel(grad);
   const int64_t k = count_from_fraction(p_inv, n);
   if (B == 0 || k == 0) {
-    return empty_image_like(grad, fmt, at::kBool).zero_();
+    return zero(empty_image_like(grad, fmt, kBool));
   }
   // In either layout a sample is one contiguous block, and the mask is
   // elementwise, so the select can run on raw memory in that layout.
-  const at::Tensor g = grad.contiguous(fmt);
-  at::Tensor out = empty_image_like(grad, fmt, at::kBool);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "ascood_invariant_mask_cpu", [&] {
+  const Tensor g = as_contiguous(grad, fmt);
+  Tensor out = empty_image_like(grad, fmt, kBool);
+  ASCOOD_DISPATCH_FLOATING(grad.scalar_type(), "ascood_invariant_mask_cpu", [&] {
     MaskWriter<scalar_t> writer{g.const_data_ptr<scalar_t>(), out.mutable_data_ptr<bool>(),
-                                out.nbytes() >= kStreamBytes};
+                                nbytes(out) >= kStreamBytes};
     for_each_threshold(g.const_data_ptr<scalar_t>(), B, n, k, writer);
   });
   return out;
 }
 
-at::Tensor gradient_outlier_cpu(const at::Tensor& x, const at::Tensor& grad, double p_inv, double alpha) {
+Tensor gradient_outlier_cpu(const Tensor& x, const Tensor& grad, double p_inv, double alpha) {
   check_float_cpu(x, "x", 2);
   check_float_cpu(grad, "grad", 2);
   check_like(x, "x", grad, "grad");
-  TORCH_CHECK(p_inv > 0.0 && p_inv <= 1.0, "ascood (CPU): p_inv must be in (0, 1], got ", p_inv);
+  ASCOOD_CHECK(p_inv > 0.0 && p_inv <= 1.0, "ascood (CPU): p_inv must be in (0, 1], got ", p_inv);
   const auto fmt = output_memory_format(x);
   const int64_t B = x.size(0);
   const int64_t n = per_sample_numel(x);
   const int64_t k = count_from_fraction(p_inv, n);
-  at::Tensor out = empty_image_like(x, fmt);
-  if (B == 0 || k == 0) return out.copy_(x);  // nothing moves
-  const at::Tensor xc = x.contiguous(fmt);
-  const at::Tensor g = grad.contiguous(fmt);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ascood_gradient_outlier_cpu", [&] {
+  Tensor out = empty_image_like(x, fmt);
+  if (B == 0 || k == 0) return copy_into(out, x);  // nothing moves
+  const Tensor xc = as_contiguous(x, fmt);
+  const Tensor g = as_contiguous(grad, fmt);
+  ASCOOD_DISPATCH_FLOATING(x.scalar_type(), "ascood_gradient_outlier_cpu", [&] {
     using acc = acc_t<scalar_t>;
     OutlierWriter<scalar_t> writer{xc.const_data_ptr<scalar_t>(), g.const_data_ptr<scalar_t>(),
                                    out.mutable_data_ptr<scalar_t>(), static_cast<acc>(alpha),
-                                   out.nbytes() >= kStreamBytes};
+                                   nbytes(out) >= kStreamBytes};
     for_each_threshold(g.const_data_ptr<scalar_t>(), B, n, k, writer);
   });
   return out;
@@ -143,9 +142,9 @@ at::Tensor gradient_outlier_cpu(const at::Tensor& x, const at::Tensor& grad, dou
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(ascood, CPU, m) {
-  m.impl("invariant_mask", &invariant_mask_cpu);
-  m.impl("gradient_outlier", &gradient_outlier_cpu);
+STABLE_TORCH_LIBRARY_IMPL(ascood, CPU, m) {
+  m.impl("invariant_mask", TORCH_BOX(&invariant_mask_cpu));
+  m.impl("gradient_outlier", TORCH_BOX(&gradient_outlier_cpu));
 }
 
 }  // namespace cpu

@@ -7,7 +7,6 @@
 // 64x3x224x224 (BENCHMARKS.md, round 2).
 #include "common.h"
 
-#include <torch/library.h>
 
 #include <numeric>
 
@@ -25,24 +24,25 @@ C10_ALWAYS_INLINE uint32_t mix32(uint32_t v) {
   return v;
 }
 
-at::Tensor random_permutations_cpu(const at::Tensor& seeds, int64_t n) {
-  TORCH_CHECK(seeds.device().is_cpu(), "ascood (CPU): seeds must be a CPU tensor, got device ", seeds.device());
-  TORCH_CHECK(seeds.scalar_type() == at::kLong && seeds.dim() == 1,
+Tensor random_permutations_cpu(const Tensor& seeds, int64_t n) {
+  ASCOOD_CHECK(seeds.is_cpu(), "ascood (CPU): seeds must be a CPU tensor, got device ", seeds.device());
+  ASCOOD_CHECK(seeds.scalar_type() == kLong && seeds.dim() == 1,
               "ascood (CPU): seeds must be a 1-D int64 tensor, got ", seeds.scalar_type(), " of shape ",
               seeds.sizes());
-  TORCH_CHECK(n >= 0, "ascood (CPU): n must be >= 0, got ", n);
+  ASCOOD_CHECK(n >= 0, "ascood (CPU): n must be >= 0, got ", n);
   const int64_t R = seeds.size(0);
-  at::Tensor out = at::empty({R, n}, seeds.options());
-  const at::Tensor sc = seeds.contiguous();
+  Tensor out = empty_on(seeds, {R, n}, kLong);
+  const Tensor sc = as_contiguous(seeds);
   const int64_t* sd = sc.const_data_ptr<int64_t>();
   for (int64_t r = 0; r < R; ++r) {
-    TORCH_CHECK(sd[r] >= 0 && sd[r] <= int64_t{0xFFFFFFFF}, "ascood (CPU): seeds must hold values in [0, 2^32), "
+    ASCOOD_CHECK(sd[r] >= 0 && sd[r] <= int64_t{0xFFFFFFFF}, "ascood (CPU): seeds must hold values in [0, 2^32), "
                 "got ", sd[r], " at index ", r);
   }
-  TORCH_CHECK(n <= (int64_t{1} << 31), "ascood (CPU): n must be <= 2^31, got ", n);
+  ASCOOD_CHECK(n <= (int64_t{1} << 31), "ascood (CPU): n must be <= 2^31, got ", n);
   int64_t* od = out.mutable_data_ptr<int64_t>();
   // A row is n * 8 bytes of random swaps: rows in parallel, each on one thread.
-  at::parallel_for(0, R, std::max<int64_t>(1, 65536 / std::max<int64_t>(n, 1)), [&](int64_t begin, int64_t end) {
+  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(n, 1));
+  torch::stable::parallel_for(0, R, grain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       int64_t* p = od + r * n;
       std::iota(p, p + n, int64_t{0});
@@ -59,8 +59,8 @@ at::Tensor random_permutations_cpu(const at::Tensor& seeds, int64_t n) {
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(ascood, CPU, m) {
-  m.impl("random_permutations", &random_permutations_cpu);
+STABLE_TORCH_LIBRARY_IMPL(ascood, CPU, m) {
+  m.impl("random_permutations", TORCH_BOX(&random_permutations_cpu));
 }
 
 }  // namespace cpu

@@ -11,8 +11,8 @@
 
 #include "common.h"
 
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
+#include <torch/headeronly/util/BFloat16.h>
+#include <torch/headeronly/util/Half.h>
 
 #include <cstring>
 #include <functional>
@@ -277,7 +277,7 @@ key_of_t<scalar_t> kth_largest_key_parallel(const scalar_t* g, int64_t n, int64_
   const int64_t chunk = (n + nchunks - 1) / nchunks;
   s.chunk_hist.resize(nchunks * nbins);
   int64_t* chunk_hist = s.chunk_hist.data();
-  at::parallel_for(0, nchunks, 1, [&](int64_t cb, int64_t ce) {
+  torch::stable::parallel_for(0, nchunks, 1, [&](int64_t cb, int64_t ce) {
     for (int64_t c = cb; c < ce; ++c) {
       histogram_top_digit(g, c * chunk, std::min(n, (c + 1) * chunk), chunk_hist + c * nbins);
     }
@@ -296,7 +296,7 @@ key_of_t<scalar_t> kth_largest_key_parallel(const scalar_t* g, int64_t n, int64_
   for (int64_t c = 0; c < nchunks; ++c) offset[c + 1] = offset[c] + chunk_hist[c * nbins + digit] + 1;
   if (s.buf.size() < static_cast<size_t>(offset[nchunks])) s.buf.resize(offset[nchunks]);
   auto* buf = s.buf.data();
-  at::parallel_for(0, nchunks, 1, [&](int64_t cb, int64_t ce) {
+  torch::stable::parallel_for(0, nchunks, 1, [&](int64_t cb, int64_t ce) {
     for (int64_t c = cb; c < ce; ++c) {
       compact_top_digit(g, c * chunk, std::min(n, (c + 1) * chunk), digit, buf + offset[c]);
     }

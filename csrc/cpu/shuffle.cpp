@@ -16,7 +16,6 @@
 #include "convert.h"
 #include "select.h"
 
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
@@ -45,8 +44,8 @@ struct SampleLayout {
   int64_t pixel_stride;
 };
 
-inline SampleLayout layout_of(at::MemoryFormat fmt, int64_t channels, int64_t P) {
-  return fmt == at::MemoryFormat::ChannelsLast ? SampleLayout{1, channels} : SampleLayout{P, 1};
+inline SampleLayout layout_of(MemoryFormat fmt, int64_t channels, int64_t P) {
+  return fmt == MemoryFormat::ChannelsLast ? SampleLayout{1, channels} : SampleLayout{P, 1};
 }
 
 // keys[p] = score_key(sum_c sal[c, p]), the float64 sum taken channel 0 first
@@ -158,7 +157,7 @@ void select_pixels(ShuffleScratch& w, int64_t P, int64_t npix) {
       m = j;
     }
   }
-  TORCH_INTERNAL_ASSERT(m == npix, "ascood (CPU): shuffle selection found ", m, " pixels, want ", npix);
+  ASCOOD_CHECK(m == npix, "ascood (CPU): shuffle selection found ", m, " pixels, want ", npix);
 }
 
 // out = x with out[:, sel[i]] = x[:, src[i]] for every channel, one sample.
@@ -184,10 +183,10 @@ void write_sample(const scalar_t* x, scalar_t* out, int64_t channels, int64_t P,
   }
 }
 
-at::Tensor shuffle_outlier_cpu(const at::Tensor& x, const at::Tensor& saliency, double p_inv, const at::Tensor& perm) {
+Tensor shuffle_outlier_cpu(const Tensor& x, const Tensor& saliency, double p_inv, const Tensor& perm) {
   check_float_cpu(x, "x", 2);
   check_float_cpu(saliency, "saliency", 1);
-  TORCH_CHECK(p_inv > 0.0 && p_inv <= 1.0, "ascood (CPU): p_inv must be in (0, 1], got ", p_inv);
+  ASCOOD_CHECK(p_inv > 0.0 && p_inv <= 1.0, "ascood (CPU): p_inv must be in (0, 1], got ", p_inv);
   const int64_t B = x.size(0);
   const int64_t C = x.size(1);
   int64_t P = 1;
@@ -195,21 +194,21 @@ at::Tensor shuffle_outlier_cpu(const at::Tensor& x, const at::Tensor& saliency, 
   // saliency is x-shaped or (B, *spatial).
   const bool per_channel = saliency.dim() == x.dim();
   if (per_channel) {
-    TORCH_CHECK(saliency.sizes() == x.sizes(), "ascood (CPU): saliency must have x's shape ", x.sizes(),
+    ASCOOD_CHECK(saliency.sizes() == x.sizes(), "ascood (CPU): saliency must have x's shape ", x.sizes(),
                 " or (B, *spatial), got ", saliency.sizes());
   } else {
     std::vector<int64_t> want{B};
     for (int64_t d = 2; d < x.dim(); ++d) want.push_back(x.size(d));
-    TORCH_CHECK(saliency.sizes() == at::IntArrayRef(want), "ascood (CPU): saliency must have x's shape ", x.sizes(),
-                " or (B, *spatial) = ", at::IntArrayRef(want), ", got ", saliency.sizes());
+    ASCOOD_CHECK(saliency.sizes() == IntArrayRef(want), "ascood (CPU): saliency must have x's shape ", x.sizes(),
+                " or (B, *spatial) = ", IntArrayRef(want), ", got ", saliency.sizes());
   }
   const int64_t npix = count_from_fraction(p_inv, P);
-  TORCH_CHECK(perm.device().is_cpu(), "ascood (CPU): perm must be a CPU tensor, got device ", perm.device());
-  TORCH_CHECK(perm.scalar_type() == at::kLong, "ascood (CPU): perm must have dtype int64, got ", perm.scalar_type());
-  TORCH_CHECK(perm.dim() == 2 && perm.size(0) == B && perm.size(1) == npix,
+  ASCOOD_CHECK(perm.is_cpu(), "ascood (CPU): perm must be a CPU tensor, got device ", perm.device());
+  ASCOOD_CHECK(perm.scalar_type() == kLong, "ascood (CPU): perm must have dtype int64, got ", perm.scalar_type());
+  ASCOOD_CHECK(perm.dim() == 2 && perm.size(0) == B && perm.size(1) == npix,
               "ascood (CPU): perm must have shape (B, npix) = (", B, ", ", npix, ") with npix = int(p_inv * P), got ",
               perm.sizes());
-  const at::Tensor pc = perm.contiguous();
+  const Tensor pc = as_contiguous(perm);
   const int64_t* pd = pc.const_data_ptr<int64_t>();
   // A bad perm would index out of the sample (out of range) or copy one pixel into several places
   // (a repeated value): refuse both before any write.
@@ -218,31 +217,31 @@ at::Tensor shuffle_outlier_cpu(const at::Tensor& x, const at::Tensor& saliency, 
     std::fill(seen.begin(), seen.end(), 0);
     for (int64_t i = 0; i < npix; ++i) {
       const int64_t v = pd[b * npix + i];
-      TORCH_CHECK(v >= 0 && v < npix, "ascood (CPU): perm values must be in [0, npix) = [0, ", npix, "), got ", v);
-      TORCH_CHECK(!seen[v], "ascood (CPU): perm must hold a permutation of 0..npix-1 in every row (each value "
+      ASCOOD_CHECK(v >= 0 && v < npix, "ascood (CPU): perm values must be in [0, npix) = [0, ", npix, "), got ", v);
+      ASCOOD_CHECK(!seen[v], "ascood (CPU): perm must hold a permutation of 0..npix-1 in every row (each value "
                   "exactly once); row ", b, " repeats ", v);
       seen[v] = 1;
     }
   }
 
   const auto fmt = output_memory_format(x);
-  if (B == 0 || npix == 0) return empty_image_like(x, fmt).copy_(x);
+  if (B == 0 || npix == 0) return copy_into(empty_image_like(x, fmt), x);
   // x is read in the output's layout (a no-op for contiguous and
   // channels-last inputs); the saliency in its own when that is one of the two.
-  const at::Tensor xc = x.contiguous(fmt);
-  const auto sal_fmt = per_channel ? output_memory_format(saliency) : at::MemoryFormat::Contiguous;
-  const at::Tensor sc = saliency.contiguous(sal_fmt);
+  const Tensor xc = as_contiguous(x, fmt);
+  const auto sal_fmt = per_channel ? output_memory_format(saliency) : MemoryFormat::Contiguous;
+  const Tensor sc = as_contiguous(saliency, sal_fmt);
   const int64_t sal_channels = per_channel ? C : 1;
   const SampleLayout x_lay = layout_of(fmt, C, P);
   const SampleLayout s_lay = layout_of(sal_fmt, sal_channels, P);
-  at::Tensor out = empty_image_like(x, fmt);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ascood_shuffle_outlier_cpu", [&] {
+  Tensor out = empty_image_like(x, fmt);
+  ASCOOD_DISPATCH_FLOATING(x.scalar_type(), "ascood_shuffle_outlier_cpu", [&] {
     const scalar_t* xd = xc.const_data_ptr<scalar_t>();
     scalar_t* od = out.mutable_data_ptr<scalar_t>();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, saliency.scalar_type(), "ascood_shuffle_scores", [&] {
+    ASCOOD_DISPATCH_FLOATING(saliency.scalar_type(), "ascood_shuffle_scores", [&] {
       using sal_t = scalar_t;
       const sal_t* sd = sc.const_data_ptr<sal_t>();
-      at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+      torch::stable::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
         ShuffleScratch w;
         w.keys.resize(P);
         w.sel_key.resize(P);
@@ -264,8 +263,8 @@ at::Tensor shuffle_outlier_cpu(const at::Tensor& x, const at::Tensor& saliency, 
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(ascood, CPU, m) {
-  m.impl("shuffle_outlier", &shuffle_outlier_cpu);
+STABLE_TORCH_LIBRARY_IMPL(ascood, CPU, m) {
+  m.impl("shuffle_outlier", TORCH_BOX(&shuffle_outlier_cpu));
 }
 
 }  // namespace cpu

@@ -6,7 +6,6 @@
 #include "convert.h"
 #include "reduce.h"
 
-#include <torch/library.h>
 
 namespace ascood {
 namespace cpu {
@@ -60,7 +59,7 @@ void zscore_rows(const scalar_t* h, scalar_t* out, acc_t<scalar_t>* mean, acc_t<
   const acc sig = static_cast<acc>(sigma);
   const acc ep = static_cast<acc>(eps);
   const acc dof = static_cast<acc>(m - 1);
-  at::parallel_for(0, rows, std::max<int64_t>(1, kGrainElems / m), [&](int64_t begin, int64_t end) {
+  torch::stable::parallel_for(0, rows, std::max<int64_t>(1, kGrainElems / m), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const scalar_t* hr = h + r * m;
       scalar_t* orow = out + r * m;
@@ -85,7 +84,7 @@ void zscore_backward_rows(const scalar_t* gout, const scalar_t* h, const acc_t<s
   const acc sig = static_cast<acc>(sigma);
   const acc dof = static_cast<acc>(m - 1);
   const acc mcount = static_cast<acc>(m);
-  at::parallel_for(0, rows, std::max<int64_t>(1, kGrainElems / m), [&](int64_t begin, int64_t end) {
+  torch::stable::parallel_for(0, rows, std::max<int64_t>(1, kGrainElems / m), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const scalar_t* gr = gout + r * m;
       const scalar_t* hr = h + r * m;
@@ -131,29 +130,29 @@ void zscore_backward_rows(const scalar_t* gout, const scalar_t* h, const acc_t<s
 }
 
 // Shape of the per-row statistics: h.shape[:-1].
-std::vector<int64_t> row_shape(const at::Tensor& h) {
+std::vector<int64_t> row_shape(const Tensor& h) {
   return std::vector<int64_t>(h.sizes().begin(), h.sizes().end() - 1);
 }
 
-void check_zscore_input(const at::Tensor& h, double sigma) {
+void check_zscore_input(const Tensor& h, double sigma) {
   check_float_cpu(h, "h", 1);
-  TORCH_CHECK(h.size(-1) >= 2, "ascood (CPU): zscore needs h.size(-1) >= 2 (unbiased std), got shape ", h.sizes());
-  TORCH_CHECK(sigma > 0.0, "ascood (CPU): sigma must be > 0, got ", sigma);
+  ASCOOD_CHECK(h.size(-1) >= 2, "ascood (CPU): zscore needs h.size(-1) >= 2 (unbiased std), got shape ", h.sizes());
+  ASCOOD_CHECK(sigma > 0.0, "ascood (CPU): sigma must be > 0, got ", sigma);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> zscore_cpu(const at::Tensor& h, double sigma, double eps) {
+std::tuple<Tensor, Tensor, Tensor> zscore_cpu(const Tensor& h, double sigma, double eps) {
   check_zscore_input(h, sigma);
-  TORCH_CHECK(eps >= 0.0, "ascood (CPU): eps must be >= 0, got ", eps);
-  const at::Tensor hc = h.contiguous();
+  ASCOOD_CHECK(eps >= 0.0, "ascood (CPU): eps must be >= 0, got ", eps);
+  const Tensor hc = as_contiguous(h);
   const int64_t m = h.size(-1);
   const int64_t rows = m ? h.numel() / m : 0;
   const auto acc_type = acc_scalar_type(h.scalar_type());
-  at::Tensor out = at::empty(h.sizes(), h.options());
+  Tensor out = empty_on(h, h.sizes(), h.scalar_type());
   advise_huge_pages(out);
-  at::Tensor mean = at::empty(row_shape(h), h.options().dtype(acc_type));
-  at::Tensor rstd = at::empty(row_shape(h), h.options().dtype(acc_type));
+  Tensor mean = empty_on(h, row_shape(h), acc_type);
+  Tensor rstd = empty_on(h, row_shape(h), acc_type);
   if (rows == 0) return {out, mean, rstd};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "ascood_zscore_cpu", [&] {
+  ASCOOD_DISPATCH_FLOATING(h.scalar_type(), "ascood_zscore_cpu", [&] {
     using acc = acc_t<scalar_t>;
     zscore_rows<scalar_t>(hc.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
                           mean.mutable_data_ptr<acc>(), rstd.mutable_data_ptr<acc>(), rows, m, sigma, eps);
@@ -161,27 +160,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> zscore_cpu(const at::Tensor& h, d
   return {out, mean, rstd};
 }
 
-at::Tensor zscore_backward_cpu(const at::Tensor& grad_out, const at::Tensor& h, const at::Tensor& mean,
-                               const at::Tensor& rstd, double sigma) {
+Tensor zscore_backward_cpu(const Tensor& grad_out, const Tensor& h, const Tensor& mean,
+                           const Tensor& rstd, double sigma) {
   check_zscore_input(h, sigma);
   check_like(h, "h", grad_out, "grad_out");
   const auto acc_type = acc_scalar_type(h.scalar_type());
   const auto stats_shape = row_shape(h);
-  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"mean", mean}, {"rstd", rstd}}) {
-    TORCH_CHECK(t.device().is_cpu(), "ascood (CPU): ", name, " must be a CPU tensor, got device ", t.device());
-    TORCH_CHECK(t.scalar_type() == acc_type, "ascood (CPU): ", name, " must have dtype ", acc_type, " for h of dtype ",
+  for (const auto& [name, t] : {std::pair<const char*, const Tensor&>{"mean", mean}, {"rstd", rstd}}) {
+    ASCOOD_CHECK(t.is_cpu(), "ascood (CPU): ", name, " must be a CPU tensor, got device ", t.device());
+    ASCOOD_CHECK(t.scalar_type() == acc_type, "ascood (CPU): ", name, " must have dtype ", acc_type, " for h of dtype ",
                 h.scalar_type(), ", got ", t.scalar_type());
-    TORCH_CHECK(t.sizes() == at::IntArrayRef(stats_shape), "ascood (CPU): ", name, " must have shape h.shape[:-1] = ",
-                at::IntArrayRef(stats_shape), ", got ", t.sizes());
+    ASCOOD_CHECK(t.sizes() == IntArrayRef(stats_shape), "ascood (CPU): ", name, " must have shape h.shape[:-1] = ",
+                IntArrayRef(stats_shape), ", got ", t.sizes());
   }
   const int64_t m = h.size(-1);
   const int64_t rows = h.numel() / m;
-  at::Tensor dh = at::empty(h.sizes(), h.options());
+  Tensor dh = empty_on(h, h.sizes(), h.scalar_type());
   advise_huge_pages(dh);
   if (rows == 0) return dh;
-  const at::Tensor gc = grad_out.contiguous(), hc = h.contiguous();
-  const at::Tensor mc = mean.contiguous(), rc = rstd.contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "ascood_zscore_backward_cpu", [&] {
+  const Tensor gc = as_contiguous(grad_out), hc = as_contiguous(h);
+  const Tensor mc = as_contiguous(mean), rc = as_contiguous(rstd);
+  ASCOOD_DISPATCH_FLOATING(h.scalar_type(), "ascood_zscore_backward_cpu", [&] {
     using acc = acc_t<scalar_t>;
     zscore_backward_rows<scalar_t>(gc.const_data_ptr<scalar_t>(), hc.const_data_ptr<scalar_t>(),
                                    mc.const_data_ptr<acc>(), rc.const_data_ptr<acc>(),
@@ -192,9 +191,9 @@ at::Tensor zscore_backward_cpu(const at::Tensor& grad_out, const at::Tensor& h, 
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(ascood, CPU, m) {
-  m.impl("zscore", &zscore_cpu);
-  m.impl("zscore_backward", &zscore_backward_cpu);
+STABLE_TORCH_LIBRARY_IMPL(ascood, CPU, m) {
+  m.impl("zscore", TORCH_BOX(&zscore_cpu));
+  m.impl("zscore_backward", TORCH_BOX(&zscore_backward_cpu));
 }
 
 }  // namespace cpu

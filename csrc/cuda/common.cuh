@@ -3,29 +3,33 @@
 // digit search and the host-side argument checks.
 #pragma once
 
-// Fine-grained headers: <ATen/cuda/CUDAContext.h> needs the cuSPARSE/cuBLAS
-// headers, which a bare CUDA toolkit lacks. (torch >= 2.14's c10 headers need
-// C++20: compile with -std=c++20.)
-#include <ATen/Dispatch.h>
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
-#include <c10/macros/Macros.h>
-#include <torch/library.h>
+// The launchers' glue uses only the LibTorch stable ABI (../abi.h; docs/OPS.md
+// "Build and ABI"): the kernels need no libtorch / libc10_cuda C++ symbol.
+#include "abi.h"
 
 // The kernels and launchers in csrc/cuda compile two ways: with nvcc for the GPU
 // (the CUDA kernels of ascood_kernels._C), and, with ASCOOD_CUDA_EMULATION, with
 // a host C++ compiler against emulation/cuda_emu.h, a test-only model of the CUDA
 // execution model that runs the same code on CPU tensors (the cuda-emulated
 // backend of the tests). So the sources use the few portable spellings below
-// instead of <<<...>>>, __shared__, CUDAGuard and TORCH_LIBRARY_IMPL(ascood, CUDA).
+// instead of <<<...>>>, __shared__, the device guard and STABLE_TORCH_LIBRARY_IMPL(ascood, CUDA).
 #ifdef ASCOOD_CUDA_EMULATION
 #include "emulation/cuda_emu.h"
+// The emulated library is test-only and built for the torch at hand
+// (ascood_kernels/emulation.py): its schema registrations (register.cpp and
+// the generated fault-injection variants) use torch::Library; the kernels'
+// glue registers through the stable ABI as in the real build.
+#include <torch/library.h>
 #else
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
+#include <torch/csrc/stable/accelerator.h>
+
 #include <cuda_runtime.h>
+
+// The current CUDA stream of a device: a C shim of libtorch_cuda (declared in
+// aoti_torch/c/shim.h only when USE_CUDA is defined), stable since torch 2.4.
+// It replaces c10::cuda::getCurrentCUDAStream (libc10_cuda's C++ ABI);
+// Stream::nativeHandle of torch/csrc/stable/accelerator.h would need 2.13.
+extern "C" AOTITorchError aoti_torch_get_current_cuda_stream(int32_t device_index, void** ret_stream);
 #endif
 
 #include <cstdint>
@@ -35,6 +39,27 @@
 
 namespace ascood {
 namespace cuda {
+
+// The stable-ABI glue (abi.h), named from the global namespace: a copy of this
+// file compiled inside another namespace (the emulation's fault-injection
+// variants, ascood_kernels/emulation.py) must find the one ::ascood glue.
+using ::ascood::as_contiguous;
+using ::ascood::copy_into;
+using ::ascood::empty_on;
+using ::ascood::is_channels_last_contiguous;
+using ::ascood::is_floating_type;
+using ::ascood::kBFloat16;
+using ::ascood::kBool;
+using ::ascood::kDouble;
+using ::ascood::kFloat;
+using ::ascood::kHalf;
+using ::ascood::kInt;
+using ::ascood::kLong;
+using ::ascood::MemoryFormat;
+using ::ascood::ScalarType;
+using ::ascood::Tensor;
+using ::ascood::to_dtype;
+using ::ascood::zero;
 
 constexpr unsigned kFullMask = 0xffffffffu;
 
@@ -53,7 +78,7 @@ constexpr unsigned kFullMask = 0xffffffffu;
 // ASCOOD_PATH(path): marks a code path a test must see run (e.g. the second pass
 //   of a grid-stride loop); the emulator counts the launches that reached it
 //   (ascood_kernels.emulation.launch_counts); nothing in the CUDA build.
-// ASCOOD_CUDA_OPS_IMPL(m): TORCH_LIBRARY_IMPL(ascood, CUDA, m); under emulation
+// ASCOOD_CUDA_OPS_IMPL(m): STABLE_TORCH_LIBRARY_IMPL(ascood, CUDA, m); under emulation
 //   the ops register for CPU tensors in the test namespace ASCOOD_EMU_NS.
 template <typename T>
 using type_t = T;
@@ -68,10 +93,10 @@ using type_t = T;
   ::ascood::emu::launch(#kernel, kernel, grid, block, smem, stream, __VA_ARGS__)
 #define ASCOOD_TUNABLE(name, value) ::ascood::emu::tunable(name, value)
 #define ASCOOD_PATH(path) ::ascood::emu::count_path(path)
-#define ASCOOD_CUDA_OPS_IMPL(m) TORCH_LIBRARY_IMPL(ASCOOD_EMU_NS, CPU, m)
+#define ASCOOD_CUDA_OPS_IMPL(m) STABLE_TORCH_LIBRARY_IMPL(ASCOOD_EMU_NS, CPU, m)
 using KernelDeviceGuard = ::ascood::emu::DeviceGuard;
 constexpr const char* kKernelDevice = "CPU (cuda-emulated)";
-inline bool on_kernel_device(const at::Tensor& t) { return t.is_cpu(); }
+inline bool on_kernel_device(const Tensor& t) { return t.is_cpu(); }
 // CUDA's device math overloads (float stays float) instead of the host's.
 using ::ascood::emu::device_math::exp;
 using ::ascood::emu::device_math::expf;
@@ -92,16 +117,23 @@ using ::ascood::emu::device_math::sqrtf;
   ::ascood::cuda::launch_kernel(kernel, grid, block, smem, stream, __VA_ARGS__)
 #define ASCOOD_TUNABLE(name, value) (value)
 #define ASCOOD_PATH(path) ((void)0)
-#define ASCOOD_CUDA_OPS_IMPL(m) TORCH_LIBRARY_IMPL(ascood, CUDA, m)
-using KernelDeviceGuard = c10::cuda::CUDAGuard;
+#define ASCOOD_CUDA_OPS_IMPL(m) STABLE_TORCH_LIBRARY_IMPL(ascood, CUDA, m)
+using KernelDeviceGuard = torch::stable::accelerator::DeviceGuard;
 constexpr const char* kKernelDevice = "CUDA";
-inline bool on_kernel_device(const at::Tensor& t) { return t.is_cuda(); }
+inline bool on_kernel_device(const Tensor& t) { return t.is_cuda(); }
+
+// C10_CUDA_CHECK: a CUDA runtime error becomes a RuntimeError naming it.
+#define ASCOOD_CUDA_CHECK(expr)                                                              \
+  do {                                                                                       \
+    const cudaError_t ascood_err = (expr);                                                   \
+    ASCOOD_CHECK(ascood_err == cudaSuccess, "CUDA error: ", cudaGetErrorString(ascood_err)); \
+  } while (0)
 
 template <typename... KArgs, typename... Args>
 inline void launch_kernel(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
                           Args&&... args) {
   kernel<<<grid, block, smem, stream>>>(std::forward<Args>(args)...);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  ASCOOD_CUDA_CHECK(cudaGetLastError());
 }
 #endif
 
@@ -326,34 +358,34 @@ __device__ void block_radix_select(const typename KeyTraits<scalar_t>::bits_t* s
 
 // ---------------------------------------------------------------------------
 // Host side.
-inline at::MemoryFormat image_output_format(const at::Tensor& t) {
-  if (t.dim() == 4 && t.is_contiguous(at::MemoryFormat::ChannelsLast) && !t.is_contiguous()) {
-    return at::MemoryFormat::ChannelsLast;
+inline MemoryFormat image_output_format(const Tensor& t) {
+  if (t.dim() == 4 && is_channels_last_contiguous(t) && !t.is_contiguous()) {
+    return MemoryFormat::ChannelsLast;
   }
-  return at::MemoryFormat::Contiguous;
+  return MemoryFormat::Contiguous;
 }
 
-inline void check_cuda_float(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.defined(), name, " must be a defined tensor");
-  TORCH_CHECK(on_kernel_device(t), name, " must be a ", kKernelDevice, " tensor, got device ", t.device());
+inline void check_cuda_float(const Tensor& t, const char* name) {
+  ASCOOD_CHECK(t.defined(), name, " must be a defined tensor");
+  ASCOOD_CHECK(on_kernel_device(t), name, " must be a ", kKernelDevice, " tensor, got device ", t.device());
   const auto st = t.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16 || st == at::kDouble, name,
+  ASCOOD_CHECK(st == kFloat || st == kHalf || st == kBFloat16 || st == kDouble, name,
               " must have dtype float32, float16, bfloat16 or float64, got ", st);
 }
 
-inline void check_like(const at::Tensor& a, const char* name_a, const at::Tensor& b, const char* name_b,
+inline void check_like(const Tensor& a, const char* name_a, const Tensor& b, const char* name_b,
                        bool shape = true) {
-  TORCH_CHECK(b.device() == a.device(), name_b, " must be on ", name_a, "'s device ", a.device(), ", got ",
+  ASCOOD_CHECK(b.device() == a.device(), name_b, " must be on ", name_a, "'s device ", a.device(), ", got ",
               b.device());
-  TORCH_CHECK(b.scalar_type() == a.scalar_type(), name_b, " must have ", name_a, "'s dtype ", a.scalar_type(),
+  ASCOOD_CHECK(b.scalar_type() == a.scalar_type(), name_b, " must have ", name_a, "'s dtype ", a.scalar_type(),
               ", got ", b.scalar_type());
   if (shape) {
-    TORCH_CHECK(b.sizes() == a.sizes(), name_b, " must have the shape of ", name_a, " ", a.sizes(), ", got ",
+    ASCOOD_CHECK(b.sizes() == a.sizes(), name_b, " must have the shape of ", name_a, " ", a.sizes(), ", got ",
                 b.sizes());
   }
 }
 
-inline at::ScalarType acc_scalar_type(at::ScalarType st) { return st == at::kDouble ? at::kDouble : at::kFloat; }
+inline ScalarType acc_scalar_type(ScalarType st) { return st == kDouble ? kDouble : kFloat; }
 
 // Number of SMs of the current device (call under the op's device guard). The
 // emulation has none: option num_sms (default 4) stands in, so a test can vary
@@ -365,13 +397,21 @@ inline cudaStream_t current_stream() { return nullptr; }
 #else
 inline int num_sms() {
   int dev = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  ASCOOD_CUDA_CHECK(cudaGetDevice(&dev));
   int sms = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  ASCOOD_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
   return sms > 0 ? sms : 1;
 }
 
-inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+// The current stream of the current device (the op's device guard set it).
+inline cudaStream_t current_stream() {
+  int dev = 0;
+  ASCOOD_CUDA_CHECK(cudaGetDevice(&dev));
+  void* stream = nullptr;
+  ASCOOD_CHECK(aoti_torch_get_current_cuda_stream(dev, &stream) == AOTI_TORCH_SUCCESS,
+               "ascood: could not get the current CUDA stream of device ", dev);
+  return static_cast<cudaStream_t>(stream);
+}
 #endif
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }

@@ -13,7 +13,6 @@
 //   elements with key == t (block-wide ballot scan in index order).
 #include "common.cuh"
 
-#include <torch/library.h>
 
 #include <algorithm>
 
@@ -164,59 +163,59 @@ __global__ void __launch_bounds__(kIodinThreads)
   }
 }
 
-at::Tensor iodin_perturb_cuda(const at::Tensor& x, const at::Tensor& grad, double eps, const at::Tensor& stdev,
-                              int64_t k) {
+Tensor iodin_perturb_cuda(const Tensor& x, const Tensor& grad, double eps, const Tensor& stdev,
+                          int64_t k) {
   check_cuda_float(x, "x");
   check_cuda_float(grad, "grad");
   check_like(x, "x", grad, "grad");
-  TORCH_CHECK(x.dim() >= 2, "x must have rank >= 2 (batch, channel, ...), got shape ", x.sizes());
-  TORCH_CHECK(eps >= 0.0, "eps must be >= 0, got ", eps);
-  TORCH_CHECK(k >= 1, "k must be >= 1, got ", k);
-  TORCH_CHECK(stdev.defined() && stdev.is_floating_point(), "std must be a floating tensor");
+  ASCOOD_CHECK(x.dim() >= 2, "x must have rank >= 2 (batch, channel, ...), got shape ", x.sizes());
+  ASCOOD_CHECK(eps >= 0.0, "eps must be >= 0, got ", eps);
+  ASCOOD_CHECK(k >= 1, "k must be >= 1, got ", k);
+  ASCOOD_CHECK(stdev.defined() && is_floating_type(stdev.scalar_type()), "std must be a floating tensor");
   const int64_t C = x.size(1);
-  TORCH_CHECK(stdev.numel() == C, "std must hold one value per channel (", C, "), got shape ", stdev.sizes());
-  KernelDeviceGuard guard(x.device());
+  ASCOOD_CHECK(stdev.numel() == C, "std must hold one value per channel (", C, "), got shape ", stdev.sizes());
+  KernelDeviceGuard guard(x.get_device_index());
   const auto fmt = image_output_format(x);
-  if (x.numel() == 0) return at::empty(x.sizes(), x.options(), fmt);
+  if (x.numel() == 0) return empty_on(x, x.sizes(), x.scalar_type(), fmt);
   const int64_t B = x.size(0);
   const int64_t n = x.numel() / B;
   const int64_t hw = n / C;
-  TORCH_CHECK(n <= static_cast<int64_t>(std::numeric_limits<int>::max()),
+  ASCOOD_CHECK(n <= static_cast<int64_t>(std::numeric_limits<int>::max()),
               "ascood CUDA kernels support at most 2^31 - 1 elements per sample, got ", n);
   const auto acc_type = acc_scalar_type(x.scalar_type());
-  const auto stdc = stdev.to(x.device(), acc_type).contiguous();
-  const auto xc = x.contiguous();
-  const auto gc = grad.contiguous();
+  const auto stdc = as_contiguous(torch::stable::to(stdev, acc_type, std::nullopt, x.device()));
+  const auto xc = as_contiguous(x);
+  const auto gc = as_contiguous(grad);
   const int64_t kk = std::min(k, n);
   const cudaStream_t stream = current_stream();
-  at::Tensor out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ascood_iodin_perturb_cuda", [&] {
+  Tensor out;
+  ASCOOD_DISPATCH_FLOATING(x.scalar_type(), "ascood_iodin_perturb_cuda", [&] {
     using acc = acc_t<scalar_t>;
     using bits_t = typename KeyTraits<scalar_t>::bits_t;
     const acc e = static_cast<acc>(eps);
     const scalar_t* xp = xc.const_data_ptr<scalar_t>();
     const acc* sp = stdc.const_data_ptr<acc>();
     if (kk >= n) {
-      out = at::empty(x.sizes(), x.options());
+      out = empty_on(x, x.sizes(), x.scalar_type());
       const int64_t total = B * n;
       const int64_t max_blocks = ASCOOD_TUNABLE("iodin_all_blocks_per_sm", 32) * num_sms();
       const unsigned blocks =
           static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(ceil_div(total, 256), max_blocks)));
       ASCOOD_LAUNCH(iodin_all_kernel<scalar_t>, blocks, 256, 0, stream, xp, gc.const_data_ptr<scalar_t>(), sp,
-                    out.data_ptr<scalar_t>(), total, n, hw, e);
+                    out.mutable_data_ptr<scalar_t>(), total, n, hw, e);
       return;
     }
-    out = xc.clone(at::MemoryFormat::Contiguous);
+    out = copy_into(empty_on(xc, xc.sizes(), xc.scalar_type()), xc);
     const bits_t* gp = reinterpret_cast<const bits_t*>(gc.const_data_ptr());
     if (kk <= kRoundsMaxK) {
       ASCOOD_LAUNCH(iodin_rounds_kernel<scalar_t>, static_cast<unsigned>(B), kIodinThreads, 0, stream, xp, gp, sp,
-                    out.data_ptr<scalar_t>(), n, hw, static_cast<int>(kk), e);
+                    out.mutable_data_ptr<scalar_t>(), n, hw, static_cast<int>(kk), e);
     } else {
       ASCOOD_LAUNCH(iodin_radix_kernel<scalar_t>, static_cast<unsigned>(B), kIodinThreads, 0, stream, xp, gp, sp,
-                    out.data_ptr<scalar_t>(), n, hw, static_cast<unsigned>(kk), e);
+                    out.mutable_data_ptr<scalar_t>(), n, hw, static_cast<unsigned>(kk), e);
     }
   });
-  return out.contiguous(fmt);
+  return as_contiguous(out, fmt);
 }
 
 }  // namespace
@@ -224,5 +223,5 @@ at::Tensor iodin_perturb_cuda(const at::Tensor& x, const at::Tensor& grad, doubl
 }  // namespace ascood
 
 ASCOOD_CUDA_OPS_IMPL(m) {
-  m.impl("iodin_perturb", &ascood::cuda::iodin_perturb_cuda);
+  m.impl("iodin_perturb", TORCH_BOX(&ascood::cuda::iodin_perturb_cuda));
 }

@@ -9,7 +9,6 @@
 // Backward (Proposition 1): one elementwise grid-stride kernel over both.
 #include "common.cuh"
 
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
@@ -119,19 +118,19 @@ __global__ void __launch_bounds__(256)
   }
 }
 
-void check_logits(const at::Tensor& id_logits, const at::Tensor& target, const at::Tensor& ood_logits) {
+void check_logits(const Tensor& id_logits, const Tensor& target, const Tensor& ood_logits) {
   check_cuda_float(id_logits, "id_logits");
   check_cuda_float(ood_logits, "ood_logits");
-  TORCH_CHECK(id_logits.dim() == 2, "id_logits must be (B, C), got shape ", id_logits.sizes());
-  TORCH_CHECK(ood_logits.dim() == 2 && ood_logits.size(1) == id_logits.size(1), "ood_logits must be (B2, ",
+  ASCOOD_CHECK(id_logits.dim() == 2, "id_logits must be (B, C), got shape ", id_logits.sizes());
+  ASCOOD_CHECK(ood_logits.dim() == 2 && ood_logits.size(1) == id_logits.size(1), "ood_logits must be (B2, ",
               id_logits.size(1), "), got shape ", ood_logits.sizes());
   check_like(id_logits, "id_logits", ood_logits, "ood_logits", /*shape=*/false);
-  TORCH_CHECK(id_logits.size(1) >= 1, "id_logits must have at least one class, got shape ", id_logits.sizes());
-  TORCH_CHECK(target.defined() && target.device() == id_logits.device(), "target must be on id_logits' device ",
+  ASCOOD_CHECK(id_logits.size(1) >= 1, "id_logits must have at least one class, got shape ", id_logits.sizes());
+  ASCOOD_CHECK(target.defined() && target.device() == id_logits.device(), "target must be on id_logits' device ",
               id_logits.device());
-  TORCH_CHECK(target.scalar_type() == at::kLong || target.scalar_type() == at::kInt,
+  ASCOOD_CHECK(target.scalar_type() == kLong || target.scalar_type() == kInt,
               "target must be an int64 class-index tensor, got ", target.scalar_type());
-  TORCH_CHECK(target.dim() == 1 && target.size(0) == id_logits.size(0), "target must have shape (",
+  ASCOOD_CHECK(target.dim() == 1 && target.size(0) == id_logits.size(0), "target must have shape (",
               id_logits.size(0), ",), got ", target.sizes());
 }
 
@@ -139,81 +138,78 @@ int64_t elementwise_blocks(int64_t total) {
   return std::max<int64_t>(1, std::min<int64_t>(ceil_div(total, 256), 32LL * num_sms()));
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> ascood_loss_cuda(const at::Tensor& id_logits, const at::Tensor& target,
-                                                                const at::Tensor& ood_logits, double w) {
+std::tuple<Tensor, Tensor, Tensor> ascood_loss_cuda(const Tensor& id_logits, const Tensor& target,
+                                                    const Tensor& ood_logits, double w) {
   check_logits(id_logits, target, ood_logits);
-  KernelDeviceGuard guard(id_logits.device());
+  KernelDeviceGuard guard(id_logits.get_device_index());
   const auto acc_type = acc_scalar_type(id_logits.scalar_type());
   const int64_t B = id_logits.size(0), B2 = ood_logits.size(0), C = id_logits.size(1);
-  const auto acc_opts = id_logits.options().dtype(acc_type);
-  auto loss = at::empty({}, id_logits.options());
-  auto lse_id = at::empty({B}, acc_opts);
-  auto lse_ood = at::empty({B2}, acc_opts);
-  auto terms = at::empty({B + B2}, acc_opts);
-  const auto idc = id_logits.contiguous();
-  const auto oodc = ood_logits.contiguous();
-  const auto tc = target.to(at::kLong).contiguous();
+  auto loss = empty_on(id_logits, {}, id_logits.scalar_type());
+  auto lse_id = empty_on(id_logits, {B}, acc_type);
+  auto lse_ood = empty_on(id_logits, {B2}, acc_type);
+  auto terms = empty_on(id_logits, {B + B2}, acc_type);
+  const auto idc = as_contiguous(id_logits);
+  const auto oodc = as_contiguous(ood_logits);
+  const auto tc = as_contiguous(to_dtype(target, kLong));
   const cudaStream_t stream = current_stream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, id_logits.scalar_type(), "ascood_loss_cuda", [&] {
+  ASCOOD_DISPATCH_FLOATING(id_logits.scalar_type(), "ascood_loss_cuda", [&] {
     using acc = acc_t<scalar_t>;
     if (B + B2 > 0) {
       const unsigned blocks = static_cast<unsigned>(ceil_div(B + B2, kRowsPerBlock));
       ASCOOD_LAUNCH(loss_rows_kernel<scalar_t>, blocks, kRowThreads, 0, stream, idc.const_data_ptr<scalar_t>(),
-                    tc.const_data_ptr<int64_t>(), oodc.const_data_ptr<scalar_t>(), B, B2, C, lse_id.data_ptr<acc>(),
-                    lse_ood.data_ptr<acc>(), terms.data_ptr<acc>(),
+                    tc.const_data_ptr<int64_t>(), oodc.const_data_ptr<scalar_t>(), B, B2, C,
+                    lse_id.mutable_data_ptr<acc>(), lse_ood.mutable_data_ptr<acc>(), terms.mutable_data_ptr<acc>(),
                     static_cast<acc>(std::log(static_cast<double>(C))));
     }
     ASCOOD_LAUNCH(loss_final_kernel<scalar_t>, 1, 256, 0, stream, terms.const_data_ptr<acc>(), B, B2,
-                  static_cast<acc>(w), loss.data_ptr<scalar_t>());
+                  static_cast<acc>(w), loss.mutable_data_ptr<scalar_t>());
   });
   return {loss, lse_id, lse_ood};
 }
 
-std::tuple<at::Tensor, at::Tensor> ascood_loss_backward_cuda(const at::Tensor& grad, const at::Tensor& id_logits,
-                                                             const at::Tensor& target, const at::Tensor& ood_logits,
-                                                             double w, const at::Tensor& lse_id,
-                                                             const at::Tensor& lse_ood) {
+std::tuple<Tensor, Tensor> ascood_loss_backward_cuda(const Tensor& grad, const Tensor& id_logits,
+                                                     const Tensor& target, const Tensor& ood_logits,
+                                                     double w, const Tensor& lse_id,
+                                                     const Tensor& lse_ood) {
   check_logits(id_logits, target, ood_logits);
   const auto acc_type = acc_scalar_type(id_logits.scalar_type());
   const int64_t B = id_logits.size(0), B2 = ood_logits.size(0), C = id_logits.size(1);
-  TORCH_CHECK(grad.defined() && grad.numel() == 1, "grad must be a one-element (0-dim) tensor");
-  TORCH_CHECK(grad.device() == id_logits.device(), "grad must be on id_logits' device ", id_logits.device(),
+  ASCOOD_CHECK(grad.defined() && grad.numel() == 1, "grad must be a one-element (0-dim) tensor");
+  ASCOOD_CHECK(grad.device() == id_logits.device(), "grad must be on id_logits' device ", id_logits.device(),
               ", got ", grad.device());
-  TORCH_CHECK(grad.is_floating_point(), "grad must be a floating tensor, got ", grad.scalar_type());
+  ASCOOD_CHECK(is_floating_type(grad.scalar_type()), "grad must be a floating tensor, got ", grad.scalar_type());
   const char* names[2] = {"lse_id", "lse_ood"};
-  const at::Tensor* lses[2] = {&lse_id, &lse_ood};
+  const Tensor* lses[2] = {&lse_id, &lse_ood};
   const int64_t rows[2] = {B, B2};
   for (int j = 0; j < 2; ++j) {
-    const at::Tensor& s = *lses[j];
-    TORCH_CHECK(s.defined() && s.device() == id_logits.device(), names[j], " must be on id_logits' device ",
+    const Tensor& s = *lses[j];
+    ASCOOD_CHECK(s.defined() && s.device() == id_logits.device(), names[j], " must be on id_logits' device ",
                 id_logits.device());
-    TORCH_CHECK(s.scalar_type() == acc_type, names[j], " must have dtype ", acc_type, ", got ", s.scalar_type());
-    TORCH_CHECK(s.dim() == 1 && s.size(0) == rows[j], names[j], " must have shape (", rows[j], ",), got ",
+    ASCOOD_CHECK(s.scalar_type() == acc_type, names[j], " must have dtype ", acc_type, ", got ", s.scalar_type());
+    ASCOOD_CHECK(s.dim() == 1 && s.size(0) == rows[j], names[j], " must have shape (", rows[j], ",), got ",
                 s.sizes());
   }
-  KernelDeviceGuard guard(id_logits.device());
-  auto d_id = at::empty(id_logits.sizes(), id_logits.options());
-  auto d_ood = at::empty(ood_logits.sizes(), ood_logits.options());
+  KernelDeviceGuard guard(id_logits.get_device_index());
+  auto d_id = empty_on(id_logits, id_logits.sizes(), id_logits.scalar_type());
+  auto d_ood = empty_on(ood_logits, ood_logits.sizes(), ood_logits.scalar_type());
   const int64_t total = (B + B2) * C;
   if (total == 0) return {d_id, d_ood};
-  const auto gc = grad.reshape({1}).to(acc_type).contiguous();
-  const auto idc = id_logits.contiguous();
-  const auto oodc = ood_logits.contiguous();
-  const auto tc = target.to(at::kLong).contiguous();
-  const auto lic = lse_id.contiguous();
-  const auto loc = lse_ood.contiguous();
+  const auto gc = as_contiguous(to_dtype(torch::stable::reshape(grad, {1}), acc_type));
+  const auto idc = as_contiguous(id_logits);
+  const auto oodc = as_contiguous(ood_logits);
+  const auto tc = as_contiguous(to_dtype(target, kLong));
+  const auto lic = as_contiguous(lse_id);
+  const auto loc = as_contiguous(lse_ood);
   const cudaStream_t stream = current_stream();
   const unsigned blocks = static_cast<unsigned>(elementwise_blocks(total));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, id_logits.scalar_type(), "ascood_loss_backward_cuda",
-                                  [&] {
-                                    using acc = acc_t<scalar_t>;
-                                    ASCOOD_LAUNCH(loss_bwd_kernel<scalar_t>, blocks, 256, 0, stream,
-                                                  gc.const_data_ptr<acc>(), idc.const_data_ptr<scalar_t>(),
-                                                  tc.const_data_ptr<int64_t>(), oodc.const_data_ptr<scalar_t>(),
-                                                  lic.const_data_ptr<acc>(), loc.const_data_ptr<acc>(),
-                                                  d_id.data_ptr<scalar_t>(), d_ood.data_ptr<scalar_t>(), B, B2, C,
-                                                  static_cast<acc>(w), static_cast<acc>(1.0 / static_cast<double>(C)));
-                                  });
+  ASCOOD_DISPATCH_FLOATING(id_logits.scalar_type(), "ascood_loss_backward_cuda", [&] {
+    using acc = acc_t<scalar_t>;
+    ASCOOD_LAUNCH(loss_bwd_kernel<scalar_t>, blocks, 256, 0, stream, gc.const_data_ptr<acc>(),
+                  idc.const_data_ptr<scalar_t>(), tc.const_data_ptr<int64_t>(), oodc.const_data_ptr<scalar_t>(),
+                  lic.const_data_ptr<acc>(), loc.const_data_ptr<acc>(), d_id.mutable_data_ptr<scalar_t>(),
+                  d_ood.mutable_data_ptr<scalar_t>(), B, B2, C, static_cast<acc>(w),
+                  static_cast<acc>(1.0 / static_cast<double>(C)));
+  });
   return {d_id, d_ood};
 }
 
@@ -222,6 +218,6 @@ std::tuple<at::Tensor, at::Tensor> ascood_loss_backward_cuda(const at::Tensor& g
 }  // namespace ascood
 
 ASCOOD_CUDA_OPS_IMPL(m) {
-  m.impl("ascood_loss", &ascood::cuda::ascood_loss_cuda);
-  m.impl("ascood_loss_backward", &ascood::cuda::ascood_loss_backward_cuda);
+  m.impl("ascood_loss", TORCH_BOX(&ascood::cuda::ascood_loss_cuda));
+  m.impl("ascood_loss_backward", TORCH_BOX(&ascood::cuda::ascood_loss_backward_cuda));
 }

@@ -24,7 +24,6 @@
 //   ~28 bytes per boundary candidate (usually a small fraction of the row).
 #include "common.cuh"
 
-#include <torch/library.h>
 
 #include <algorithm>
 
@@ -308,7 +307,7 @@ __global__ void __launch_bounds__(kLargeThreads)
 // sample b is the contiguous range [b*n, (b+1)*n) of each; the selection only
 // depends on the multiset of a sample's keys, so element order is irrelevant.
 template <typename scalar_t, bool OUTLIER>
-void run_select(const scalar_t* x, const at::Tensor& g_c, out_t<scalar_t, OUTLIER>* out, int64_t B, int64_t n,
+void run_select(const scalar_t* x, const Tensor& g_c, out_t<scalar_t, OUTLIER>* out, int64_t B, int64_t n,
                 int64_t k, double alpha) {
   using S = SelectTypes<scalar_t>;
   using G = RadixGeometry<scalar_t>;
@@ -335,16 +334,15 @@ void run_select(const scalar_t* x, const at::Tensor& g_c, out_t<scalar_t, OUTLIE
   // bytes instead of B x n int32 (twice an fp16 input).
   const int64_t budget = ASCOOD_TUNABLE("cand_budget", kCandBudget);
   const int64_t per_chunk = std::min<int64_t>({B, kMaxGridY, std::max<int64_t>(1, budget / n)});
-  const auto opts = g_c.options();
-  auto hist = at::zeros({per_chunk, kMaxBins}, opts.dtype(at::kInt));
-  auto prefix_t = at::empty({per_chunk}, opts.dtype(at::kLong));  // wide_t per sample (<= 8 bytes)
-  auto counts = at::empty({2, per_chunk}, opts.dtype(at::kInt));  // remaining k, candidate count
-  auto cand_t = at::empty({per_chunk, n}, opts.dtype(at::kInt));
-  unsigned* hb = reinterpret_cast<unsigned*>(hist.data_ptr<int>());
-  wide_t* pb = reinterpret_cast<wide_t*>(prefix_t.data_ptr<int64_t>());
-  unsigned* kb = reinterpret_cast<unsigned*>(counts.data_ptr<int>());
+  auto hist = zero(empty_on(g_c, {per_chunk, kMaxBins}, kInt));
+  auto prefix_t = empty_on(g_c, {per_chunk}, kLong);  // wide_t per sample (<= 8 bytes)
+  auto counts = empty_on(g_c, {2, per_chunk}, kInt);  // remaining k, candidate count
+  auto cand_t = empty_on(g_c, {per_chunk, n}, kInt);
+  unsigned* hb = reinterpret_cast<unsigned*>(hist.mutable_data_ptr<int>());
+  wide_t* pb = reinterpret_cast<wide_t*>(prefix_t.mutable_data_ptr<int64_t>());
+  unsigned* kb = reinterpret_cast<unsigned*>(counts.mutable_data_ptr<int>());
   unsigned* cb = kb + per_chunk;
-  int* candb = cand_t.data_ptr<int>();
+  int* candb = cand_t.mutable_data_ptr<int>();
 
   const int64_t tile = static_cast<int64_t>(S::UNROLL) * kLargeThreads;
   const int64_t sms = num_sms();
@@ -377,55 +375,55 @@ void run_select(const scalar_t* x, const at::Tensor& g_c, out_t<scalar_t, OUTLIE
 }
 
 void check_selection_size(int64_t n) {
-  TORCH_CHECK(n <= static_cast<int64_t>(std::numeric_limits<int>::max()),
+  ASCOOD_CHECK(n <= static_cast<int64_t>(std::numeric_limits<int>::max()),
               "ascood CUDA kernels support at most 2^31 - 1 elements per sample, got ", n);
 }
 
-at::Tensor invariant_mask_cuda(const at::Tensor& grad, double p_inv) {
+Tensor invariant_mask_cuda(const Tensor& grad, double p_inv) {
   check_cuda_float(grad, "grad");
-  TORCH_CHECK(grad.dim() >= 1, "grad must have a batch dim, got a 0-dim tensor");
-  TORCH_CHECK(p_inv > 0.0 && p_inv <= 1.0, "p_inv must be in (0, 1], got ", p_inv);
-  KernelDeviceGuard guard(grad.device());
+  ASCOOD_CHECK(grad.dim() >= 1, "grad must have a batch dim, got a 0-dim tensor");
+  ASCOOD_CHECK(p_inv > 0.0 && p_inv <= 1.0, "p_inv must be in (0, 1], got ", p_inv);
+  KernelDeviceGuard guard(grad.get_device_index());
   const auto fmt = image_output_format(grad);
-  auto out = at::empty(grad.sizes(), grad.options().dtype(at::kBool), fmt);
+  auto out = empty_on(grad, grad.sizes(), kBool, fmt);
   const int64_t B = grad.size(0);
   if (B == 0 || grad.numel() == 0) return out;
   const int64_t n = grad.numel() / B;
   const int64_t k = static_cast<int64_t>(p_inv * static_cast<double>(n));
   if (k == 0) {
-    out.zero_();
+    zero(out);
     return out;
   }
   check_selection_size(n);
-  const auto g = grad.contiguous(fmt);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "ascood_invariant_mask_cuda", [&] {
-    run_select<scalar_t, false>(nullptr, g, out.data_ptr<bool>(), B, n, k, 0.0);
+  const auto g = as_contiguous(grad, fmt);
+  ASCOOD_DISPATCH_FLOATING(g.scalar_type(), "ascood_invariant_mask_cuda", [&] {
+    run_select<scalar_t, false>(nullptr, g, out.mutable_data_ptr<bool>(), B, n, k, 0.0);
   });
   return out;
 }
 
-at::Tensor gradient_outlier_cuda(const at::Tensor& x, const at::Tensor& grad, double p_inv, double alpha) {
+Tensor gradient_outlier_cuda(const Tensor& x, const Tensor& grad, double p_inv, double alpha) {
   check_cuda_float(x, "x");
   check_cuda_float(grad, "grad");
   check_like(x, "x", grad, "grad");
-  TORCH_CHECK(x.dim() >= 1, "x must have a batch dim, got a 0-dim tensor");
-  TORCH_CHECK(p_inv > 0.0 && p_inv <= 1.0, "p_inv must be in (0, 1], got ", p_inv);
-  KernelDeviceGuard guard(x.device());
+  ASCOOD_CHECK(x.dim() >= 1, "x must have a batch dim, got a 0-dim tensor");
+  ASCOOD_CHECK(p_inv > 0.0 && p_inv <= 1.0, "p_inv must be in (0, 1], got ", p_inv);
+  KernelDeviceGuard guard(x.get_device_index());
   const auto fmt = image_output_format(x);
-  auto out = at::empty(x.sizes(), x.options(), fmt);
+  auto out = empty_on(x, x.sizes(), x.scalar_type(), fmt);
   const int64_t B = x.size(0);
   if (B == 0 || x.numel() == 0) return out;
   const int64_t n = x.numel() / B;
   const int64_t k = static_cast<int64_t>(p_inv * static_cast<double>(n));
   if (k == 0) {
-    out.copy_(x);
+    copy_into(out, x);
     return out;
   }
   check_selection_size(n);
-  const auto xc = x.contiguous(fmt);
-  const auto g = grad.contiguous(fmt);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ascood_gradient_outlier_cuda", [&] {
-    run_select<scalar_t, true>(xc.const_data_ptr<scalar_t>(), g, out.data_ptr<scalar_t>(), B, n, k, alpha);
+  const auto xc = as_contiguous(x, fmt);
+  const auto g = as_contiguous(grad, fmt);
+  ASCOOD_DISPATCH_FLOATING(x.scalar_type(), "ascood_gradient_outlier_cuda", [&] {
+    run_select<scalar_t, true>(xc.const_data_ptr<scalar_t>(), g, out.mutable_data_ptr<scalar_t>(), B, n, k, alpha);
   });
   return out;
 }
@@ -435,6 +433,6 @@ at::Tensor gradient_outlier_cuda(const at::Tensor& x, const at::Tensor& grad, do
 }  // namespace ascood
 
 ASCOOD_CUDA_OPS_IMPL(m) {
-  m.impl("invariant_mask", &ascood::cuda::invariant_mask_cuda);
-  m.impl("gradient_outlier", &ascood::cuda::gradient_outlier_cuda);
+  m.impl("invariant_mask", TORCH_BOX(&ascood::cuda::invariant_mask_cuda));
+  m.impl("gradient_outlier", TORCH_BOX(&ascood::cuda::gradient_outlier_cuda));
 }

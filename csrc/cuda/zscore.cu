@@ -6,7 +6,6 @@
 // the warp partials (deterministic for a given row length).
 #include "common.cuh"
 
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
@@ -97,22 +96,22 @@ __global__ void __launch_bounds__(256)
   }
 }
 
-std::vector<int64_t> stat_shape(const at::Tensor& h) {
+std::vector<int64_t> stat_shape(const Tensor& h) {
   return std::vector<int64_t>(h.sizes().begin(), h.sizes().end() - 1);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> zscore_cuda(const at::Tensor& h, double sigma, double eps) {
+std::tuple<Tensor, Tensor, Tensor> zscore_cuda(const Tensor& h, double sigma, double eps) {
   check_cuda_float(h, "h");
-  TORCH_CHECK(h.dim() >= 1, "h must have rank >= 1, got a 0-dim tensor");
-  TORCH_CHECK(h.size(-1) >= 2, "h must have >= 2 features in its last dim (unbiased std), got shape ", h.sizes());
-  TORCH_CHECK(sigma > 0.0, "sigma must be > 0, got ", sigma);
-  TORCH_CHECK(eps >= 0.0, "eps must be >= 0, got ", eps);
-  KernelDeviceGuard guard(h.device());
+  ASCOOD_CHECK(h.dim() >= 1, "h must have rank >= 1, got a 0-dim tensor");
+  ASCOOD_CHECK(h.size(-1) >= 2, "h must have >= 2 features in its last dim (unbiased std), got shape ", h.sizes());
+  ASCOOD_CHECK(sigma > 0.0, "sigma must be > 0, got ", sigma);
+  ASCOOD_CHECK(eps >= 0.0, "eps must be >= 0, got ", eps);
+  KernelDeviceGuard guard(h.get_device_index());
   const auto acc_type = acc_scalar_type(h.scalar_type());
-  const auto hc = h.contiguous();
-  auto out = at::empty(h.sizes(), h.options());
-  auto mean = at::empty(stat_shape(h), h.options().dtype(acc_type));
-  auto rstd = at::empty(stat_shape(h), h.options().dtype(acc_type));
+  const auto hc = as_contiguous(h);
+  auto out = empty_on(h, h.sizes(), h.scalar_type());
+  auto mean = empty_on(h, stat_shape(h), acc_type);
+  auto rstd = empty_on(h, stat_shape(h), acc_type);
   const int64_t m = h.size(-1);
   const int64_t rows = h.numel() / m;
   if (rows == 0) return {out, mean, rstd};
@@ -120,51 +119,51 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> zscore_cuda(const at::Tensor& h, 
   const unsigned blocks =
       static_cast<unsigned>(std::min<int64_t>(rows, ASCOOD_TUNABLE("zscore_max_blocks", kMaxRowBlocks)));
   const int threads = zscore_threads(m);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "ascood_zscore_cuda", [&] {
+  ASCOOD_DISPATCH_FLOATING(h.scalar_type(), "ascood_zscore_cuda", [&] {
     using acc = acc_t<scalar_t>;
     ASCOOD_LAUNCH(zscore_fwd_kernel<scalar_t>, blocks, threads, 0, stream, hc.const_data_ptr<scalar_t>(),
-                  out.data_ptr<scalar_t>(), mean.data_ptr<acc>(), rstd.data_ptr<acc>(), rows, m,
+                  out.mutable_data_ptr<scalar_t>(), mean.mutable_data_ptr<acc>(), rstd.mutable_data_ptr<acc>(), rows, m,
                   static_cast<acc>(sigma), static_cast<acc>(eps));
   });
   return {out, mean, rstd};
 }
 
-at::Tensor zscore_backward_cuda(const at::Tensor& grad_out, const at::Tensor& h, const at::Tensor& mean,
-                                const at::Tensor& rstd, double sigma) {
+Tensor zscore_backward_cuda(const Tensor& grad_out, const Tensor& h, const Tensor& mean,
+                            const Tensor& rstd, double sigma) {
   check_cuda_float(h, "h");
   check_cuda_float(grad_out, "grad_out");
   check_like(h, "h", grad_out, "grad_out");
-  TORCH_CHECK(h.dim() >= 1, "h must have rank >= 1, got a 0-dim tensor");
-  TORCH_CHECK(h.size(-1) >= 2, "h must have >= 2 features in its last dim (unbiased std), got shape ", h.sizes());
-  TORCH_CHECK(sigma > 0.0, "sigma must be > 0, got ", sigma);
+  ASCOOD_CHECK(h.dim() >= 1, "h must have rank >= 1, got a 0-dim tensor");
+  ASCOOD_CHECK(h.size(-1) >= 2, "h must have >= 2 features in its last dim (unbiased std), got shape ", h.sizes());
+  ASCOOD_CHECK(sigma > 0.0, "sigma must be > 0, got ", sigma);
   const auto acc_type = acc_scalar_type(h.scalar_type());
   const int64_t m = h.size(-1);
   const int64_t rows = h.numel() / m;
   const char* names[2] = {"mean", "rstd"};
-  const at::Tensor* stats[2] = {&mean, &rstd};
+  const Tensor* stats[2] = {&mean, &rstd};
   for (int j = 0; j < 2; ++j) {
-    const at::Tensor& s = *stats[j];
-    TORCH_CHECK(s.defined() && s.device() == h.device(), names[j], " must be on h's device ", h.device());
-    TORCH_CHECK(s.scalar_type() == acc_type, names[j], " must have dtype ", acc_type, ", got ", s.scalar_type());
-    TORCH_CHECK(s.numel() == rows, names[j], " must have shape h.shape[:-1] (", rows, " elements), got shape ",
+    const Tensor& s = *stats[j];
+    ASCOOD_CHECK(s.defined() && s.device() == h.device(), names[j], " must be on h's device ", h.device());
+    ASCOOD_CHECK(s.scalar_type() == acc_type, names[j], " must have dtype ", acc_type, ", got ", s.scalar_type());
+    ASCOOD_CHECK(s.numel() == rows, names[j], " must have shape h.shape[:-1] (", rows, " elements), got shape ",
                 s.sizes());
   }
-  KernelDeviceGuard guard(h.device());
-  auto dh = at::empty(h.sizes(), h.options());
+  KernelDeviceGuard guard(h.get_device_index());
+  auto dh = empty_on(h, h.sizes(), h.scalar_type());
   if (rows == 0) return dh;
-  const auto hc = h.contiguous();
-  const auto gc = grad_out.contiguous();
-  const auto mc = mean.contiguous();
-  const auto rc = rstd.contiguous();
+  const auto hc = as_contiguous(h);
+  const auto gc = as_contiguous(grad_out);
+  const auto mc = as_contiguous(mean);
+  const auto rc = as_contiguous(rstd);
   const cudaStream_t stream = current_stream();
   const unsigned blocks =
       static_cast<unsigned>(std::min<int64_t>(rows, ASCOOD_TUNABLE("zscore_max_blocks", kMaxRowBlocks)));
   const int threads = zscore_threads(m);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "ascood_zscore_backward_cuda", [&] {
+  ASCOOD_DISPATCH_FLOATING(h.scalar_type(), "ascood_zscore_backward_cuda", [&] {
     using acc = acc_t<scalar_t>;
     ASCOOD_LAUNCH(zscore_bwd_kernel<scalar_t>, blocks, threads, 0, stream, gc.const_data_ptr<scalar_t>(),
                   hc.const_data_ptr<scalar_t>(), mc.const_data_ptr<acc>(), rc.const_data_ptr<acc>(),
-                  dh.data_ptr<scalar_t>(), rows, m, static_cast<acc>(sigma));
+                  dh.mutable_data_ptr<scalar_t>(), rows, m, static_cast<acc>(sigma));
   });
   return dh;
 }
@@ -174,6 +173,6 @@ at::Tensor zscore_backward_cuda(const at::Tensor& grad_out, const at::Tensor& h,
 }  // namespace ascood
 
 ASCOOD_CUDA_OPS_IMPL(m) {
-  m.impl("zscore", &ascood::cuda::zscore_cuda);
-  m.impl("zscore_backward", &ascood::cuda::zscore_backward_cuda);
+  m.impl("zscore", TORCH_BOX(&ascood::cuda::zscore_cuda));
+  m.impl("zscore_backward", TORCH_BOX(&ascood::cuda::zscore_backward_cuda));
 }

@@ -1,32 +1,18 @@
 // AVX2+FMA build of the loss row kernels (see ../vec_rows.h for why).
 //
 // The target pragma must come before any header: every function of this file
-// (and the ATen vector headers it instantiates) is compiled for AVX2+FMA, and
-// CPU_CAPABILITY puts at::vec in its AVX2 namespace, as ATen does for its own
-// per-capability kernels. setup.py links this file last, so any inline
+// is compiled for AVX2+FMA. setup.py links this file last, so any inline
 // function it shares with the baseline files resolves to their copy.
+//
+// The 8-lane vector code is written with intrinsics here (avx2_exp.h) instead
+// of ATen's at::vec::Vectorized<float>, which is not part of the LibTorch
+// stable ABI and whose exp() calls Sleef_expf8_u10 inside libtorch_cpu. The
+// operations are the same instructions in the same order, so the results are
+// bit for bit those of the previous build (docs/OPS.md "Build and ABI").
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define ASCOOD_VEC_ROWS 1
 #pragma GCC target("avx2,fma")
-// The pragma does not define the ISA macros that sleef.h and the ATen vector
-// headers test; they hold for every function compiled below.
-#ifndef __AVX__
-#define __AVX__ 1
-#endif
-#ifndef __AVX2__
-#define __AVX2__ 1
-#endif
-#ifndef __FMA__
-#define __FMA__ 1
-#endif
-#ifndef CPU_CAPABILITY
-#define CPU_CAPABILITY AVX2
-#endif
-#ifndef CPU_CAPABILITY_AVX2
-#define CPU_CAPABILITY_AVX2
-#endif
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
+#include "cpu/avx2/avx2_exp.h"
 #endif
 
 #include "cpu/vec_rows.h"
@@ -40,8 +26,8 @@ namespace vec_rows {
 
 #if defined(ASCOOD_VEC_ROWS)
 
-using Vec = at::vec::Vectorized<float>;
-constexpr int64_t kW = Vec::size();
+using Vec = avx2::Vec;
+constexpr int64_t kW = avx2::kLanes;
 
 bool available() {
   static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
@@ -62,12 +48,12 @@ float logsumexp(const float* z, int64_t C) {
   Vec m0(ninf), m1(ninf);
   int64_t j = 0;
   for (; j + 2 * kW <= C; j += 2 * kW) {
-    m0 = at::vec::maximum(m0, Vec::loadu(z + j));
-    m1 = at::vec::maximum(m1, Vec::loadu(z + j + kW));
+    m0 = avx2::maximum(m0, Vec::loadu(z + j));
+    m1 = avx2::maximum(m1, Vec::loadu(z + j + kW));
   }
-  for (; j < C; j += kW) m0 = at::vec::maximum(m0, load(z + j, C - j, ninf));
-  const float mx = at::vec::vec_reduce_all<float>([](Vec a, Vec b) { return at::vec::maximum(a, b); },
-                                                  at::vec::maximum(m0, m1));
+  for (; j < C; j += kW) m0 = avx2::maximum(m0, load(z + j, C - j, ninf));
+  const float mx = avx2::reduce_all([](Vec a, Vec b) { return avx2::maximum(a, b); },
+                                                  avx2::maximum(m0, m1));
   const float shift = std::isinf(mx) ? 0.0f : mx;
   const Vec vs(shift);
   Vec s0(0.0f), s1(0.0f);
@@ -81,7 +67,7 @@ float logsumexp(const float* z, int64_t C) {
     // padding lanes read -inf: exp(-inf) = 0 adds nothing
     s0 = s0 + (load(z + j, n, ninf) - vs).exp();
   }
-  const float s = at::vec::vec_reduce_all<float>([](Vec a, Vec b) { return a + b; }, s0 + s1);
+  const float s = avx2::reduce_all([](Vec a, Vec b) { return a + b; }, s0 + s1);
   return std::log(s) + shift;
 }
 
@@ -93,7 +79,7 @@ float sum(const float* z, int64_t C) {
     s1 = s1 + Vec::loadu(z + j + kW);
   }
   for (; j < C; j += kW) s0 = s0 + load(z + j, C - j, 0.0f);
-  return at::vec::vec_reduce_all<float>([](Vec a, Vec b) { return a + b; }, s0 + s1);
+  return avx2::reduce_all([](Vec a, Vec b) { return a + b; }, s0 + s1);
 }
 
 void scaled_softmax_minus(const float* z, float lse, float g, float sub, float den, float* d, int64_t C) {
