@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pathlib
+import re
 import sys
 import time
 import types
@@ -59,9 +60,13 @@ sys.modules["ascood_kernels._C"] = types.ModuleType("ascood_kernels._C")
 
 
 def _shipped_extension_mapped() -> bool:
-    """True when the real ascood_kernels/_C*.so was loaded into this process after all."""
+    """True when the real ascood_kernels/_C.*.so was loaded into this process after all.
+
+    Only ``_C.`` counts: a CUDA build's ``_C_cuda`` library (CUDA kernels only, loaded when torch has CUDA)
+    registers no CPU kernel, so it does not stand in for the instrumented ones."""
     maps = pathlib.Path("/proc/self/maps")
-    return maps.is_file() and any("ascood_kernels/_C" in line for line in maps.read_text().splitlines())
+    return maps.is_file() and any(re.search(r"ascood_kernels/_C\.[^/]*$", line.strip())
+                                  for line in maps.read_text().splitlines())
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
