@@ -114,8 +114,11 @@ def _add_method_args(t: argparse.ArgumentParser) -> None:
                         "random = the shuffled pixels chosen at random, no saliency (the authors' published "
                         "CIFAR-10 run, p_inv 0.2)")
     t.add_argument("--outlier-loss", choices=OUTLIER_LOSSES, default="kl",
-                   help="outlier term L_OOD: kl = w * KL(U || softmax(z(x'))) (default, the paper's); energy = "
-                        "w * the energy-bounded loss of Liu et al. 2020 (the paper's Table 6 ablation L_energy)")
+                   help="outlier term L_OOD: kl = w * KL(U || softmax(z(x'))) (default, the paper's); vos = w * "
+                        "the VOS / Dream-OOD energy loss, a learned logistic head Linear(1,512)-ReLU-Linear(512,2) on "
+                        "logsumexp(z) telling ID from outliers (the paper's Table 6 L_energy, OpenOOD's ASCOOD "
+                        "kl_div: False; the head is trained with the network and saved in last.pt/best.pt, never "
+                        "used to score); energy = w * Liu et al. 2020's squared-hinge energy loss (margins below)")
     t.add_argument("--energy-margin-in", type=finite, default=ENERGY_MARGIN_IN,
                    help=f"--outlier-loss energy: ID energy margin m_in (default {ENERGY_MARGIN_IN:g}, Liu et al.'s)")
     t.add_argument("--energy-margin-out", type=finite, default=ENERGY_MARGIN_OUT,

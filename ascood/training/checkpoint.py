@@ -4,7 +4,9 @@ A checkpoint is a plain dict of tensors and Python primitives, so it loads
 with ``torch.load(..., weights_only=True)`` (no pickled code runs):
 
     format, epoch (completed epochs), model (state dict), model_build (the
-    arguments of :func:`ascood.build_model`, or None), optimizer, scheduler,
+    arguments of :func:`ascood.build_model`, or None), criterion (the outlier
+    loss's own trainable tensors: ``vos_head.*`` for ``outlier_loss="vos"``,
+    else empty; never read by scoring or export), optimizer, scheduler,
     scaler, rng, train_config, history (per-epoch metrics), extra.
 
 ``config.json`` beside it repeats ``train_config``/``model_build`` for humans

@@ -13,8 +13,14 @@ labels y (B,):
    autocast state;
 4. loss = CE(logits[:B], y) + w * KL(U || softmax(logits[B:])), the fused
    :func:`ascood_kernels.ascood_loss`, evaluated in float32 (or, with
-   ``outlier_loss="energy"``, the paper's Table 6 energy ablation of
+   ``outlier_loss="energy"`` / ``"vos"``, an energy loss of
    :mod:`ascood.training.losses`).
+
+With ``outlier_loss="vos"`` the criterion owns trainable parameters, VOS's
+logistic head on the energy (``crit.vos_head``): move it with
+``crit.to(device)``, give ``crit.parameters()`` to the optimiser with the
+model's (OpenOOD puts them in the backbone's parameter group) and keep
+``crit.state_dict()`` in your checkpoints (the Trainer does all three).
 
 The caller does ``backward()`` and the optimiser step (and AMP scaling), so
 the criterion fits a plain loop, DDP, AMP and ``torch.compile`` alike.
@@ -37,7 +43,8 @@ import torch
 from torch import nn
 
 from .. import _ops
-from .losses import ENERGY_MARGIN_IN, ENERGY_MARGIN_OUT, OUTLIER_LOSSES, energy_regularizer, outlier_loss
+from .losses import (ENERGY_MARGIN_IN, ENERGY_MARGIN_OUT, OUTLIER_LOSSES, EnergyLogisticHead, energy_regularizer,
+                     outlier_loss, vos_energy_loss)
 from .outliers import (ALPHA_MODES, OOD_TYPES, SALIENCY_MODES, SALIENCY_TARGETS, SHUFFLE_RANKS, alpha_at,
                        check_alpha_range, synthesize_outliers)
 
@@ -50,8 +57,8 @@ class StepParts(NamedTuple):
     loss: 0-dim float32, differentiable (what to call ``backward()`` on).
     ce: detached 0-dim float32, mean cross-entropy of the ID batch.
     kl: detached 0-dim float32, the outlier term: batchmean KL(U || softmax(outlier
-        logits)), or the energy regulariser with ``outlier_loss="energy"`` (0 without
-        outliers); loss = ce + w * kl.
+        logits)), the energy regulariser with ``outlier_loss="energy"`` or the logistic
+        head's mean cross-entropy with ``"vos"`` (0 without outliers); loss = ce + w * kl.
     alpha: the outlier step size used (Python float).
     id_logits: (B, num_classes) float32 logits of the ID batch (differentiable).
     ood_logits: (B2, num_classes) float32 logits of the outliers (B2 = 0 for "none").
@@ -111,8 +118,10 @@ class ASCOODCriterion:
         shuffle_rank: pixel ranking of "shuffle": "exp" (sum_c exp(G_c), the
             authors' train script), "abs" (sum_c |G_c|) or "random" (the shuffled
             pixels chosen at random, the authors' published CIFAR-10 run).
-        outlier_loss: "kl" (the paper's) or "energy" (Table 6 ablation, with
-            ``energy_margin_in`` / ``energy_margin_out``).
+        outlier_loss: "kl" (the paper's), "energy" (Liu et al.'s squared hinges, with
+            ``energy_margin_in`` / ``energy_margin_out``) or "vos" (VOS's learned
+            logistic head on the energy, OpenOOD's ASCOOD ``kl_div: False``; the head
+            is made here from torch's global RNG, see :attr:`vos_head`).
         generator: ``torch.Generator`` for the shuffle permutation and the
             Gaussian noise (None: torch's global RNG).
 
@@ -160,6 +169,8 @@ class ASCOODCriterion:
         self.shuffle_rank = shuffle_rank
         self.outlier_loss = outlier_loss
         self.energy_margins = (float(energy_margin_in), float(energy_margin_out))
+        #: VOS's logistic head (``outlier_loss="vos"``), else None; trained with the model, never used to score.
+        self.vos_head: EnergyLogisticHead | None = EnergyLogisticHead() if outlier_loss == "vos" else None
         self.generator = generator
         self.alpha = self.alpha_start
         self.last: StepParts | None = None
@@ -218,17 +229,60 @@ class ASCOODCriterion:
         id_logits, ood_logits = logits[:B], logits[B:]
         w = self.w if xo is not None else 0.0
         m_in, m_out = self.energy_margins
+        if self.vos_head is not None:
+            self._check_head_device(logits.device)
         loss = outlier_loss(id_logits, y, ood_logits, w, kind=self.outlier_loss, energy_margin_in=m_in,
-                            energy_margin_out=m_out)
+                            energy_margin_out=m_out, vos_head=self.vos_head)
         with torch.no_grad():
             # The fused op with an empty side gives each term alone (an empty batch contributes 0).
             ce = _ops.ascood_loss(id_logits.detach(), y, ood_logits.detach()[:0], 0.0)
             if self.outlier_loss == "energy" and ood_logits.shape[0]:
                 kl = energy_regularizer(id_logits.detach(), ood_logits.detach(), m_in, m_out)
+            elif self.outlier_loss == "vos" and ood_logits.shape[0]:
+                kl = vos_energy_loss(id_logits.detach(), ood_logits.detach(), self.vos_head)
             else:
                 kl = _ops.ascood_loss(id_logits.detach()[:0], y[:0], ood_logits.detach(), 1.0)
         self.last = StepParts(loss, ce, kl, alpha, id_logits, ood_logits)
         return self.last
+
+    # -- the trainable state of the "vos" loss ---------------------------------------------------------
+    def parameters(self) -> list[nn.Parameter]:
+        """The criterion's trainable parameters: the VOS head's four tensors, or [] (other losses)."""
+        return [] if self.vos_head is None else list(self.vos_head.parameters())
+
+    def to(self, device: torch.device | str) -> "ASCOODCriterion":
+        """Move the trainable state (the VOS head) to ``device``, in place (optimisers keep their references)."""
+        if self.vos_head is not None:
+            self.vos_head.to(device)
+        return self
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The trainable state, keys prefixed ``vos_head.`` (``{}`` for "kl" / "energy"); tensors, not copies."""
+        if self.vos_head is None:
+            return {}
+        return {f"vos_head.{k}": v for k, v in self.vos_head.state_dict().items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`'s output; ValueError naming the missing, extra or misshapen keys."""
+        if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
+            raise ValueError(f"criterion state must be a dict of name -> tensor, got {type(state).__name__}")
+        mine = self.state_dict()
+        missing, extra = sorted(set(mine) - set(state)), sorted(set(state) - set(mine))
+        shapes = [f"{k} {tuple(state[k].shape)} (expected {tuple(v.shape)})" for k, v in mine.items()
+                  if k in state and state[k].shape != v.shape]
+        if missing or extra or shapes:
+            parts = ([f"missing {', '.join(missing)}"] if missing else []) + \
+                    ([f"unexpected {', '.join(extra)}"] if extra else []) + \
+                    ([f"shape of {', '.join(shapes)}"] if shapes else [])
+            raise ValueError(f"criterion state does not fit outlier_loss={self.outlier_loss!r}: {'; '.join(parts)}")
+        if self.vos_head is not None:
+            self.vos_head.load_state_dict({k[len("vos_head."):]: v for k, v in state.items()})
+
+    def _check_head_device(self, device: torch.device) -> None:
+        where = self.vos_head[0].weight.device
+        if where != device:
+            raise ValueError(f"outlier_loss='vos': the criterion's logistic head is on {where}, the logits on "
+                             f"{device}; call crit.to({str(device)!r}) before the optimiser is built")
 
     def _check_head(self, model: nn.Module) -> None:
         """Warn once per model when it has no z-score head: ASCOOD's loss then trains a plain classifier's

@@ -7,7 +7,9 @@ One step, for an ID batch (x, y); steps 1-4 are :class:`ascood.training.criterio
 2. x' = outlier of x by ``ood_type`` (see :mod:`ascood.training.outliers`), detached;
 3. logits = net(cat[x, x']) -- ID and outliers together, so BatchNorm sees both;
 4. loss = CE(z, y) + w * L_OOD(z') with L_OOD = KL(U || softmax(z')) (batchmean;
-   the paper's) or the energy ablation (:mod:`ascood.training.losses`);
+   the paper's) or an energy loss (:mod:`ascood.training.losses`; "vos" adds a
+   logistic head on the energy, trained in the first parameter group as OpenOOD's
+   ASCOOD trainer does and saved under the checkpoint's ``criterion`` key);
 5. SGD step (momentum, nesterov, weight decay), then one step of the
    per-step cosine schedule (one LambdaLR multiplier for every parameter
    group, from 1 to min_lr / lr, as the reference's).
@@ -133,8 +135,9 @@ class TrainConfig:
     (Sec. D.3, G = dp_y/dx). shuffle_rank: pixel ranking of ood_type
     "shuffle", "exp" (reference: sum_c exp(G_c)), "abs" (sum_c |G_c|) or
     "random" (pixels chosen at random, the authors' published CIFAR-10 run).
-    outlier_loss: "kl" (paper) or "energy" (Table 6 ablation, margins
-    energy_margin_in / energy_margin_out, see ascood.training.losses). amp: mixed
+    outlier_loss: "kl" (paper), "energy" (Liu et al.'s squared hinges, margins
+    energy_margin_in / energy_margin_out) or "vos" (VOS's learned logistic head
+    on the energy, OpenOOD's ASCOOD form; see ascood.training.losses). amp: mixed
     precision for the training forward/backward (opt-in, CUDA only; the
     paper's numbers are fp32; the saliency is float32 either way). sync_bn:
     convert BatchNorm to SyncBatchNorm under multi-GPU DDP (as the
@@ -300,7 +303,8 @@ class Trainer:
         # A dedicated generator for the shuffle permutation and Gaussian noise: saved in
         # checkpoints so a resumed run draws the very same outliers.
         self.generator = torch.Generator(device=self.device).manual_seed(seed + self.dist.rank)
-        self.criterion = self._make_criterion()
+        self.criterion = self._make_criterion().to(self.device)
+        self._sync_criterion_state()
         self.amp = bool(config.amp)
         if self.amp and self.device.type != "cuda":
             raise ValueError("amp=True needs a CUDA device")
@@ -363,11 +367,35 @@ class Trainer:
             raise ValueError("fc_lr_factor needs a model with an `fc` linear head")
         fc_ids = {id(p) for p in fc_params}
         rest = [p for p in self.raw_model.parameters() if id(p) not in fc_ids and p.requires_grad]
+        # The "vos" loss's logistic head joins the first group (base lr, same weight decay), as OpenOOD's
+        # ASCOOD trainer appends it to its backbone group.
+        rest += self.criterion.parameters()
         groups = [{"params": rest}]
         if fc_params:
             groups.append({"params": fc_params, "lr": cfg.lr * cfg.fc_lr_factor})
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                                weight_decay=cfg.weight_decay)
+
+    def _sync_criterion_state(self) -> None:
+        """Under DDP every rank starts from rank 0's VOS head (DDP broadcasts only the model's weights)."""
+        if self.dist.enabled:
+            import torch.distributed as dist
+
+            for p in self.criterion.parameters():
+                dist.broadcast(p.data, src=0)
+
+    def _reduce_criterion_grads(self) -> None:
+        """Average the VOS head's gradients over the ranks (DDP's hooks cover only the model), so the head
+        stays the same on every rank."""
+        if not self.dist.enabled:
+            return
+        import torch.distributed as dist
+
+        for p in self.criterion.parameters():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+            p.grad.div_(self.dist.world_size)
 
     def _generators(self) -> dict:
         gens = {"outlier": self.generator}
@@ -401,6 +429,12 @@ class Trainer:
         if diffs:
             raise ValueError(format_differences(path, diffs))
         load_state_dict_checked(self.raw_model, ckpt.get("model"), path)
+        try:
+            self.criterion.load_state_dict(ckpt.get("criterion", {}))
+        except ValueError as err:
+            raise CheckpointError(f"checkpoint {path}: its 'criterion' entry (the outlier loss's trainable state) "
+                                  f"does not fit: {err}") from None
+        self._sync_criterion_state()
         # torch / numpy / random are process-wide: a state that fails half-way is undone, not left half-applied.
         rng_before = get_rng_state()
         try:
@@ -471,6 +505,7 @@ class Trainer:
             raise self._non_finite(loss)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
+        self._reduce_criterion_grads()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
@@ -528,6 +563,9 @@ class Trainer:
             "format": FORMAT,
             "epoch": self.epoch,
             "model": self.raw_model.state_dict(),
+            # The outlier loss's own trainable tensors ("vos": keys vos_head.*; {} otherwise): kept apart from
+            # "model", which is all that scoring, `ascood detector` and export read.
+            "criterion": self.criterion.state_dict(),
             "model_build": getattr(self.raw_model, "build_args", None),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
