@@ -231,8 +231,15 @@ class DICEHead(_ScoreHead):
 
 
 class GradNormHead(_ScoreHead):
+    def __init__(self, det, net):
+        super().__init__(det, net)
+        # feature_space "raw": the last layer at the raw h, fc(h) (OpenOOD's quantity; see scorers.gradnorm).
+        self.raw_fc = not self.space_head and bool(getattr(net, "split", False))
+
     def forward(self, z, h):
         x = self.in_space(h).double()
+        if self.raw_fc:
+            z = self.net.fc(h)
         p = torch.softmax(z.double() / self.temperature, 1)
         dz = (p * p.shape[1] - 1).abs().sum(1)
         return (dz * x.abs().sum(1) / self.temperature).float()

@@ -2,18 +2,18 @@
 
 * ``"kl"`` (the paper's method): L = CE(z, y) + w * KL(U || softmax(z')),
   batch-mean, through the fused ``ascood_loss`` op (Proposition 1's gradient).
-* ``"energy"`` (the paper's Table 6 ablation, "L_energy, used in prior works"):
-  the energy-bounded regulariser of Liu et al. (NeurIPS 2020, the paper's
-  ref. [48]) with squared hinges on the free energy E(x) = -logsumexp(z):
+* ``"energy"``: the energy-bounded regulariser of Liu et al. (NeurIPS 2020,
+  the paper's ref. [48], which the paper cites for the EBO score, not for its
+  L_energy) with squared hinges on the free energy E(x) = -logsumexp(z):
 
       L = CE(z, y) + w * ( mean_ID  relu(E(x)  - m_in )^2
                          + mean_OOD relu(m_out - E(x'))^2 )
 
-  The paper gives neither the form's details nor margins; this package uses
-  Liu et al.'s form and their CIFAR margins m_in = -25, m_out = -7 as the
-  defaults (``energy_margin_in`` / ``energy_margin_out``).
-* ``"vos"``: the energy loss in the form of VOS / Dream-OOD (the paper's refs.
-  [17, 18]), as OpenOOD's ASCOOD trainer has it (``kl_div: False``): a learned
+  with Liu et al.'s CIFAR margins m_in = -25, m_out = -7 as the defaults
+  (``energy_margin_in`` / ``energy_margin_out``); no extra parameters.
+* ``"vos"``: the paper's Table 6 ablation L_energy ("used in prior works
+  [17, 18]", VOS and Dream-OOD) in their form, as OpenOOD's ASCOOD trainer has
+  it (``kl_div: False``): a learned
   logistic head g = Linear(1, 512) -> ReLU -> Linear(512, 2)
   (:class:`EnergyLogisticHead`) reads the negative free energy
   s = logsumexp(z) of every ID and outlier row, and
@@ -25,7 +25,8 @@
   in checkpoints and never used for scoring. See docs/DEVIATIONS.md.
 
 :func:`outlier_loss` is the one entry point the trainer (and a drop-in
-criterion) calls; every function returns a 0-dim float32 tensor with autograd.
+criterion) calls; every function returns a 0-dim float32 tensor with autograd
+(:func:`vos_energy_loss` in its head's dtype).
 """
 from __future__ import annotations
 

@@ -191,6 +191,52 @@ def test_gradnorm_equals_pytorch_ood_on_the_model():
     torch.testing.assert_close(got, -C * det.predict(x), rtol=1e-5, atol=1e-6)
 
 
+def _gradnorm_model_backward(model, x, T=1.0):
+    """The model's own last-layer gradient, per sample: backward of -sum_c log softmax(model(x_i) / T)_c to
+    model.fc.weight through the whole model (z-score head included), float64; score = sum |grad|."""
+    m = model.double()
+    out = []
+    try:
+        for xi in x.double():
+            m.zero_grad()
+            loss = -nn.functional.log_softmax(m(xi[None]) / T, dim=-1).sum()
+            loss.backward()
+            out.append(m.fc.weight.grad.abs().sum().item())
+    finally:
+        model.float()
+        model.zero_grad()
+    return torch.tensor(out, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("T", [1.0, 2.0])
+def test_gradnorm_spaces_on_a_zscore_model(T):
+    """"head" = the model's true last-layer gradient (autograd through the model); "raw" = OpenOOD's quantity,
+    the last layer applied to the raw h (OpenOOD's per-sample loop on fc(h)). Both on the model path and on
+    cached features; on a z-score model the two differ, and neither is the old mixture (raw h, head softmax)."""
+    model = _model("zscore")
+    x = torch.randn(10, 3, 6, 6, generator=torch.Generator().manual_seed(8))
+    head_space = get_scorer("gradnorm", temperature=T)
+    raw_space = get_scorer("gradnorm", temperature=T, feature_space="raw")
+    want_head = _gradnorm_model_backward(model, x, T)
+    with torch.no_grad():
+        h = model.features(x)
+    want_raw = _gradnorm_openood(h, model.fc.weight.double(), model.fc.bias.double(), T)
+    torch.testing.assert_close(head_space.score(model, x)[1].double(), want_head, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(raw_space.score(model, x)[1].double(), want_raw, rtol=1e-5, atol=1e-6)
+    rec = ascood.scoring.scorers.extract_features(model, [(x, torch.zeros(10, dtype=torch.long))])
+    torch.testing.assert_close(raw_space.score_features(rec.logits, rec.features, head=rec.head).double(), want_raw,
+                               rtol=1e-5, atol=1e-6)
+    assert ((want_raw - want_head).abs() > 1e-3 * want_head).all()
+    with torch.no_grad():
+        p = torch.softmax(model(x).double() / T, 1)
+    mixture = (p * C - 1).abs().sum(1) * h.double().abs().sum(1) / T
+    assert ((want_raw - mixture).abs() > 1e-3 * mixture).all()
+    # A plain linear head: both spaces are the model's gradient.
+    lin = _model("linear")
+    torch.testing.assert_close(get_scorer("gradnorm", temperature=T, feature_space="raw").score(lin, x)[1].double(),
+                               _gradnorm_model_backward(lin, x, T), rtol=1e-5, atol=1e-6)
+
+
 # --- MDS with Lee et al.'s input preprocessing ------------------------------------------------------------
 def _mds_preprocessed_by_hand(model, x, means, precision, eps, std):
     """Lee et al. (2018): x~ = x - eps * sign(d D_closest / dx) / std (sign(0) = +1 as their torch.ge code);
