@@ -72,6 +72,47 @@ def test_dice_mask_per_p_needs_no_refit():
         dice.set_params(p=100)
 
 
+def _dice_openood_pred(train_h, W, b, p, test_h):
+    """OpenOOD's DICEPostprocessor's pred: torch.max(softmax(masked vote sum + b)) of the masked head."""
+    contrib = train_h.numpy().mean(0)[None, :] * W.numpy()
+    masked_w = torch.from_numpy(W.numpy() * (contrib > np.percentile(contrib, p)))
+    output = (test_h[:, None, :] * masked_w).sum(2) + b
+    return torch.max(torch.softmax(output, dim=1), dim=1)[1]
+
+
+def test_dice_pred_model_or_masked_and_scorer_id_acc():
+    model = _model("zscore")
+    g = torch.Generator().manual_seed(11)
+    x_train, x_id, x_ood = (torch.randn(n, 3, 6, 6, generator=g) for n in (40, 30, 20))
+    y_train, y_id = torch.arange(40) % C, torch.arange(30) % C
+    with torch.no_grad():
+        z_id, h_train, h_id = model(x_id), model.features(x_train), model.features(x_id)
+    masked = _dice_openood_pred(h_train, model.fc.weight.detach(), model.fc.bias.detach(), 90, h_id)
+    assert not torch.equal(masked, z_id.argmax(1)), "data must make the masked head's prediction differ"
+    by_model = get_scorer("dice").fit(model, [(x_train, y_train)])
+    by_mask = get_scorer("dice", pred="masked").fit(model, [(x_train, y_train)])
+    assert by_model.get_params() == {"p": 90, "pred": "model"} and by_mask.pred == "masked"
+    pred_m, score_m = by_model.score(model, x_id)
+    pred_k, score_k = by_mask.score(model, x_id)
+    assert torch.equal(pred_m, z_id.argmax(1)) and torch.equal(pred_k, masked)
+    assert torch.equal(score_m, score_k)  # the score does not depend on pred
+    rec = ascood.scoring.scorers.extract_features(model, [(x_id, y_id)])
+    assert torch.equal(ascood.scoring.scorers.features_scores(by_mask, rec)[0], masked)
+    assert torch.equal(ascood.scoring.scorers.features_scores(by_model, rec)[0], z_id.argmax(1))
+    # evaluate: id_acc is the clean forward's for both; scorer_id_acc is the reported pred's accuracy.
+    table = ascood.scoring.evaluate(model, [(x_id, y_id)], {"ood": [(x_ood, torch.full((20,), -1))]},
+                                    {"dice_model": by_model, "dice_masked": by_mask})
+    clean = float((z_id.argmax(1) == y_id).double().mean() * 100)
+    rows = {r["scorer"]: r for r in table.rows}
+    assert rows["dice_model"]["id_acc"] == rows["dice_masked"]["id_acc"] == pytest.approx(clean)
+    assert rows["dice_model"]["scorer_id_acc"] == pytest.approx(clean)
+    assert rows["dice_masked"]["scorer_id_acc"] == pytest.approx(float((masked == y_id).double().mean() * 100))
+    with pytest.raises(ValueError, match="dice pred must be one of model, masked, got 'head'"):
+        get_scorer("dice", pred="head")
+    with pytest.raises(ValueError, match="pred='masked' needs the features"):
+        by_mask.predict_features(z_id)
+
+
 # --- SHE --------------------------------------------------------------------------------------------------
 def test_she_equals_openood_and_pytorch_ood():
     h, y = _feats(400, 2, scale=2.5)

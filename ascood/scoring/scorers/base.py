@@ -11,7 +11,8 @@ more in-distribution**, and can be used two ways:
   which run the model and call the two methods above (one implementation).
   pred (B,) int64 is the model's predicted class (argmax of its own logits,
   so ID accuracy is the model's whatever the scorer; ODIN and i-ODIN report
-  the argmax on their perturbed input, as the reference).
+  the argmax on their perturbed input, as the reference, and DICE with
+  ``pred="masked"`` its masked head's; :meth:`Scorer.predict_features`).
 
 Scorers that need the input itself (``needs_input``: ODIN, i-ODIN, MDS with
 input preprocessing) perturb images with input gradients; they score only
@@ -274,6 +275,12 @@ class Scorer:
                 raise ValueError(f"{self.name}: {what} have {a.shape[1]} columns, the scorer was fitted on "
                                  f"{fitted[what]} (another model or feature layer?)")
 
+    def predict_features(self, logits: torch.Tensor, features: torch.Tensor | None = None,
+                         head: LinearHead | None = None) -> torch.Tensor:
+        """The class (B,) int64 the scorer reports for cached outputs (evaluate's ``scorer_id_acc``): the model's
+        argmax of ``logits`` (B, C), unless a scorer predicts otherwise (DICE with ``pred="masked"``)."""
+        return logits.argmax(1)
+
     def _fit(self, feats) -> None:
         """Collect ID statistics from a record (``feats.chunks(rows)``); overridden by fitted scorers."""
 
@@ -303,7 +310,7 @@ class Scorer:
             head = LinearHead.from_model(model)
         else:
             logits, h, head = model(x).float(), None, None
-        return logits.argmax(1), self.score_features(logits, h, head=head)
+        return self.predict_features(logits, h, head), self.score_features(logits, h, head=head)
 
     def fit_loader(self, id_train_loader=None, id_val_loader=None):
         """The loader :meth:`fit` runs on: ``id_val_loader`` when ``fit_split == "val"``, else ``id_train_loader``.

@@ -520,12 +520,13 @@ def features_scores(scorer, feats: Features, rows: int = 1024
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(pred (N,) int64, score (N,) float32, labels (N,) or None) of a record, ``rows`` rows at a time.
 
-    pred is the argmax of the record's logits (the model's prediction).
+    pred is the scorer's :meth:`~.base.Scorer.predict_features`: the argmax of the record's logits (the model's
+    prediction) for every scorer but DICE with ``pred="masked"``.
     """
     feats.require("logits", scorer.name)
     preds, scores = [], []
     for z, h, _ in feats.chunks(rows):
-        preds.append(z.argmax(1))
+        preds.append(scorer.predict_features(z, h, feats.head))
         scores.append(scorer.score_features(z, h, head=feats.head).detach().float().cpu())
     if not scores:
         raise ValueError("loader is empty")

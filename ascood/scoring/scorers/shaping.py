@@ -157,25 +157,39 @@ class DICE(FeatureScorer):
     logsumexp(h @ W_masked^T + b). ``p`` in percent, default 90 and APS grid
     {90} (OpenOOD's config; pytorch-ood takes the fraction p / 100). The mean
     is fitted on ID train (one streamed pass: (m,) float64); the mask is
-    computed once per ``p`` from it, so the APS grid needs no refit. pred is
-    the model's argmax (OpenOOD reports the masked head's). Features in
-    ``feature_space`` ("raw": fc on the raw h, the package's convention).
+    computed once per ``p`` from it, so the APS grid needs no refit. Features
+    in ``feature_space`` ("raw": fc on the raw h, the package's convention).
+
+    ``pred``, the class the scorer reports (``score(model, x)``'s pred, the
+    evaluator's ``scorer_id_acc`` column): ``"model"`` (default) the model's
+    argmax, as every other forward scorer, so ``scorer_id_acc`` equals
+    ``id_acc`` (OpenOOD's ACC, the clean forward's) and the table hides the
+    column; ``"masked"`` the argmax of the masked head, argmax(h @ W_masked^T
+    + b), which OpenOOD's DICEPostprocessor returns as its pred: then
+    ``scorer_id_acc`` is that head's accuracy (shown where it differs). The
+    score is the same either way; a deployed Detector's label is always the
+    model's (pred is not stored in detector artifacts).
     """
 
     name = "dice"
     needs_fit = True
     streams_fit = True
     default_grid = {"p": [90]}
+    param_names = ("p", "pred")
+    PREDS = ("model", "masked")
 
-    def __init__(self, p: float = 90, feature_space: str = "raw") -> None:
+    def __init__(self, p: float = 90, feature_space: str = "raw", pred: str = "model") -> None:
         super().__init__(feature_space)
         self.p = p
+        self.pred = pred
         self._validate()
         self._masks: dict[float, torch.Tensor] = {}
 
     def _validate(self) -> None:
         if not 0 <= self.p < 100:
             raise ValueError(f"dice p must be a percentile in [0, 100), got {self.p}")
+        if self.pred not in self.PREDS:
+            raise ValueError(f"dice pred must be one of {', '.join(self.PREDS)}, got {self.pred!r}")
 
     def _fit(self, feats) -> None:
         feats.require("head", self.name)
@@ -201,7 +215,19 @@ class DICE(FeatureScorer):
             self._masks[key] = torch.where(contrib > float(thresh), self.weight, torch.zeros(()))
         return self._masks[key]
 
-    def _score(self, logits, h, head):
+    def masked_logits(self, h: torch.Tensor, head=None) -> torch.Tensor:
+        """The masked head's logits (B, C) float32 of raw features h (B, m): in_space(h) @ W_masked^T + b."""
         x = self.in_space(h, head)
-        w = self.masked_weight().to(x.device)
-        return energy(x @ w.T + self.bias.to(x.device))
+        return x @ self.masked_weight().to(x.device).T + self.bias.to(x.device)
+
+    def _score(self, logits, h, head):
+        return energy(self.masked_logits(h, head))
+
+    def predict_features(self, logits, features=None, head=None):
+        """pred="model": the model's argmax of ``logits``; "masked": argmax of :meth:`masked_logits` (OpenOOD's)."""
+        if self.pred == "model":
+            return logits.argmax(1)
+        self._check_fitted()
+        if features is None:
+            raise ValueError("dice with pred='masked' needs the features (B, m) to predict with the masked head")
+        return self.masked_logits(features.float(), head or self.head).argmax(1)
