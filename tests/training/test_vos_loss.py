@@ -287,3 +287,39 @@ def test_resume_with_another_outlier_loss_or_a_broken_head_is_refused(tmp_path):
     torch.save(ckpt, tmp_path / "edited.pt")
     with pytest.raises(CheckpointError, match=r"'criterion' entry .*missing vos_head.2.weight"):
         _run(tmp_path / "c", 2, resume=tmp_path / "edited.pt")
+
+
+# --- DDP ------------------------------------------------------------------------------------------------
+def _vos_ddp_worker(rank: int, world: int, tmp: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(rank)  # a different model and VOS head per rank: rank 0's must be used everywhere
+        model = ascood.build_model("small_cnn", 3, width=4)
+        tr = Trainer(model, DataLoader(_data(32), batch_size=4, shuffle=True),
+                     TrainConfig(epochs=1, ood_type="gradient", p_inv=0.1, alpha_min=0.5, alpha_max=1.0, lr=0.05,
+                                 seed=0, outlier_loss="vos"), progress=False)
+        init = {k: v.clone() for k, v in tr.criterion.state_dict().items()}
+        tr.fit()
+        torch.save({"head": {k: v.clone() for k, v in tr.criterion.state_dict().items()}, "init": init,
+                    "fc": model.fc.weight.detach().clone()}, os.path.join(tmp, f"vos{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_vos_head_stays_the_same_on_every_ddp_rank(tmp_path):
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        pytest.skip("torch.distributed not available")
+    from test_ascood_ddp import _spawn
+
+    folder = _spawn(_vos_ddp_worker, tmp_path)
+    r0, r1 = (torch.load(folder / f"vos{r}.pt", weights_only=True) for r in (0, 1))
+    for k, v in r0["init"].items():
+        assert torch.equal(v, r1["init"][k]), k  # broadcast from rank 0 at start
+        assert torch.equal(r0["head"][k], r1["head"][k]), k  # averaged gradients keep them equal
+        assert not torch.equal(r0["head"][k], v), k  # and it trained
+    assert torch.equal(r0["fc"], r1["fc"])
