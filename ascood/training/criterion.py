@@ -20,7 +20,9 @@ With ``outlier_loss="vos"`` the criterion owns trainable parameters, VOS's
 logistic head on the energy (``crit.vos_head``): move it with
 ``crit.to(device)``, give ``crit.parameters()`` to the optimiser with the
 model's (OpenOOD puts them in the backbone's parameter group) and keep
-``crit.state_dict()`` in your checkpoints (the Trainer does all three).
+``crit.state_dict()`` in your checkpoints (the Trainer does all three; under
+DDP it also broadcasts the head from rank 0 and averages its gradients, which a
+DDP wrapper does only for the model's parameters).
 
 The caller does ``backward()`` and the optimiser step (and AMP scaling), so
 the criterion fits a plain loop, DDP, AMP and ``torch.compile`` alike.
