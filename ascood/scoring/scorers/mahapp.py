@@ -45,7 +45,11 @@ class MahalanobisPP(MDS):
     penultimate feature (``feature_space="raw"``, the default). In the
     ``"head"`` space of a z-score head every h~ already has the norm
     sigma * sqrt(m - 1), so there Mahalanobis++ is MDS of that space up to a
-    constant factor (the same ranking); on the raw h the two differ.
+    constant factor (the same ranking); on the raw h the two differ. As for
+    MDS, the head space of a z-score head is singular along the all-ones
+    direction (every h~ sums to 0): the pseudo-inverse there depends on float
+    rounding, and two chunkings of one fit can differ by several percent; use
+    the default ``"raw"``.
 
     Fit: as :class:`MDS` (one streamed pass; class means (C, m) and one (m, m)
     scatter, float64, plus one chunk, normalised in float64).
