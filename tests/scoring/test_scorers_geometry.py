@@ -364,3 +364,22 @@ def test_neco_dim_sweep_needs_no_refit():
     assert sc.fitted and sc.dim == res.best_params["dim"]
     with pytest.raises(ValueError, match="no hyperparameters"):
         sweep(get_scorer("neco"), None, val_id, val_ood, id_train_loader=train)
+
+
+# --- detector artifacts: the fitted state round-trips, a mismatched one is refused by name ---------------------
+@pytest.mark.parametrize("name", NEW)
+def test_state_round_trip_and_refusal(name):
+    from ascood.deploy.state import ArtifactError, restore_scorer, scorer_state
+
+    h, y, q, head = _random(C=4, m=6, n=40, seed=11)
+    sc = get_scorer(name).fit_features(h, y, head=head)
+    params, tensors = scorer_state(sc)
+    back = restore_scorer(name, params, tensors, num_classes=4, feature_dim=6)
+    torch.testing.assert_close(back.score_features(head.fc(q), q, head=head), sc.score_features(head.fc(q), q))
+    assert back.get_params() == sc.get_params()
+    with pytest.raises(ArtifactError, match=f"scorer {name}: "):
+        restore_scorer(name, params, tensors, num_classes=4, feature_dim=7)
+    key = next(k for k, v in tensors.items() if v.dtype == torch.float64)
+    bad = {**tensors, key: tensors[key].float()}
+    with pytest.raises(ArtifactError, match=f"scorer tensor '{key}' must be torch.float64"):
+        restore_scorer(name, params, bad, num_classes=4, feature_dim=6)
