@@ -56,13 +56,13 @@ def test_fdbd_equals_openood_postprocessor(ref, flag, key):
     got = _fit_score(ref, "fdbd", distance_as_normalizer=flag)
     C = ref["weight"].shape[0]
     # OpenOOD sums over the classes, the paper (and ascood) averages over the C - 1 others: the same ranking.
-    np.testing.assert_allclose(got * (C - 1), ref["expected"][f"openood_fdbd_{key}"], rtol=2e-6)
+    np.testing.assert_allclose(got * (C - 1), ref["expected"][f"openood_fdbd_{key}"], rtol=1e-5)
 
 
 @pytest.mark.parametrize("alpha", [0.0001, 0.01, 0.1])
 def test_nci_equals_openood_postprocessor(ref, alpha):
     np.testing.assert_allclose(_fit_score(ref, "nci", alpha=alpha), ref["expected"][f"openood_nci_{alpha:g}"],
-                               rtol=2e-6, atol=1e-6)
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_mahalanobis_pp_equals_the_authors_code(ref):
@@ -112,7 +112,7 @@ def test_fdbd_equals_pytorch_ood():
     h, y, q, head = _random()
     det = pood.detector.fDBD(encoder=nn.Identity(), head=_linear(head)).fit_features(h)
     ours = get_scorer("fdbd").fit_features(h, y, head=head).score_features(head.fc(q), q)
-    torch.testing.assert_close(ours, -det.predict_features(q), rtol=2e-6, atol=1e-7)
+    torch.testing.assert_close(ours, -det.predict_features(q), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.01, 0.5])
@@ -121,7 +121,7 @@ def test_nci_equals_pytorch_ood(alpha):
     h, y, q, head = _random(seed=1)
     det = pood.detector.NCI(encoder=nn.Identity(), head=_linear(head), alpha=alpha).fit_features(h)
     ours = get_scorer("nci", alpha=alpha).fit_features(h, y, head=head).score_features(head.fc(q), q)
-    torch.testing.assert_close(ours, -det.predict_features(q), rtol=2e-6, atol=1e-6)
+    torch.testing.assert_close(ours, -det.predict_features(q), rtol=1e-5, atol=1e-5)
 
 
 # --- the formulas in plain torch / numpy on random odd shapes ------------------------------------------------
@@ -136,7 +136,7 @@ def test_fdbd_formula():
         d = [abs(z[i, p] - z[i, c]) / torch.linalg.norm(W[p] - W[c]) for c in range(6) if c != p]
         want.append(sum(d) / 5 / torch.linalg.norm(q[i].double() - mu))
     got = get_scorer("fdbd").fit_features(h, y, head=head).score_features(head.fc(q), q)
-    torch.testing.assert_close(got.double(), torch.stack(want), rtol=1e-6, atol=0)
+    torch.testing.assert_close(got.double(), torch.stack(want), rtol=1e-5, atol=0)  # float32 scoring
 
 
 def test_nci_formula():
@@ -147,7 +147,7 @@ def test_nci_formula():
     c = q.double() - mu
     want = torch.stack([W[pred[i]] @ c[i] / c[i].norm() + 0.3 * q[i].double().abs().sum() for i in range(len(q))])
     got = get_scorer("nci", alpha=0.3).fit_features(h, y, head=head).score_features(head.fc(q), q)
-    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)  # float32 scoring
 
 
 def test_mahalanobis_pp_formula_and_that_it_is_mds_on_unit_features():

@@ -18,10 +18,14 @@ __all__ = ["FDBD", "feature_mean", "boundary_denominators"]
 
 
 def feature_mean(scorer: FeatureScorer, feats) -> torch.Tensor:
-    """Mean (m,) float64 of a record's features in ``scorer``'s feature space, one streamed pass."""
+    """Mean (m,) float64 of a record's features in ``scorer``'s feature space, one streamed pass.
+
+    Memory: one chunk and (m,) float64."""
     total, n = None, 0
     for _, h, _ in scorer.space_chunks(feats):
-        s = h.double().sum(0)
+        # A float32 sum per chunk (torch's cascade summation: ~1e-7 relative, as the references' float32
+        # mean), accumulated over chunks in float64; 9x faster here than a float64 sum of the chunk.
+        s = h.sum(0).double()
         total = s if total is None else total + s
         n += h.shape[0]
     if not n:
@@ -77,7 +81,8 @@ class FDBD(FeatureScorer):
 
     Fit (ID train, labels not read): one streamed pass for the mean, (m,)
     float64, plus the head's W, b and the (C, C) float64 table of
-    ||w_p - w_c||; nothing of size N is kept. A head with two identical rows
+    ||w_p - w_c||; nothing of size N is kept. Scoring runs in float32 (as
+    both references) on a float32 copy of that state made once per device. A head with two identical rows
     (no boundary between those classes) is refused.
     """
 
@@ -110,12 +115,23 @@ class FDBD(FeatureScorer):
         self.W, self.b = W, feats.head.bias_or_zero().detach().double().cpu()
         self.denominators = denom
         self.head = feats.head
+        self._f32 = None
+
+    def _float32(self, device) -> tuple[torch.Tensor, ...]:
+        """(W, b, denominators, mean) in float32 on ``device``, made once per device (the fitted state is
+        float64; scoring in float32, as both references, runs at pytorch-ood's rate)."""
+        cache = getattr(self, "_f32", None)
+        if cache is None or cache[0].device != torch.device(device):
+            cache = tuple(t.to(device=device, dtype=torch.float32) for t in (self.W, self.b, self.denominators,
+                                                                                self.mean))
+            self._f32 = cache
+        return cache
 
     def _score(self, logits, h, head):
-        x = self.in_space(h, head).double()
-        dev = x.device
-        z = x @ self.W.to(dev).T + self.b.to(dev)
+        x = self.in_space(h, head).float()
+        W, b, denom, mean = self._float32(x.device)
+        z = torch.addmm(b, x, W.T)
         top, pred = z.max(1)
-        dist = ((top[:, None] - z) / self.denominators.to(dev)[pred]).sum(1) / (z.shape[1] - 1)
-        centre = x - self.mean.to(dev) if self.distance_as_normalizer else x
-        return (dist / torch.linalg.vector_norm(centre, dim=1).clamp(min=1e-8)).float()
+        dist = ((top[:, None] - z) / denom[pred]).sum(1) / (z.shape[1] - 1)
+        centre = x - mean if self.distance_as_normalizer else x
+        return dist / torch.linalg.vector_norm(centre, dim=1).clamp(min=1e-8)

@@ -42,7 +42,8 @@ class NCI(FeatureScorer):
     clamped at 1e-8.
 
     Fit (ID train, labels not read): one streamed pass, the mean (m,) float64,
-    plus the head's W (C, m) and b; nothing of size N is kept.
+    plus the head's W (C, m) and b; nothing of size N is kept. Scoring runs in
+    float32, as both references.
     """
 
     name = "nci"
@@ -65,15 +66,19 @@ class NCI(FeatureScorer):
         self.W = feats.head.weight.detach().double().cpu()
         self.b = feats.head.bias_or_zero().detach().double().cpu()
         self.head = feats.head
+        self._f32 = None
 
     def _score(self, logits, h, head):
-        x = self.in_space(h, head).double()
-        dev = x.device
-        W = self.W.to(dev)
-        pred = (x @ W.T + self.b.to(dev)).argmax(1)
-        c = x - self.mean.to(dev)
+        # float32, as both references (the fitted state is float64, cast once per device).
+        x = self.in_space(h, head).float()
+        cache = getattr(self, "_f32", None)
+        if cache is None or cache[0].device != x.device:
+            cache = self._f32 = tuple(t.to(device=x.device, dtype=torch.float32) for t in (self.W, self.b, self.mean))
+        W, b, mean = cache
+        pred = torch.addmm(b, x, W.T).argmax(1)
+        c = x - mean
         proximity = (W[pred] * c).sum(1) / torch.linalg.vector_norm(c, dim=1).clamp(min=1e-8)
-        return (proximity + self.alpha * x.abs().sum(1)).float()
+        return proximity + self.alpha * x.abs().sum(1)
 
 
 class NECO(FeatureScorer):
