@@ -323,8 +323,8 @@ def _check_shapes(name, params, t, C: int, m: int | None, bank, where: str) -> N
         need(shape("mean") == (m,) and shape("scale") == (m,) and shape("components") == (m, m)
              and shape("explained") == (m,), f"mean ({m},), scale ({m},), components ({m}, {m}), explained ({m},) "
              f"expected, got {shape('mean')}, {shape('scale')}, {shape('components')}, {shape('explained')}")
-        need(bool((t["scale"] > 0).all()) and bool((t["explained"] >= 0).all()),
-             "scale must be > 0 and explained >= 0")
+        need(bool((t["scale"] > 0).all()) and bool((t["explained"] >= 0).all())
+             and abs(float(t["explained"].sum()) - 1) < 1e-6, "scale must be > 0, explained >= 0 and sum to 1")
         need(params["dim"] is None or params["dim"] < m, f"dim {params['dim']} must be below the feature size {m}")
     if name in BANK_SCORERS:
         width = m + C if name == "relation" else m

@@ -268,6 +268,9 @@ def test_names_and_aliases():
         assert type(get_scorer(alias)) is MahalanobisPP
     assert all(SCORERS[n].needs_fit and SCORERS[n].streams_fit and SCORERS[n].fit_split == "train" for n in NEW)
     assert SCORERS["mdspp"].uses_labels and not any(SCORERS[n].uses_labels for n in ("fdbd", "nci", "neco"))
+    from ascood.scoring.scorers import scorer_for_model
+
+    assert scorer_for_model("maha++", input_std=[0.5, 0.25, 0.5], eps=0.001).std == [0.5, 0.25, 0.5]
 
 
 def test_bad_hyperparameters_are_refused_by_name():
@@ -383,3 +386,7 @@ def test_state_round_trip_and_refusal(name):
     bad = {**tensors, key: tensors[key].float()}
     with pytest.raises(ArtifactError, match=f"scorer tensor '{key}' must be torch.float64"):
         restore_scorer(name, params, bad, num_classes=4, feature_dim=6)
+    if name == "neco":
+        with pytest.raises(ArtifactError, match="explained >= 0 and sum to 1"):
+            restore_scorer(name, params, {**tensors, "explained": torch.zeros(6, dtype=torch.float64)},
+                           num_classes=4, feature_dim=6)
