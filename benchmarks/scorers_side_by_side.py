@@ -48,6 +48,8 @@ SCORERS = {
     "scale": ({"percentile": 85}, "scale"), "dice": ({"p": 90}, "dice"), "gradnorm": ({}, None),
     "knn": ({"K": 50}, "knn"), "mds": ({}, "mds"), "rmds": ({}, "rmds"), "vim": ({"dim": 256}, "vim"),
     "nnguide": ({"K": 100, "bank": "all"}, "nnguide"), "relation": ({}, None), "she": ({}, "she"),
+    # issue 32 (pytorch-ood 0.4.0 has fDBD and NCI; no Mahalanobis++ or NECO)
+    "mdspp": ({}, None), "fdbd": ({}, "fdbd"), "nci": ({"alpha": 0.0001}, "nci"), "neco": ({}, None),
 }
 
 
@@ -187,7 +189,8 @@ def pood_adapter(name: str, h, y, W, b):
            "scale": lambda: D.SCALE(None, maps_head, percentile=0.85), "dice": lambda: D.DICE(None, W, b, p=0.9),
            "knn": lambda: D.KNN(None, k=50), "mds": lambda: D.Mahalanobis(None), "rmds": lambda: D.RMD(None),
            "vim": lambda: D.ViM(None, d=256, w=W, b=b), "nnguide": lambda: D.NNGuide(None, fc, k=100),
-           "she": lambda: D.SHE(None, fc)}[name]()
+           "she": lambda: D.SHE(None, fc), "fdbd": lambda: D.fDBD(None, fc),
+           "nci": lambda: D.NCI(None, fc, alpha=0.0001)}[name]()
     kind = ("logits" if name in ("msp", "tempscale", "ebo", "mls", "gen", "entropy", "klm")
             else "maps" if name in ("react", "ash", "scale") else "features")
 
@@ -284,7 +287,8 @@ def table(args) -> None:
             for lib, path in libs:
                 if lib == "pytorch-ood" and SCORERS[name][1] is None:
                     continue
-                if lib == "before" and name in ("dice", "gradnorm", "entropy", "klm", "she"):
+                if lib == "before" and name in ("dice", "gradnorm", "entropy", "klm", "she", "mdspp", "fdbd", "nci",
+                                                "neco"):
                     continue  # did not exist
                 out = os.path.join(tmp, f"{lib}-{name}.npy")
                 r = _child(lib, name, args, out, path)

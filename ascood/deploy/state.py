@@ -120,6 +120,8 @@ _PARAMS: dict[str, tuple[str, ...]] = {
     "mds": ("feature_space", "eps", "std"), "rmds": ("feature_space",),
     "vim": ("dim", "feature_space"), "she": ("feature_space",),
     "odin": ("temperature", "eps", "std"), "iodin": ("temperature", "eps", "std", "k"),
+    "mdspp": ("feature_space", "eps", "std"), "fdbd": ("distance_as_normalizer", "feature_space"),
+    "nci": ("alpha", "feature_space"), "neco": ("dim", "maxlogit", "feature_space"),
 }
 STORABLE_SCORERS = tuple(_PARAMS)
 _TENSORS: dict[str, dict[str, torch.dtype]] = {
@@ -130,6 +132,10 @@ _TENSORS: dict[str, dict[str, torch.dtype]] = {
              "whole_mean": torch.float64, "whole_precision": torch.float64},
     "vim": {"u": torch.float64, "NS": torch.float64, "W": torch.float64, "b": torch.float64},
     "she": {"patterns": torch.float64},
+    "mdspp": {"classes": torch.int64, "means": torch.float64, "precision": torch.float64},
+    "fdbd": {"mean": torch.float64, "W": torch.float64, "b": torch.float64, "denominators": torch.float64},
+    "nci": {"mean": torch.float64, "W": torch.float64, "b": torch.float64},
+    "neco": {"mean": torch.float64, "scale": torch.float64, "components": torch.float64, "explained": torch.float64},
 }
 _FLOATS = {"react": ("threshold",), "vim": ("alpha",), "relation": ("m",)}
 
@@ -180,7 +186,7 @@ def _check_param(name: str, key: str, value, where: str):
     def bad(expected: str):
         return ArtifactError(f"{where}: scorer {name} parameter {key!r} must be {expected}, got {value!r}")
 
-    if key in ("standardize",):
+    if key in ("standardize", "distance_as_normalizer", "maxlogit"):
         if not isinstance(value, bool):
             raise bad("true or false")
     elif key in ("feature_space",):
@@ -193,6 +199,8 @@ def _check_param(name: str, key: str, value, where: str):
         if value not in ("all", "random", "first"):
             raise bad("'all', 'random' or 'first'")
     elif key in ("K", "M", "k", "dim", "pow", "m"):
+        if value is None and key == "dim" and name == "neco":  # resolved from the stored variance ratios
+            return value
         if isinstance(value, float) and value.is_integer():
             value = int(value)
         if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
@@ -287,7 +295,7 @@ def _check_shapes(name, params, t, C: int, m: int | None, bank, where: str) -> N
         need(shape("mean_act") == (m,) and shape("weight") == (C, m) and shape("bias") == (C,),
              f"mean_act ({m},), weight ({C}, {m}), bias ({C},) expected, got {shape('mean_act')}, "
              f"{shape('weight')}, {shape('bias')}")
-    elif name in ("mds", "rmds"):
+    elif name in ("mds", "rmds", "mdspp"):
         k = shape("classes")[0] if len(shape("classes")) == 1 else -1
         need(k >= 1 and shape("means") == (k, m) and shape("precision") == (m, m),
              f"classes (K,), means (K, {m}), precision ({m}, {m}) expected, got {shape('classes')}, "
@@ -305,6 +313,19 @@ def _check_shapes(name, params, t, C: int, m: int | None, bank, where: str) -> N
         need(d is None or shape("NS")[1] == m - d, f"NS has {shape('NS')[1]} columns, dim {d} needs {m - (d or 0)}")
     elif name == "she":
         need(shape("patterns") == (C, m), f"patterns ({C}, {m}) expected, got {shape('patterns')}")
+    elif name in ("fdbd", "nci"):
+        need(shape("mean") == (m,) and shape("W") == (C, m) and shape("b") == (C,),
+             f"mean ({m},), W ({C}, {m}), b ({C},) expected, got {shape('mean')}, {shape('W')}, {shape('b')}")
+        if name == "fdbd":
+            need(shape("denominators") == (C, C) and bool((t["denominators"] > 0).all()),
+                 f"denominators ({C}, {C}) of positive values expected, got {shape('denominators')}")
+    elif name == "neco":
+        need(shape("mean") == (m,) and shape("scale") == (m,) and shape("components") == (m, m)
+             and shape("explained") == (m,), f"mean ({m},), scale ({m},), components ({m}, {m}), explained ({m},) "
+             f"expected, got {shape('mean')}, {shape('scale')}, {shape('components')}, {shape('explained')}")
+        need(bool((t["scale"] > 0).all()) and bool((t["explained"] >= 0).all())
+             and abs(float(t["explained"].sum()) - 1) < 1e-6, "scale must be > 0, explained >= 0 and sum to 1")
+        need(params["dim"] is None or params["dim"] < m, f"dim {params['dim']} must be below the feature size {m}")
     if name in BANK_SCORERS:
         width = m + C if name == "relation" else m
         need(bank is not None, "its bank is missing")

@@ -30,6 +30,11 @@ PROTOCOL = {
     # she (metric inner_product), klm, gradnorm: no sweep; entropy (pytorch-ood): none.
     "dice": ({"p": 90}, {"p": [90]}),
     "she": ({}, None), "klm": ({}, None), "gradnorm": ({"temperature": 1}, None), "entropy": ({}, None),
+    # Issue 32's: fdbd and nci from OpenOOD's configs/postprocessors/{fdbd,nci}.yml; mdspp (as mds) and neco
+    # (no published grid; dim None = 90 % of the variance, the Mahalanobis++ authors' rule) not searched.
+    "fdbd": ({"distance_as_normalizer": True}, {"distance_as_normalizer": [True, False]}),
+    "nci": ({"alpha": 0.0001}, {"alpha": [0.0001, 0.001, 0.01, 0.1]}),
+    "mdspp": ({}, None), "neco": ({"dim": None, "maxlogit": False}, None),
 }
 
 

@@ -69,8 +69,8 @@ def _fit(scorer, path, model, loader, tmp_path):
 
 
 def test_the_tables_cover_the_scorers_they_are_about():
-    assert set(LABEL_READERS) == {"mds", "rmds", "she", "tempscale"}, LABEL_READERS
-    assert {"mds", "rmds", "dice", "klm", "she"} <= {n for n in FITTED if SCORERS[n].streams_fit}
+    assert set(LABEL_READERS) == {"mds", "rmds", "she", "tempscale", "mdspp"}, LABEL_READERS
+    assert {"mds", "rmds", "dice", "klm", "she", "mdspp", "fdbd", "nci", "neco"} <= {n for n in FITTED if SCORERS[n].streams_fit}
 
 
 # -- item 1: NaN / inf in what a fit reads, on every path ------------------------------------------------------
@@ -257,7 +257,7 @@ def test_k_larger_than_the_bank_is_warned_with_the_numbers(name, kw, fix):
 
 # -- item 4: integer hyperparameters, empty loaders ------------------------------------------------------------
 INT_PARAMS = [("knn", "K"), ("nnguide", "K"), ("gen", "M"), ("iodin", "k"), ("relation", "pow"), ("vim", "dim"),
-              ("tempscale", "max_iter"), ("tempscale", "max_steps")]
+              ("tempscale", "max_iter"), ("tempscale", "max_steps"), ("neco", "dim")]
 
 
 @pytest.mark.parametrize("name, param", INT_PARAMS, ids=[f"{n}-{p}" for n, p in INT_PARAMS])

@@ -24,6 +24,10 @@ vim        :class:`ViM` virtual-logit matching
 nnguide    :class:`NNGuide` nearest-neighbour guidance (bank: random / all / first)
 relation   :class:`Relation` neural relation graph
 she        :class:`SHE` simplified Hopfield energy (fit: class patterns)
+mdspp      :class:`MahalanobisPP` Mahalanobis++: MDS on L2-normalised features
+fdbd       :class:`FDBD` feature distance to the head's decision boundaries (fit: mean)
+nci        :class:`NCI` neural-collapse alignment with the predicted class's weight (fit: mean)
+neco       :class:`NECO` neural-collapse principal-subspace norm ratio (fit: PCA)
 =========  ============================================================
 
 On a model: ``scorer.fit(model, loader)``, ``scorer.score(model, x) -> (pred,
@@ -35,20 +39,24 @@ ODIN and i-ODIN (and MDS with ``eps > 0``) need the images.
 from __future__ import annotations
 
 from .base import FeatureScorer, Scorer
+from .boundary import FDBD
+from .collapse import NCI, NECO
 from .distance import KNN, MDS, RMDS, SHE, NNGuide, Relation, ViM
 from .features import FeatureCache, Features, LinearHead, extract_features, features_scores
 from .gradnorm import GradNorm
 from .logits import EBO, GEN, KLM, MLS, MSP, Entropy, TempScale
+from .mahapp import MahalanobisPP
 from .perturb import IODIN, ODIN
 from .shaping import ASH, DICE, SCALE, ReAct
 from .sweep import SweepResult, fit_scorer, loader_scores, sweep
 
 SCORERS: dict[str, type[Scorer]] = {cls.name: cls for cls in (
     MSP, TempScale, ODIN, IODIN, EBO, MLS, GEN, Entropy, KLM, ReAct, ASH, SCALE, DICE, GradNorm, KNN, MDS, RMDS,
-    ViM, NNGuide, Relation, SHE)}
+    ViM, NNGuide, Relation, SHE, MahalanobisPP, FDBD, NCI, NECO)}
 
 _ALIASES = {"energy": "ebo", "maxlogit": "mls", "temperature": "tempscale", "mahalanobis": "mds",
-            "klmatching": "klm", "kl": "klm"}
+            "klmatching": "klm", "kl": "klm",
+            "mahalanobis++": "mdspp", "maha++": "mdspp", "mds++": "mdspp"}
 
 
 def _key(name: str) -> str:
@@ -58,7 +66,7 @@ def _key(name: str) -> str:
 
 def get_scorer(name: str, **params) -> Scorer:
     """A scorer by its name (case-insensitive; "energy" = ebo, "maxlogit" = mls, "i-odin" = iodin,
-    "kl-matching" = klm)."""
+    "kl-matching" = klm, "mahalanobis++" / "maha++" = mdspp)."""
     key = _key(name)
     if key not in SCORERS:
         raise ValueError(f"unknown scorer {name!r}; choose from {', '.join(SCORERS)}")
@@ -74,7 +82,7 @@ def scorer_for_model(name: str, input_std=None, **params) -> Scorer:
     ``params`` go to the scorer's constructor (e.g. a preset's ``bank="all"``
     for NNGuide).
     """
-    if SCORERS.get(_key(name)) in (ODIN, IODIN, MDS):
+    if SCORERS.get(_key(name)) in (ODIN, IODIN, MDS, MahalanobisPP):
         return get_scorer(name, std=input_std, **params)
     return get_scorer(name, **params)
 
@@ -83,4 +91,5 @@ __all__ = ["Scorer", "FeatureScorer", "SCORERS", "get_scorer", "scorer_for_model
            "fit_scorer",
            "Features", "LinearHead", "FeatureCache", "extract_features", "features_scores",
            "MSP", "TempScale", "ODIN", "IODIN", "EBO", "MLS", "GEN", "Entropy", "KLM", "ReAct", "ASH", "SCALE", "DICE",
-           "GradNorm", "KNN", "MDS", "RMDS", "ViM", "NNGuide", "Relation", "SHE"]
+           "GradNorm", "KNN", "MDS", "RMDS", "ViM", "NNGuide", "Relation", "SHE", "MahalanobisPP", "FDBD", "NCI",
+           "NECO"]
