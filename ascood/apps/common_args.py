@@ -135,13 +135,8 @@ def openood_model_from_args(args, positional_value: str | None, positional_name:
     if not args.weights:
         raise InputError(f"--model {name} needs --weights FILE (the OpenOOD checkpoint, e.g. best.ckpt)")
     prep_name = args.preprocessing
-    if prep_name is None:
-        tree = getattr(args, "benchmark", None)
-        if tree is None and getattr(args, "preset", None):
-            from .presets import get_preset
-
-            tree = get_preset(args.preset).tree_name
-        prep_name = _TREE_PREPROCESSING.get(tree or "")
+    if prep_name is None:  # --preset has set --benchmark by now (apps/main.py applies it before run)
+        prep_name = _TREE_PREPROCESSING.get(getattr(args, "benchmark", None) or "")
     if prep_name is None:
         raise InputError(f"--model {name} needs --preprocessing NAME: the ID dataset the checkpoint was trained on "
                          "(cifar10, cifar100, imagenet, imagenet200), whose resize, crop and mean/std OpenOOD uses")
