@@ -76,7 +76,8 @@ def test_eval_on_folders(env, tmp_path, capsys):
     # The table's MSP AUROC is the one OpenOOD's scores on these images give.
     from ascood.scoring.metrics import ood_metrics
 
-    ids, oods = sorted(glob.glob(os.path.join(env["id"], "*.png"))), sorted(glob.glob(os.path.join(env["ood"], "*.png")))
+    ids = sorted(glob.glob(os.path.join(env["id"], "*.png")))
+    oods = sorted(glob.glob(os.path.join(env["ood"], "*.png")))
     want = ood_metrics(openood_msp(env["state"], ids), openood_msp(env["state"], oods))
     got = next(r for r in rows if r["scorer"] == "msp" and r.get("dataset") == "blue")
     assert got["auroc"] == pytest.approx(100 * want["auroc"], abs=1e-6)
