@@ -115,7 +115,13 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(f"weights file not found: {path}")
     with open(path, "rb") as f:
         head = f.read(16)
-    if _is_safetensors(path, head):
+    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":  # torch.save: zip archive, or the legacy pickle format
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # corrupt, truncated, or pickled objects refused by weights_only
+            raise ValueError(f"cannot read weights file {path} with weights_only=True (a torch.save'd state dict "
+                             f"of tensors is expected; pickled objects are refused): {_first_line(err)}") from None
+    elif _is_safetensors(path, head):
         try:
             from safetensors.torch import load_file
         except ImportError:
@@ -125,12 +131,6 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             state = load_file(path, device="cpu")
         except Exception as err:
             raise ValueError(f"cannot read safetensors file {path}: {_first_line(err)}") from None
-    elif head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # corrupt, truncated, or pickled objects refused by weights_only
-            raise ValueError(f"cannot read weights file {path} with weights_only=True (a torch.save'd state dict "
-                             f"of tensors is expected; pickled objects are refused): {_first_line(err)}") from None
     else:
         raise ValueError(f"{path} is neither a torch checkpoint (torch.save) nor a safetensors file")
     if not isinstance(state, Mapping):

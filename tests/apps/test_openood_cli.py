@@ -166,3 +166,16 @@ def test_bare_state_dict_as_a_run_points_at_model(env, capsys):
     rc = main(["eval", env["ckpt"], "--id", env["id"], "--ood", env["ood"], "--device", "cpu"])
     err = capsys.readouterr().err
     assert rc != 0 and "--model openood:ARCH --weights FILE" in err, err
+
+
+def test_eval_reads_openoods_ascood_wrapper(env, tmp_path, capsys):
+    """OpenOOD's ASCOODNet checkpoint (backbone.* + sigma, saved under DataParallel) through plain openood:ARCH."""
+    state = {"module.backbone." + k: v for k, v in env["state"].items()}
+    state["module.sigma"] = torch.tensor(0.25)
+    torch.save(state, tmp_path / "ascood.ckpt")
+    rc = main(["eval", "--model", "openood:resnet18_32x32", "--weights", str(tmp_path / "ascood.ckpt"),
+               "--preprocessing", "cifar100", "--id", env["id"], "--ood", env["ood"], "--scorers", "msp",
+               "--device", "cpu"])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    assert "ASCOODNet wrapper, z-score head, sigma 0.25, 10 classes; preprocessing openood:cifar100" in text

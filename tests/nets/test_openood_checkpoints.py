@@ -12,6 +12,7 @@ layers vs OpenOOD's subclass): rtol 1e-4 / atol 1e-5 on logits, features and sco
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
 import os
 import sys
@@ -233,6 +234,16 @@ def test_not_a_checkpoint_and_missing_file(tmp_path):
         read_state_dict(path)
     with pytest.raises(FileNotFoundError, match="weights file not found"):
         read_state_dict(tmp_path / "nope.ckpt")
+    truncated = tmp_path / "truncated.ckpt"
+    save({"fc.weight": torch.zeros(10, 512)}, truncated)
+    truncated.write_bytes(truncated.read_bytes()[:200])
+    with pytest.raises(ValueError, match="cannot read weights file .*truncated.ckpt"):
+        read_state_dict(truncated)
+    if importlib.util.find_spec("safetensors") is not None:
+        garbage = tmp_path / "garbage.safetensors"
+        garbage.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+        with pytest.raises(ValueError, match="cannot read safetensors file"):
+            read_state_dict(garbage)
     nested = tmp_path / "nested.ckpt"
     torch.save({"state_dict": {"fc.weight": torch.zeros(2, 2)}, "epoch": 3}, nested)
     with pytest.raises(ValueError, match="not a flat state dict"):
