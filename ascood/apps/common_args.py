@@ -12,7 +12,8 @@ from typing import Sequence
 from ..data.openood import BENCHMARKS, OpenOODTreeError, ResolvedBenchmark, resolve_benchmark
 from .argtypes import device_name, existing_dir, non_negative_int, positive_int
 
-__all__ = ["add_data_args", "add_tree_args", "tree_from_args", "link_roots", "LINK_FLAG"]
+__all__ = ["add_data_args", "add_tree_args", "tree_from_args", "link_roots", "LINK_FLAG", "add_openood_args",
+           "openood_model_from_args"]
 
 #: The flag that adds a folder symlinked list entries may lead into.
 LINK_FLAG = "--allow-links-into"
@@ -73,3 +74,79 @@ def tree_from_args(args, progress: bool = False) -> ResolvedBenchmark | None:
     return resolve_benchmark(name, root, allow_missing=bool(getattr(args, "allow_missing", False)), progress=progress,
                              class_list=getattr(args, "class_list", None),
                              link_roots=list(getattr(args, "link_roots", None) or []))
+
+
+# -- OpenOOD checkpoints (ascood eval, ascood detector) -------------------------------------------------------
+#: ascood benchmark / preset tree -> OpenOOD preprocessing (imagenet100 is a subset of ImageNet-1K).
+_TREE_PREPROCESSING = {"cifar10": "cifar10", "cifar100": "cifar100", "imagenet200": "imagenet200",
+                       "imagenet100": "imagenet"}
+
+
+def add_openood_args(p: argparse.ArgumentParser, positional: str) -> None:
+    """--model, --weights, --preprocessing, --num-classes: evaluate / deploy an OpenOOD v1.5 checkpoint instead of
+    the ``positional`` run (ascood.nets.openood does the reading)."""
+    from ..data.normalization import OPENOOD_PREPROCESSING
+    from ..nets.openood import OPENOOD_MODEL_NAMES
+
+    g = p.add_argument_group(
+        "OpenOOD checkpoints", f"instead of {positional}: an OpenOOD v1.5 checkpoint (best.ckpt, a state dict saved by "
+        "OpenOOD; read with weights_only=True, or safetensors), e.g. --model openood:resnet18_32x32 --weights "
+        "best.ckpt --preprocessing cifar10")
+    g.add_argument("--model", metavar="openood:ARCH",
+                   help=f"the OpenOOD network: {', '.join(OPENOOD_MODEL_NAMES)}. openood:ARCH reads a plain network "
+                        "(logits = fc(h)) or OpenOOD's ASCOODNet wrapper (backbone.* + sigma: logits = "
+                        "fc(z-score(h) * sigma)), told apart by the keys; openood:ascood_ARCH requires the wrapper")
+    g.add_argument("--weights", metavar="FILE", help="the OpenOOD checkpoint file (with --model)")
+    g.add_argument("--preprocessing", choices=tuple(OPENOOD_PREPROCESSING),
+                   help="OpenOOD's test preprocessing of the ID dataset the checkpoint was trained on (resize, "
+                        "centre crop, mean/std; evaluation_api/preprocessor.py); default: from --benchmark or "
+                        "--preset where given")
+    g.add_argument("--num-classes", type=positive_int,
+                   help="check the checkpoint's classifier has this many classes (read from fc.weight otherwise)")
+
+
+def openood_model_from_args(args, positional_value: str | None, positional_name: str):
+    """``(model, checkpoint-like dict)`` for ``--model openood:ARCH --weights FILE``, or None without --model.
+
+    The dict holds ``extra`` (image_size, mean, std, channels: what ascood eval / detector read from a run's
+    checkpoint) and ``openood`` (where the model came from). Every problem is an
+    :class:`~ascood.apps.checks.InputError` naming the flag (exit status 2), found before any data is read.
+    """
+    from ..data.normalization import openood_preprocessing
+    from ..nets.openood import load_openood_model, parse_openood_name
+    from .checks import InputError
+
+    name = getattr(args, "model", None)
+    if name is None:
+        for flag in ("weights", "preprocessing", "num_classes"):
+            if getattr(args, flag, None) is not None:
+                raise InputError(f"--{flag.replace('_', '-')} applies to an OpenOOD checkpoint: give --model "
+                                 "openood:ARCH with it")
+        if not positional_value:
+            raise InputError(f"give {positional_name} (an ascood run or checkpoint), or an OpenOOD checkpoint with "
+                             "--model openood:ARCH --weights FILE")
+        return None
+    try:
+        parse_openood_name(name)
+    except ValueError as err:
+        raise InputError(f"--model: {err}") from None
+    if positional_value:
+        raise InputError(f"give {positional_name} (an ascood run) or --model {name} --weights FILE, not both")
+    if not args.weights:
+        raise InputError(f"--model {name} needs --weights FILE (the OpenOOD checkpoint, e.g. best.ckpt)")
+    prep_name = args.preprocessing
+    if prep_name is None:  # --preset has set --benchmark by now (apps/main.py applies it before run)
+        prep_name = _TREE_PREPROCESSING.get(getattr(args, "benchmark", None) or "")
+    if prep_name is None:
+        raise InputError(f"--model {name} needs --preprocessing NAME: the ID dataset the checkpoint was trained on "
+                         "(cifar10, cifar100, imagenet, imagenet200), whose resize, crop and mean/std OpenOOD uses")
+    prep = openood_preprocessing(prep_name)
+    try:
+        loaded = load_openood_model(name, args.weights, num_classes=args.num_classes, input_mean=prep["mean"],
+                                    input_std=prep["std"])
+    except (ValueError, FileNotFoundError) as err:
+        text = str(err).replace("(num_classes)", "(--num-classes)")
+        raise InputError(f"--weights: {text}") from None
+    extra = {"image_size": prep["image_size"], "mean": prep["mean"], "std": prep["std"], "channels": 3,
+             "normalization": {"mean": prep["mean"], "std": prep["std"], "source": prep["source"]}}
+    return loaded.model, {"extra": extra, "openood": loaded.source}

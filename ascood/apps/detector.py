@@ -2,6 +2,7 @@
 
     ascood detector runs/mine --id-train data/train --id-val data/val --ood-val data/ood_val \\
         --scorer aps --tpr 0.95 --out det/
+    ascood detector --model openood:resnet18_32x32 --weights best.ckpt --preprocessing cifar10 --id-val ... --out det/
 
 Every path, the scorer name and the TPR are checked, and ``--out`` claimed,
 before the model is loaded. The work is :meth:`ascood.deploy.Detector.fit`.
@@ -12,6 +13,7 @@ import argparse
 
 from . import checks
 from .argtypes import device_name, non_negative_int, positive_int
+from .common_args import add_openood_args, openood_model_from_args
 
 __all__ = ["add_parser", "run", "EXIT_STATUSES"]
 
@@ -48,7 +50,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
                        description="Fits one scorer on ID data, chooses its hyperparameters by APS with --ood-val, "
                        "and calibrates the threshold on held-out ID validation data.",
                        epilog=EXIT_STATUSES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run", help="run directory of `ascood train` (best.pt when present, else last.pt) or a checkpoint")
+    p.add_argument("run", nargs="?", help="run directory of `ascood train` (best.pt when present, else last.pt) or a "
+                   "checkpoint; or none, with --model openood:ARCH --weights FILE")
     p.add_argument("--which", choices=CHECKPOINT_CHOICES, help="with a run directory: best or last checkpoint")
     p.add_argument("--id-val", required=True, metavar="PATH",
                    help="ID validation data: calibrates the threshold (and, split off, tunes when needed)")
@@ -74,6 +77,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=positive_int, default=128, help="batch size (default 128)")
     p.add_argument("--workers", type=non_negative_int, default=0, help="DataLoader workers (default 0)")
     p.add_argument("--device", type=device_name, help="cpu, cuda or cuda:N (default: cuda when available)")
+    add_openood_args(p, "RUN")
     return p
 
 
@@ -112,11 +116,20 @@ def run(args: argparse.Namespace) -> int:
     from ..scoring.scorers import get_scorer
     from ..training.model_selection import resolve_checkpoint
 
-    checks.require_path(args.run, "run")
-    try:
-        ckpt = resolve_checkpoint(args.run, args.which)
-    except ValueError as err:
-        raise checks.InputError(str(err))
+    openood = openood_model_from_args(args, args.run, "RUN")  # an OpenOOD checkpoint: read and checked here
+    if openood is None:
+        checks.require_path(args.run, "run")
+        try:
+            ckpt = resolve_checkpoint(args.run, args.which)
+        except ValueError as err:
+            raise checks.InputError(str(err))
+        preprocessing = None
+    elif args.which:
+        raise checks.InputError("--which picks a checkpoint of an ascood run directory; it does not apply to --model")
+    else:
+        # Detector.fit takes the model with the checkpoint's preprocessing (resize / crop, mean / std).
+        ckpt, extra = openood[0], openood[1]["extra"]
+        preprocessing = {k: extra[k] for k in ("image_size", "mean", "std", "channels")}
     for flag, path in (("--id-val", args.id_val), ("--id-train", args.id_train), ("--ood-val", args.ood_val),
                        ("--id-calibration", args.id_calibration)):
         if path:
@@ -136,11 +149,16 @@ def run(args: argparse.Namespace) -> int:
         _check_data(args)
         from ..deploy.detector import Detector
 
-        det = Detector.fit(ckpt, id_train=args.id_train, id_val=args.id_val, ood_val=args.ood_val,
+        det = Detector.fit(ckpt, preprocessing=preprocessing, id_train=args.id_train, id_val=args.id_val,
+                           ood_val=args.ood_val,
                            id_calibration=args.id_calibration, scorer=args.scorer, tpr=args.tpr,
                            calibration_fraction=args.calibration_fraction, seed=args.seed,
                            batch_size=args.batch_size, workers=args.workers, device=args.device,
                            feature_dir=args.feature_dir, log=print, arg_names=FLAG_NAMES)
+        if openood is not None:  # the model card and provenance name the OpenOOD file, not just "a model"
+            det.provenance.update({"source": "openood", "checkpoint": openood[1]["openood"]["file"],
+                                   "openood": openood[1]["openood"],
+                                   "preprocessing": openood[1]["extra"]["normalization"]["source"]})
         det.save(args.out, bank_dtype=args.bank_dtype)
     v = det.validation
     line = (f"detector: {det.scorer.name} {det.provenance['scorer_choice']['params']}, threshold "

@@ -2,6 +2,7 @@
 
     ascood eval runs/mine --id data/test --ood far=data/ood_images --train data/train
     ascood eval runs/mine --preset cifar10 --data-root ~/openood/data
+    ascood eval --model openood:resnet18_32x32 --weights best.ckpt --preprocessing cifar10 --id ... --ood ...
 
 Every path and scorer name is checked, and ``--out`` claimed, before a model is loaded.
 """
@@ -13,7 +14,7 @@ import sys
 
 from . import checks
 from .argtypes import named_path
-from .common_args import add_data_args, link_roots, tree_from_args
+from .common_args import add_data_args, add_openood_args, link_roots, openood_model_from_args, tree_from_args
 from .presets import add_benchmark_args
 
 __all__ = ["add_parser", "run", "EVAL_OUTPUTS"]
@@ -28,9 +29,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="evaluate OOD detection of a trained checkpoint",
                        description="Scores ID and OOD sets with post-hoc scorers; FPR@95, AUROC, AUPR-In, AUPR-Out x100.")
-    e.add_argument("checkpoint",
+    e.add_argument("checkpoint", nargs="?",
                    help="checkpoint written by `ascood train` (a .pt file) or its run directory (then best.pt when "
-                        "present, else last.pt; see --which)")
+                        "present, else last.pt; see --which); or none, with --model openood:ARCH --weights FILE")
     e.add_argument("--which", choices=CHECKPOINT_CHOICES,
                    help="with a run directory: best = best ID val accuracy (the reference's model selection), "
                         "last = the final epoch")
@@ -59,6 +60,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     e.add_argument("--aps-ood", metavar="PATH", help="APS: OOD validation data (see --aps-id)")
     add_data_args(e)
     add_benchmark_args(e, "eval")
+    add_openood_args(e, "CHECKPOINT")
     return e
 
 
@@ -68,11 +70,16 @@ def run(args: argparse.Namespace) -> int:
     from ..scoring.scorers import get_scorer
     from ..training.model_selection import resolve_checkpoint
 
-    checks.require_path(args.checkpoint, "checkpoint")
-    try:
-        ckpt_path = resolve_checkpoint(args.checkpoint, args.which)
-    except ValueError as err:
-        raise checks.InputError(str(err))
+    # An OpenOOD checkpoint (--model openood:ARCH --weights FILE) is read and checked here, before any data.
+    ckpt_path = openood_model_from_args(args, args.checkpoint, "CHECKPOINT")
+    if ckpt_path is None:
+        checks.require_path(args.checkpoint, "checkpoint")
+        try:
+            ckpt_path = resolve_checkpoint(args.checkpoint, args.which)
+        except ValueError as err:
+            raise checks.InputError(str(err))
+    elif args.which:
+        raise checks.InputError("--which picks a checkpoint of an ascood run directory; it does not apply to --model")
     if args.data_root:
         return _eval_benchmark(args, ckpt_path)
     if not args.id:
@@ -103,17 +110,30 @@ def run(args: argparse.Namespace) -> int:
         return _evaluate(args, names, ckpt_path)
 
 
-def _load_model(args, ckpt_path: str):
-    """(model on --device, checkpoint dict); prints which checkpoint it is."""
+def _load_model(args, ckpt_path):
+    """(model on --device, checkpoint dict); prints which checkpoint it is. ``ckpt_path``: an ascood checkpoint's
+    path, or the (model, checkpoint-like dict) of an OpenOOD checkpoint already read."""
     import torch
 
     from ..training.checkpoint import load_model
     from ..training.model_selection import describe_checkpoint
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if isinstance(ckpt_path, tuple):
+        model, ckpt = ckpt_path
+        print(describe_openood(ckpt["openood"], ckpt["extra"]), flush=True)
+        return model.to(device), ckpt
     model, ckpt = load_model(ckpt_path, map_location="cpu")
     print(describe_checkpoint(ckpt_path, ckpt), flush=True)
     return model.to(device), ckpt
+
+
+def describe_openood(source: dict, extra: dict) -> str:
+    """'scoring OpenOOD checkpoint FILE (openood:ARCH: ..., C classes; preprocessing NAME)'."""
+    kind = (f"ASCOODNet wrapper, z-score head, sigma {source['sigma']:g}" if source["ascood_wrapper"]
+            else "plain network, linear head")
+    return (f"scoring OpenOOD checkpoint {source['file']} ({source['model']}: {kind}, {source['num_classes']} classes; "
+            f"preprocessing {extra['normalization']['source']})")
 
 
 def _model_classes(model, extra: dict) -> list[str]:
@@ -160,7 +180,7 @@ def _check_fit_labels(scorers, split: str, ds, flag: str, path: str) -> None:
                             "(use class folders root/<class>/<image> or a list of 'path label' lines)")
 
 
-def _evaluate(args, names: list[str], ckpt_path: str) -> int:
+def _evaluate(args, names: list[str], ckpt_path) -> int:
     from ..data import datasets as D
     from ..scoring.evaluator import evaluate
     from ..scoring.scorers import FeatureCache, get_scorer
@@ -241,7 +261,7 @@ def _check_id_apart_from_ood(args, id_ds, ood: dict) -> None:
                                        same_path=os.path.realpath(path) == os.path.realpath(args.id))
 
 
-def _eval_benchmark(args, ckpt_path: str) -> int:
+def _eval_benchmark(args, ckpt_path) -> int:
     """``ascood eval CKPT --benchmark NAME --data-root DIR``: APS on the benchmark's val split, then its test sets."""
     from ..scoring.scorers import get_scorer
 
@@ -251,7 +271,7 @@ def _eval_benchmark(args, ckpt_path: str) -> int:
         return _evaluate_benchmark(args, ckpt_path, tree, scorers)
 
 
-def _evaluate_benchmark(args, ckpt_path: str, tree, scorers: list[str]) -> int:
+def _evaluate_benchmark(args, ckpt_path, tree, scorers: list[str]) -> int:
     from ..scoring.benchmark import evaluate_on_benchmark
 
     model, ckpt = _load_model(args, ckpt_path)

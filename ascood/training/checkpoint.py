@@ -95,7 +95,11 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"cannot read checkpoint {path}: {first}") from err
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not an ascood checkpoint (format {FORMAT!r} expected)")
+        # A bare state dict is what OpenOOD (and most training code) saves: say how ascood reads those.
+        bare = isinstance(ckpt, dict) and bool(ckpt) and all(torch.is_tensor(v) for v in ckpt.values())
+        raise CheckpointError(f"{path} is not an ascood checkpoint (format {FORMAT!r} expected)"
+                              + ("; it is a bare state dict: for an OpenOOD checkpoint give --model openood:ARCH "
+                                 "--weights FILE (ascood.nets.openood)" if bare else ""))
     return ckpt
 
 
