@@ -133,7 +133,9 @@ class _AdaScale(FeatureScorer):
         self.percentile, self.k1, self.k2, self.lmbda, self.o, self.eps = percentile, k1, k2, lmbda, o, eps
         self.num_samples, self.standardize = num_samples, standardize
         self._validate()
-        self._terms_fit: tuple[torch.Tensor, torch.Tensor] | None = None
+        #: The fit rows' two terms of Q' (N,) float32 each (top-k1 relu(h~), top-k2 |h - h~|).
+        self.fit_c: torch.Tensor | None = None
+        self.fit_q: torch.Tensor | None = None
         self._sorted: dict[float, torch.Tensor] = {}
 
     def _validate(self) -> None:
@@ -203,15 +205,14 @@ class _AdaScale(FeatureScorer):
         if self.num_samples is not None and c.numel() > self.num_samples:
             keep = torch.randperm(c.numel(), generator=torch.Generator().manual_seed(0))[:self.num_samples]
             c, q = c[keep], q[keep]
-        self._terms_fit = (c, q)
+        self.fit_c, self.fit_q = c, q
         self._sorted = {}
 
     def _fit_values(self) -> torch.Tensor:
         """Sorted Q' of the fit rows (N,) float32 for the current lmbda (cached per lmbda)."""
         key = float(self.lmbda)
         if key not in self._sorted:
-            c, q = self._terms_fit
-            self._sorted[key] = (c + self.lmbda * q).sort().values
+            self._sorted[key] = (self.fit_c + self.lmbda * self.fit_q).sort().values
         return self._sorted[key]
 
     def sample_percentile(self, h: torch.Tensor, h_t: torch.Tensor) -> torch.Tensor:
