@@ -120,6 +120,8 @@ _PARAMS: dict[str, tuple[str, ...]] = {
     "mds": ("feature_space", "eps", "std"), "rmds": ("feature_space",),
     "vim": ("dim", "feature_space"), "she": ("feature_space",),
     "odin": ("temperature", "eps", "std"), "iodin": ("temperature", "eps", "std", "k"),
+    **{n: ("percentile", "k1", "k2", "lmbda", "o", "eps", "num_samples", "standardize")
+       for n in ("adascale_a", "adascale_l")},
 }
 STORABLE_SCORERS = tuple(_PARAMS)
 _TENSORS: dict[str, dict[str, torch.dtype]] = {
@@ -130,6 +132,8 @@ _TENSORS: dict[str, dict[str, torch.dtype]] = {
              "whole_mean": torch.float64, "whole_precision": torch.float64},
     "vim": {"u": torch.float64, "NS": torch.float64, "W": torch.float64, "b": torch.float64},
     "she": {"patterns": torch.float64},
+    # AdaSCALE: the two terms of the ID statistic Q' per fit row (its ECDF is their sum for the stored lmbda).
+    **{n: {"fit_c": torch.float32, "fit_q": torch.float32} for n in ("adascale_a", "adascale_l")},
 }
 _FLOATS = {"react": ("threshold",), "vim": ("alpha",), "relation": ("m",)}
 
@@ -192,7 +196,14 @@ def _check_param(name: str, key: str, value, where: str):
     elif key in ("bank",):
         if value not in ("all", "random", "first"):
             raise bad("'all', 'random' or 'first'")
-    elif key in ("K", "M", "k", "dim", "pow", "m"):
+    elif key == "percentile" and name.startswith("adascale"):
+        if not (isinstance(value, list) and len(value) == 2 and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)):
+            raise bad("a list of two numbers [p_min, p_max]")
+    elif key == "num_samples":
+        if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            raise bad("null or an integer >= 1")
+    elif key in ("K", "M", "k", "dim", "pow", "m", "k1", "k2"):
         if isinstance(value, float) and value.is_integer():
             value = int(value)
         if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
@@ -260,6 +271,8 @@ def restore_scorer(name: str, params: dict, tensors: dict[str, torch.Tensor], *,
         scorer.alpha = params["alpha"]
     elif name == "dice":
         scorer._masks = {}
+    elif name in ("adascale_a", "adascale_l"):
+        scorer._sorted = {}
     elif name in BANK_SCORERS:
         if name == "relation":
             scorer.m = params["m"]
@@ -305,6 +318,9 @@ def _check_shapes(name, params, t, C: int, m: int | None, bank, where: str) -> N
         need(d is None or shape("NS")[1] == m - d, f"NS has {shape('NS')[1]} columns, dim {d} needs {m - (d or 0)}")
     elif name == "she":
         need(shape("patterns") == (C, m), f"patterns ({C}, {m}) expected, got {shape('patterns')}")
+    elif name in ("adascale_a", "adascale_l"):
+        need(len(shape("fit_c")) == 1 and shape("fit_c") == shape("fit_q") and shape("fit_c")[0] >= 1,
+             f"fit_c (N,) and fit_q (N,), N >= 1, expected, got {shape('fit_c')} and {shape('fit_q')}")
     if name in BANK_SCORERS:
         width = m + C if name == "relation" else m
         need(bank is not None, "its bank is missing")

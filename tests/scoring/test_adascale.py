@@ -391,3 +391,16 @@ def test_evaluate_scores_adascale_from_the_shared_cache():
     assert len(table.rows) == 1 and 0 <= table.rows[0]["auroc"] <= 100
     # ID val: the clean pass, then its perturbed features alone; OOD: one pass with them.
     assert features.extractions == 3
+
+
+def test_a_detector_stores_adascale_and_export_refuses_it_by_name(tmp_path):
+    import deployhelpers as H
+    from ascood.deploy import Detector
+    from ascood.deploy.graph import build_graph
+
+    det = H.fitted("adascale_l")
+    loaded = Detector.load(det.save(tmp_path / "det"))
+    torch.testing.assert_close(loaded.scorer.fit_c, det.scorer.fit_c)
+    assert loaded.scorer.get_params() == det.scorer.get_params()
+    with pytest.raises(ValueError, match="scorer adascale_l cannot be exported yet"):
+        build_graph(det)
