@@ -171,13 +171,14 @@ def _settings_list(text: str) -> list[str]:
 
 
 def _scorer_list(text: str) -> list[str]:
-    from ..scoring.scorers import SCORERS
+    from ..scoring.scorers import get_scorer
 
     out = []
     for item in text.split(","):
-        key = item.strip().lower().replace("-", "").replace("_", "")
-        if key not in SCORERS:
-            raise argparse.ArgumentTypeError(f"unknown scorer {item.strip()!r}; choose from {', '.join(SCORERS)}")
+        try:  # the registry's own name normalisation and aliases ("adascale-a" -> "adascale_a", "energy" -> "ebo")
+            key = get_scorer(item.strip()).name
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
         if key not in out:
             out.append(key)
     if "msp" not in out:

@@ -615,7 +615,7 @@ def ignored_data_notes(scorer, *, id_train=None, ood_val=None, names: dict | Non
 # -- helpers --------------------------------------------------------------------------------------------------
 def _score_batch(model: nn.Module, scorer: Scorer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits (B, C), score (B,)) of normalised images x: the scorers' own code, as ``ascood eval`` runs it."""
-    if scorer.supports_features:
+    if scorer.supports_features and not scorer.record_extras():
         with torch.no_grad():
             if scorer.uses_features:
                 z, h = model_features(model, x, "raw")
@@ -623,7 +623,8 @@ def _score_batch(model: nn.Module, scorer: Scorer, x: torch.Tensor) -> tuple[tor
             else:
                 z, h, head = model(x).float(), None, None
             return z, scorer.score_features(z, h, head=head)
-    _, score = scorer.score(model, x)  # input-gradient scorers (ODIN, i-ODIN, MDS with eps > 0)
+    # Input-gradient scorers (ODIN, i-ODIN, MDS with eps > 0) and those reading a perturbed input (AdaSCALE).
+    _, score = scorer.score(model, x)
     with torch.no_grad():
         return model(x).float(), score
 

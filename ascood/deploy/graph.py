@@ -484,6 +484,10 @@ def build_graph(det, grad: str = "func") -> DetectorGraph:
     needs_grad = s.name in GRADIENT_SCORERS or getattr(s, "needs_input", False)
     if grad not in ("func", "autograd"):
         raise ValueError(f"grad must be 'func' or 'autograd', got {grad!r}")
+    if s.record_extras():
+        raise ValueError(f"scorer {s.name} cannot be exported yet: it reads the features of a perturbed input "
+                         "(an input-gradient step and a second forward) that the graph does not lower; use the "
+                         "detector from Python (ascood detector / Detector.predict)")
     if needs_grad:
         graph = FuncPerturbGraph(det) if grad == "func" else PerturbGraph(det)
     else:

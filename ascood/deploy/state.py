@@ -122,6 +122,8 @@ _PARAMS: dict[str, tuple[str, ...]] = {
     "odin": ("temperature", "eps", "std"), "iodin": ("temperature", "eps", "std", "k"),
     "mdspp": ("feature_space", "eps", "std"), "fdbd": ("distance_as_normalizer", "feature_space"),
     "nci": ("alpha", "feature_space"), "neco": ("dim", "maxlogit", "feature_space"),
+    **{n: ("percentile", "k1", "k2", "lmbda", "o", "eps", "num_samples", "standardize")
+       for n in ("adascale_a", "adascale_l")},
 }
 STORABLE_SCORERS = tuple(_PARAMS)
 _TENSORS: dict[str, dict[str, torch.dtype]] = {
@@ -136,6 +138,8 @@ _TENSORS: dict[str, dict[str, torch.dtype]] = {
     "fdbd": {"mean": torch.float64, "W": torch.float64, "b": torch.float64, "denominators": torch.float64},
     "nci": {"mean": torch.float64, "W": torch.float64, "b": torch.float64},
     "neco": {"mean": torch.float64, "scale": torch.float64, "components": torch.float64, "explained": torch.float64},
+    # AdaSCALE: the two terms of the ID statistic Q' per fit row (its ECDF is their sum for the stored lmbda).
+    **{n: {"fit_c": torch.float32, "fit_q": torch.float32} for n in ("adascale_a", "adascale_l")},
 }
 _FLOATS = {"react": ("threshold",), "vim": ("alpha",), "relation": ("m",)}
 
@@ -198,7 +202,14 @@ def _check_param(name: str, key: str, value, where: str):
     elif key in ("bank",):
         if value not in ("all", "random", "first"):
             raise bad("'all', 'random' or 'first'")
-    elif key in ("K", "M", "k", "dim", "pow", "m"):
+    elif key == "percentile" and name.startswith("adascale"):
+        if not (isinstance(value, list) and len(value) == 2 and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)):
+            raise bad("a list of two numbers [p_min, p_max]")
+    elif key == "num_samples":
+        if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            raise bad("null or an integer >= 1")
+    elif key in ("K", "M", "k", "dim", "pow", "m", "k1", "k2"):
         if value is None and key == "dim" and name == "neco":  # resolved from the stored variance ratios
             return value
         if isinstance(value, float) and value.is_integer():
@@ -268,6 +279,8 @@ def restore_scorer(name: str, params: dict, tensors: dict[str, torch.Tensor], *,
         scorer.alpha = params["alpha"]
     elif name == "dice":
         scorer._masks = {}
+    elif name in ("adascale_a", "adascale_l"):
+        scorer._sorted = {}
     elif name in BANK_SCORERS:
         if name == "relation":
             scorer.m = params["m"]
@@ -326,6 +339,9 @@ def _check_shapes(name, params, t, C: int, m: int | None, bank, where: str) -> N
         need(bool((t["scale"] > 0).all()) and bool((t["explained"] >= 0).all())
              and abs(float(t["explained"].sum()) - 1) < 1e-6, "scale must be > 0, explained >= 0 and sum to 1")
         need(params["dim"] is None or params["dim"] < m, f"dim {params['dim']} must be below the feature size {m}")
+    elif name in ("adascale_a", "adascale_l"):
+        need(len(shape("fit_c")) == 1 and shape("fit_c") == shape("fit_q") and shape("fit_c")[0] >= 1,
+             f"fit_c (N,) and fit_q (N,), N >= 1, expected, got {shape('fit_c')} and {shape('fit_q')}")
     if name in BANK_SCORERS:
         width = m + C if name == "relation" else m
         need(bank is not None, "its bank is missing")

@@ -35,6 +35,12 @@ PROTOCOL = {
     "fdbd": ({"distance_as_normalizer": True}, {"distance_as_normalizer": [True, False]}),
     "nci": ({"alpha": 0.0001}, {"alpha": [0.0001, 0.001, 0.01, 0.1]}),
     "mdspp": ({}, None), "neco": ({"dim": None, "maxlogit": False}, None),
+    # Issue 32: OpenOOD's configs/postprocessors/adascale_{a,l}.yml (postprocessor_args and _sweep).
+    **{name: ({"percentile": (75, 85), "k1": 5, "k2": 1, "lmbda": 10, "o": 0.05, "num_samples": 5000},
+              {"percentile": [[lo, hi] for lo in (60, 65, 70, 75, 80, 85, 90, 95)
+                              for hi in (65, 70, 75, 80, 85, 90, 95, 99) if lo < hi],
+               "k1": [5], "k2": [1], "lmbda": [10], "o": [0.05]})
+       for name in ("adascale_a", "adascale_l")},
 }
 
 
@@ -45,11 +51,12 @@ def test_protocol_table_covers_every_scorer():
 
 
 def test_fit_splits_follow_openood():
-    """ReAct, TempScale and KL-Matching fit on ID val (OpenOOD's id_loader_dict['val']); the others on train."""
+    """ReAct, TempScale, KL-Matching and AdaSCALE fit on ID val (OpenOOD's id_loader_dict['val']); the others
+    on train."""
     from ascood.scoring.scorers import SCORERS
 
     on_val = {n for n, cls in SCORERS.items() if cls.needs_fit and cls.fit_split == "val"}
-    assert on_val == {"react", "tempscale", "klm"}
+    assert on_val == {"react", "tempscale", "klm", "adascale_a", "adascale_l"}
 
 
 @pytest.mark.parametrize("name", sorted(PROTOCOL))
@@ -65,7 +72,8 @@ def test_defaults_and_grids(name):
     else:
         assert set(s.default_grid) == set(grid)
         for k, v in grid.items():
-            assert s.default_grid[k] == pytest.approx(v), (name, k)
+            nested = isinstance(v[0], list)  # AdaSCALE's (p_min, p_max) pairs: pytest.approx takes flat lists
+            assert s.default_grid[k] == (v if nested else pytest.approx(v)), (name, k)
 
 
 def test_odin_grid_has_49_points():

@@ -74,7 +74,7 @@ def test_feature_path_equals_model_path(name):
     a, b = _make(name), _make(name)
     if a.needs_fit:
         a.fit(model, fit_loader)
-        b.fit_features(extract_features(model, fit_loader))
+        b.fit_features(extract_features(model, fit_loader, extras=b.record_extras()))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # ODIN / i-ODIN: no std on the model is fine here
         pred, score = a.score(model, x)
@@ -84,11 +84,14 @@ def test_feature_path_equals_model_path(name):
         with pytest.raises(TypeError, match="images"):
             b.score_features(logits, h, head=LinearHead.from_model(model))
         return
-    got = b.score_features(logits.detach(), h.detach(), head=LinearHead.from_model(model))
+    # AdaSCALE also reads the features of a perturbed input (its record extra); the others nothing more.
+    extras = {"extras": {e.key: e(model, x) for e in b.record_extras()}} if b.record_extras() else {}
+    got = b.score_features(logits.detach(), h.detach(), head=LinearHead.from_model(model), **extras)
     assert got.shape == (20,) and got.dtype == torch.float32 and torch.isfinite(got).all()
     torch.testing.assert_close(got, score, rtol=1e-5, atol=1e-5)
     # The whole-record helper is the same numbers, and the head stored at fit is used when none is passed.
-    feats = extract_features(model, DataLoader(TensorDataset(x, torch.zeros(20, dtype=torch.long)), batch_size=7))
+    feats = extract_features(model, DataLoader(TensorDataset(x, torch.zeros(20, dtype=torch.long)), batch_size=7),
+                             extras=b.record_extras())
     pred2, score2, _ = features_scores(b, feats, rows=6)
     torch.testing.assert_close(score2, score, rtol=1e-5, atol=1e-5)
     assert torch.equal(pred2, pred)

@@ -257,7 +257,9 @@ def test_k_larger_than_the_bank_is_warned_with_the_numbers(name, kw, fix):
 
 # -- item 4: integer hyperparameters, empty loaders ------------------------------------------------------------
 INT_PARAMS = [("knn", "K"), ("nnguide", "K"), ("gen", "M"), ("iodin", "k"), ("relation", "pow"), ("vim", "dim"),
-              ("tempscale", "max_iter"), ("tempscale", "max_steps"), ("neco", "dim")]
+              ("tempscale", "max_iter"), ("tempscale", "max_steps"), ("neco", "dim"), ("adascale_a", "k1"),
+              ("adascale_a", "k2"), ("adascale_a", "num_samples"), ("adascale_l", "k1"), ("adascale_l", "k2"),
+              ("adascale_l", "num_samples")]
 
 
 @pytest.mark.parametrize("name, param", INT_PARAMS, ids=[f"{n}-{p}" for n, p in INT_PARAMS])

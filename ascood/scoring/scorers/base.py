@@ -18,6 +18,12 @@ Scorers that need the input itself (``needs_input``: ODIN, i-ODIN, MDS with
 input preprocessing) perturb images with input gradients; they score only
 through ``score(model, x)`` and say so when given cached features.
 
+Scorers that read more than logits and features of the clean input (AdaSCALE:
+the features of a perturbed input) declare it in :meth:`Scorer.record_extras`:
+the record then carries those arrays (``Features.extras``, extracted once per
+split by :func:`~.features.extract_features` / :class:`~.features.FeatureCache`)
+and ``score_features`` takes them as ``extras={key: (B, ...)}``.
+
 Scorers that need ID statistics (``needs_fit``) read them in row chunks
 (``chunk_rows``) from a record, a memory-mapped feature file or, for the
 one-pass statistics (``streams_fit``), straight from a loader; see each
@@ -162,6 +168,11 @@ class Scorer:
         keys = list(self.default_grid)
         return [dict(zip(keys, vals)) for vals in itertools.product(*(self.default_grid[k] for k in keys))]
 
+    def record_extras(self) -> tuple:
+        """The :class:`~.features.RecordExtra` s this scorer reads beside logits and features (their keys
+        follow the current hyperparameters); () for all but AdaSCALE."""
+        return ()
+
     # the feature-level API ---------------------------------------------------------------------------
     @property
     def supports_features(self) -> bool:
@@ -243,9 +254,10 @@ class Scorer:
             self._check_labels(y, start, _num_classes(z, head))
 
     def score_features(self, logits: torch.Tensor, features: torch.Tensor | None = None,
-                       head: LinearHead | None = None) -> torch.Tensor:
+                       head: LinearHead | None = None, extras: dict | None = None) -> torch.Tensor:
         """Scores (B,) float32 of cached outputs: logits (B, C), the raw features (B, m) where the
-        scorer uses them, and the model's head where it needs one (default: the head seen at fit)."""
+        scorer uses them, and the model's head where it needs one (default: the head seen at fit);
+        ``extras`` {key: (B, ...)} the arrays of :meth:`record_extras` (ignored by scorers without)."""
         if self.needs_input:
             raise TypeError(f"{self.name} perturbs the input along its gradient: it needs the model and the "
                             "images (score(model, x)) and cannot score cached features")
@@ -260,7 +272,22 @@ class Scorer:
         if head is not None and head.weight.shape[0] != logits.shape[1]:
             raise ValueError(f"{self.name}: head has {head.weight.shape[0]} rows (classes), the logits have "
                              f"C = {logits.shape[1]} columns (the head of another model?)")
-        return self._score(logits.float(), None if features is None else features.float(), head or self.head)
+        args = (logits.float(), None if features is None else features.float(), head or self.head)
+        keys = [e.key for e in self.record_extras()]
+        if not keys:
+            return self._score(*args)
+        missing = [k for k in keys if k not in (extras or {})]
+        if missing:
+            raise ValueError(f"{self.name} needs extras={{key: (B, ...)}} with the keys {missing} (the record's "
+                             "extras: extract_features(model, loader, extras=scorer.record_extras()))")
+        ex = {}
+        for k in keys:
+            a = extras[k]
+            if not torch.is_tensor(a) or a.dim() < 1 or a.shape[0] != logits.shape[0]:
+                raise ValueError(f"{self.name}: extras[{k!r}] must be a (B, ...) tensor with the logits' "
+                                 f"B = {logits.shape[0]} rows, got {getattr(a, 'shape', type(a).__name__)}")
+            ex[k] = a.float()
+        return self._score(*args, extras=ex)
 
     def _check_widths(self, logits: torch.Tensor, features: torch.Tensor | None) -> None:
         """Shapes of score_features' inputs, and their widths against those the scorer was fitted on."""
@@ -296,7 +323,8 @@ class Scorer:
         if self.streams_fit:
             data = StreamedFeatures(model, id_train_loader, with_features=self.uses_features)
         else:
-            data = extract_features(model, id_train_loader, with_features=self.uses_features)
+            data = extract_features(model, id_train_loader, with_features=self.uses_features,
+                                    extras=self.record_extras())
         return self.fit_features(data)
 
     @torch.no_grad()

@@ -11,7 +11,12 @@ A :class:`Features` record holds what post-hoc scorers read from a model:
   standardisation) or None, for the scorers that reshape features (ReAct, ASH,
   SCALE, DICE), need the weights (ViM) or the ``"head"`` space;
 * ``batch_size`` the loader's batch size when extracted from one (NNGuide's
-  ``bank="first"`` follows OpenOOD's first loader batches).
+  ``bank="first"`` follows OpenOOD's first loader batches);
+* ``extras``   {key: (N, ...) float32} or None: further per-row arrays that a
+  scorer declares (:meth:`Scorer.record_extras
+  <ascood.scoring.scorers.base.Scorer.record_extras>`, e.g. AdaSCALE's
+  features of a perturbed input), each made by a :class:`RecordExtra` from
+  (model, x) batch by batch and only when a scorer asks for it.
 
 :func:`extract_features` runs the model once over a loader (eval mode,
 no autograd) into RAM, or, with ``directory=``, streams the arrays to raw
@@ -19,7 +24,8 @@ little-endian files beside a JSON header and returns them memory-mapped
 (:meth:`Features.load`; nothing is pickled). Scorers iterate a record in row
 chunks (:meth:`Features.chunks`), so a fit reads a memory-mapped file without
 holding it in RAM. :class:`FeatureCache` maps each loader to its record so an
-evaluation extracts every split once; :func:`features_scores` scores a whole
+evaluation extracts every split once (and each extra once per split: a later
+scorer's new extra costs one pass for that extra alone); :func:`features_scores` scores a whole
 record chunk by chunk.
 """
 from __future__ import annotations
@@ -28,8 +34,9 @@ import copy
 import itertools
 import json
 import os
+import re
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 import torch
@@ -38,11 +45,36 @@ from torch import nn
 from ...data.datasets import unpack_batch
 from ...files import write_json
 
-__all__ = ["Features", "LinearHead", "StreamedFeatures", "FeatureCache", "extract_features", "features_scores",
-           "model_features", "iterate_loader", "model_device", "energy", "as_features"]
+__all__ = ["Features", "LinearHead", "StreamedFeatures", "FeatureCache", "RecordExtra", "extract_features",
+           "features_scores", "add_extras", "model_features", "iterate_loader", "model_device", "energy", "as_features"]
 
 _FORMAT = "ascood-features-v1"
 _FILES = {"logits": ("logits", np.float32), "features": ("features", np.float32), "labels": ("labels", np.int64)}
+#: An extra's key is part of its file name (``<name>.extra.<key>.bin``): letters, digits and ``_ . = + -``.
+_EXTRA_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.=+-]{0,99}")
+
+
+@runtime_checkable
+class RecordExtra(Protocol):
+    """One extra per-row array of a :class:`Features` record, computed from the model and a batch.
+
+    ``key`` names it in the record and its files (it must change with every
+    parameter the array depends on, e.g. a perturbation's step); calling it
+    on (model, x) (model in eval mode, x on the model's device) returns a
+    (B, ...) float tensor, one row per image. It may enable autograd itself.
+    """
+
+    key: str
+
+    def __call__(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor: ...
+
+
+def check_extra_key(key) -> str:
+    """``key`` when it is a valid extra name (see ``_EXTRA_KEY``), else ValueError."""
+    if not isinstance(key, str) or not _EXTRA_KEY.fullmatch(key):
+        raise ValueError(f"Features extras key must be 1-100 letters, digits or '_.=+-' (starting with a letter or "
+                         f"digit), got {key!r}")
+    return key
 
 
 def iterate_loader(loader, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
@@ -160,15 +192,16 @@ def _rows(a, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
     return torch.from_numpy(np.array(a[start:stop], dtype=torch.empty((), dtype=dtype).numpy().dtype))
 
 
-def _check_array(name: str, a, ndim: int):
+def _check_array(name: str, a, ndim: int | None):
+    """``a`` as a CPU tensor or numpy array of ``ndim`` dimensions (None: at least one, an extra's (N, ...))."""
     if a is None:
         return None
     if isinstance(a, np.ndarray) and not isinstance(a, np.memmap):
         a = torch.from_numpy(a)
     if not (torch.is_tensor(a) or isinstance(a, np.ndarray)):
         raise TypeError(f"Features {name} must be a tensor or numpy array, got {type(a).__name__}")
-    if a.ndim != ndim:
-        want = "(N,)" if ndim == 1 else "(N, C)" if name == "logits" else "(N, m)"
+    if (a.ndim != ndim) if ndim is not None else a.ndim < 1:
+        want = "(N, ...)" if ndim is None else "(N,)" if ndim == 1 else "(N, C)" if name == "logits" else "(N, m)"
         raise ValueError(f"Features {name} must be {want}, got shape {tuple(a.shape)}")
     if torch.is_tensor(a) and a.device.type != "cpu":
         a = a.cpu()
@@ -187,10 +220,17 @@ class Features:
     #: For memory-mapped arrays: {field: first row holding NaN or inf}, recorded while the file was written
     #: (fits refuse such rows without reading the file again); None for in-RAM records (checked directly).
     nonfinite: dict | None = None
+    #: {key: (N, ...) float32 array} made by :class:`RecordExtra` s (see the module docstring), or None.
+    extras: dict | None = None
 
     def __post_init__(self) -> None:
         self.logits = _check_array("logits", self.logits, 2)
         self.features = _check_array("features", self.features, 2)
+        if self.extras is not None:
+            if not isinstance(self.extras, dict):
+                raise TypeError(f"Features extras must be a dict {{key: (N, ...) array}}, got "
+                                f"{type(self.extras).__name__}")
+            self.extras = {check_extra_key(k): _check_array(f"extras[{k!r}]", v, None) for k, v in self.extras.items()}
         if self.labels is not None:
             self.labels = _label_tensor(self.labels, "Features labels")
             if self.labels.dim() != 1:
@@ -201,7 +241,7 @@ class Features:
                                  "int64 would truncate)")
             self.labels = self.labels.long().cpu()
         sizes = {k: v.shape[0] for k, v in (("logits", self.logits), ("features", self.features),
-                                              ("labels", self.labels)) if v is not None}
+                                              ("labels", self.labels), *self._extra_items()) if v is not None}
         if not sizes:
             raise ValueError("Features needs logits or features (both None)")
         if len(set(sizes.values())) > 1:
@@ -214,11 +254,26 @@ class Features:
                              f"classes), the logits have C = {self.logits.shape[1]} columns (the head of another "
                              "model?)")
 
+    def _extra_items(self) -> list[tuple[str, object]]:
+        return [(f"extras[{k!r}]", v) for k, v in (self.extras or {}).items()]
+
     def __len__(self) -> int:
         for a in (self.logits, self.features, self.labels):
             if a is not None:
                 return int(a.shape[0])
         return 0
+
+    def require_extras(self, keys: Sequence[str], scorer: str) -> None:
+        """Raise ValueError naming ``scorer`` and the key when an extra in ``keys`` is missing."""
+        missing = [k for k in keys if k not in (self.extras or {})]
+        if missing:
+            raise ValueError(f"{scorer} needs the extra per-row arrays {missing} in the Features record (extract "
+                             "them with extract_features(model, loader, extras=scorer.record_extras()) or a "
+                             "FeatureCache)")
+
+    def extra_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of the extra ``key`` as a float32 CPU tensor."""
+        return _rows(self.extras[key], start, stop, torch.float32)
 
     def require(self, what: str, scorer: str) -> None:
         """Raise ValueError naming ``scorer`` when the field ``what`` (logits, features, labels, head) is None."""
@@ -228,16 +283,20 @@ class Features:
                     "logits": "pass logits (N, C)", "features": "pass features (N, m) (the model's raw feature)"}[what]
             raise ValueError(f"{scorer} needs {what}: {hint}")
 
-    def chunks(self, rows: int) -> Iterator[tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]]:
-        """(logits, features, labels) CPU tensors (float32, float32, int64; None where absent) per ``rows`` rows."""
+    def chunks(self, rows: int, extras: Sequence[str] | None = None) -> Iterator[tuple]:
+        """(logits, features, labels) CPU tensors (float32, float32, int64; None where absent) per ``rows`` rows;
+        with ``extras`` (keys) a fourth item, {key: (rows, ...) float32} of those extras."""
         if rows < 1:
             raise ValueError(f"rows must be >= 1, got {rows}")
+        if extras is not None:
+            self.require_extras(extras, "chunks")
         n = len(self)
         for start in range(0, n, rows):
             stop = min(n, start + rows)
-            yield (None if self.logits is None else _rows(self.logits, start, stop, torch.float32),
+            out = (None if self.logits is None else _rows(self.logits, start, stop, torch.float32),
                    None if self.features is None else _rows(self.features, start, stop, torch.float32),
                    None if self.labels is None else self.labels[start:stop])
+            yield out if extras is None else (*out, {k: self.extra_rows(k, start, stop) for k in extras})
 
     def feature_rows(self, start: int, stop: int) -> torch.Tensor:
         """Raw features of rows [start, stop) as a float32 CPU tensor (a view for float32 tensors)."""
@@ -262,13 +321,16 @@ class Features:
             return torch.from_numpy(np.asarray(a[index[order].numpy()])).to(dtype)[inv]
 
         return Features(pick(self.logits, torch.float32), pick(self.features, torch.float32),
-                        None if self.labels is None else self.labels[index], self.head, self.batch_size)
+                        None if self.labels is None else self.labels[index], self.head, self.batch_size,
+                        extras=None if self.extras is None else {k: pick(v, torch.float32)
+                                                                 for k, v in self.extras.items()})
 
     def slice(self, stop: int) -> "Features":
         """The first ``stop`` rows (views, no copy)."""
         return Features(None if self.logits is None else self.logits[:stop],
                         None if self.features is None else self.features[:stop],
-                        None if self.labels is None else self.labels[:stop], self.head, self.batch_size)
+                        None if self.labels is None else self.labels[:stop], self.head, self.batch_size,
+                        extras=None if self.extras is None else {k: v[:stop] for k, v in self.extras.items()})
 
     # files ---------------------------------------------------------------------------------------------
     def save(self, directory: str | os.PathLike, name: str) -> None:
@@ -276,8 +338,9 @@ class Features:
         os.makedirs(directory, exist_ok=True)
         header = {"format": _FORMAT, "n": len(self), "batch_size": self.batch_size, "arrays": {}}
         nonfinite = _NonFinite()
-        for field, (suffix, dtype) in _FILES.items():
-            a = getattr(self, field)
+        fields = [(f, f, suffix, dtype, getattr(self, f)) for f, (suffix, dtype) in _FILES.items()]
+        fields += [(_extra_field(k), k, f"extra.{k}", np.float32, v) for k, v in (self.extras or {}).items()]
+        for field, key, suffix, dtype, a in fields:
             if a is None:
                 continue
             path = os.path.join(directory, f"{name}.{suffix}.bin")
@@ -288,8 +351,11 @@ class Features:
                     block = np.ascontiguousarray(block, dtype=np.dtype(dtype).newbyteorder("<"))
                     nonfinite.add(field, start, block)
                     f.write(block.tobytes())
-            header["arrays"][field] = {"file": os.path.basename(path), "shape": list(a.shape),
-                                       "dtype": np.dtype(dtype).str}
+            spec = {"file": os.path.basename(path), "shape": list(a.shape), "dtype": np.dtype(dtype).str}
+            if field == key:
+                header["arrays"][field] = spec
+            else:  # a separate table: readers that predate extras see a v1 record without them
+                header.setdefault("extras", {})[key] = spec
         header["first_nonfinite_row"] = nonfinite.rows
         write_json(header, os.path.join(directory, f"{name}.json"))
 
@@ -303,9 +369,11 @@ class Features:
         if header.get("format") != _FORMAT:
             raise ValueError(f"{path} is not an ascood feature file (format {header.get('format')!r}, "
                              f"expected {_FORMAT!r})")
-        out = {}
-        for field, spec in header["arrays"].items():
-            if field not in _FILES or np.dtype(spec["dtype"]) != np.dtype(_FILES[field][1]).newbyteorder("<"):
+        out, extras = {}, {}
+        tables = [(f, spec, _FILES.get(f, (None, None))[1]) for f, spec in header["arrays"].items()]
+        tables += [(_extra_field(check_extra_key(k)), spec, np.float32) for k, spec in header.get("extras", {}).items()]
+        for field, spec, want in tables:
+            if want is None or np.dtype(spec["dtype"]) != np.dtype(want).newbyteorder("<"):
                 raise ValueError(f"{path}: unexpected array {field!r} of dtype {spec.get('dtype')!r}")
             file = os.path.join(directory, os.path.basename(spec["file"]))
             shape = tuple(int(s) for s in spec["shape"])
@@ -315,10 +383,19 @@ class Features:
                                  f"{spec['dtype']} ({expected} bytes): truncated or not this file's data")
             arr = np.memmap(file, dtype=spec["dtype"], mode="r", shape=shape) if mmap and expected else \
                 np.fromfile(file, dtype=spec["dtype"]).reshape(shape)
-            out[field] = torch.from_numpy(np.array(arr)) if field == "labels" else arr
-        nonfinite = {k: int(v) for k, v in (header.get("first_nonfinite_row") or {}).items() if k in out}
+            if field in _FILES:
+                out[field] = torch.from_numpy(np.array(arr)) if field == "labels" else arr
+            else:
+                extras[field[len("extras."):]] = arr
+        nonfinite = {k: int(v) for k, v in (header.get("first_nonfinite_row") or {}).items()
+                     if k in out or k[len("extras."):] in extras}
         return cls(out.get("logits"), out.get("features"), out.get("labels"), head, header.get("batch_size"),
-                   nonfinite)
+                   nonfinite, extras or None)
+
+
+def _extra_field(key: str) -> str:
+    """The name an extra goes by in a header's ``first_nonfinite_row`` (apart from the three fields)."""
+    return f"extras.{key}"
 
 
 class _NonFinite:
@@ -366,7 +443,8 @@ class _EvalMode:
 
 
 def extract_features(model: nn.Module, loader, *, directory: str | os.PathLike | None = None,
-                     name: str = "features", with_features: bool | None = None) -> Features:
+                     name: str = "features", with_features: bool | None = None,
+                     extras: Sequence[RecordExtra] = ()) -> Features:
     """One pass of ``model`` (eval mode, no autograd) over ``loader``: its :class:`Features` record.
 
     Args:
@@ -376,59 +454,145 @@ def extract_features(model: nn.Module, loader, *, directory: str | os.PathLike |
         directory: when given, the arrays are streamed to ``<name>.*.bin`` files
             there (RAM holds one batch) and returned memory-mapped; else in RAM.
         with_features: record the features (default: when the model has them).
+        extras: :class:`RecordExtra` s whose arrays are recorded too (in
+            ``Features.extras`` under their keys), computed in the same pass
+            (each may run the model again, with autograd, on the batch).
     """
     with_features = has_feature_head(model) if with_features is None else with_features
     head = LinearHead.from_model(model) if has_feature_head(model) else None
     batch_size = getattr(loader, "batch_size", None)
+    extras = _check_extras(extras)
     with _EvalMode(model):
-        outputs = _outputs(model, loader, with_features)
+        outputs = _outputs(model, loader, with_features, extras)
         first = next(outputs, None)  # an empty loader is refused before any file is created
         if first is None:
             raise ValueError("loader is empty")
+        batches = (_named(*out) for out in itertools.chain([first], outputs))
         if directory is None:
-            logits, feats, labels = [], [], []
-            for z, h, y in itertools.chain([first], outputs):
-                logits.append(z)
-                if h is not None:
-                    feats.append(h)
-                if y is not None:
-                    labels.append(y)
-            return Features(torch.cat(logits), torch.cat(feats) if feats else None,
-                            torch.cat(labels) if labels else None, head, batch_size)
-        shapes, nonfinite = _write_arrays(itertools.chain([first], outputs), directory, name)
+            cols = _concat(batches)
+            return Features(cols.get("logits"), cols.get("features"), cols.get("labels"), head, batch_size,
+                            extras=_unprefixed(cols) or None)
+        shapes, nonfinite = _write_arrays(batches, directory, name)
     header = {"format": _FORMAT, "n": shapes["logits"][0], "batch_size": batch_size, "arrays": {},
               "first_nonfinite_row": nonfinite.rows}
-    for key, (suffix, dtype) in _FILES.items():
-        path = os.path.join(directory, f"{name}.{suffix}.bin")
-        if key in shapes:
-            header["arrays"][key] = {"file": os.path.basename(path), "shape": shapes[key],
-                                     "dtype": np.dtype(dtype).newbyteorder("<").str}
-        else:
-            os.remove(path)
+    _add_specs(header, shapes, name)
     write_json(header, os.path.join(directory, f"{name}.json"))  # last: its presence marks a complete set
     return Features.load(directory, name, head=head)
 
 
-def _outputs(model: nn.Module, loader, with_features: bool):
-    """(logits, features or None, int64 labels or None) CPU tensors per loader batch."""
+def add_extras(feats: Features, model: nn.Module, loader, extras: Sequence[RecordExtra], *,
+               directory: str | os.PathLike | None = None, name: str = "features") -> Features:
+    """``feats`` (the record of ``loader``) with the arrays of ``extras`` added: one pass computing them alone.
+
+    With ``directory``/``name`` (where :func:`extract_features` wrote ``feats``) they are written beside its
+    files, its header is rewritten with them and the record is returned memory-mapped; else in RAM.
+    """
+    extras = _check_extras(extras)
+    with _EvalMode(model):
+        batches = ({_extra_field(k): v for k, v in out[3].items()}
+                   for out in _outputs(model, loader, None, extras))
+        if directory is None:
+            new = _unprefixed(_concat(batches))
+            return _with_extras(feats, {**(feats.extras or {}), **new})
+        shapes, nonfinite = _write_arrays(batches, directory, name)
+    path = os.path.join(directory, f"{name}.json")
+    with open(path, encoding="utf-8") as f:
+        header = json.load(f)
+    rows = next(iter(shapes.values()))[0] if shapes else 0
+    if rows != header["n"]:
+        raise ValueError(f"the loader gave {rows} rows for the extras, its record {path} holds {header['n']} "
+                         "(not the loader the record was extracted from?)")
+    _add_specs(header, shapes, name)
+    header["first_nonfinite_row"] = {**header.get("first_nonfinite_row", {}), **nonfinite.rows}
+    write_json(header, path)
+    return Features.load(directory, name, head=feats.head)
+
+
+def _with_extras(feats: Features, extras: dict) -> Features:
+    """A copy of the record (same arrays) with ``extras`` as its extras (the row counts are checked)."""
+    return Features(feats.logits, feats.features, feats.labels, feats.head, feats.batch_size, feats.nonfinite,
+                    extras or None)
+
+
+def _check_extras(extras) -> tuple:
+    extras = tuple(extras or ())
+    for e in extras:
+        if not callable(e):
+            raise TypeError(f"extras must be RecordExtra objects (a key and a call (model, x) -> (B, ...)), got "
+                            f"{type(e).__name__}")
+        check_extra_key(getattr(e, "key", None))
+    return extras
+
+
+def _run_extra(extra: RecordExtra, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    out = extra(model, x)
+    if not torch.is_tensor(out) or out.dim() < 1 or out.shape[0] != x.shape[0]:
+        raise ValueError(f"extra {extra.key!r} must return a (B, ...) tensor with the batch's B = {x.shape[0]} rows, "
+                         f"got {getattr(out, 'shape', type(out).__name__)}")
+    return out.detach().float().cpu()
+
+
+def _outputs(model: nn.Module, loader, with_features: bool | None, extras: tuple = ()):
+    """(logits, features or None, int64 labels or None, {extra key: array}) CPU tensors per loader batch;
+    ``with_features`` None: the extras alone (no logits, features or labels)."""
     for x, y in iterate_loader(loader, model_device(model)):
+        ex = {e.key: _run_extra(e, model, x) for e in extras}
+        if with_features is None:
+            yield None, None, None, ex
+            continue
         z, h = _forward(model, x, with_features)
-        yield z.cpu(), None if h is None else h.cpu(), None if y is None else y.long().cpu()
+        yield z.cpu(), None if h is None else h.cpu(), None if y is None else y.long().cpu(), ex
 
 
-def _write_arrays(outputs, directory, name: str) -> tuple[dict[str, list[int]], "_NonFinite"]:
-    """Stream (z, h, y) batches to ``<name>.<field>.bin`` files: their shapes and first non-finite rows."""
+def _named(z, h, y, ex) -> dict[str, torch.Tensor]:
+    """One batch as {field: tensor} (extras under ``extras.<key>``), absent fields left out."""
+    out = {k: t for k, t in (("logits", z), ("features", h), ("labels", y)) if t is not None}
+    out.update({_extra_field(k): v for k, v in ex.items()})
+    return out
+
+
+def _concat(batches) -> dict[str, torch.Tensor]:
+    cols: dict[str, list] = {}
+    for batch in batches:
+        for k, t in batch.items():
+            cols.setdefault(k, []).append(t)
+    return {k: torch.cat(v) for k, v in cols.items()}
+
+
+def _unprefixed(cols: dict) -> dict:
+    """The extras of a {field: array} dict, by their own keys."""
+    return {k[len("extras."):]: v for k, v in cols.items() if k.startswith("extras.")}
+
+
+def _suffix(field: str) -> str:
+    return _FILES[field][0] if field in _FILES else f"extra.{field[len('extras.'):]}"
+
+
+def _add_specs(header: dict, shapes: dict[str, list[int]], name: str) -> None:
+    """The written arrays' entries in a header: the three fields in ``arrays``, the extras in ``extras``."""
+    for field, shape in shapes.items():
+        dtype = _FILES[field][1] if field in _FILES else np.float32
+        spec = {"file": f"{name}.{_suffix(field)}.bin", "shape": shape, "dtype": np.dtype(dtype).newbyteorder("<").str}
+        if field in _FILES:
+            header["arrays"][field] = spec
+        else:
+            header.setdefault("extras", {})[field[len("extras."):]] = spec
+
+
+def _write_arrays(batches, directory, name: str) -> tuple[dict[str, list[int]], "_NonFinite"]:
+    """Stream {field: tensor} batches to ``<name>.<suffix>.bin`` files: their shapes and first non-finite rows."""
     os.makedirs(directory, exist_ok=True)
-    files = {k: open(os.path.join(directory, f"{name}.{suffix}.bin"), "wb") for k, (suffix, _) in _FILES.items()}
+    files: dict[str, object] = {}
     shapes: dict[str, list[int]] = {}
     nonfinite = _NonFinite()
     try:
-        for z, h, y in outputs:
-            for key, t, dtype in (("logits", z, np.float32), ("features", h, np.float32), ("labels", y, np.int64)):
-                if t is None:
-                    continue
+        for batch in batches:
+            for key, t in batch.items():
+                dtype = _FILES[key][1] if key in _FILES else np.float32
                 a = np.ascontiguousarray(t.numpy(), dtype=np.dtype(dtype).newbyteorder("<"))
                 nonfinite.add(key, shapes.get(key, [0])[0], a)
+                if key not in files:
+                    files[key] = open(os.path.join(directory, f"{name}.{_suffix(key)}.bin"), "wb")
                 files[key].write(a.tobytes())
                 shapes.setdefault(key, [0, *a.shape[1:]])[0] += a.shape[0]
     finally:
@@ -471,7 +635,7 @@ class StreamedFeatures:
         """(logits, features, labels) per loader batch (``rows`` is ignored: a batch is a chunk)."""
         start = 0
         with _EvalMode(self.model):
-            for z, h, y in _outputs(self.model, self.loader, self.with_features):
+            for z, h, y, _ in _outputs(self.model, self.loader, self.with_features):
                 if self._check is not None:
                     self._check(start, z, h, y, self.head)
                 start += z.shape[0]
@@ -489,6 +653,8 @@ class FeatureCache:
     all scorers and grid points. ``directory``: memory-map each split's arrays
     from files there (``split<i>.*.bin``) instead of holding them in RAM. A
     :class:`Features` record passed where a loader goes is used as it is.
+    ``get(loader, extras)`` adds a scorer's extra arrays (:class:`RecordExtra`)
+    once per split and key.
     """
 
     def __init__(self, model: nn.Module | None, directory: str | os.PathLike | None = None) -> None:
@@ -496,20 +662,31 @@ class FeatureCache:
         self._data: dict[int, tuple[object, Features]] = {}
         self.extractions = 0
 
-    def get(self, loader) -> Features:
+    def get(self, loader, extras: Sequence[RecordExtra] = ()) -> Features:
+        """The record of ``loader`` holding (at least) the arrays of ``extras`` (a scorer's
+        :meth:`~ascood.scoring.scorers.base.Scorer.record_extras`): extracted on first use; an extra the
+        cached record lacks is added by one pass computing it alone (both count in ``extractions``)."""
+        keys = [e.key for e in _check_extras(extras)]
         if isinstance(loader, Features):
+            loader.require_extras(keys, "this scorer")
             return loader
         if loader is None:
             raise ValueError("no data given (loader is None)")
         hit = self._data.get(id(loader))
         if hit is not None and hit[0] is loader:
-            return hit[1]
+            feats = hit[1]
+            missing = [e for e in extras if e.key not in (feats.extras or {})]
+            if missing:
+                feats = add_extras(feats, self.model, loader, missing, **hit[2])
+                self.extractions += 1
+                self._data[id(loader)] = (loader, feats, hit[2])
+            return feats
         if self.model is None:
             raise ValueError("FeatureCache has no model: pass Features records instead of loaders")
         kw = {} if self.directory is None else {"directory": self.directory, "name": f"split{len(self._data)}"}
-        feats = extract_features(self.model, loader, **kw)
+        feats = extract_features(self.model, loader, extras=extras, **kw)
         self.extractions += 1
-        self._data[id(loader)] = (loader, feats)  # the loader is kept so its id is not reused
+        self._data[id(loader)] = (loader, feats, kw)  # the loader is kept so its id is not reused
         return feats
 
     def __len__(self) -> int:
@@ -521,13 +698,17 @@ def features_scores(scorer, feats: Features, rows: int = 1024
     """(pred (N,) int64, score (N,) float32, labels (N,) or None) of a record, ``rows`` rows at a time.
 
     pred is the scorer's :meth:`~.base.Scorer.predict_features`: the argmax of the record's logits (the model's
-    prediction) for every scorer but DICE with ``pred="masked"``.
+    prediction) for every scorer but DICE with ``pred="masked"``. A scorer with
+    :meth:`~ascood.scoring.scorers.base.Scorer.record_extras` gets them from the record's extras.
     """
     feats.require("logits", scorer.name)
+    keys = [e.key for e in getattr(scorer, "record_extras", tuple)()]
+    feats.require_extras(keys, scorer.name)
     preds, scores = [], []
-    for z, h, _ in feats.chunks(rows):
+    for z, h, _, ex in feats.chunks(rows, extras=keys):
         preds.append(scorer.predict_features(z, h, feats.head))
-        scores.append(scorer.score_features(z, h, head=feats.head).detach().float().cpu())
+        kw = {"extras": ex} if keys else {}  # scorers without extras keep their (logits, features, head) call
+        scores.append(scorer.score_features(z, h, head=feats.head, **kw).detach().float().cpu())
     if not scores:
         raise ValueError("loader is empty")
     return torch.cat(preds), torch.cat(scores), feats.labels

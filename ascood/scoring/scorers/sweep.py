@@ -40,7 +40,7 @@ def loader_scores(scorer: Scorer, model: nn.Module | None, loader, cache: Featur
     """
     if scorer.supports_features:
         cache = cache if cache is not None else FeatureCache(model)
-        return features_scores(scorer, cache.get(loader))
+        return features_scores(scorer, cache.get(loader, scorer.record_extras()))
     if isinstance(loader, Features):
         raise TypeError(f"{scorer.name} needs the model and the images: pass a loader, not cached Features")
     device = model_device(model)
@@ -69,7 +69,7 @@ def fit_scorer(scorer: Scorer, model: nn.Module | None, data, cache: FeatureCach
             raise TypeError(f"{type(scorer).__name__} implements fit(model, loader) only: pass a loader")
         return scorer.fit(model, data)
     cache = cache if cache is not None else FeatureCache(model)
-    return scorer.fit_features(cache.get(data))
+    return scorer.fit_features(cache.get(data, scorer.record_extras()))
 
 
 def sweep(scorer: Scorer, model: nn.Module | None, val_id_loader, val_ood_loader, *,
