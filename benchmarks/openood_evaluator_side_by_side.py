@@ -636,6 +636,29 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+#: What OpenOOD's evaluator imports that a plain ascood environment may lack (pip names).
+OPENOOD_NEEDS = {"faiss": "faiss-cpu", "pandas": "pandas", "yaml": "pyyaml", "torch": "torch",
+                 "torchvision": "torchvision", "sklearn": "scikit-learn", "scipy": "scipy", "tqdm": "tqdm"}
+
+
+def openood_python_problem(python: str) -> str | None:
+    """None when ``python`` can import what OpenOOD's evaluator needs, else a message naming what is missing."""
+    code = ("import importlib.util, sys; sys.stdout.write(' '.join(m for m in sys.argv[1:] "
+            "if importlib.util.find_spec(m) is None))")
+    try:
+        res = subprocess.run([python, "-c", code, *OPENOOD_NEEDS], capture_output=True, text=True, timeout=120)
+    except OSError as err:
+        return f"--openood-python {python}: cannot run it ({err})"
+    if res.returncode != 0:
+        return f"--openood-python {python}: exited {res.returncode}: {res.stderr.strip()[-300:]}"
+    missing = res.stdout.split()
+    if missing:
+        return (f"--openood-python {python} cannot import {', '.join(missing)}: OpenOOD's evaluator needs them "
+                f"(pip install {' '.join(OPENOOD_NEEDS[m] for m in missing)} into a venv of its own, see this "
+                "script's docstring, and pass its python)")
+    return None
+
+
 def _run_child(python: str, side: str, spec_path: str, log_path: str) -> tuple[float, int]:
     t = time.perf_counter()
     with open(log_path, "w") as log:
@@ -655,6 +678,11 @@ def main(argv=None) -> int:
             json.dump(res, f, indent=1)
         return 0
 
+    if args.sides in ("both", "openood"):
+        problem = openood_python_problem(args.openood_python)
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            return 2
     work = args.work or tempfile.mkdtemp(prefix="oodbench-")
     os.makedirs(work, exist_ok=True)
     try:

@@ -87,3 +87,19 @@ def test_fake_tree_is_an_openood_cifar10_tree(bench, tmp_path):
     # OpenOOD's data_setup downloads a set whose images_classic/<name> folder is empty or missing.
     for name in ("cifar10", "cifar100", "tin", *bench.FAR):
         assert os.listdir(tmp_path / "images_classic" / name)
+
+
+def test_openood_python_without_its_packages_is_named(bench, tmp_path):
+    import sys
+
+    missing = bench.openood_python_problem(sys.executable)
+    # This environment has torch, torchvision, scikit-learn, scipy and tqdm; whatever of faiss, pandas and
+    # pyyaml it lacks is named with its pip name (and nothing is named when it has them all).
+    lacking = [m for m in ("faiss", "pandas", "yaml") if importlib.util.find_spec(m) is None]
+    if lacking:
+        assert missing is not None and all(bench.OPENOOD_NEEDS[m] in missing for m in lacking)
+        assert "torchvision" not in missing.split("install")[0]
+    else:
+        assert missing is None
+    bad = bench.openood_python_problem(str(tmp_path / "no-python"))
+    assert bad is not None and "cannot run it" in bad
