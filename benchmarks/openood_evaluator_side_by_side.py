@@ -107,7 +107,7 @@ def _set_images(kind: str, n: int, rng, id_colours, size: int = 32):
     classes; far = grey levels / stripes / dark noise / bright noise (one look per far set)."""
     import numpy as np
 
-    yy, xx = np.mgrid[0:size, 0:size]
+    xx = np.mgrid[0:size, 0:size][1]
     out = []
     for i in range(n):
         if kind == "id":
@@ -122,9 +122,11 @@ def _set_images(kind: str, n: int, rng, id_colours, size: int = 32):
             img = rng.uniform(40, 200, 3) + rng.normal(0, 50, (size, size, 3))
         elif kind == "texture":
             f = rng.uniform(0.2, 1.2)
-            img = (128 + 100 * np.sin(f * xx + rng.uniform(0, 6)))[..., None] * np.ones(3) + rng.normal(0, 10, (size, size, 3))
+            wave = 128 + 100 * np.sin(f * xx + rng.uniform(0, 6))
+            img = wave[..., None] * np.ones(3) + rng.normal(0, 10, (size, size, 3))
         else:  # places365 / tin-like: smooth random colour fields
-            img = rng.uniform(0, 255, 3) + np.linspace(-60, 60, size)[:, None, None] + rng.normal(0, 20, (size, size, 3))
+            colour = rng.uniform(0, 255, 3)
+            img = colour + np.linspace(-60, 60, size)[:, None, None] + rng.normal(0, 20, (size, size, 3))
         out.append(np.clip(img, 0, 255).astype(np.uint8))
     return out
 
