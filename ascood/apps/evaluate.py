@@ -13,7 +13,8 @@ import sys
 
 from . import checks
 from .argtypes import named_path
-from .common_args import add_data_args, link_roots, tree_from_args
+from .common_args import (add_data_args, add_feature_store_args, default_features_dir, feature_cache,
+                          feature_store_from_args, link_roots, tree_from_args)
 from .presets import add_benchmark_args
 
 __all__ = ["add_parser", "run", "EVAL_OUTPUTS"]
@@ -58,6 +59,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                         "temperature T and step eps) are chosen by AUROC on this validation split, never the test sets")
     e.add_argument("--aps-ood", metavar="PATH", help="APS: OOD validation data (see --aps-id)")
     add_data_args(e)
+    add_feature_store_args(e)
     add_benchmark_args(e, "eval")
     return e
 
@@ -73,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
         ckpt_path = resolve_checkpoint(args.checkpoint, args.which)
     except ValueError as err:
         raise checks.InputError(str(err))
+    args.feature_store = feature_store_from_args(args, default_features_dir(ckpt_path))
     if args.data_root:
         return _eval_benchmark(args, ckpt_path)
     if not args.id:
@@ -163,10 +166,10 @@ def _check_fit_labels(scorers, split: str, ds, flag: str, path: str) -> None:
 def _evaluate(args, names: list[str], ckpt_path: str) -> int:
     from ..data import datasets as D
     from ..scoring.evaluator import evaluate
-    from ..scoring.scorers import FeatureCache, get_scorer
+    from ..scoring.scorers import get_scorer
 
     model, ckpt = _load_model(args, ckpt_path)
-    cache = FeatureCache(model)  # each split runs through the model once, for every scorer and APS grid point
+    cache = feature_cache(model, args.feature_store, ckpt_path)
     extra = ckpt.get("extra") or {}
     size, mean, std = extra.get("image_size", 32), extra.get("mean", [0.5] * 3), extra.get("std", [0.5] * 3)
     if getattr(model, "input_std", None) is None and "std" in extra:
@@ -262,7 +265,8 @@ def _evaluate_benchmark(args, ckpt_path: str, tree, scorers: list[str]) -> int:
 
         params = {n: get_preset(args.preset).params_for(n) for n in scorers if get_preset(args.preset).params_for(n)}
     table, aps = evaluate_on_benchmark(model, ckpt.get("extra") or {}, tree, scorers, batch_size=args.batch_size,
-                                       workers=args.workers, out_dir=args.out, scorer_params=params)
+                                       workers=args.workers, out_dir=args.out, scorer_params=params,
+                                       feature_store=args.feature_store, checkpoint=ckpt_path)
     for name, res in aps.items():
         print(f"APS {name}: {res['params']} (validation AUROC {res['val_auroc']:.2f})")
     print(table)
