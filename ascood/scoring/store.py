@@ -141,7 +141,7 @@ def state_sha256(model: nn.Module) -> str:
             continue
         t = t.detach().cpu().contiguous()
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}\n".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 
@@ -197,15 +197,15 @@ def _rows_hash(ds, h) -> tuple[str, int]:
             return os.path.join(folders[head], tail)
 
         full = [real(p) for p, _ in rows]
-        root = os.path.commonpath([os.path.dirname(p) for p in full])
+        root = os.path.commonpath(list({os.path.dirname(p) for p in full}))
+        cut = len(root.rstrip(os.sep)) + 1  # the path below root (os.path.relpath is 10 us a file: 13 s on ImageNet)
         h.update(f"files under {root}\n".encode("utf-8", "surrogateescape"))
         for p, (_, label) in zip(full, rows):
             try:
                 st = os.stat(p)
             except OSError as err:
                 raise NotStorable(f"cannot stat {p} ({err.strerror or err})") from None
-            h.update(f"{os.path.relpath(p, root)}\t{st.st_size}\t{st.st_mtime_ns}\t{label}\n"
-                     .encode("utf-8", "surrogateescape"))
+            h.update(f"{p[cut:]}\t{st.st_size}\t{st.st_mtime_ns}\t{label}\n".encode("utf-8", "surrogateescape"))
         label = getattr(ds, "list_file", None) or getattr(ds, "root", None) or root
         return os.path.realpath(os.fspath(label)), len(rows)
     if isinstance(getattr(ds, "images", None), np.ndarray):
@@ -221,7 +221,7 @@ def _rows_hash(ds, h) -> tuple[str, int]:
         for t in ds.tensors:
             t = t.detach().cpu().contiguous()
             h.update(f"tensor {t.dtype} {tuple(t.shape)}\n".encode())
-            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
         return f"TensorDataset {hashlib.sha256(h.copy().digest()).hexdigest()[:8]}", len(ds)
     raise NotStorable(f"a {type(ds).__name__} lists no files or arrays the store can key")
 
