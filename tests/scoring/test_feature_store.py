@@ -471,9 +471,10 @@ def test_a_lost_manifest_is_rebuilt_with_its_shards_layout_and_stale_temporaries
     stale.write_bytes(b"partial")
     fresh.write_bytes(b"being written")
     os.utime(stale, (1, 1))
+    ref = extract_features(model, loader)
     count = _Counter(model)
     store = _store(tmp_path, lines)  # another shard size asked: the entry keeps the one its shards have
-    _equal(StoreFeatureCache(model, store).get(loader), extract_features(model, loader))
+    _equal(StoreFeatureCache(model, store).get(loader), ref)
     assert count.images == 0 and any("manifest.json is missing: rebuilding" in line for line in lines), lines
     assert json.loads((folder / "manifest.json").read_text())["shard_rows"] == 16
     assert not stale.exists() and fresh.exists()  # a live writer's temporary is left alone
