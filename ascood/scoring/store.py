@@ -439,7 +439,13 @@ class SplitEntry:
             a = a.detach().cpu().numpy() if torch.is_tensor(a) else np.asarray(a)
             want = {"logits": "float32", "features": self.key.features_dtype, "labels": "int64"}.get(name)
             if want is not None:
-                a = a.astype(want, copy=False)
+                with np.errstate(over="ignore"):  # an overflow is refused just below, naming the fix
+                    cast = a.astype(want, copy=False)
+                if cast.dtype == np.float16 and a.dtype != np.float16 and np.isfinite(a).all() \
+                        and not np.isfinite(cast).all():
+                    raise ValueError(f"array {name!r} of shard {i} exceeds float16's range (max |value| "
+                                     f"{float(np.abs(a).max()):.6g} > 65504): store these features in float32")
+                a = cast
             if a.shape[:1] != (stop - start,):
                 raise ValueError(f"shard {i} holds rows [{start}, {stop}) ({stop - start} rows), array {name!r} has "
                                  f"shape {a.shape}")

@@ -478,3 +478,12 @@ def test_a_lost_manifest_is_rebuilt_with_its_shards_layout_and_stale_temporaries
     assert count.images == 0 and any("manifest.json is missing: rebuilding" in line for line in lines), lines
     assert json.loads((folder / "manifest.json").read_text())["shard_rows"] == 16
     assert not stale.exists() and fresh.exists()  # a live writer's temporary is left alone
+
+
+def test_float16_overflow_is_refused_with_the_fix(tmp_path):
+    store = _store(tmp_path, shard_rows=4, features_dtype="float16")
+    entry = store.split(SplitKey("state:x", "f", "p", "l", "float16", 4, label="big"))
+    big = np.full((4, 3), 7e4, np.float32)
+    with pytest.raises(ValueError, match="exceeds float16's range.*float32"):
+        entry.write_shard(0, {"logits": np.zeros((4, 2), np.float32), "features": big})
+    assert entry.missing_shards() == [0]
