@@ -13,7 +13,8 @@ import argparse
 
 from . import checks
 from .argtypes import device_name, non_negative_int, positive_int
-from .common_args import add_openood_args, openood_model_from_args
+from .common_args import (add_feature_store_args, add_openood_args, default_features_dir, feature_store_from_args,
+                          openood_model_from_args)
 
 __all__ = ["add_parser", "run", "EXIT_STATUSES"]
 
@@ -71,7 +72,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--bank-dtype", choices=("float32", "float16"), default="float32",
                    help="KNN / NNGuide / Relation bank precision on disk (float16: half the size)")
     p.add_argument("--feature-dir", metavar="DIR", help="memory-map the extracted features from files in DIR instead "
-                   "of RAM (ImageNet-size --id-train with knn / nnguide / relation)")
+                   "of RAM (ImageNet-size --id-train with knn / nnguide / relation); with the feature store "
+                   "(--features) only for the splits it cannot key")
+    add_feature_store_args(p)
     p.add_argument("--out", required=True, metavar="DET", help="folder to write the detector to: a new or empty "
                    "folder, or an earlier detector (replaced as one unit); any other existing folder is refused")
     p.add_argument("--batch-size", type=positive_int, default=128, help="batch size (default 128)")
@@ -134,6 +137,8 @@ def run(args: argparse.Namespace) -> int:
                        ("--id-calibration", args.id_calibration)):
         if path:
             checks.require_path(path, f"{flag} data")
+    # No default store beside an OpenOOD checkpoint (the user's folder, not an ascood run): --features DIR makes one.
+    store = feature_store_from_args(args, default_features_dir(ckpt) if openood is None else None)
     if args.scorer.lower() == "aps":
         if not args.ood_val:
             raise checks.InputError("--scorer aps chooses the scorer by AUROC against OOD validation data: give "
@@ -154,7 +159,7 @@ def run(args: argparse.Namespace) -> int:
                            id_calibration=args.id_calibration, scorer=args.scorer, tpr=args.tpr,
                            calibration_fraction=args.calibration_fraction, seed=args.seed,
                            batch_size=args.batch_size, workers=args.workers, device=args.device,
-                           feature_dir=args.feature_dir, log=print, arg_names=FLAG_NAMES)
+                           feature_dir=args.feature_dir, log=print, arg_names=FLAG_NAMES, feature_store=store)
         if openood is not None:  # the model card and provenance name the OpenOOD file, not just "a model"
             det.provenance.update({"source": "openood", "checkpoint": openood[1]["openood"]["file"],
                                    "openood": openood[1]["openood"],

@@ -14,7 +14,9 @@ import sys
 
 from . import checks
 from .argtypes import named_path
-from .common_args import add_data_args, add_openood_args, link_roots, openood_model_from_args, tree_from_args
+from .common_args import (add_data_args, add_feature_store_args, add_openood_args, default_features_dir,
+                          feature_cache, feature_store_from_args, link_roots, openood_model_from_args,
+                          store_checkpoint, tree_from_args)
 from .presets import add_benchmark_args
 
 __all__ = ["add_parser", "run", "EVAL_OUTPUTS"]
@@ -59,6 +61,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                         "temperature T and step eps) are chosen by AUROC on this validation split, never the test sets")
     e.add_argument("--aps-ood", metavar="PATH", help="APS: OOD validation data (see --aps-id)")
     add_data_args(e)
+    add_feature_store_args(e)
     add_benchmark_args(e, "eval")
     add_openood_args(e, "CHECKPOINT")
     return e
@@ -78,8 +81,14 @@ def run(args: argparse.Namespace) -> int:
             ckpt_path = resolve_checkpoint(args.checkpoint, args.which)
         except ValueError as err:
             raise checks.InputError(str(err))
-    elif args.which:
-        raise checks.InputError("--which picks a checkpoint of an ascood run directory; it does not apply to --model")
+        args.feature_store = feature_store_from_args(args, default_features_dir(ckpt_path))
+    else:
+        if args.which:
+            raise checks.InputError("--which picks a checkpoint of an ascood run directory; it does not apply to "
+                                    "--model")
+        # An OpenOOD checkpoint lives in the user's folder, not an ascood run: no store is made beside it unless
+        # --features DIR asks for one (keyed by the --weights file's sha256).
+        args.feature_store = feature_store_from_args(args, None)
     if args.data_root:
         return _eval_benchmark(args, ckpt_path)
     if not args.id:
@@ -183,10 +192,10 @@ def _check_fit_labels(scorers, split: str, ds, flag: str, path: str) -> None:
 def _evaluate(args, names: list[str], ckpt_path) -> int:
     from ..data import datasets as D
     from ..scoring.evaluator import evaluate
-    from ..scoring.scorers import FeatureCache, get_scorer
+    from ..scoring.scorers import get_scorer
 
     model, ckpt = _load_model(args, ckpt_path)
-    cache = FeatureCache(model)  # each split runs through the model once, for every scorer and APS grid point
+    cache = feature_cache(model, args.feature_store, store_checkpoint(args, ckpt_path))
     extra = ckpt.get("extra") or {}
     size, mean, std = extra.get("image_size", 32), extra.get("mean", [0.5] * 3), extra.get("std", [0.5] * 3)
     if getattr(model, "input_std", None) is None and "std" in extra:
@@ -282,7 +291,8 @@ def _evaluate_benchmark(args, ckpt_path, tree, scorers: list[str]) -> int:
 
         params = {n: get_preset(args.preset).params_for(n) for n in scorers if get_preset(args.preset).params_for(n)}
     table, aps = evaluate_on_benchmark(model, ckpt.get("extra") or {}, tree, scorers, batch_size=args.batch_size,
-                                       workers=args.workers, out_dir=args.out, scorer_params=params)
+                                       workers=args.workers, out_dir=args.out, scorer_params=params,
+                                       feature_store=args.feature_store, checkpoint=store_checkpoint(args, ckpt_path))
     for name, res in aps.items():
         print(f"APS {name}: {res['params']} (validation AUROC {res['val_auroc']:.2f})")
     print(table)

@@ -93,6 +93,11 @@ OUTPUT_FILES = {
                               "hist_<scorer>.png (ID vs OOD score histograms, the paper's Figure 4), signature.json "
                               "(the scorers, checkpoint, sets, data root and list fingerprint it was made from; a "
                               "re-run with other ones evaluates again and says why)",
+    "<method>/seed<k>/features/": "the feature store of its evaluation (--features; 'none' to skip): per split a "
+                                  "folder of shard-<i>.safetensors files (shard-00000.safetensors, ...: logits, raw features, labels) and a "
+                                  "manifest.json keyed by the checkpoint's sha256, the files, the preprocessing "
+                                  "and the layer; a re-evaluation with other scorers reads them instead of running "
+                                  "the model",
 }
 
 
@@ -329,8 +334,11 @@ def _signature_changes(old: dict, new: dict) -> list[str]:
 
 def eval_run(run_dir: str, best: str, tree: ResolvedBenchmark, scorers: list[str], *, batch_size: int, workers: int,
              device: str | None, progress: bool, params: dict | None = None,
-             say: Callable[[str], None] = lambda msg: None) -> tuple[list[dict], dict]:
-    """Evaluate one run's checkpoint (or reuse the evaluation already written for it with the same signature)."""
+             say: Callable[[str], None] = lambda msg: None, features: dict | None = None) -> tuple[list[dict], dict]:
+    """Evaluate one run's checkpoint (or reuse the evaluation already written for it with the same signature).
+
+    ``features``: the feature store's settings ({"root": folder or None for ``run_dir/features``,
+    "shard_rows", "features_dtype"}), None for none."""
     eval_dir = os.path.join(run_dir, "eval")
     params = dict(params or {})
     signature = eval_signature(best, tree, scorers, params)
@@ -351,8 +359,16 @@ def eval_run(run_dir: str, best: str, tree: ResolvedBenchmark, scorers: list[str
     model, ckpt = load_model(best)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(dev)
+    store = None
+    if features is not None:
+        from ..scoring.store import FeatureStore
+
+        store = FeatureStore(features.get("root") or os.path.join(run_dir, "features"),
+                             shard_rows=features.get("shard_rows", 4096),
+                             features_dtype=features.get("features_dtype", "float32"))
     table, aps = evaluate_on_benchmark(model, ckpt.get("extra") or {}, tree, scorers, batch_size=batch_size,
-                                       workers=workers, out_dir=eval_dir, progress=progress, scorer_params=params)
+                                       workers=workers, out_dir=eval_dir, progress=progress, scorer_params=params,
+                                       feature_store=store, checkpoint=best)
     write_json(signature, sig_path)  # last: a crash before it means "evaluate again"
     return table.rows, aps
 
@@ -705,13 +721,14 @@ def _dist_begin(device: str | None) -> tuple[DistContext, bool]:
 def reproduce(name: str, data_root: str, *, seeds: Sequence[int] = (0, 1, 2), out: str | None = None,
               overrides: dict | None = None, allow_missing: bool = False, weights: str | None = None,
               class_list: str | None = None, device: str | None = None, workers: int = 0, progress: bool = True,
-              argv: Sequence[str] = (), link_roots: Sequence[str] = ()) -> dict | None:
+              argv: Sequence[str] = (), link_roots: Sequence[str] = (), features: dict | None = None) -> dict | None:
     """Train CE and ASCOOD for every seed (resumable), evaluate, write the outputs; returns the summary dict
-    (None on the ranks other than 0 under torchrun)."""
+    (None on the ranks other than 0 under torchrun). ``features``: the feature store of the evaluations (see
+    :func:`eval_run`; None: none)."""
     ctx, started = _dist_begin(device)
     try:
         return _reproduce(name, data_root, seeds, out, overrides or {}, allow_missing, weights, class_list, device,
-                          workers, progress, argv, ctx, link_roots)
+                          workers, progress, argv, ctx, link_roots, features)
     finally:
         if started:
             import torch.distributed as dist
@@ -721,7 +738,7 @@ def reproduce(name: str, data_root: str, *, seeds: Sequence[int] = (0, 1, 2), ou
 
 
 def _reproduce(name, data_root, seeds, out, overrides, allow_missing, weights, class_list, device, workers, progress,
-               argv, ctx: DistContext, link_roots: Sequence[str] = ()) -> dict | None:
+               argv, ctx: DistContext, link_roots: Sequence[str] = (), features: dict | None = None) -> dict | None:
     from tqdm.auto import tqdm
 
     main_rank = ctx.is_main
@@ -778,7 +795,7 @@ def _reproduce(name, data_root, seeds, out, overrides, allow_missing, weights, c
             scorers = method_scorers(v, method)
             runs[(method, seed)], aps[(method, seed)] = eval_run(
                 run_dir, checkpoints[(method, seed)], p.tree, scorers, batch_size=v["batch_size"], workers=workers,
-                device=device, progress=progress, params=scorer_params(name, scorers), say=say)
+                device=device, progress=progress, params=scorer_params(name, scorers), say=say, features=features)
         summary = summarize(name, v, runs, seeds, p.tree)
         summary["skipped"] = p.tree.skipped_names()
         write_json(summary, os.path.join(out, "summary.json"))
@@ -820,7 +837,7 @@ def add_parser(sub) -> None:
 
     from .argtypes import device_name, fraction, non_negative as nonneg, non_negative_int, positive as positive_float
     from .argtypes import existing_dir, positive_int
-    from .common_args import LINK_FLAG
+    from .common_args import LINK_FLAG, add_feature_store_args
     from ..nets.registry import MODEL_NAMES
     from ..training.outliers import OOD_TYPES, SHUFFLE_RANKS
     from .presets import PRESETS
@@ -871,10 +888,23 @@ def add_parser(sub) -> None:
     r.add_argument("--device", type=device_name, help="cpu, cuda or cuda:N (default: cuda when available; under "
                    "torchrun each process its local GPU)")
     r.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    add_feature_store_args(r, default="each run's folder, OUT/METHOD/seedS/features")
 
 
 OVERRIDE_KEYS = ("epochs", "model", "image_size", "batch_size", "lr", "ood_type", "p_inv", "shuffle_rank",
                  "alpha_max", "alpha_min", "w", "fc_lr_factor", "scorers")
+
+
+def _feature_settings(args) -> dict | None:
+    """The evaluations' feature store from --features / --no-feature-store / --features-dtype / --shard-rows
+    (an explicit folder is checked here, before any work)."""
+    from .common_args import feature_store_from_args
+
+    if getattr(args, "no_feature_store", False) or (getattr(args, "features", None) or "").lower() == "none":
+        return None
+    shared = feature_store_from_args(args, None) if getattr(args, "features", None) else None
+    return {"root": shared.root if shared is not None else None, "shard_rows": getattr(args, "shard_rows", 4096),
+            "features_dtype": getattr(args, "features_dtype", "float32")}
 
 
 def cmd(args, argv: Sequence[str] = ()) -> int:
@@ -905,11 +935,12 @@ def cmd(args, argv: Sequence[str] = ()) -> int:
             if p.tree.skipped:
                 print("skipped (missing): " + ", ".join(p.tree.skipped_names()))
         return 0
+    features = _feature_settings(args)
     try:
         summary = reproduce(args.name, args.data_root, seeds=args.seeds, out=args.out, overrides=overrides,
                             allow_missing=args.allow_missing, weights=args.weights, class_list=args.class_list,
                             device=args.device, workers=args.workers, progress=args.progress, argv=argv,
-                            link_roots=args.link_roots)
+                            link_roots=args.link_roots, features=features)
     except _PeerFailed as err:  # rank 0 printed the message; this rank only ends with the same status
         return err.status
     if summary is None:

@@ -179,3 +179,26 @@ def test_eval_reads_openoods_ascood_wrapper(env, tmp_path, capsys):
     text = capsys.readouterr().out
     assert rc == 0, text
     assert "ASCOODNet wrapper, z-score head, sigma 0.25, 10 classes; preprocessing openood:cifar100" in text
+
+
+def test_feature_store_of_an_openood_checkpoint_only_with_features_and_keyed_by_the_weights(env, tmp_path, capsys):
+    """No store is made beside a user's OpenOOD checkpoint by default; --features DIR keeps the splits, keyed by
+    the --weights file's sha256, and a second eval with other scorers reads them (no extraction line)."""
+    base = ["eval", "--model", "openood:resnet18_32x32", "--weights", env["ckpt"], "--preprocessing", "cifar10",
+            "--id", env["id"], "--ood", f"blue={env['ood']}", "--device", "cpu", "--batch-size", "8"]
+    assert main([*base, "--scorers", "msp", "--out", str(tmp_path / "a")]) == 0
+    capsys.readouterr()
+    assert not os.path.exists(os.path.join(os.path.dirname(env["ckpt"]), "features"))
+    store = tmp_path / "store"
+    assert main([*base, "--scorers", "msp", "--features", str(store), "--out", str(tmp_path / "b")]) == 0
+    first = capsys.readouterr()
+    assert "feature store" in first.out + first.err and "extracted" in first.out + first.err
+    assert main([*base, "--scorers", "ebo,scale", "--features", str(store), "--out", str(tmp_path / "c")]) == 0
+    second = capsys.readouterr()
+    assert "extracted" not in second.out + second.err
+    manifests = glob.glob(str(store / "*" / "manifest.json"))
+    assert len(manifests) == 2  # ID and the one OOD set
+    from ascood.scoring.storekeys import file_sha256
+
+    parts = [json.loads(open(m).read())["parts"]["checkpoint"] for m in manifests]
+    assert all(file_sha256(env["ckpt"]) in json.dumps(p) for p in parts)

@@ -198,7 +198,8 @@ def _check_array(name: str, a, ndim: int | None):
         return None
     if isinstance(a, np.ndarray) and not isinstance(a, np.memmap):
         a = torch.from_numpy(a)
-    if not (torch.is_tensor(a) or isinstance(a, np.ndarray)):
+    # A row source (the feature store's ShardedArray: shards memory-mapped on first read) is used as a memmap is.
+    if not (torch.is_tensor(a) or isinstance(a, np.ndarray) or getattr(a, "is_row_array", False)):
         raise TypeError(f"Features {name} must be a tensor or numpy array, got {type(a).__name__}")
     if (a.ndim != ndim) if ndim is not None else a.ndim < 1:
         want = "(N, ...)" if ndim is None else "(N,)" if ndim == 1 else "(N, C)" if name == "logits" else "(N, m)"
@@ -655,6 +656,7 @@ class FeatureCache:
     :class:`Features` record passed where a loader goes is used as it is.
     ``get(loader, extras)`` adds a scorer's extra arrays (:class:`RecordExtra`)
     once per split and key.
+    :class:`ascood.scoring.store.StoreFeatureCache` keeps them across runs (the feature store).
     """
 
     def __init__(self, model: nn.Module | None, directory: str | os.PathLike | None = None) -> None:
