@@ -25,8 +25,9 @@ from __future__ import annotations
 import weakref
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController
 from torch import nn
 
 from ... import _ops
@@ -165,13 +166,26 @@ class TiedGaussian:
         self.scatter: torch.Tensor | None = None  # (m, m) float64
         self.n = 0
 
-    def update(self, h: torch.Tensor, y: torch.Tensor) -> None:
-        """Add a chunk: h (b, m) (any float dtype; used in float64), y (b,) int64 class indices."""
+    @staticmethod
+    def chunk_stats(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(shift (m,), c = h - shift (b, m), gram(c) (m, m)), float64: a chunk centred on its own mean and
+        its scatter about it. :meth:`update` takes them so two accumulators of the same rows (RMDS's class
+        and whole-set Gaussians) share the chunk's one Gram matrix, the fit's O(b m^2) cost."""
+        # numpy: torch's float32 -> float64 conversions and mixed-dtype ops ran at 2-4 ns per element here,
+        # numpy's 4x faster; the rows are summed in float64 and promoted to float64 as they are centred.
+        a = h.detach().cpu().numpy()
+        shift = a.mean(0, dtype=np.float64)
+        c = torch.from_numpy(np.subtract(a, shift, dtype=np.float64))
+        return torch.from_numpy(shift), c, gram(c)
+
+    def update(self, h: torch.Tensor, y: torch.Tensor,
+               stats: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> None:
+        """Add a chunk: h (b, m) (any float dtype; used in float64), y (b,) int64 class indices;
+        ``stats``: :meth:`chunk_stats` of h when already computed (else computed here)."""
         if h.shape[0] == 0:
             return
         if bool((y < 0).any()):
             raise ValueError("labels must be class indices >= 0 (rows labelled -1 are OOD, not ID training data)")
-        h = h.to(torch.float64, copy=True)  # our own copy: centred in place below
         k = int(y.max()) + 1
         if self.means is None:
             m = h.shape[1]
@@ -182,15 +196,14 @@ class TiedGaussian:
             grow = k - self.counts.shape[0]
             self.counts = torch.cat([self.counts, self.counts.new_zeros(grow)])
             self.means = torch.cat([self.means, self.means.new_zeros(grow, self.means.shape[1])])
+        shift, c, g = self.chunk_stats(h) if stats is None else stats
         classes, inv = torch.unique(y, return_inverse=True)
         nb = torch.bincount(inv, minlength=classes.numel()).double()
         # The chunk's within-class scatter, sum (h - mb_c)(h - mb_c)^T, as the scatter about the chunk mean
         # minus its between-class part: no (b, m) gather of class means, and float64 keeps it exact to
         # ~1e-13 relative (the cancellation is only the between- / within-class variance ratio).
-        shift = h.mean(0)
-        h -= shift
-        d = torch.zeros(classes.numel(), h.shape[1], dtype=torch.float64).index_add_(0, inv, h) / nb[:, None]
-        self.scatter += gram(h) - (d * nb[:, None]).T @ d
+        d = torch.zeros(classes.numel(), c.shape[1], dtype=torch.float64).index_add_(0, inv, c) / nb[:, None]
+        self.scatter += g - (d * nb[:, None]).T @ d
         mb = d + shift
         na = self.counts[classes]
         n = na + nb
@@ -223,8 +236,20 @@ def gram(c: torch.Tensor) -> torch.Tensor:
     is set to use.
     """
     a = c.detach().to(device="cpu", dtype=torch.float64).contiguous().numpy()
-    with threadpool_limits(torch.get_num_threads(), user_api="blas"):
+    with blas_threads(torch.get_num_threads()):
         return torch.from_numpy(a.T @ a)
+
+
+_CONTROLLER = None
+
+
+def blas_threads(n: int):
+    """A context limiting numpy's BLAS to ``n`` threads. The library scan (threadpoolctl's controller) is
+    done once per process: ``threadpool_limits`` repeats it on every call (1-3 ms here, per Gram chunk)."""
+    global _CONTROLLER
+    if _CONTROLLER is None:
+        _CONTROLLER = ThreadpoolController()
+    return _CONTROLLER.limit(limits=n, user_api="blas")
 
 
 def eigh(sym: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -247,12 +272,28 @@ def eigh(sym: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def pinvh(sym: torch.Tensor) -> torch.Tensor:
-    """Pseudo-inverse of a symmetric (m, m) float64 matrix from :func:`eigh`.
+    """Pseudo-inverse of a symmetric positive semi-definite (m, m) float64 matrix (a covariance).
 
     Eigenvalues with |lambda| <= m * eps * max|lambda| are dropped: the cutoff of
     ``torch.linalg.pinv(hermitian=True)`` and scipy's ``pinvh`` (sklearn's
-    EmpiricalCovariance precision).
+    EmpiricalCovariance precision), from :func:`eigh`. Fast path: when a Cholesky factorisation succeeds
+    and the condition number is provably below that cutoff (cond_2 <= ||A||_F ||A^-1||_F, with a 1000x
+    margin), no eigenvalue is dropped and the pseudo-inverse is the inverse: ``cholesky_inverse``
+    (m^3 / 3 multiply-adds against eigh's ~9 m^3: 10 ms instead of 42 ms at m = 512 on one thread).
     """
+    sym = sym.detach().cpu()
+    m = sym.shape[0]
+    L, info = torch.linalg.cholesky_ex(sym)
+    if int(info) == 0:
+        inv = torch.cholesky_inverse(L)
+        bound = float(torch.linalg.matrix_norm(sym) * torch.linalg.matrix_norm(inv))
+        if bound == bound and bound * m * torch.finfo(torch.float64).eps * 1000 < 1:
+            return (inv + inv.T) / 2
+    return _pinvh_eig(sym)
+
+
+def _pinvh_eig(sym: torch.Tensor) -> torch.Tensor:
+    """:func:`pinvh` by the eigendecomposition (any symmetric matrix, singular or not)."""
     w, v = eigh(sym)
     keep = w.abs() > sym.shape[0] * torch.finfo(torch.float64).eps * w.abs().max()
     v = v[:, keep]
@@ -317,9 +358,10 @@ class MDS(InputStd, FeatureScorer):
         for z, h, y in self.space_chunks(feats):
             if y is None:
                 raise ValueError(f"{self.name} needs labels (the ID training classes)")
-            acc["class"].update(h, y)
+            stats = TiedGaussian.chunk_stats(h) if h.shape[0] else None
+            acc["class"].update(h, y, stats)
             if "whole" in acc:
-                acc["whole"].update(h, torch.zeros_like(y))
+                acc["whole"].update(h, torch.zeros_like(y), stats)
         self._check_class_counts(acc["class"])
         self._fit_stats(acc)
 
