@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from .base import Scorer, check_int, energy
-from .fastops import neg_entropy_rows, softmax_plogp64, top_values
+from .fastops import matmul, neg_entropy_rows, softmax_plogp64, top_values
 
 __all__ = ["MSP", "TempScale", "EBO", "MLS", "GEN", "Entropy", "KLM"]
 
@@ -213,7 +213,7 @@ class KLM(Scorer):
 
     def _score(self, logits, features, head):
         log_d = self._log_dists(logits.device)
-        p, plogp = softmax_plogp64(logits)
-        # KL[p || d_k] = sum p log p - p . log d_k
-        kl = plogp[:, None] - p @ log_d.T
-        return (-kl.amin(1)).float()
+        e, s, plogp = softmax_plogp64(logits)  # p = e / s
+        # KL[p || d_k] = sum p log p - p . log d_k, so -min_k KL_k = max_k (e . log d_k) / s - sum p log p
+        # (s > 0): one pass over (B, K) and no (B, C) division.
+        return (matmul(e, log_d.T).amax(1).div_(s) - plogp).float()
