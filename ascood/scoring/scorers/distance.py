@@ -518,25 +518,29 @@ class ViM(FeatureScorer):
         self.W, self.b = W, b
 
     def _scoring_mats(self, device) -> tuple[torch.Tensor, ...]:
-        """(W^T, b, mean, NS, (mean - u) NS) in float32 on ``device``, made once per fit (the last in float64
-        first)."""
+        """(mean (m,), [W^T | NS] (m, C + m - dim), [mean W^T + b | (mean - u) NS]) in float32 on
+        ``device``, made once per fit (the constants in float64 first)."""
         key = (id(self.NS), id(self.W), id(self.u), torch.device(device))
         if getattr(self, "_mats_key", None) != key:
-            mats = (self.W.T, self.b, self._mean, self.NS, (self._mean - self.u) @ self.NS)
-            self._mats = tuple(t.to(device=device, dtype=torch.float32).contiguous() for t in mats)
+            both = torch.cat([self.W.T, self.NS], 1)
+            const = torch.cat([self._mean @ self.W.T + self.b, (self._mean - self.u) @ self.NS])
+            self._mats = tuple(t.to(device=device, dtype=torch.float32).contiguous()
+                               for t in (self._mean, both, const))
             self._mats_key = key
         return self._mats
 
     def _score(self, logits, h, head):
         # Scored in float32, as pytorch-ood (half the time of float64 products); the fit (covariance,
-        # eigenvectors, alpha) stays float64. The residual (h - u) NS is formed as (h - mean) NS + (mean - u)
-        # NS, the second term from the fit: u (the logits' origin) can lie far from the features (|u| = 333
-        # against a residual of 0.15 in a z-scored head space: float32 then lost 1e-3 of the norm to
-        # cancellation), the ID mean does not.
+        # eigenvectors, alpha) stays float64. Features are centred on the ID mean and the mean's own logits
+        # and residual (mean - u) NS come from the fit: u (the logits' origin) can lie far from the
+        # features (|u| = 333 against a residual of 0.15 in a z-scored head space: float32 (h - u) NS then
+        # lost 1e-3 of the norm to cancellation), the ID mean does not. One product for both matrices.
         h = self.in_space(h, head).float()
-        Wt, b, mean, NS, k = self._scoring_mats(h.device)
-        vlogit = torch.linalg.vector_norm(matmul(h - mean, NS) + k, dim=1) * self.alpha
-        return logsumexp_rows(matmul(h, Wt) + b) - vlogit
+        mean, both, const = self._scoring_mats(h.device)
+        out = matmul(h - mean, both).add_(const)
+        c = self.W.shape[0]
+        vlogit = torch.linalg.vector_norm(out[:, c:], dim=1) * self.alpha
+        return logsumexp_rows(out[:, :c]) - vlogit
 
 
 class NNGuide(FeatureScorer):
