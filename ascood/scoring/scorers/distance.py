@@ -535,6 +535,13 @@ class ViM(FeatureScorer):
         # and residual (mean - u) NS come from the fit: u (the logits' origin) can lie far from the
         # features (|u| = 333 against a residual of 0.15 in a z-scored head space: float32 (h - u) NS then
         # lost 1e-3 of the norm to cancellation), the ID mean does not. One product for both matrices.
+        if getattr(self, "_mean", None) is None:
+            # Restored from a detector file (u, NS, W, b, alpha; no ID mean): the float64 formula.
+            x = to_float64(self.in_space(h, head))
+            dev = x.device
+            z = x @ self.W.to(dev).T + self.b.to(dev)
+            vlogit = torch.linalg.norm((x - self.u.to(dev)) @ self.NS.to(dev), dim=1) * self.alpha
+            return (torch.logsumexp(z, 1) - vlogit).float()
         h = self.in_space(h, head).float()
         mean, both, const = self._scoring_mats(h.device)
         out = matmul(h - mean, both).add_(const)
