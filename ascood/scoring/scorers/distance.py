@@ -482,16 +482,13 @@ class ViM(FeatureScorer):
         if self._eig_of is None or self._eig_of() is not feats:
             u = -(torch.linalg.pinv(W) @ b)
             g, n = torch.zeros(m, m, dtype=torch.float64), 0
-            total = torch.zeros(m, dtype=torch.float64)
             for _, h, _ in self.space_chunks(feats):
-                h = to_float64(h)
-                total += h.sum(0)
-                g += gram(h - u)
+                g += gram(to_float64(h) - u)
                 n += h.shape[0]
             eigvals, eigvecs = eigh(g / n)  # ascending
-            self._eig = (u, eigvecs[:, torch.argsort(eigvals, descending=True)], total / n)
+            self._eig = (u, eigvecs[:, torch.argsort(eigvals, descending=True)])
             self._eig_of = weakref.ref(feats)
-        self.u, order, self._mean = self._eig
+        self.u, order = self._eig
         self.NS = order[:, dim:].contiguous()
         # ||c projected on the residual space|| with the smaller of the two projections: ||c NS||, or
         # sqrt(||c||^2 - ||c PS||^2) when the principal space is the smaller (dim 256 of m = 2048: 7x fewer
@@ -517,34 +514,27 @@ class ViM(FeatureScorer):
         self.alpha = (lsum / n) / (vsum / n)
         self.W, self.b = W, b
 
-    def _scoring_mats(self, device) -> tuple[torch.Tensor, ...]:
-        """(mean (m,), [W^T | NS] (m, C + m - dim), [mean W^T + b | (mean - u) NS]) in float32 on
-        ``device``, made once per fit (the constants in float64 first)."""
-        key = (id(self.NS), id(self.W), id(self.u), torch.device(device))
+    def _scoring_mats(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """([W^T | NS] (m, C + m - dim), [b | -u NS]) in float32 on ``device``, made once per fitted (or
+        restored) u, NS, W, b; u NS is formed in float64."""
+        key = (id(self.NS), id(self.W), id(self.b), id(self.u), torch.device(device))
         if getattr(self, "_mats_key", None) != key:
             both = torch.cat([self.W.T, self.NS], 1)
-            const = torch.cat([self._mean @ self.W.T + self.b, (self._mean - self.u) @ self.NS])
-            self._mats = tuple(t.to(device=device, dtype=torch.float32).contiguous()
-                               for t in (self._mean, both, const))
+            const = torch.cat([self.b, -(self.u @ self.NS)])
+            self._mats = tuple(t.to(device=device, dtype=torch.float32).contiguous() for t in (both, const))
             self._mats_key = key
         return self._mats
 
     def _score(self, logits, h, head):
-        # Scored in float32, as pytorch-ood (half the time of float64 products); the fit (covariance,
-        # eigenvectors, alpha) stays float64. Features are centred on the ID mean and the mean's own logits
-        # and residual (mean - u) NS come from the fit: u (the logits' origin) can lie far from the
-        # features (|u| = 333 against a residual of 0.15 in a z-scored head space: float32 (h - u) NS then
-        # lost 1e-3 of the norm to cancellation), the ID mean does not. One product for both matrices.
-        if getattr(self, "_mean", None) is None:
-            # Restored from a detector file (u, NS, W, b, alpha; no ID mean): the float64 formula.
-            x = to_float64(self.in_space(h, head))
-            dev = x.device
-            z = x @ self.W.to(dev).T + self.b.to(dev)
-            vlogit = torch.linalg.norm((x - self.u.to(dev)) @ self.NS.to(dev), dim=1) * self.alpha
-            return (torch.logsumexp(z, 1) - vlogit).float()
+        # Scored in float32, as pytorch-ood (float64 products took twice the time); the fit (covariance,
+        # eigenvectors, alpha) stays float64. The residual (h - u) NS is formed as h NS - u NS, the constant
+        # from float64: u (the logits' origin) can lie far from the features (|u| = 333 against a residual
+        # norm of 0.15 in a z-scored head space, where float32 (h - u) NS lost 1e-3 of the norm), while
+        # |h NS| <= |h|, so float32's error stays that of the features' own size. One product for the
+        # logits and the residual.
         h = self.in_space(h, head).float()
-        mean, both, const = self._scoring_mats(h.device)
-        out = matmul(h - mean, both).add_(const)
+        both, const = self._scoring_mats(h.device)
+        out = matmul(h, both).add_(const)
         c = self.W.shape[0]
         vlogit = torch.linalg.vector_norm(out[:, c:], dim=1) * self.alpha
         return logsumexp_rows(out[:, :c]) - vlogit
