@@ -68,11 +68,11 @@ def logsumexp_rows(z: torch.Tensor) -> torch.Tensor:
         return torch.logsumexp(z, 1)
     with np.errstate(over="ignore", under="ignore", invalid="ignore"):
         total = torch.from_numpy(np.exp(a)).sum(1)
-    ok = total >= _LSE_LOW
-    ok &= total < float("inf")  # NaN fails both
+    # Two reductions on (B,) decide the common case (NaN fails both comparisons); the mask only if needed.
+    fine = float(total.amin()) >= _LSE_LOW and float(total.amax()) < float("inf")
     out = total.log_()
-    if not bool(ok.all()):
-        bad = ~ok
+    if not fine:
+        bad = ~((out >= np.log(_LSE_LOW)) & (out < float("inf")))
         out[bad] = torch.logsumexp(z[bad], 1)
     return out
 
@@ -109,13 +109,13 @@ def neg_entropy_rows(z: torch.Tensor) -> torch.Tensor:
     sg = d.sign()  # -1 off the maxima, 0 at them (NaN for NaN): no bool tensor (slow on the CPU)
     with np.errstate(under="ignore", invalid="ignore"):
         e = torch.from_numpy(np.exp(d.numpy())).mul_(sg)  # -exp(d) off the maxima, 0 at them
-    n0 = sg.sum(1).add_(z.shape[1])  # the number of maxima
-    r = e.sum(1).neg_()
-    out = torch.linalg.vecdot(e, d).neg_().div_(n0 + r).sub_(n0.log()).sub_(torch.log1p(r / n0))
-    # A non-finite entry (NaN: an inf or NaN logit) fails the comparison too: one check covers both.
-    keep = out.abs() >= _ENTROPY_TINY
-    if not bool(keep.all()):
-        redo = ~keep
+    # (n0 - 1) + r: log(n0 + r) = log1p of it, precise for one maximum and tiny r.
+    t = sg.sum(1).add_(z.shape[1] - 1).sub_(e.sum(1))
+    # e holds -exp(d) off the maxima, so vecdot(e, d) = -(sum_k e_k d_k) >= 0.
+    out = torch.linalg.vecdot(e, d).div_(t + 1).add_(torch.log1p(t)).neg_()
+    # out <= 0; NaN (an inf or NaN logit) propagates into the max and fails the comparison too.
+    if not float(out.amax()) <= -_ENTROPY_TINY:
+        redo = ~(out.abs() >= _ENTROPY_TINY)
         out[redo] = _neg_entropy_plain(z[redo])
     return out
 
