@@ -108,9 +108,11 @@ class ReAct(_Shaping):
 def _top_k_mask(h: torch.Tensor, k: int) -> torch.Tensor | None:
     """A float32 (B, m) mask, 1 on each row's k largest entries, when every row's k-th largest value is
     unique (then the kept set is the one ``h.topk(k)`` keeps); None when some row has a tie there (topk's
-    choice among tied entries is its own) or a NaN. Selection by numpy's introselect: 7x torch's topk on
+    choice among tied entries is its own) or h is not finite. Selection by numpy's introselect: 7x torch's topk on
     512 ReLU features (many tied zeros) here."""
     if h.device.type != "cpu" or h.dtype != torch.float32 or not 0 < k < h.shape[1]:
+        return None
+    if not bool(torch.isfinite(h.sum())):  # inf / NaN: a 0 * inf in the mask product would differ from topk's 0
         return None
     kth = top_values(h, k).amin(1, keepdim=True)  # the k-th largest value of each row
     keep = (h >= kth).float()
