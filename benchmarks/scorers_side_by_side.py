@@ -1,5 +1,8 @@
 """Post-hoc scorers on cached features: ascood beside pytorch-ood (and ascood before issue 22), same data.
 
+    # the speed table, ascood and its peer interleaved in one process (medians, IQR, ratios); PAIRS below
+    # holds one line per (ascood scorer, peer): add new scorers there
+    python benchmarks/scorers_side_by_side.py ab --n 20000 --m 512 --classes 100 --queries 2000 --rounds 40
     # the per-scorer table: fit time, scoring samples/s, peak memory, rank agreement with pytorch-ood
     python benchmarks/scorers_side_by_side.py table --n 20000 --m 512 --classes 100 --queries 2000
     # the same rows from ascood as it was before (a checkout of main without issue 22's changes)
@@ -34,23 +37,86 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
-# ascood name -> (ascood kwargs, pytorch-ood adapter name or None)
-SCORERS = {
-    "msp": ({}, "msp"), "tempscale": ({}, "tempscale"), "ebo": ({}, "ebo"), "mls": ({}, "mls"),
-    "gen": ({"gamma": 0.1, "M": 100}, "gen"), "entropy": ({}, "entropy"), "klm": ({}, "klm"),
-    "react": ({"percentile": 90}, "react"), "ash": ({"percentile": 90}, "ash"),
-    "scale": ({"percentile": 85}, "scale"), "dice": ({"p": 90}, "dice"), "gradnorm": ({}, None),
-    "knn": ({"K": 50}, "knn"), "mds": ({}, "mds"), "rmds": ({}, "rmds"), "vim": ({"dim": 256}, "vim"),
-    "nnguide": ({"K": 100, "bank": "all"}, "nnguide"), "relation": ({}, None), "she": ({}, "she"),
-    # issue 32 (pytorch-ood 0.4.0 has fDBD and NCI; no Mahalanobis++ or NECO)
-    "mdspp": ({}, None), "fdbd": ({}, "fdbd"), "nci": ({"alpha": 0.0001}, "nci"), "neco": ({}, None),
+@dataclass
+class Pair:
+    """One row of the tables: ascood's scorer ``get_scorer(name, **kwargs)`` beside its peer.
+
+    ``peer(D, fc, W, b)`` builds the peer detector (D = ``pytorch_ood.detector``, fc = the head as a frozen
+    ``torch.nn.Linear``, W (C, m), b (C,)), or None for a scorer without one. ``takes``: what the peer
+    scores, "logits", "features" or "maps" ((B, m, 1, 1) feature maps); ``fit``: how it is fitted, None,
+    "logits" (``fit_logits(logits)``), "logits+labels", "features+labels" (``fit_features(h, y)``) or
+    "maps+labels" (``fit_feature_maps``). Same hyperparameters on both sides.
+    """
+
+    kwargs: dict
+    peer: Callable | None = None
+    takes: str = "logits"
+    fit: str | None = None
+
+
+class Normalised:
+    """A peer detector fed L2-normalised features (e.g. pytorch-ood's Mahalanobis as Mahalanobis++)."""
+
+    def __init__(self, det) -> None:
+        self.det = det
+
+    @staticmethod
+    def _n(h):
+        return h / h.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+    def fit_features(self, h, y):
+        return self.det.fit_features(self._n(h), y)
+
+    def predict_features(self, h):
+        return self.det.predict_features(self._n(h))
+
+
+# One line per (ascood scorer, peer). To add a scorer: its ascood name, kwargs, and the peer's constructor.
+PAIRS: dict[str, Pair] = {
+    "msp": Pair({}, lambda D, fc, W, b: D.MaxSoftmax(None)),
+    "tempscale": Pair({}, lambda D, fc, W, b: D.TemperatureScaling(None), fit="logits+labels"),
+    "ebo": Pair({}, lambda D, fc, W, b: D.EnergyBased(None)),
+    "mls": Pair({}, lambda D, fc, W, b: D.MaxLogit(None)),
+    "gen": Pair({"gamma": 0.1, "M": 100}, lambda D, fc, W, b: D.GEN(None, gamma=0.1, M=100)),
+    "entropy": Pair({}, lambda D, fc, W, b: D.Entropy(None)),
+    "klm": Pair({}, lambda D, fc, W, b: D.KLMatching(None), fit="logits"),
+    "react": Pair({"percentile": 90}, lambda D, fc, W, b: D.ReAct(None, _maps_head(fc), percentile=0.9), "maps",
+                  "maps+labels"),
+    "ash": Pair({"percentile": 90}, lambda D, fc, W, b: D.ASH(None, _maps_head(fc), variant="ash-b", percentile=0.9),
+                "maps"),
+    "scale": Pair({"percentile": 85}, lambda D, fc, W, b: D.SCALE(None, _maps_head(fc), percentile=0.85), "maps"),
+    "dice": Pair({"p": 90}, lambda D, fc, W, b: D.DICE(None, W, b, p=0.9), "features", "features+labels"),
+    "gradnorm": Pair({}),
+    "knn": Pair({"K": 50}, lambda D, fc, W, b: D.KNN(None, k=50), "features", "features+labels"),
+    "mds": Pair({}, lambda D, fc, W, b: D.Mahalanobis(None), "features", "features+labels"),
+    "rmds": Pair({}, lambda D, fc, W, b: D.RMD(None), "features", "features+labels"),
+    "vim": Pair({"dim": 256}, lambda D, fc, W, b: D.ViM(None, d=256, w=W, b=b), "features", "features+labels"),
+    "nnguide": Pair({"K": 100, "bank": "all"}, lambda D, fc, W, b: D.NNGuide(None, fc, k=100), "features",
+                    "features+labels"),
+    "relation": Pair({}),
+    "she": Pair({}, lambda D, fc, W, b: D.SHE(None, fc), "features", "features+labels"),
+    # Issue 32's new scorers: pytorch-ood 0.4.0 has fDBD and NCI; Mahalanobis++ is its Mahalanobis on
+    # L2-normalised features (the paper's definition); NECO and AdaSCALE have no pytorch-ood peer.
+    "fdbd": Pair({}, lambda D, fc, W, b: D.fDBD(None, fc), "features", "features+labels"),
+    "nci": Pair({"alpha": 0.0001}, lambda D, fc, W, b: D.NCI(None, fc, alpha=0.0001), "features", "features+labels"),
+    "mdspp": Pair({}, lambda D, fc, W, b: Normalised(D.Mahalanobis(None)), "features", "features+labels"),
+    "neco": Pair({}),
 }
+
+# ascood name -> (ascood kwargs, peer name or None): the per-process table's view of PAIRS
+SCORERS = {name: (pair.kwargs, name if pair.peer else None) for name, pair in PAIRS.items()}
+
+
+def _maps_head(fc):
+    return lambda x: fc(x.flatten(1))
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -171,37 +237,24 @@ def pood_adapter(name: str, h, y, W, b):
     import torch
     from pytorch_ood import detector as D
 
+    pair = PAIRS[name]
     fc = torch.nn.Linear(W.shape[1], W.shape[0])
     with torch.no_grad():
         fc.weight.copy_(W)
         fc.bias.copy_(b)
     fc.requires_grad_(False)
-
-    def maps_head(x):
-        return fc(x.flatten(1))
-
     logits = (h @ W.T + b)
-    det = {"msp": lambda: D.MaxSoftmax(None), "tempscale": lambda: D.TemperatureScaling(None),
-           "ebo": lambda: D.EnergyBased(None), "mls": lambda: D.MaxLogit(None),
-           "gen": lambda: D.GEN(None, gamma=0.1, M=100), "entropy": lambda: D.Entropy(None),
-           "klm": lambda: D.KLMatching(None), "react": lambda: D.ReAct(None, maps_head, percentile=0.9),
-           "ash": lambda: D.ASH(None, maps_head, variant="ash-b", percentile=0.9),
-           "scale": lambda: D.SCALE(None, maps_head, percentile=0.85), "dice": lambda: D.DICE(None, W, b, p=0.9),
-           "knn": lambda: D.KNN(None, k=50), "mds": lambda: D.Mahalanobis(None), "rmds": lambda: D.RMD(None),
-           "vim": lambda: D.ViM(None, d=256, w=W, b=b), "nnguide": lambda: D.NNGuide(None, fc, k=100),
-           "she": lambda: D.SHE(None, fc), "fdbd": lambda: D.fDBD(None, fc),
-           "nci": lambda: D.NCI(None, fc, alpha=0.0001)}[name]()
-    kind = ("logits" if name in ("msp", "tempscale", "ebo", "mls", "gen", "entropy", "klm")
-            else "maps" if name in ("react", "ash", "scale") else "features")
+    det = pair.peer(D, fc, W, b)
+    kind = pair.takes
 
     def fit():
-        if name == "tempscale":
+        if pair.fit == "logits+labels":
             det.fit_logits(logits, y)
-        elif name == "klm":
+        elif pair.fit == "logits":
             det.fit_logits(logits)
-        elif name == "react":
+        elif pair.fit == "maps+labels":
             det.fit_feature_maps(h[:, :, None, None], y)
-        elif kind == "features":
+        elif pair.fit == "features+labels":
             det.fit_features(h, y)
 
     def prepare(q):  # what the detector takes, outside the timing
@@ -228,7 +281,7 @@ def one(args) -> None:
     h, y, W, b, q = make_data(args.n, args.m, args.classes, args.queries)
     kw = SCORERS[args.scorer][0]
     if args.lib == "pytorch-ood":
-        fit, score, prepare = pood_adapter(SCORERS[args.scorer][1], h, y, W, b)
+        fit, score, prepare = pood_adapter(args.scorer, h, y, W, b)
     elif args.lib == "before":
         fit, score, prepare = before_adapter(args.scorer, kw, h, y, W, b)
     else:
@@ -312,6 +365,96 @@ def table(args) -> None:
     if args.out:
         with open(args.out, "w") as f:
             f.write("\n".join(lines) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------- A/B in one process
+def _fmt_rate(x: float) -> str:
+    return f"{x / 1e6:.2f}M" if x >= 1e6 else f"{x / 1e3:.1f}k" if x >= 1e3 else f"{x:.0f}"
+
+
+def _interleaved(fns: dict, rounds: int, max_s: float, clock) -> dict[str, list[float]]:
+    """Each callable run ``rounds`` times, interleaved (the order flips every round, so a drift in the
+    machine's load hits both sides alike), stopping early once a side has used ``max_s`` seconds (after
+    at least 3 rounds). Returns each side's times in seconds."""
+    times = {k: [] for k in fns}
+    names = list(fns)
+    for r in range(rounds):
+        for k in (names if r % 2 == 0 else names[::-1]):
+            t0 = clock()
+            fns[k]()
+            times[k].append(clock() - t0)
+        if r >= 2 and max(sum(t) for t in times.values()) > max_s:
+            break
+    return times
+
+
+def _q(xs: list[float], f: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, max(0, round(f * (len(xs) - 1))))]
+
+
+def ab(args) -> None:
+    """ascood and its peer in one process, interleaved: fit ms and cached-scoring rows/s, medians with the
+    interquartile range, and the ratios (ascood's rate / the peer's; the peer's fit time / ascood's: > 1
+    means ascood is faster). Memory is the ``table`` mode's (one process per library)."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    h, y, W, b, q = make_data(args.n, args.m, args.classes, args.queries)
+    print(f"n={args.n} m={args.m} classes={args.classes} queries={args.queries} rounds={args.rounds} "
+          f"fit_rounds={args.fit_rounds} threads={args.threads} clock={args.clock}; medians [p25-p75]; "
+          f"load average before: {os.getloadavg()}", flush=True)
+    head = ["scorer", "ascood fit ms", "peer fit ms", "fit: peer / ascood", "ascood rows/s", "peer rows/s",
+            "rate: ascood / peer", "Spearman"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    print(lines[0] + "\n" + lines[1], flush=True)
+    for name in args.only or PAIRS:
+        pair = PAIRS[name]
+        sides = {"ascood": ascood_adapter(name, pair.kwargs, h, y, W, b)}
+        if pair.peer is not None:
+            sides["peer"] = pood_adapter(name, h, y, W, b)
+        queries = {k: prep(q) for k, (_, _, prep) in sides.items()}
+        out = {}
+        with torch.no_grad():
+            for fit, _, _ in sides.values():  # warm-up (and the fitted state the scoring uses)
+                fit()
+            fits = _interleaved({k: v[0] for k, v in sides.items()}, args.fit_rounds, args.max_seconds, clock)
+            for k, (_, score, _) in sides.items():
+                out[k] = score(queries[k])  # warm-up, and the scores compared
+            scores = _interleaved({k: (lambda sc=v[1], qq=queries[k]: sc(qq)) for k, v in sides.items()},
+                                  args.rounds, args.max_seconds, clock)
+
+        def fit_cell(k):
+            if k not in fits or not PAIRS_NEEDS_FIT.get(name, True):
+                return "-"
+            t = fits[k]
+            return f"{1e3 * statistics.median(t):.1f} [{1e3 * _q(t, .25):.1f}-{1e3 * _q(t, .75):.1f}]"
+
+        def rate_cell(k):
+            if k not in scores:
+                return "-"
+            t = scores[k]
+            return (f"{_fmt_rate(args.queries / statistics.median(t))} [{_fmt_rate(args.queries / _q(t, .75))}-"
+                    f"{_fmt_rate(args.queries / _q(t, .25))}]")
+
+        both = "peer" in sides
+        fit_ratio = (f"{statistics.median(fits['peer']) / statistics.median(fits['ascood']):.2f}"
+                     if both and PAIRS_NEEDS_FIT.get(name, True) else "-")
+        rate_ratio = (f"{statistics.median(scores['peer']) / statistics.median(scores['ascood']):.2f}" if both else "-")
+        rho = f"{_spearman(out['ascood'].double().numpy(), out['peer'].double().numpy()):.4f}" if both else "-"
+        row = [name, fit_cell("ascood"), fit_cell("peer"), fit_ratio, rate_cell("ascood"), rate_cell("peer"),
+               rate_ratio, rho]
+        lines.append("| " + " | ".join(row) + " |")
+        print(lines[-1], flush=True)
+    print(f"load average after: {os.getloadavg()}")
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write("\n".join(lines) + "\n")
+
+
+#: Scorers whose fit is a no-op on one side or both (no fit column).
+PAIRS_NEEDS_FIT = {k: False for k in ("msp", "ebo", "mls", "gen", "entropy", "ash", "scale", "gradnorm")}
 
 
 # ----------------------------------------------------------------------------------------------- images
@@ -490,13 +633,16 @@ def big_one(args) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("mode", choices=["table", "big", "images", "_one", "_big_one", "_images_one"])
+    ap.add_argument("mode", choices=["table", "ab", "big", "images", "_one", "_big_one", "_images_one"])
     ap.add_argument("--n", type=int, default=20000)
     ap.add_argument("--m", type=int, default=512)
     ap.add_argument("--classes", type=int, default=100)
     ap.add_argument("--queries", type=int, default=2000)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--fit-rounds", type=int, default=5, help="ab: fits per side")
+    ap.add_argument("--max-seconds", type=float, default=20.0, help="ab: stop a pair's rounds after this much time "
+                    "on one side (at least 3 rounds)")
     ap.add_argument("--clock", choices=["cpu", "wall"], default="cpu")
     ap.add_argument("--only", type=lambda s: s.split(","), default=None)
     ap.add_argument("--before", help="PYTHONPATH of an ascood checkout without issue 22 (the 'before' columns)")
@@ -506,7 +652,7 @@ def main() -> None:
     ap.add_argument("--scorer")
     ap.add_argument("--scores-out")
     args = ap.parse_args()
-    {"table": table, "big": big, "images": images, "_one": one, "_big_one": big_one,
+    {"table": table, "ab": ab, "big": big, "images": images, "_one": one, "_big_one": big_one,
      "_images_one": images_one}[args.mode](args)
 
 

@@ -44,6 +44,7 @@ from torch import nn
 
 from ...data.datasets import unpack_batch
 from ...files import write_json
+from .fastops import argmax_rows, logsumexp_rows
 
 __all__ = ["Features", "LinearHead", "StreamedFeatures", "FeatureCache", "RecordExtra", "extract_features",
            "features_scores", "add_extras", "model_features", "iterate_loader", "model_device", "energy", "as_features"]
@@ -103,8 +104,14 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 def energy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """T * logsumexp(z / T) per row, (B, C) -> (B,) (negative free energy; higher = more ID)."""
-    return temperature * torch.logsumexp(logits.float() / temperature, dim=1)
+    """T * logsumexp(z / T) per row, (B, C) -> (B,) float32 (negative free energy; higher = more ID).
+
+    T = 1 skips the two scalings (each a pass over (B, C)); the logsumexp is
+    :func:`~.fastops.logsumexp_rows` (the plain formula's value, fewer passes on the CPU)."""
+    z = logits.float()
+    if temperature == 1:
+        return logsumexp_rows(z)
+    return temperature * logsumexp_rows(z / temperature)
 
 
 def has_feature_head(model: nn.Module) -> bool:
@@ -695,17 +702,31 @@ class FeatureCache:
         return len(self._data)
 
 
-def features_scores(scorer, feats: Features, rows: int = 1024
+#: Rows per :func:`features_scores` chunk for scorers that read features (their chunk holds (rows, m)
+#: features and, for KNN / NNGuide / Relation, (rows, bank) similarities).
+SCORE_ROWS = 1024
+#: Logits per chunk for the logit-only scorers: (rows, C) blocks of 4 MiB float32 (C = 100: 10,485 rows),
+#: so a few thousand queries are one call, not several (a call costs ~20 us of Python and checks).
+SCORE_LOGITS = 2 ** 20
+
+
+def features_scores(scorer, feats: Features, rows: int | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(pred (N,) int64, score (N,) float32, labels (N,) or None) of a record, ``rows`` rows at a time.
 
     pred is the scorer's :meth:`~.base.Scorer.predict_features`: the argmax of the record's logits (the model's
-    prediction) for every scorer but DICE with ``pred="masked"``. A scorer with
+    prediction; :func:`~.fastops.argmax_rows`) for every scorer but DICE with ``pred="masked"``. A scorer with
     :meth:`~ascood.scoring.scorers.base.Scorer.record_extras` gets them from the record's extras.
+    ``rows`` default: :data:`SCORE_ROWS` (1024) for scorers that read features, else as many rows as hold
+    :data:`SCORE_LOGITS` logits (at least 1024); the scores do not depend on it.
     """
     feats.require("logits", scorer.name)
     keys = [e.key for e in getattr(scorer, "record_extras", tuple)()]
     feats.require_extras(keys, scorer.name)
+    if rows is None:
+        rows = SCORE_ROWS
+        if not getattr(scorer, "uses_features", True):
+            rows = max(SCORE_ROWS, SCORE_LOGITS // max(1, int(feats.logits.shape[1])))
     preds, scores = [], []
     for z, h, _, ex in feats.chunks(rows, extras=keys):
         preds.append(scorer.predict_features(z, h, feats.head))

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from .base import Scorer, check_int, energy
+from .fastops import matmul, neg_entropy_rows, softmax_plogp64, top_values
 
 __all__ = ["MSP", "TempScale", "EBO", "MLS", "GEN", "Entropy", "KLM"]
 
@@ -145,23 +146,25 @@ class GEN(Scorer):
 
     def _score(self, logits, features, head):
         p = torch.softmax(logits, 1)
-        top = p.topk(min(self.M, p.shape[1]), dim=1).values
-        return -(top.pow(self.gamma) * (1 - top).pow(self.gamma)).sum(1)
+        # The sum is over a set, so no ordered top-k: all classes when M >= C, else numpy's selection.
+        # One pow of the product instead of two (each pow is an exp and a log per element).
+        top = p if self.M >= p.shape[1] else top_values(p, self.M)
+        return -(top * (1 - top)).pow_(self.gamma).sum(1)
 
 
 class Entropy(Scorer):
     """Negative entropy of the softmax, sum_k p_k log p_k (Chan et al., ICCV 2021; pytorch-ood's ``Entropy``).
 
-    Computed in float64 from log_softmax, so p_k log p_k is exact where p_k
-    underflows (pytorch-ood clips p at 1e-7 first; the sign is flipped so that
-    higher = more ID). Needs no fit; not searched by APS.
+    Exact where p_k underflows (pytorch-ood clips p at 1e-7 first; the sign is
+    flipped so that higher = more ID): float32 without cancellation, near
+    one-hot rows in float64 from log_softmax
+    (:func:`~.fastops.neg_entropy_rows`). Needs no fit; not searched by APS.
     """
 
     name = "entropy"
 
     def _score(self, logits, features, head):
-        logp = torch.log_softmax(logits.double(), 1)
-        return (logp.exp() * logp).sum(1).float()
+        return neg_entropy_rows(logits)
 
 
 class KLM(Scorer):
@@ -198,12 +201,19 @@ class KLM(Scorer):
         self.classes = torch.nonzero(seen)[:, 0]
         self.dists = sums[seen] / counts[seen, None]
 
+    def _log_dists(self, device) -> torch.Tensor:
+        """log d_k (K, C) float64, computed once per fitted ``dists`` (and device)."""
+        cached = getattr(self, "_log_d", None)
+        if cached is None or cached[0] is not self.dists or cached[1].device != torch.device(device):
+            # log 0 -> the lowest finite float64, so a class whose typical posterior is 0 where p > 0 gets a
+            # (near) infinite divergence and never the minimum.
+            log_d = self.dists.to(device).log().nan_to_num(neginf=torch.finfo(torch.float64).min)
+            self._log_d = cached = (self.dists, log_d)
+        return cached[1]
+
     def _score(self, logits, features, head):
-        logp = torch.log_softmax(logits.double(), 1)
-        p = logp.exp()
-        d = self.dists.to(logits.device)
-        # KL[p || d_k] = sum p log p - p . log d_k; log 0 -> the lowest finite float64, so a class whose
-        # typical posterior is 0 where p > 0 gets a (near) infinite divergence and never the minimum.
-        log_d = d.log().nan_to_num(neginf=torch.finfo(torch.float64).min)
-        kl = (p * logp).sum(1, keepdim=True) - p @ log_d.T
-        return (-kl.amin(1)).float()
+        log_d = self._log_dists(logits.device)
+        e, s, plogp = softmax_plogp64(logits)  # p = e / s
+        # KL[p || d_k] = sum p log p - p . log d_k, so -min_k KL_k = max_k (e . log d_k) / s - sum p log p
+        # (s > 0): one pass over (B, K) and no (B, C) division.
+        return (matmul(e, log_d.T).amax(1).div_(s) - plogp).float()

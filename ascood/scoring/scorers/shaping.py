@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from .base import FeatureScorer, energy
+from .fastops import top_values
 
 __all__ = ["ReAct", "ASH", "SCALE", "DICE", "top_k_count"]
 
@@ -104,6 +105,22 @@ class ReAct(_Shaping):
         return h.clamp(max=self.threshold)
 
 
+def _top_k_mask(h: torch.Tensor, k: int) -> torch.Tensor | None:
+    """A float32 (B, m) mask, 1 on each row's k largest entries, when every row's k-th largest value is
+    unique (then the kept set is the one ``h.topk(k)`` keeps); None when some row has a tie there (topk's
+    choice among tied entries is its own) or h is not finite. Selection by numpy's introselect: 7x torch's topk on
+    512 ReLU features (many tied zeros) here."""
+    if h.device.type != "cpu" or h.dtype != torch.float32 or not 0 < k < h.shape[1]:
+        return None
+    if not bool(torch.isfinite(h.sum())):  # inf / NaN: a 0 * inf in the mask product would differ from topk's 0
+        return None
+    kth = top_values(h, k).amin(1, keepdim=True)  # the k-th largest value of each row
+    keep = (h >= kth).float()
+    if not bool((keep.sum(1) == k).all()):  # a tie at the k-th value (or NaN): not a unique set
+        return None
+    return keep
+
+
 class ASH(_Shaping):
     """ASH on the pooled feature: keep the top (100 - percentile)% activations per sample.
 
@@ -123,13 +140,21 @@ class ASH(_Shaping):
 
     def _shape(self, h: torch.Tensor) -> torch.Tensor:
         k = top_k_count(h.shape[1], self.percentile)
-        vals, idx = h.topk(k, dim=1)
         s1 = h.sum(1, keepdim=True)
+        keep = _top_k_mask(h, k)
+        if keep is None:  # a tie at the k-th value: topk's own choice of the tied entries, as before
+            vals, idx = h.topk(k, dim=1)
+            if self.variant == "b":
+                vals = (s1 / k).expand_as(vals)
+            elif self.variant == "s":
+                vals = vals * torch.exp(s1 / vals.sum(1, keepdim=True))
+            return torch.zeros_like(h).scatter_(1, idx, vals)
         if self.variant == "b":
-            vals = (s1 / k).expand_as(vals)
-        elif self.variant == "s":
-            vals = vals * torch.exp(s1 / vals.sum(1, keepdim=True))
-        return torch.zeros_like(h).scatter_(1, idx, vals)
+            return keep.mul_(s1 / k)
+        kept = keep.mul_(h)
+        if self.variant == "s":
+            kept *= torch.exp(s1 / kept.sum(1, keepdim=True))
+        return kept
 
 
 class SCALE(_Shaping):
@@ -144,7 +169,7 @@ class SCALE(_Shaping):
     def _shape(self, h: torch.Tensor) -> torch.Tensor:
         k = top_k_count(h.shape[1], self.percentile)
         s1 = h.sum(1, keepdim=True)
-        s2 = h.topk(k, dim=1).values.sum(1, keepdim=True)
+        s2 = top_values(h, k).sum(1, keepdim=True)  # a sum: the k largest in any order
         return h * torch.exp(s1 / s2)
 
 
