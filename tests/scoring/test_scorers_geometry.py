@@ -204,10 +204,8 @@ def _images(n, seed):
     return torch.randn(n, 3, 6, 6, generator=g), torch.arange(n) % 4
 
 
-# Not (mdspp, head): in the z-score head space every h~ sums to 0, the tied covariance is singular along the
-# all-ones direction, and its pseudo-inverse there depends on float rounding, so two chunkings of the same fit
-# (streamed batches vs one record) differ by ~10 % here, exactly as MDS's (distance.py's MDS docstring).
-PATHS = [(n, s) for n in NEW for s in ("raw", "head") if (n, s) != ("mdspp", "head")]
+# (mdspp, head) included: MDS's fit drops the z-score head's all-ones direction (tests/scoring/test_mds_zscore_head.py).
+PATHS = [(n, s) for n in NEW for s in ("raw", "head")]
 
 
 @pytest.mark.parametrize("name, space", PATHS)
@@ -246,8 +244,11 @@ def test_the_feature_space_matters_on_a_zscore_model_and_head_is_the_model_space
     raw = get_scorer(name).fit_features(h, y, logits=z, head=head).score_features(zq, hq)
     in_head = get_scorer(name, feature_space="head").fit_features(h, y, logits=z, head=head).score_features(zq, hq)
     assert not torch.allclose(raw, in_head, rtol=1e-3)
-    plain = LinearHead(head.weight, head.bias)
-    by_hand = get_scorer(name).fit_features(ht, y, logits=z, head=plain).score_features(zq, hqt)
+    # A head without standardisation that says its rows are zero-mean (as the z-score head's h~ are): the
+    # covariance scorers then drop the all-ones direction as on the model (test_mds_zscore_head.py).
+    plain = LinearHead(head.weight, head.bias, zero_mean_rows=True)
+    by_hand = get_scorer(name, feature_space="head").fit_features(ht, y, logits=z, head=plain).score_features(
+        zq, hqt, head=plain)
     torch.testing.assert_close(in_head, by_hand, rtol=1e-4, atol=1e-5)
 
 

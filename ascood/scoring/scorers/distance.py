@@ -346,9 +346,20 @@ class MDS(InputStd, FeatureScorer):
 
     def _fit(self, feats) -> None:
         acc = self._accumulators()
+        centre = self.feature_space == "head" and getattr(feats.head, "zero_mean_rows", False)
         for z, h, y in self.space_chunks(feats):
             if y is None:
                 raise ValueError(f"{self.name} needs labels (the ID training classes)")
+            if centre:
+                # A z-score head's rows sum to 0 over the features, up to the float32 rounding of the
+                # standardisation (~1e-6 of a row here): the covariance's eigenvalue along the all-ones vector
+                # is that rounding (~1e-14 of the largest), above pinvh's cutoff, and its inverse (~1e13) made
+                # the noise in every test row's ones-component dominate the distance (scores moved ~10 % with
+                # the fit's chunking). Fitting on the rows projected onto the hyperplane makes that eigenvalue
+                # exactly ~0, so pinvh drops it and the precision ignores the ones-component of any test row;
+                # scoring needs no projection (a saved detector scores as before).
+                h = to_float64(h)
+                h = h - h.mean(1, keepdim=True)
             stats = TiedGaussian.chunk_stats(h) if h.shape[0] else None
             acc["class"].update(h, y, stats)
             if "whole" in acc:

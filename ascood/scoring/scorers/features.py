@@ -144,13 +144,17 @@ class LinearHead:
     weight (C, m) and bias (C,) float tensors (references, not copies, when made
     by :meth:`from_model`); ``standardize`` maps the raw feature h (B, m) to the
     linear layer's input (the z-score of an ASCOOD head; None = identity, a
-    plain linear head). Build one by hand for features cached from another
-    model: ``LinearHead(fc.weight, fc.bias)``.
+    plain linear head). ``zero_mean_rows``: every standardised row has mean 0
+    over its m features (the z-score head), so head-space features lie in a
+    hyperplane and their covariance is singular along the all-ones vector by
+    construction (covariance scorers drop that direction: see MDS). Build one
+    by hand for features cached from another model: ``LinearHead(fc.weight, fc.bias)``.
     """
 
     weight: torch.Tensor
     bias: torch.Tensor | None = None
     standardize: Callable[[torch.Tensor], torch.Tensor] | None = None
+    zero_mean_rows: bool = False
 
     def __post_init__(self) -> None:
         if not torch.is_tensor(self.weight) or self.weight.dim() != 2:
@@ -167,7 +171,7 @@ class LinearHead:
             raise TypeError("LinearHead.from_model needs a model with features(x), head(h) and fc (an ASCOODNet)")
         fc = model.fc
         return cls(fc.weight.detach(), None if fc.bias is None else fc.bias.detach(),
-                   getattr(model, "standardize", None))
+                   getattr(model, "standardize", None), zero_mean_rows=getattr(model, "head_type", None) == "zscore")
 
     def bias_or_zero(self) -> torch.Tensor:
         return self.bias if self.bias is not None else torch.zeros(self.weight.shape[0], dtype=self.weight.dtype,
