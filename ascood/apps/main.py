@@ -128,6 +128,8 @@ def _main(argv: list[str]) -> int:
         print(f"ascood {args.command}: error: {err}", file=sys.stderr)
         return 2
     except Exception as err:  # one clear message for users; --debug for the traceback
+        if getattr(err, "peer_failed", False):  # torchrun: another rank failed and reports it; exit with its status
+            return err.status
         if args.debug:
             raise
         if getattr(err, "user_facing", False):  # e.g. every missing piece of a data tree

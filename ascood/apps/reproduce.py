@@ -56,7 +56,7 @@ from ..files import atomic_write_text, write_json
 from ..scoring.benchmark import evaluate_on_benchmark
 from ..scoring.summary import STD_TEXT, mean_std
 from ..training.checkpoint import load_checkpoint, load_model
-from ..training.distributed import DistContext, init_from_env
+from ..training.distributed import DistContext, PeerFailed, init_from_env
 from ..training.trainer import BEST_CHECKPOINT_NAME, CHECKPOINT_NAME, TrainConfig, Trainer
 from .presets import (EVAL_KEYS, PUBLISHED, TRAIN_KEYS, Resolved, get_preset, pretrained_weights_error, resolve,
                       train_steps)
@@ -102,12 +102,8 @@ class ReproduceError(RuntimeError):
     user_facing = True  # the CLI prints the whole message (exit status 2)
 
 
-class _PeerFailed(RuntimeError):
-    """Another rank (rank 0) failed before training; it reports the error, this rank only exits."""
-
-    def __init__(self, message: str, status: int = 1) -> None:
-        super().__init__(message)
-        self.status = status
+#: Another rank (rank 0) failed before training; it reports the error, this rank only exits with its status.
+_PeerFailed = PeerFailed
 
 
 # -- configuration ------------------------------------------------------------------------------------------

@@ -21,14 +21,17 @@ __all__ = ["evaluate_on_benchmark"]
 
 def evaluate_on_benchmark(model, extra: dict, tree: ResolvedBenchmark, scorers: Sequence[str], *, batch_size: int,
                           workers: int = 0, out_dir: str | None = None, progress: bool = True,
-                          feature_dir: str | None = None, scorer_params: Mapping[str, Mapping] | None = None):
+                          feature_dir: str | None = None, scorer_params: Mapping[str, Mapping] | None = None,
+                          cache: FeatureCache | None = None):
     """APS on ID val vs OOD val for every scorer with a grid, then ID test vs the near/far OOD sets.
 
     Every split runs through the model once; all scorers and APS grid points
     share its features (in RAM, or memory-mapped files in ``feature_dir``).
 
     ``extra``: the checkpoint's ``extra`` (image_size, mean, std).
-    ``scorer_params``: scorer name -> constructor arguments (a preset's, e.g. NNGuide's bank). Returns
+    ``scorer_params``: scorer name -> constructor arguments (a preset's, e.g. NNGuide's bank). ``cache``:
+    the feature cache to use (e.g. a :class:`~ascood.scoring.distributed.ShardedFeatureCache` under torchrun,
+    shared by every rank); default one for ``feature_dir``. Returns
     (:class:`ascood.scoring.evaluator.ResultTable`, aps dict scorer -> {params, val_auroc}).
     Writes results.csv / results.json / aps.json / hist_*.png into ``out_dir``.
     """
@@ -40,7 +43,7 @@ def evaluate_on_benchmark(model, extra: dict, tree: ResolvedBenchmark, scorers: 
 
     val_id, val_ood = loader(tree.dataset("id_val", tf)), loader(tree.dataset("ood_val", tf))
     fit_loader = None
-    cache = FeatureCache(model, feature_dir)
+    cache = cache if cache is not None else FeatureCache(model, feature_dir)
     objs, aps = {}, {}
     for name in tqdm(list(scorers), desc="APS on the validation split", disable=not progress, leave=False):
         scorer = scorer_for_model(name, [float(s) for s in std], **dict((scorer_params or {}).get(name, {})))

@@ -39,7 +39,7 @@ from ...data.datasets import unpack_batch
 from ...files import write_json
 
 __all__ = ["Features", "LinearHead", "StreamedFeatures", "FeatureCache", "extract_features", "features_scores",
-           "model_features", "iterate_loader", "model_device", "energy", "as_features"]
+           "model_features", "iterate_loader", "model_device", "energy", "as_features", "model_image_scores"]
 
 _FORMAT = "ascood-features-v1"
 _FILES = {"logits": ("logits", np.float32), "features": ("features", np.float32), "labels": ("labels", np.int64)}
@@ -512,8 +512,31 @@ class FeatureCache:
         self._data[id(loader)] = (loader, feats)  # the loader is kept so its id is not reused
         return feats
 
+    def image_scores(self, scorer, model: nn.Module, loader
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(pred, score, labels) of a scorer that needs the images (ODIN, i-ODIN), run batch by batch; a
+        sharded cache (:class:`ascood.scoring.distributed.ShardedFeatureCache`) shares the batches over ranks."""
+        return model_image_scores(scorer, model, loader)
+
     def __len__(self) -> int:
         return len(self._data)
+
+
+def model_image_scores(scorer, model: nn.Module, loader) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(pred (N,) int64, score (N,) float32, labels (N,) int64 or None) CPU tensors of
+    ``scorer.score(model, x)`` over every batch of a loader (eval mode inside, the model's mode restored)."""
+    device = model_device(model)
+    preds, scores, labels = [], [], []
+    with _EvalMode(model):
+        for x, y in iterate_loader(loader, device):
+            pred, score = scorer.score(model, x)
+            preds.append(pred.detach().cpu())
+            scores.append(score.detach().float().cpu())
+            if y is not None:
+                labels.append(y.long().cpu())
+    if not scores:
+        raise ValueError("loader is empty")
+    return torch.cat(preds), torch.cat(scores), (torch.cat(labels) if labels else None)
 
 
 def features_scores(scorer, feats: Features, rows: int = 1024

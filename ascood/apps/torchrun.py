@@ -1,0 +1,76 @@
+"""``eval`` and ``detector`` under torchrun: the process group, one claim of ``--out`` by rank 0, quiet peers.
+
+    torchrun --nproc_per_node N -m ascood eval RUN ... --out DIR
+    torchrun --nnodes M --node-rank I --nproc_per_node N --rdzv-backend c10d --rdzv-endpoint HOST:PORT \\
+        -m ascood detector RUN ... --out DET
+
+The work itself is shared out by :mod:`ascood.scoring.distributed`; this module only starts the group
+(gloo on CPU, nccl with one GPU per local rank), lets rank 0 alone take the output lock while the other
+ranks learn the outcome (a refusal ends every rank with rank 0's exit status), and keeps the other ranks
+from printing the same lines N times.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import warnings
+from contextlib import ExitStack, contextmanager
+from typing import Callable, ContextManager, Iterator
+
+from . import checks
+
+__all__ = ["torchrun_ranks", "claim_on_rank0", "feature_dir", "FEATURES_SUBDIR"]
+
+#: The folder inside --out where a torchrun evaluation keeps its shards (readable by every rank).
+FEATURES_SUBDIR = "features"
+
+
+@contextmanager
+def torchrun_ranks(device: str | None) -> Iterator:
+    """The :class:`~ascood.scoring.distributed.Ranks` of this process (one rank without torchrun); the
+    process group is destroyed at the end when this call started it. Ranks other than 0 print nothing to
+    stdout and show no warnings (rank 0 says everything once)."""
+    from ..scoring.distributed import Ranks
+
+    ranks, started = Ranks.from_env(device)
+    try:
+        if ranks.is_main:
+            yield ranks
+        else:
+            with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                yield ranks
+    finally:
+        if started:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
+@contextmanager
+def claim_on_rank0(ranks, claim: Callable[[], ContextManager]) -> Iterator[None]:
+    """Rank 0 enters ``claim()`` (e.g. the --out lock) and holds it for the block; the other ranks learn
+    whether it succeeded: when it failed they raise :class:`~ascood.training.distributed.PeerFailed` with the
+    status rank 0 exits with (the CLI returns it silently), so no rank waits for a peer that has gone."""
+    from ..training.distributed import from_rank0
+
+    with ExitStack() as stack:
+        def take() -> None:
+            if ranks.is_main:
+                stack.enter_context(claim())
+
+        from_rank0(take, ranks.ctx, ranks.group)
+        yield
+
+
+def feature_dir(out: str | None, ranks, flag: str = "--out") -> str | None:
+    """Where a torchrun evaluation's shards go: ``OUT/features`` (every rank must see the same folder: one
+    file system, or one shared across the nodes). None in one process; an InputError without --out."""
+    if not ranks.enabled:
+        return None
+    if not out:
+        raise checks.InputError(f"under torchrun give {flag} DIR: the ranks share each split's features "
+                                "through files there")
+    return os.path.join(out, FEATURES_SUBDIR)
