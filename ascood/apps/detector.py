@@ -9,9 +9,11 @@ before the model is loaded. The work is :meth:`ascood.deploy.Detector.fit`.
 from __future__ import annotations
 
 import argparse
+import os
 
 from . import checks
 from .argtypes import device_name, non_negative_int, positive_int
+from .torchrun import claim_on_rank0, torchrun_ranks
 
 __all__ = ["add_parser", "run", "EXIT_STATUSES"]
 
@@ -132,16 +134,23 @@ def run(args: argparse.Namespace) -> int:
             raise checks.InputError(f"--scorer: {err} (or aps)") from None
         checks.check_scorers_have_train([probe], bool(args.id_train), True, train_flag="--id-train",
                                         val_flag="--id-val")
-    with _claim(args.out):
-        _check_data(args)
-        from ..deploy.detector import Detector
+    with torchrun_ranks(args.device) as ranks:
+        # Under torchrun the ranks share each split's features through files: --feature-dir, else DET.features
+        # beside the detector (the detector folder itself is replaced as one unit).
+        features = args.feature_dir or (os.path.abspath(args.out).rstrip(os.sep) + ".features"
+                                        if ranks.enabled else None)
+        with claim_on_rank0(ranks, lambda: _claim(args.out)):
+            _check_data(args)
+            from ..deploy.detector import Detector
 
-        det = Detector.fit(ckpt, id_train=args.id_train, id_val=args.id_val, ood_val=args.ood_val,
-                           id_calibration=args.id_calibration, scorer=args.scorer, tpr=args.tpr,
-                           calibration_fraction=args.calibration_fraction, seed=args.seed,
-                           batch_size=args.batch_size, workers=args.workers, device=args.device,
-                           feature_dir=args.feature_dir, log=print, arg_names=FLAG_NAMES)
-        det.save(args.out, bank_dtype=args.bank_dtype)
+            det = Detector.fit(ckpt, id_train=args.id_train, id_val=args.id_val, ood_val=args.ood_val,
+                               id_calibration=args.id_calibration, scorer=args.scorer, tpr=args.tpr,
+                               calibration_fraction=args.calibration_fraction, seed=args.seed,
+                               batch_size=args.batch_size, workers=args.workers, device=args.device,
+                               feature_dir=features, log=print, arg_names=FLAG_NAMES, ranks=ranks)
+            if not ranks.is_main:
+                return 0  # every rank fitted the same detector; rank 0 writes it
+            det.save(args.out, bank_dtype=args.bank_dtype)
     v = det.validation
     line = (f"detector: {det.scorer.name} {det.provenance['scorer_choice']['params']}, threshold "
             f"{det.threshold:.6g} at TPR {det.tpr}: is_ood when p <= {det.k}/{det.calibration.numel() + 1} = "
