@@ -165,7 +165,8 @@ def _check_array(name: str, a, ndim: int):
         return None
     if isinstance(a, np.ndarray) and not isinstance(a, np.memmap):
         a = torch.from_numpy(a)
-    if not (torch.is_tensor(a) or isinstance(a, np.ndarray)):
+    # A row source (the feature store's ShardedArray: shards memory-mapped on first read) is used as a memmap is.
+    if not (torch.is_tensor(a) or isinstance(a, np.ndarray) or getattr(a, "is_row_array", False)):
         raise TypeError(f"Features {name} must be a tensor or numpy array, got {type(a).__name__}")
     if a.ndim != ndim:
         want = "(N,)" if ndim == 1 else "(N, C)" if name == "logits" else "(N, m)"
