@@ -164,15 +164,15 @@ def _check_fit_labels(scorers, split: str, ds, flag: str, path: str) -> None:
                             "(use class folders root/<class>/<image> or a list of 'path label' lines)")
 
 
-def _feature_cache(model, ranks, features: str | None):
+def _feature_cache(model, ranks, features: str | None, checkpoint: str):
     """Each split runs through the model once, for every scorer and APS grid point; under torchrun once over
-    all ranks (shards in ``features``)."""
-    from ..scoring.distributed import ShardedFeatureCache
+    all ranks (shards in the feature store ``features``)."""
+    from ..scoring.distributed import ShardedFeatureCache, feature_store
     from ..scoring.scorers import FeatureCache
 
     if features is None:
         return FeatureCache(model)
-    return ShardedFeatureCache(model, features, ranks)
+    return ShardedFeatureCache(model, feature_store(features, ranks), ranks, checkpoint=checkpoint)
 
 
 def _evaluate(args, names: list[str], ckpt_path: str, ranks, features: str | None) -> int:
@@ -181,7 +181,7 @@ def _evaluate(args, names: list[str], ckpt_path: str, ranks, features: str | Non
     from ..scoring.scorers import get_scorer
 
     model, ckpt = _load_model(args, ckpt_path, ranks)
-    cache = _feature_cache(model, ranks, features)
+    cache = _feature_cache(model, ranks, features, ckpt_path)
     extra = ckpt.get("extra") or {}
     size, mean, std = extra.get("image_size", 32), extra.get("mean", [0.5] * 3), extra.get("std", [0.5] * 3)
     if getattr(model, "input_std", None) is None and "std" in extra:
@@ -274,7 +274,7 @@ def _evaluate_benchmark(args, ckpt_path: str, tree, scorers: list[str], ranks, f
     from ..scoring.benchmark import evaluate_on_benchmark
 
     model, ckpt = _load_model(args, ckpt_path, ranks)
-    cache = _feature_cache(model, ranks, features)
+    cache = _feature_cache(model, ranks, features, ckpt_path)
     # A preset's scorer arguments (NNGuide's whole-set bank, as the authors' fork) apply here as in reproduce.
     params = None
     if getattr(args, "preset", None):

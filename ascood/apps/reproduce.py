@@ -362,10 +362,11 @@ def eval_run(run_dir: str, best: str, tree: ResolvedBenchmark, scorers: list[str
         return done
     model, ckpt = load_model(best)
     if ranks is not None and ranks.enabled:
-        from ..scoring.distributed import ShardedFeatureCache
+        from ..scoring.distributed import ShardedFeatureCache, feature_store
 
         model.to(ranks.device(device))
-        cache = ShardedFeatureCache(model, os.path.join(eval_dir, "features"), ranks, say=say)
+        cache = ShardedFeatureCache(model, feature_store(os.path.join(eval_dir, "features"), ranks), ranks,
+                                    checkpoint=best)
     else:
         model.to(torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")))
         cache = None

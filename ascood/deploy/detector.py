@@ -411,9 +411,10 @@ class Detector:
 
         train_l, tune_l, calib_l, ood_l = loader(train_ds), loader(tune_ds), loader(calib_ds), loader(ood_ds)
         if distributed:
-            from ..scoring.distributed import ShardedFeatureCache
+            from ..scoring.distributed import ShardedFeatureCache, feature_store
 
-            cache = ShardedFeatureCache(model, feature_dir, ranks, say=say)
+            cache = ShardedFeatureCache(model, feature_store(feature_dir, ranks), ranks,
+                                        checkpoint=provenance.get("checkpoint"))
         else:
             cache = FeatureCache(model, directory=None if feature_dir is None else os.fspath(feature_dir))
         input_std = model_input_std(model) or prep.std

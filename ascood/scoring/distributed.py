@@ -4,12 +4,13 @@
 evaluation code on every rank (SPMD); two operations are shared out, and both are collective (every rank
 calls them in the same order, which the identical code path guarantees):
 
-* **extraction** (:meth:`ShardedFeatureCache.get`): a split's rows are cut into fixed shards by row index
-  (whole loader batches, so each batch is the one a single process runs); rank 0 lists the shards still
-  missing on disk, rank r extracts missing shards r, r + W, r + 2W, ... (each image exactly once: no
-  DistributedSampler padding), every rank waits for the others, then opens the complete split. A killed
-  run resumes at the missing shards. The folder must be one every rank can read (a shared file system
-  across nodes).
+* **extraction** (:meth:`ShardedFeatureCache.fill`, on the feature store :mod:`ascood.scoring.store`): a
+  split's rows are cut into fixed shards by row index; rank 0 lists the shards still missing (verifying the
+  ones present), rank r extracts missing shards r, r + W, r + 2W, ... (each image exactly once: no
+  DistributedSampler padding), every rank waits for the others, rank 0 finalizes the entry, then every
+  rank opens the complete split (memory-mapped). A killed run resumes at the missing shards, and a later
+  ``eval`` / ``detector`` on the same checkpoint and data reads them without running the model. The store
+  must be a folder every rank can read (one file system, or one shared across the nodes).
 * **image scoring** (:meth:`ShardedFeatureCache.image_scores`): scorers that need the images (ODIN,
   i-ODIN: per-batch input gradients; cached features cannot serve them) score contiguous ranges of whole
   batches, one per rank, and the scores are gathered to every rank in row order (gloo all_gather of CPU
@@ -17,21 +18,19 @@ calls them in the same order, which the identical code path guarantees):
 
 Everything else (fitting, scoring from the features, APS) runs on every rank from the same files, so each
 rank takes the same decisions without messages; only rank 0 writes results. Bitwise equality with one
-process rests on the batches being the same: shards and score ranges are made of whole batches of the
-loader's batch size (and the same thread count: torchrun sets OMP_NUM_THREADS=1 per process).
+process rests on every image being computed in the same batch: the store cuts batches inside shards (a
+one-process run through the store makes the same ones; a plain in-RAM pass makes them too when the shard
+rows are a multiple of the batch size), score ranges are whole batches, and the thread count is the same
+(torchrun sets OMP_NUM_THREADS=1 per process).
 
 Test-only: ``ASCOOD_TEST_FAIL_AFTER_SHARDS=k`` makes a process raise after it extracted k shards (a crash
 mid-extraction, for the resume test); ``ASCOOD_SHARD_ROWS`` sets the rows per shard (default
-:data:`DEFAULT_SHARD_ROWS`).
+:data:`ascood.scoring.store.DEFAULT_SHARD_ROWS`).
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
-import shutil
-import sys
 from dataclasses import dataclass
 from typing import Callable
 
@@ -39,18 +38,14 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, SequentialSampler, Subset
 
-from ..files import write_json
-from ..training.distributed import (DistContext, PeerFailed, PeerValueError, all_gather_objects, broadcast_object, exit_status,
-                                    init_from_env, object_group)
-from .scorers.features import (FeatureCache, Features, LinearHead, extract_features, has_feature_head,
-                               model_image_scores)
+from ..training.distributed import (DistContext, PeerFailed, PeerValueError, all_gather_objects,
+                                    broadcast_object, exit_status, init_from_env, object_group)
+from .scorers.features import model_image_scores
+from .store import DEFAULT_SHARD_ROWS, FeatureStore, SplitEntry, StoreError, StoreFeatureCache
 
-__all__ = ["Ranks", "ShardedFeatureCache", "batch_ranges", "row_loader", "shard_rows_for", "DEFAULT_SHARD_ROWS",
-           "FAULT_ENV", "SHARD_ROWS_ENV"]
+__all__ = ["Ranks", "ShardedFeatureCache", "feature_store", "batch_ranges", "row_loader", "FAULT_ENV",
+           "SHARD_ROWS_ENV"]
 
-#: Rows per shard (rounded up to whole batches): small enough that a crash loses little, large enough that
-#: an ImageNet-1K train split is ~300 files per array.
-DEFAULT_SHARD_ROWS = 4096
 SHARD_ROWS_ENV = "ASCOOD_SHARD_ROWS"
 FAULT_ENV = "ASCOOD_TEST_FAIL_AFTER_SHARDS"
 
@@ -141,20 +136,6 @@ def batch_ranges(n: int, batch_size: int, parts: int) -> list[tuple[int, int]]:
     return [(edges[p], edges[p + 1]) for p in range(parts)]
 
 
-def shard_rows_for(batch_size: int, rows: int | None = None) -> int:
-    """Rows per shard: ``rows`` (default ``$ASCOOD_SHARD_ROWS`` or :data:`DEFAULT_SHARD_ROWS`) rounded up to
-    whole batches, so every shard's batches are the ones a single pass over the split runs."""
-    if rows is None:
-        text = os.environ.get(SHARD_ROWS_ENV)
-        try:
-            rows = int(text) if text else DEFAULT_SHARD_ROWS
-        except ValueError:
-            raise ValueError(f"environment variable {SHARD_ROWS_ENV}={text!r}: expected a positive integer") from None
-    if rows < 1:
-        raise ValueError(f"rows per shard must be >= 1, got {rows}")
-    return math.ceil(rows / batch_size) * batch_size
-
-
 def _batch_size(loader) -> int:
     bs = getattr(loader, "batch_size", None)
     if not isinstance(loader, DataLoader) or bs is None:
@@ -172,151 +153,52 @@ def row_loader(loader: DataLoader, start: int, stop: int) -> DataLoader:
                       worker_init_fn=loader.worker_init_fn)
 
 
-# -- shards on disk ----------------------------------------------------------------------------------------------
-def _model_digest(model: nn.Module) -> str:
-    """sha256 over the model's parameters and buffers (names, shapes, dtypes, bytes): which weights made a shard."""
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
-def _data_digest(ds) -> str:
-    """What a dataset reads, hashed: its file list when it has one (paths and labels), else its type and size."""
-    h = hashlib.sha256()
-    items = None
-    for attr in ("samples", "imgs", "files", "paths", "items"):
-        items = getattr(ds, attr, None)
-        if items is not None:
-            break
-    if isinstance(ds, Subset):
-        h.update(_data_digest(ds.dataset).encode())
-        h.update(repr(list(ds.indices)).encode())
-    elif items is not None:
-        h.update(repr(list(items)).encode())
-    h.update(f"{type(ds).__name__}:{len(ds)}".encode())
-    return h.hexdigest()
-
-
-class _ShardDir:
-    """One split's shards in a folder: ``shard<k>.*`` written by :func:`extract_features` (its JSON header
-    last, so a shard is complete when its header exists) and ``key.json``, what made them (the model's
-    digest, the data's, the rows and the batching); another key empties the folder (said in one line)."""
-
-    def __init__(self, directory: str, model: nn.Module, loader: DataLoader, rows: int) -> None:
-        self.directory, self.model, self.loader, self.rows = directory, model, loader, rows
-        self.n = len(loader.dataset)
-        self.count = math.ceil(self.n / rows)
-        self.key = {"n": self.n, "rows": rows, "batch_size": loader.batch_size, "model": _model_digest(model),
-                    "data": _data_digest(loader.dataset)}
-
-    def prepare(self, say: Callable[[str], None]) -> None:
-        """(rank 0) Make the folder hold shards of this key only."""
-        path = os.path.join(self.directory, "key.json")
-        old = None
-        if os.path.isfile(path):
-            try:
-                with open(path, encoding="utf-8") as f:
-                    old = json.load(f)
-            except (OSError, ValueError):
-                old = {}
-        if old == self.key:
-            return
-        if old is not None:
-            changed = sorted(k for k in set(old) | set(self.key) if old.get(k) != self.key.get(k)) \
-                if isinstance(old, dict) else ["unreadable key.json"]
-            say(f"features: {self.directory} was extracted with another {', '.join(changed)}: extracting again")
-            shutil.rmtree(self.directory)
-        os.makedirs(self.directory, exist_ok=True)
-        write_json(self.key, path)
-
-    def missing_shards(self) -> list[int]:
-        return [k for k in range(self.count) if not os.path.isfile(os.path.join(self.directory, f"shard{k}.json"))]
-
-    def extract(self, shard_ids) -> None:
-        for k in shard_ids:
-            start, stop = k * self.rows, min(self.n, (k + 1) * self.rows)
-            extract_features(self.model, row_loader(self.loader, start, stop), directory=self.directory,
-                             name=f"shard{k}")
-
-    def open(self) -> Features:
-        parts = [Features.load(self.directory, f"shard{k}") for k in range(self.count)]
-        head = LinearHead.from_model(self.model) if has_feature_head(self.model) else None
-
-        def cat(field, dtype):
-            arrays = [getattr(p, field) for p in parts]
-            if any(a is None for a in arrays):
-                return None
-            return torch.cat([a if torch.is_tensor(a) else torch.from_numpy(a[:].copy()) for a in arrays]).to(dtype)
-
-        return Features(cat("logits", torch.float32), cat("features", torch.float32), cat("labels", torch.long),
-                        head, self.loader.batch_size)
-
-
 # -- the cache ---------------------------------------------------------------------------------------------------
-class ShardedFeatureCache(FeatureCache):
-    """A :class:`FeatureCache` whose extraction and image scoring are shared over torchrun's ranks (see the
-    module docstring). Every rank must make the same calls in the same order.
+class ShardedFeatureCache(StoreFeatureCache):
+    """A :class:`~ascood.scoring.store.StoreFeatureCache` whose extraction and image scoring are shared over
+    torchrun's ranks (see the module docstring). Every rank must make the same calls in the same order.
 
-    ``directory``: where each split's shards go (``split<i>/``), readable by every rank; ``rows``: rows per
-    shard (default :func:`shard_rows_for`); ``say``: where rank 0's one-line notes go. ``extracted`` counts
-    the shards this process extracted, ``reused`` those found complete on disk.
+    ``store``: the :class:`~ascood.scoring.store.FeatureStore` every rank reads (one folder, seen by all);
+    ``checkpoint``: the file the model came from (the store keys splits by its sha256). ``extracted``
+    counts the shards this process extracted, ``reused`` the shards found stored.
     """
 
-    def __init__(self, model: nn.Module, directory: str | os.PathLike, ranks: Ranks, rows: int | None = None,
-                 say: Callable[[str], None] | None = None) -> None:
-        super().__init__(model, os.fspath(directory))
-        self.ranks, self.rows = ranks, rows
-        self.say = say or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    def __init__(self, model: nn.Module, store: FeatureStore, ranks: Ranks, *,
+                 checkpoint: str | os.PathLike | None = None) -> None:
+        super().__init__(model, store, checkpoint=checkpoint)
+        self.ranks = ranks
         self.extracted = 0
         self.reused = 0
 
-    def get(self, loader) -> Features:
-        if isinstance(loader, Features):
-            return loader
-        if loader is None:
-            raise ValueError("no data given (loader is None)")
-        hit = self._data.get(id(loader))
-        if hit is not None and hit[0] is loader:
-            return hit[1]
-        rows = shard_rows_for(_batch_size(loader), self.rows)
-        if len(loader.dataset) == 0:
-            raise ValueError("loader is empty")
-        shards = _ShardDir(os.path.join(self.directory, f"split{len(self._data)}"), self.model, loader, rows)
+    def fill(self, entry: SplitEntry, loader) -> list[int]:
+        """Rank 0 lists the missing shards (verifying those present); rank r extracts missing[r::W]; after
+        every rank is done, rank 0 finalizes the entry; returns the shards all ranks extracted."""
         ranks = self.ranks
-
-        def plan() -> list[int]:
-            if ranks.is_main:
-                shards.prepare(self.say)
-                return shards.missing_shards()
-            return []
-
-        missing = ranks.broadcast(ranks.together(plan))  # rank 0 lists: a shard finished meanwhile is not lost
+        missing = ranks.broadcast(ranks.together(lambda: entry.missing_shards() if ranks.is_main else None))
+        self.reused += entry.n_shards - len(missing)
         mine = missing[ranks.rank::ranks.world_size]
-        self.reused += shards.count - len(missing)
-        if ranks.is_main and len(missing) < shards.count:
-            self.say(f"features: {shards.directory}: {shards.count - len(missing)} of {shards.count} shard(s) "
-                     "already extracted, reused")
 
         def work() -> None:
-            for k in mine:
-                shards.extract([k])
+            for i in mine:  # one at a time: a crash loses at most the shard being made
+                entry.extract(self.model, loader, [i])
                 self.extracted += 1
                 _fault_hook(self.extracted)
 
         ranks.together(work)  # also the barrier: every shard is on disk after it
-        feats = ranks.together(shards.open)
-        self.extractions += 1
-        self._data[id(loader)] = (loader, feats)
-        return feats
+
+        def finalize() -> None:
+            if ranks.is_main and not entry.finalize():
+                raise StoreError(f"feature store entry {entry.path}: shard(s) {entry.missing_shards()[:5]} still "
+                                 "missing after extraction (removed by another process?)")
+
+        ranks.together(finalize)  # the others open the entry only once its manifest is complete
+        return missing
 
     def summary(self) -> str:
         """One line on what was extracted where (collective: every rank calls it)."""
         counts = self.ranks.all_gather((self.extracted, self.reused))
         done = [c[0] for c in counts]
-        return (f"features: {len(self._data)} split(s) in {self.directory}: {sum(done)} shard(s) extracted over "
+        return (f"features: {len(self._data)} split(s) in {self.store.root}: {sum(done)} shard(s) extracted over "
                 f"{self.ranks.world_size} process(es) ({', '.join(map(str, done))}), {counts[0][1]} reused")
 
     def image_scores(self, scorer, model: nn.Module, loader) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -337,6 +219,26 @@ class ShardedFeatureCache(FeatureCache):
         labels = [p[2] for p in parts]
         return (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]),
                 None if any(y is None for y in labels) else torch.cat(labels))
+
+
+def feature_store(root: str | os.PathLike, ranks: Ranks | None = None, say: Callable[[str], None] | None = None,
+                  shard_rows: int | None = None, **kw) -> FeatureStore:
+    """A :class:`~ascood.scoring.store.FeatureStore` at ``root`` with ``shard_rows`` rows per shard (default
+    ``$ASCOOD_SHARD_ROWS`` or the store's default); its one-line notes go to ``say`` (default the store's:
+    stderr) on rank 0 only."""
+    if ranks is not None and not ranks.is_main:
+        say = _silent
+    if shard_rows is None:
+        text = os.environ.get(SHARD_ROWS_ENV)
+        try:
+            shard_rows = int(text) if text else DEFAULT_SHARD_ROWS
+        except ValueError:
+            raise ValueError(f"environment variable {SHARD_ROWS_ENV}={text!r}: expected a positive integer") from None
+    return FeatureStore(root, shard_rows=shard_rows, log=say, **kw)
+
+
+def _silent(msg: str) -> None:
+    """The other ranks' store log: rank 0 says each note once."""
 
 
 def _fault_hook(done: int) -> None:

@@ -101,7 +101,7 @@ def test_eval_two_processes_writes_the_one_process_table(ws):
     per_rank, reused = _shard_counts(res.stdout)
     assert len(per_rank) == 2 and min(per_rank) > 0 and sum(per_rank) == TOTAL_SHARDS and reused == 0
     assert len([f for d in os.listdir(os.path.join(out, "features"))
-                for f in os.listdir(os.path.join(out, "features", d)) if re.fullmatch(r"shard\d+\.json", f)]) \
+                for f in os.listdir(os.path.join(out, "features", d)) if re.fullmatch(r"shard-\d+\.safetensors", f)]) \
         == TOTAL_SHARDS
     assert res.stdout.count("scorer  group  dataset") == 1  # rank 0 alone prints the table
 
