@@ -14,10 +14,14 @@ calls them in the same order, which the identical code path guarantees):
 * **image scoring** (:meth:`ShardedFeatureCache.image_scores`): scorers that need the images (ODIN,
   i-ODIN: per-batch input gradients; cached features cannot serve them) score contiguous ranges of whole
   batches, one per rank, and the scores are gathered to every rank in row order (gloo all_gather of CPU
-  tensors).
+  tensors);
+* **scoring from features** (:meth:`ShardedFeatureCache.record_scores`): each rank scores a contiguous
+  range of whole 1024-row chunks of the record (a KNN search over an ImageNet bank is the costly part),
+  gathered the same way.
 
-Everything else (fitting, scoring from the features, APS) runs on every rank from the same files, so each
-rank takes the same decisions without messages; only rank 0 writes results. Bitwise equality with one
+Fits (KNN's bank, MDS's class statistics, ViM's subspace, ...) run on every rank from the same
+memory-mapped files, so each rank holds the same fitted scorer and takes the same decisions (APS's best
+grid point, the detector's threshold) without messages; only rank 0 writes results. Bitwise equality with one
 process rests on every image being computed in the same batch: the store cuts batches inside shards (a
 one-process run through the store makes the same ones; a plain in-RAM pass makes them too when the shard
 rows are a multiple of the batch size), score ranges are whole batches, and the thread count is the same
@@ -40,13 +44,15 @@ from torch.utils.data import DataLoader, SequentialSampler, Subset
 
 from ..training.distributed import (DistContext, PeerFailed, PeerValueError, all_gather_objects,
                                     broadcast_object, exit_status, init_from_env, object_group)
-from .scorers.features import model_image_scores
+from .scorers.features import Features, features_scores, model_image_scores
 from .store import DEFAULT_SHARD_ROWS, FeatureStore, SplitEntry, StoreError, StoreFeatureCache
 
 __all__ = ["Ranks", "ShardedFeatureCache", "feature_store", "batch_ranges", "row_loader", "FAULT_ENV",
            "SHARD_ROWS_ENV"]
 
 SHARD_ROWS_ENV = "ASCOOD_SHARD_ROWS"
+#: Rows per chunk when scoring a record (:func:`~ascood.scoring.scorers.features.features_scores`'s default).
+SCORE_ROWS = 1024
 FAULT_ENV = "ASCOOD_TEST_FAIL_AFTER_SHARDS"
 
 
@@ -200,6 +206,25 @@ class ShardedFeatureCache(StoreFeatureCache):
         done = [c[0] for c in counts]
         return (f"features: {len(self._data)} split(s) in {self.store.root}: {sum(done)} shard(s) extracted over "
                 f"{self.ranks.world_size} process(es) ({', '.join(map(str, done))}), {counts[0][1]} reused")
+
+    def record_scores(self, scorer, feats: Features) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(pred (N,) int64, score (N,) float32, labels) of a split's record, the rows shared over the ranks:
+        rank r scores the r-th contiguous range of whole :data:`SCORE_ROWS`-row chunks (the chunks one process
+        scores, so the same numbers), and every rank gets all N rows in order."""
+        ranks = self.ranks
+        n = len(feats)
+        start, stop = batch_ranges(n, SCORE_ROWS, ranks.world_size)[ranks.rank]
+
+        def part():
+            if stop <= start:
+                return None
+            pred, score, _ = features_scores(scorer, feats, rows=SCORE_ROWS, start=start, stop=stop)
+            return pred, score
+
+        parts = [p for p in ranks.all_gather(ranks.together(part)) if p is not None]
+        if not parts:
+            raise ValueError("loader is empty")
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), feats.labels
 
     def image_scores(self, scorer, model: nn.Module, loader) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(pred (N,) int64, score (N,) float32, labels (N,) or None) of a scorer that needs the images: rank r

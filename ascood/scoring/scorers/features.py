@@ -513,6 +513,10 @@ class FeatureCache:
         self._data[id(loader)] = (loader, feats)  # the loader is kept so its id is not reused
         return feats
 
+    def record_scores(self, scorer, feats: Features) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """:func:`features_scores` of a split's record (a sharded cache shares the rows over ranks)."""
+        return features_scores(scorer, feats)
+
     def image_scores(self, scorer, model: nn.Module, loader
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(pred, score, labels) of a scorer that needs the images (ODIN, i-ODIN), run batch by batch; a
@@ -540,17 +544,26 @@ def model_image_scores(scorer, model: nn.Module, loader) -> tuple[torch.Tensor, 
     return torch.cat(preds), torch.cat(scores), (torch.cat(labels) if labels else None)
 
 
-def features_scores(scorer, feats: Features, rows: int = 1024
+def features_scores(scorer, feats: Features, rows: int = 1024, start: int = 0, stop: int | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(pred (N,) int64, score (N,) float32, labels (N,) or None) of a record, ``rows`` rows at a time.
 
-    pred is the argmax of the record's logits (the model's prediction).
+    pred is the argmax of the record's logits (the model's prediction). ``start`` / ``stop``: only the rows
+    [start, stop) (N = stop - start), read in chunks of ``rows`` from ``start`` (a range starting at a
+    multiple of ``rows`` is cut into the chunks a whole-record call makes there).
     """
     feats.require("logits", scorer.name)
+    stop = len(feats) if stop is None else stop
+    if rows < 1:
+        raise ValueError(f"rows must be >= 1, got {rows}")
     preds, scores = [], []
-    for z, h, _ in feats.chunks(rows):
+    for a in range(start, stop, rows):
+        b = min(stop, a + rows)
+        z = feats.logit_rows(a, b)
+        h = None if feats.features is None else feats.feature_rows(a, b)
         preds.append(z.argmax(1))
         scores.append(scorer.score_features(z, h, head=feats.head).detach().float().cpu())
     if not scores:
         raise ValueError("loader is empty")
-    return torch.cat(preds), torch.cat(scores), feats.labels
+    labels = feats.labels if feats.labels is None or (start, stop) == (0, len(feats)) else feats.labels[start:stop]
+    return torch.cat(preds), torch.cat(scores), labels

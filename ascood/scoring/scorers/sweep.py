@@ -16,7 +16,7 @@ from torch import nn
 
 from ..metrics import ood_metrics
 from .base import Scorer
-from .features import FeatureCache, Features, features_scores, model_image_scores
+from .features import FeatureCache, Features, model_image_scores
 
 __all__ = ["SweepResult", "sweep", "loader_scores", "fit_scorer"]
 
@@ -40,7 +40,7 @@ def loader_scores(scorer: Scorer, model: nn.Module | None, loader, cache: Featur
     """
     if scorer.supports_features:
         cache = cache if cache is not None else FeatureCache(model)
-        return features_scores(scorer, cache.get(loader))
+        return cache.record_scores(scorer, cache.get(loader))
     if isinstance(loader, Features):
         raise TypeError(f"{scorer.name} needs the model and the images: pass a loader, not cached Features")
     if cache is not None:
