@@ -66,13 +66,13 @@ def worker(args) -> None:
     import torch
     import torch.distributed as dist
 
-    from ascood.scoring.distributed import Ranks, ShardedFeatureCache, feature_store
-    from ascood.scoring.store import StoreFeatureCache
+    from ascood.scoring.distributed import Ranks, ShardedFeatureCache
+    from ascood.scoring.store import FeatureStore, StoreFeatureCache
 
     torch.set_num_threads(args.threads)
     model, loader = build(args)
     ranks, started = Ranks.from_env("cpu")
-    store = feature_store(args.store, ranks, say=lambda m: None, shard_rows=args.shard_rows)
+    store = FeatureStore(args.store, shard_rows=args.shard_rows, log=lambda m: None)
     if ranks.enabled:
         cache = ShardedFeatureCache(model, store, ranks)
         dist.barrier()

@@ -13,7 +13,8 @@ import os
 
 from . import checks
 from .argtypes import device_name, non_negative_int, positive_int
-from .torchrun import claim_on_rank0, torchrun_ranks
+from .common_args import add_feature_store_args, default_features_dir, feature_store_from_args
+from .torchrun import claim_on_rank0, require_store, torchrun_ranks
 
 __all__ = ["add_parser", "run", "EXIT_STATUSES"]
 
@@ -70,7 +71,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--bank-dtype", choices=("float32", "float16"), default="float32",
                    help="KNN / NNGuide / Relation bank precision on disk (float16: half the size)")
     p.add_argument("--feature-dir", metavar="DIR", help="memory-map the extracted features from files in DIR instead "
-                   "of RAM (ImageNet-size --id-train with knn / nnguide / relation)")
+                   "of RAM (ImageNet-size --id-train with knn / nnguide / relation); with the feature store "
+                   "(--features) only for the splits it cannot key")
+    add_feature_store_args(p)
     p.add_argument("--out", required=True, metavar="DET", help="folder to write the detector to: a new or empty "
                    "folder, or an earlier detector (replaced as one unit); any other existing folder is refused")
     p.add_argument("--batch-size", type=positive_int, default=128, help="batch size (default 128)")
@@ -123,6 +126,7 @@ def run(args: argparse.Namespace) -> int:
                        ("--id-calibration", args.id_calibration)):
         if path:
             checks.require_path(path, f"{flag} data")
+    store = feature_store_from_args(args, default_features_dir(ckpt))
     if args.scorer.lower() == "aps":
         if not args.ood_val:
             raise checks.InputError("--scorer aps chooses the scorer by AUROC against OOD validation data: give "
@@ -135,10 +139,7 @@ def run(args: argparse.Namespace) -> int:
         checks.check_scorers_have_train([probe], bool(args.id_train), True, train_flag="--id-train",
                                         val_flag="--id-val")
     with torchrun_ranks(args.device) as ranks:
-        # Under torchrun the ranks share each split's features through files: --feature-dir, else DET.features
-        # beside the detector (the detector folder itself is replaced as one unit).
-        features = args.feature_dir or (os.path.abspath(args.out).rstrip(os.sep) + ".features"
-                                        if ranks.enabled else None)
+        require_store(store, ranks)  # under torchrun the ranks share each split's features through the store
         with claim_on_rank0(ranks, lambda: _claim(args.out)):
             _check_data(args)
             from ..deploy.detector import Detector
@@ -147,7 +148,8 @@ def run(args: argparse.Namespace) -> int:
                                id_calibration=args.id_calibration, scorer=args.scorer, tpr=args.tpr,
                                calibration_fraction=args.calibration_fraction, seed=args.seed,
                                batch_size=args.batch_size, workers=args.workers, device=args.device,
-                               feature_dir=features, log=print, arg_names=FLAG_NAMES, ranks=ranks)
+                               feature_dir=args.feature_dir, log=print, arg_names=FLAG_NAMES, feature_store=store,
+                               ranks=ranks)
             if not ranks.is_main:
                 return 0  # every rank fitted the same detector; rank 0 writes it
             det.save(args.out, bank_dtype=args.bank_dtype)

@@ -13,9 +13,10 @@ import sys
 
 from . import checks
 from .argtypes import named_path
-from .common_args import add_data_args, link_roots, tree_from_args
+from .common_args import (add_data_args, add_feature_store_args, default_features_dir, feature_cache,
+                          feature_store_from_args, link_roots, tree_from_args)
 from .presets import add_benchmark_args
-from .torchrun import claim_on_rank0, feature_dir, torchrun_ranks
+from .torchrun import claim_on_rank0, require_store, torchrun_ranks
 
 __all__ = ["add_parser", "run", "EVAL_OUTPUTS"]
 
@@ -59,6 +60,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                         "temperature T and step eps) are chosen by AUROC on this validation split, never the test sets")
     e.add_argument("--aps-ood", metavar="PATH", help="APS: OOD validation data (see --aps-id)")
     add_data_args(e)
+    add_feature_store_args(e)
     add_benchmark_args(e, "eval")
     return e
 
@@ -74,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
         ckpt_path = resolve_checkpoint(args.checkpoint, args.which)
     except ValueError as err:
         raise checks.InputError(str(err))
+    args.feature_store = feature_store_from_args(args, default_features_dir(ckpt_path))
     if args.data_root:
         return _eval_benchmark(args, ckpt_path)
     if not args.id:
@@ -101,9 +104,9 @@ def run(args: argparse.Namespace) -> int:
     checks.check_scorers_have_train(probes, bool(args.train), bool(args.val or args.aps_id))
     names = [s.name for s in probes]
     with torchrun_ranks(args.device) as ranks:
-        features = feature_dir(args.out, ranks)
+        require_store(args.feature_store, ranks)
         with claim_on_rank0(ranks, lambda: checks.claim_out(args.out, EVAL_OUTPUTS)):
-            return _evaluate(args, names, ckpt_path, ranks, features)
+            return _evaluate(args, names, ckpt_path, ranks)
 
 
 def _load_model(args, ckpt_path: str, ranks=None):
@@ -164,24 +167,23 @@ def _check_fit_labels(scorers, split: str, ds, flag: str, path: str) -> None:
                             "(use class folders root/<class>/<image> or a list of 'path label' lines)")
 
 
-def _feature_cache(model, ranks, features: str | None, checkpoint: str):
-    """Each split runs through the model once, for every scorer and APS grid point; under torchrun once over
-    all ranks (shards in the feature store ``features``)."""
-    from ..scoring.distributed import ShardedFeatureCache, feature_store
-    from ..scoring.scorers import FeatureCache
+def _feature_cache(model, ranks, store, checkpoint: str):
+    """Each split runs through the model once, for every scorer and APS grid point (kept in ``store`` when
+    there is one); under torchrun once over all ranks (:mod:`ascood.scoring.distributed`)."""
+    from ..scoring.distributed import ShardedFeatureCache
 
-    if features is None:
-        return FeatureCache(model)
-    return ShardedFeatureCache(model, feature_store(features, ranks), ranks, checkpoint=checkpoint)
+    if ranks.enabled:
+        return ShardedFeatureCache(model, store, ranks, checkpoint=checkpoint)
+    return feature_cache(model, store, checkpoint)
 
 
-def _evaluate(args, names: list[str], ckpt_path: str, ranks, features: str | None) -> int:
+def _evaluate(args, names: list[str], ckpt_path: str, ranks) -> int:
     from ..data import datasets as D
     from ..scoring.evaluator import evaluate
     from ..scoring.scorers import get_scorer
 
     model, ckpt = _load_model(args, ckpt_path, ranks)
-    cache = _feature_cache(model, ranks, features, ckpt_path)
+    cache = _feature_cache(model, ranks, args.feature_store, ckpt_path)
     extra = ckpt.get("extra") or {}
     size, mean, std = extra.get("image_size", 32), extra.get("mean", [0.5] * 3), extra.get("std", [0.5] * 3)
     if getattr(model, "input_std", None) is None and "std" in extra:
@@ -265,16 +267,16 @@ def _eval_benchmark(args, ckpt_path: str) -> int:
     scorers = [s.name for s in checks.parse_scorer_names(args.scorers, get_scorer)]
     with torchrun_ranks(args.device) as ranks:
         tree = tree_from_args(args, progress=ranks.is_main)
-        features = feature_dir(args.out, ranks)
+        require_store(args.feature_store, ranks)
         with claim_on_rank0(ranks, lambda: checks.claim_out(args.out, EVAL_OUTPUTS + ("aps.json",))):
-            return _evaluate_benchmark(args, ckpt_path, tree, scorers, ranks, features)
+            return _evaluate_benchmark(args, ckpt_path, tree, scorers, ranks)
 
 
-def _evaluate_benchmark(args, ckpt_path: str, tree, scorers: list[str], ranks, features: str | None) -> int:
+def _evaluate_benchmark(args, ckpt_path: str, tree, scorers: list[str], ranks) -> int:
     from ..scoring.benchmark import evaluate_on_benchmark
 
     model, ckpt = _load_model(args, ckpt_path, ranks)
-    cache = _feature_cache(model, ranks, features, ckpt_path)
+    cache = _feature_cache(model, ranks, args.feature_store, ckpt_path)
     # A preset's scorer arguments (NNGuide's whole-set bank, as the authors' fork) apply here as in reproduce.
     params = None
     if getattr(args, "preset", None):
@@ -283,8 +285,7 @@ def _evaluate_benchmark(args, ckpt_path: str, tree, scorers: list[str], ranks, f
         params = {n: get_preset(args.preset).params_for(n) for n in scorers if get_preset(args.preset).params_for(n)}
     table, aps = evaluate_on_benchmark(model, ckpt.get("extra") or {}, tree, scorers, batch_size=args.batch_size,
                                        workers=args.workers, out_dir=args.out if ranks.is_main else None,
-                                       progress=ranks.is_main, scorer_params=params,
-                                       cache=cache)
+                                       progress=ranks.is_main, scorer_params=params, cache=cache)
     for name, res in aps.items():
         print(f"APS {name}: {res['params']} (validation AUROC {res['val_auroc']:.2f})")
     print(table)

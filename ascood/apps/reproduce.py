@@ -27,7 +27,7 @@ N -m ascood reproduce ...`` every run trains data-parallel over the N
 processes (DistributedSampler, SyncBatchNorm on GPUs; the preset's batch is
 the global batch, split evenly), rank 0 alone writes, and the evaluation is
 shared too: each split's images go through the model once over all ranks
-(shards in ``<run>/eval/features``), ODIN / i-ODIN score their images
+(shards in the feature store, ``<run>/features`` by default), ODIN / i-ODIN score their images
 sharded, and rank 0 writes the same numbers one process would
 (:mod:`ascood.scoring.distributed`).
 
@@ -95,8 +95,7 @@ OUTPUT_FILES = {
                               "hyperparameters APS chose on the validation split and their validation AUROC), "
                               "hist_<scorer>.png (ID vs OOD score histograms, the paper's Figure 4), signature.json "
                               "(the scorers, checkpoint, sets, data root and list fingerprint it was made from; a "
-                              "re-run with other ones evaluates again and says why); under torchrun features/ (each "
-                              "split's shards, shared by the processes; reused by a resumed run)",
+                              "re-run with other ones evaluates again and says why)",
 }
 
 
@@ -329,12 +328,14 @@ def _signature_changes(old: dict, new: dict) -> list[str]:
 
 def eval_run(run_dir: str, best: str, tree: ResolvedBenchmark, scorers: list[str], *, batch_size: int, workers: int,
              device: str | None, progress: bool, params: dict | None = None,
-             say: Callable[[str], None] = lambda msg: None, ranks=None) -> tuple[list[dict], dict]:
+             say: Callable[[str], None] = lambda msg: None, features: dict | None = None,
+             ranks=None) -> tuple[list[dict], dict]:
     """Evaluate one run's checkpoint (or reuse the evaluation already written for it with the same signature).
 
-    ``ranks``: under torchrun every rank calls this (rank 0 decides whether to reuse and writes); each split
-    is extracted once over the ranks (shards in ``eval/features``) and ODIN / i-ODIN score sharded
-    (:mod:`ascood.scoring.distributed`)."""
+    ``features``: the feature store's settings ({"root": folder or None for ``run_dir/features``,
+    "shard_rows", "features_dtype"}), None for none. ``ranks``: under torchrun every rank calls this (rank 0
+    decides whether to reuse and writes); each split is extracted once over the ranks into the feature store
+    and the scoring is shared (:mod:`ascood.scoring.distributed`)."""
     eval_dir = os.path.join(run_dir, "eval")
     params = dict(params or {})
     main = ranks is None or ranks.is_main
@@ -361,18 +362,29 @@ def eval_run(run_dir: str, best: str, tree: ResolvedBenchmark, scorers: list[str
     if done is not None:
         return done
     model, ckpt = load_model(best)
-    if ranks is not None and ranks.enabled:
-        from ..scoring.distributed import ShardedFeatureCache, feature_store
+    store = None
+    if features is not None:
+        from ..scoring.store import FeatureStore
 
+        store = FeatureStore(features.get("root") or os.path.join(run_dir, "features"),
+                             shard_rows=features.get("shard_rows", 4096),
+                             features_dtype=features.get("features_dtype", "float32"),
+                             log=None if main else (lambda msg: None))
+    cache = None
+    if ranks is not None and ranks.enabled:
+        from ..scoring.distributed import ShardedFeatureCache
+
+        if store is None:
+            raise ReproduceError("under torchrun the processes share each split's features through the feature "
+                                 "store: drop --features none / --no-feature-store")
         model.to(ranks.device(device))
-        cache = ShardedFeatureCache(model, feature_store(os.path.join(eval_dir, "features"), ranks), ranks,
-                                    checkpoint=best)
+        cache = ShardedFeatureCache(model, store, ranks, checkpoint=best)
     else:
         model.to(torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")))
-        cache = None
     table, aps = evaluate_on_benchmark(model, ckpt.get("extra") or {}, tree, scorers, batch_size=batch_size,
                                        workers=workers, out_dir=eval_dir if main else None,
-                                       progress=progress and main, scorer_params=params, cache=cache)
+                                       progress=progress and main, scorer_params=params, feature_store=store,
+                                       checkpoint=best, cache=cache)
     if cache is not None:
         say(cache.summary())
     if main:
@@ -728,14 +740,15 @@ def _dist_begin(device: str | None) -> tuple[DistContext, bool]:
 def reproduce(name: str, data_root: str, *, seeds: Sequence[int] = (0, 1, 2), out: str | None = None,
               overrides: dict | None = None, allow_missing: bool = False, weights: str | None = None,
               class_list: str | None = None, device: str | None = None, workers: int = 0, progress: bool = True,
-              argv: Sequence[str] = (), link_roots: Sequence[str] = ()) -> dict | None:
+              argv: Sequence[str] = (), link_roots: Sequence[str] = (), features: dict | None = None) -> dict | None:
     """Train CE and ASCOOD for every seed (resumable), evaluate, write the outputs; returns the summary dict
-    (None on the ranks other than 0 under torchrun)."""
+    (None on the ranks other than 0 under torchrun). ``features``: the feature store of the evaluations (see
+    :func:`eval_run`; None: none)."""
     ctx, started = _dist_begin(device)
     try:
         group = object_group(ctx)  # collective: every rank, once
         return _reproduce(name, data_root, seeds, out, overrides or {}, allow_missing, weights, class_list, device,
-                          workers, progress, argv, ctx, link_roots, group)
+                          workers, progress, argv, ctx, link_roots, features, group)
     finally:
         if started:
             import torch.distributed as dist
@@ -745,7 +758,8 @@ def reproduce(name: str, data_root: str, *, seeds: Sequence[int] = (0, 1, 2), ou
 
 
 def _reproduce(name, data_root, seeds, out, overrides, allow_missing, weights, class_list, device, workers, progress,
-               argv, ctx: DistContext, link_roots: Sequence[str] = (), group=None) -> dict | None:
+               argv, ctx: DistContext, link_roots: Sequence[str] = (), features: dict | None = None,
+               group=None) -> dict | None:
     from tqdm.auto import tqdm
 
     from ..scoring.distributed import Ranks
@@ -804,7 +818,8 @@ def _reproduce(name, data_root, seeds, out, overrides, allow_missing, weights, c
             scorers = method_scorers(v, method)
             runs[(method, seed)], aps[(method, seed)] = eval_run(
                 run_dir, checkpoints[(method, seed)], p.tree, scorers, batch_size=v["batch_size"], workers=workers,
-                device=device, progress=progress, params=scorer_params(name, scorers), say=say, ranks=ranks)
+                device=device, progress=progress, params=scorer_params(name, scorers), say=say, features=features,
+                ranks=ranks)
         if not main_rank:
             return None  # rank 0 writes the table; this process is done
         summary = summarize(name, v, runs, seeds, p.tree)
@@ -849,7 +864,7 @@ def add_parser(sub) -> None:
 
     from .argtypes import device_name, fraction, non_negative as nonneg, non_negative_int, positive as positive_float
     from .argtypes import existing_dir, positive_int
-    from .common_args import LINK_FLAG
+    from .common_args import LINK_FLAG, add_feature_store_args
     from ..nets.registry import MODEL_NAMES
     from ..training.outliers import OOD_TYPES, SHUFFLE_RANKS
     from .presets import PRESETS
@@ -900,10 +915,23 @@ def add_parser(sub) -> None:
     r.add_argument("--device", type=device_name, help="cpu, cuda or cuda:N (default: cuda when available; under "
                    "torchrun each process its local GPU)")
     r.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    add_feature_store_args(r, default="each run's folder, OUT/METHOD/seedS/features")
 
 
 OVERRIDE_KEYS = ("epochs", "model", "image_size", "batch_size", "lr", "ood_type", "p_inv", "shuffle_rank",
                  "alpha_max", "alpha_min", "w", "fc_lr_factor", "scorers")
+
+
+def _feature_settings(args) -> dict | None:
+    """The evaluations' feature store from --features / --no-feature-store / --features-dtype / --shard-rows
+    (an explicit folder is checked here, before any work)."""
+    from .common_args import feature_store_from_args
+
+    if getattr(args, "no_feature_store", False) or (getattr(args, "features", None) or "").lower() == "none":
+        return None
+    shared = feature_store_from_args(args, None) if getattr(args, "features", None) else None
+    return {"root": shared.root if shared is not None else None, "shard_rows": getattr(args, "shard_rows", 4096),
+            "features_dtype": getattr(args, "features_dtype", "float32")}
 
 
 def cmd(args, argv: Sequence[str] = ()) -> int:
@@ -934,11 +962,12 @@ def cmd(args, argv: Sequence[str] = ()) -> int:
             if p.tree.skipped:
                 print("skipped (missing): " + ", ".join(p.tree.skipped_names()))
         return 0
+    features = _feature_settings(args)
     try:
         summary = reproduce(args.name, args.data_root, seeds=args.seeds, out=args.out, overrides=overrides,
                             allow_missing=args.allow_missing, weights=args.weights, class_list=args.class_list,
                             device=args.device, workers=args.workers, progress=args.progress, argv=argv,
-                            link_roots=args.link_roots)
+                            link_roots=args.link_roots, features=features)
     except _PeerFailed as err:  # rank 0 printed the message; this rank only ends with the same status
         return err.status
     if summary is None:

@@ -13,17 +13,13 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
 import warnings
 from contextlib import ExitStack, contextmanager
 from typing import Callable, ContextManager, Iterator
 
 from . import checks
 
-__all__ = ["torchrun_ranks", "claim_on_rank0", "feature_dir", "FEATURES_SUBDIR"]
-
-#: The folder inside --out where a torchrun evaluation keeps its shards (readable by every rank).
-FEATURES_SUBDIR = "features"
+__all__ = ["torchrun_ranks", "claim_on_rank0", "require_store"]
 
 
 @contextmanager
@@ -65,12 +61,19 @@ def claim_on_rank0(ranks, claim: Callable[[], ContextManager]) -> Iterator[None]
         yield
 
 
-def feature_dir(out: str | None, ranks, flag: str = "--out") -> str | None:
-    """Where a torchrun evaluation's shards go: ``OUT/features`` (every rank must see the same folder: one
-    file system, or one shared across the nodes). None in one process; an InputError without --out."""
+def require_store(store, ranks) -> None:
+    """Under torchrun the ranks share each split's features through the feature store (``--features DIR``,
+    default the run's ``features/``): an InputError when it is switched off; its one-line notes are said by
+    rank 0 only."""
     if not ranks.enabled:
-        return None
-    if not out:
-        raise checks.InputError(f"under torchrun give {flag} DIR: the ranks share each split's features "
-                                "through files there")
-    return os.path.join(out, FEATURES_SUBDIR)
+        return
+    if store is None:
+        raise checks.InputError("under torchrun the processes share each split's features through the feature "
+                                "store: drop --features none / --no-feature-store (or give --features DIR, a "
+                                "folder every process can read)")
+    if not ranks.is_main:
+        store.log = _silent
+
+
+def _silent(msg: str) -> None:
+    """The other ranks' store notes: rank 0 says each once."""

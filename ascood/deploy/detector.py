@@ -126,6 +126,10 @@ class _Calibrated(torch.utils.data.Dataset):
             return item[0], item[1] if len(item) > 1 else -1
         return item, -1
 
+    def feature_store_source(self):
+        """(tag, wrapped dataset) for the feature store's key: the rows are the wrapped dataset's."""
+        return "calibrated", self.ds
+
 
 class Detector:
     """A model, one fitted scorer, the preprocessing, class names and a calibrated decision rule.
@@ -317,7 +321,7 @@ class Detector:
             preprocessing: Preprocessing | dict | None = None, classes: Sequence[str] | None = None,
             which: str | None = None, batch_size: int = 128, workers: int = 0, device=None,
             candidates: Sequence[str] = APS_CANDIDATES, feature_dir: str | os.PathLike | None = None,
-            log=None, arg_names: dict | None = None, ranks=None) -> "Detector":
+            log=None, arg_names: dict | None = None, feature_store=None, ranks=None) -> "Detector":
         """Fit the scorer, choose hyperparameters (APS, with ``ood_val``), calibrate the threshold at ``tpr``.
 
         Args:
@@ -346,11 +350,15 @@ class Detector:
                 is 10 GiB) instead of holding them in RAM; a KNN / NNGuide /
                 Relation bank then reads from those files and is streamed
                 into the artifact block by block.
+            feature_store: a :class:`~ascood.scoring.store.FeatureStore` (or its folder) keeping each split's
+                features across runs: a split stored under the same key (the checkpoint's sha256 for a run,
+                else the model's state dict; the files; the preprocessing; the layer) is read, not run through
+                the model. ``feature_dir`` then holds only the splits the store cannot key.
             log: a ``print``-like callable for progress lines (default: silent).
             arg_names: what messages call the data arguments and tpr (``{"id_val": "--id-val", ...}``, as the
                 CLI passes its flags; default their own names).
             ranks: under torchrun, the :class:`~ascood.scoring.distributed.Ranks` of this process: every rank
-                calls ``fit`` with the same arguments (and a ``feature_dir`` they all see); each split's
+                calls ``fit`` with the same arguments (and a ``feature_store`` they all see); each split's
                 features are extracted once over all ranks and ODIN / i-ODIN score their images sharded
                 (:mod:`ascood.scoring.distributed`), so every rank returns the detector one process would.
 
@@ -372,8 +380,8 @@ class Detector:
         _check_count(workers, "workers", 0)
         model, prep, run_classes, provenance = _load_source(model_or_run, preprocessing, which)
         distributed = ranks is not None and ranks.enabled
-        if distributed and feature_dir is None:
-            raise ValueError("fitting under torchrun needs feature_dir, a folder every rank can read")
+        if distributed and feature_store is None:
+            raise ValueError("fitting under torchrun needs feature_store, a folder every rank can read")
         device = ranks.device(resolve_device(device, "device")) if distributed else \
             torch.device(resolve_device(device, "device"))
         model = model.to(device).eval()
@@ -410,13 +418,7 @@ class Detector:
                                                                         shuffle=False, num_workers=workers)
 
         train_l, tune_l, calib_l, ood_l = loader(train_ds), loader(tune_ds), loader(calib_ds), loader(ood_ds)
-        if distributed:
-            from ..scoring.distributed import ShardedFeatureCache, feature_store
-
-            cache = ShardedFeatureCache(model, feature_store(feature_dir, ranks), ranks,
-                                        checkpoint=provenance.get("checkpoint"))
-        else:
-            cache = FeatureCache(model, directory=None if feature_dir is None else os.fspath(feature_dir))
+        cache = _feature_cache(model, feature_store, provenance, feature_dir, ranks if distributed else None)
         input_std = model_input_std(model) or prep.std
         t0 = time.perf_counter()
         if is_aps:
@@ -429,9 +431,9 @@ class Detector:
         if distributed:
             say(cache.summary())  # collective: every rank calls it
         used_train = _fits_on_train(fitted, True)
-        calib_scores, calib_labels, calib_pred = _scores_of(model, fitted, calib_l)
+        calib_scores, calib_labels, calib_pred = _scores_of(model, fitted, calib_l, cache)
         det = cls(model, fitted, prep, names, calib_scores, tpr, provenance)
-        det.validation = _validation_summary(det, calib_labels, calib_pred, ood_l, fit_seconds)
+        det.validation = _validation_summary(det, calib_labels, calib_pred, ood_l, fit_seconds, cache)
         det.provenance.update({
             "scorer_choice": choice,
             # Only the data the scorer used: an id_train that msp ignored is not listed as its statistics' source.
@@ -644,8 +646,16 @@ def _score_batch(model: nn.Module, scorer: Scorer, x: torch.Tensor) -> tuple[tor
         return model(x).float(), score
 
 
-def _scores_of(model, scorer, loader) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """(scores (N,) float32, labels (N,) or None, predicted class (N,)) over a loader through :func:`_score_batch`."""
+def _scores_of(model, scorer, loader, cache: FeatureCache | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """(scores (N,) float32, labels (N,) or None, predicted class (N,)) over a loader through :func:`_score_batch`,
+    or, for a feature scorer with a feature store, from the split's stored features (the same scorer code on
+    the same logits and features, no model forward)."""
+    from ..scoring.store import StoreFeatureCache
+
+    if isinstance(cache, StoreFeatureCache) and scorer.supports_features:
+        pred, score, labels = loader_scores(scorer, model, loader, cache)
+        return score, labels, pred
     scores, labels, preds = [], [], []
     device = next(model.parameters()).device if next(model.parameters(), None) is not None else torch.device("cpu")
     for x, y in iterate_loader(loader, device):
@@ -730,7 +740,8 @@ def _fit_named(scorer, input_std, model, tune_l, ood_l, train_l, cache, say) -> 
     return s, choice
 
 
-def _validation_summary(det: "Detector", calib_labels, calib_pred, ood_l, fit_seconds: float) -> dict:
+def _validation_summary(det: "Detector", calib_labels, calib_pred, ood_l, fit_seconds: float,
+                        cache: FeatureCache | None = None) -> dict:
     """The numbers the model card shows: the calibration set's TPR and accuracy, and ood_val's FPR / AUROC."""
     calib = det.calibration
     out = {"n_calibration": int(calib.numel()), "tpr_target": det.tpr, "threshold": det.threshold,
@@ -738,7 +749,7 @@ def _validation_summary(det: "Detector", calib_labels, calib_pred, ood_l, fit_se
     if calib_labels is not None and bool((calib_labels >= 0).all()):
         out["calibration_accuracy"] = float((calib_pred == calib_labels).double().mean())
     if ood_l is not None:
-        ood_scores, _, _ = _scores_of(det.model, det.scorer, ood_l)
+        ood_scores, _, _ = _scores_of(det.model, det.scorer, ood_l, cache)
         m = ood_metrics(calib, ood_scores)
         out.update({"n_ood_val": int(ood_scores.numel()), "ood_val_auroc": m["auroc"],
                     "ood_val_fpr": float((ood_scores >= det.threshold).double().mean()),
@@ -816,6 +827,22 @@ def _num_classes(model: nn.Module, prep: Preprocessing) -> int:
     with torch.no_grad():
         x = torch.zeros(1, prep.channels, prep.image_size, prep.image_size, device=next(model.parameters()).device)
         return int(model(x).shape[1])
+
+
+def _feature_cache(model, feature_store, provenance: dict, feature_dir, ranks=None) -> FeatureCache:
+    """The fit's FeatureCache: in RAM / ``feature_dir``, or backed by ``feature_store`` (a FeatureStore or a path);
+    under torchrun (``ranks``) one whose extraction and scoring are shared over the ranks."""
+    directory = None if feature_dir is None else os.fspath(feature_dir)
+    if feature_store is None:
+        return FeatureCache(model, directory=directory)
+    from ..scoring.store import FeatureStore, StoreFeatureCache
+
+    store = feature_store if isinstance(feature_store, FeatureStore) else FeatureStore(os.fspath(feature_store))
+    if ranks is not None:
+        from ..scoring.distributed import ShardedFeatureCache
+
+        return ShardedFeatureCache(model, store, ranks, checkpoint=provenance.get("checkpoint"))
+    return StoreFeatureCache(model, store, checkpoint=provenance.get("checkpoint"), directory=directory)
 
 
 def _load_source(model_or_run, preprocessing, which):

@@ -28,8 +28,7 @@ rows are a multiple of the batch size), score ranges are whole batches, and the 
 (torchrun sets OMP_NUM_THREADS=1 per process).
 
 Test-only: ``ASCOOD_TEST_FAIL_AFTER_SHARDS=k`` makes a process raise after it extracted k shards (a crash
-mid-extraction, for the resume test); ``ASCOOD_SHARD_ROWS`` sets the rows per shard (default
-:data:`ascood.scoring.store.DEFAULT_SHARD_ROWS`).
+mid-extraction, for the resume test).
 """
 from __future__ import annotations
 
@@ -45,12 +44,10 @@ from torch.utils.data import DataLoader, SequentialSampler, Subset
 from ..training.distributed import (DistContext, PeerFailed, PeerValueError, all_gather_objects,
                                     broadcast_object, exit_status, init_from_env, object_group)
 from .scorers.features import Features, features_scores, model_image_scores
-from .store import DEFAULT_SHARD_ROWS, FeatureStore, SplitEntry, StoreError, StoreFeatureCache
+from .store import FeatureStore, SplitEntry, StoreError, StoreFeatureCache
 
-__all__ = ["Ranks", "ShardedFeatureCache", "feature_store", "batch_ranges", "row_loader", "FAULT_ENV",
-           "SHARD_ROWS_ENV"]
+__all__ = ["Ranks", "ShardedFeatureCache", "batch_ranges", "row_loader", "FAULT_ENV"]
 
-SHARD_ROWS_ENV = "ASCOOD_SHARD_ROWS"
 #: Rows per chunk when scoring a record (:func:`~ascood.scoring.scorers.features.features_scores`'s default).
 SCORE_ROWS = 1024
 FAULT_ENV = "ASCOOD_TEST_FAIL_AFTER_SHARDS"
@@ -244,26 +241,6 @@ class ShardedFeatureCache(StoreFeatureCache):
         labels = [p[2] for p in parts]
         return (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]),
                 None if any(y is None for y in labels) else torch.cat(labels))
-
-
-def feature_store(root: str | os.PathLike, ranks: Ranks | None = None, say: Callable[[str], None] | None = None,
-                  shard_rows: int | None = None, **kw) -> FeatureStore:
-    """A :class:`~ascood.scoring.store.FeatureStore` at ``root`` with ``shard_rows`` rows per shard (default
-    ``$ASCOOD_SHARD_ROWS`` or the store's default); its one-line notes go to ``say`` (default the store's:
-    stderr) on rank 0 only."""
-    if ranks is not None and not ranks.is_main:
-        say = _silent
-    if shard_rows is None:
-        text = os.environ.get(SHARD_ROWS_ENV)
-        try:
-            shard_rows = int(text) if text else DEFAULT_SHARD_ROWS
-        except ValueError:
-            raise ValueError(f"environment variable {SHARD_ROWS_ENV}={text!r}: expected a positive integer") from None
-    return FeatureStore(root, shard_rows=shard_rows, log=say, **kw)
-
-
-def _silent(msg: str) -> None:
-    """The other ranks' store log: rank 0 says each note once."""
 
 
 def _fault_hook(done: int) -> None:

@@ -102,6 +102,8 @@ PART_NAMES = {"checkpoint": "checkpoint", "files": "file list", "preprocessing":
 class StoreError(ValueError):
     """The feature store cannot be used as asked (a key folder with foreign files, a root that is a file)."""
 
+    user_facing = True  # the CLI prints it as one line with exit status 2 (bad input)
+
 
 class NotStorable(ValueError):
     """This data cannot be keyed (an unknown dataset type, a shuffling loader, a transform with a lambda):
