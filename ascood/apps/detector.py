@@ -9,7 +9,6 @@ before the model is loaded. The work is :meth:`ascood.deploy.Detector.fit`.
 from __future__ import annotations
 
 import argparse
-import os
 
 from . import checks
 from .argtypes import device_name, non_negative_int, positive_int

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from clihelpers import run_cli
 from fake_openood import make_tree
-from torchrunhelpers import free_port, run_torchrun, start_torchrun, torchrun_env
+from torchrunhelpers import free_port, run_torchrun, start_torchrun
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
 
