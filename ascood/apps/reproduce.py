@@ -96,6 +96,11 @@ OUTPUT_FILES = {
                               "hist_<scorer>.png (ID vs OOD score histograms, the paper's Figure 4), signature.json "
                               "(the scorers, checkpoint, sets, data root and list fingerprint it was made from; a "
                               "re-run with other ones evaluates again and says why)",
+    "<method>/seed<k>/features/": "the feature store of its evaluation (--features; 'none' to skip): per split a "
+                                  "folder of shard-<i>.safetensors files (shard-00000.safetensors, ...: logits, raw features, labels) and a "
+                                  "manifest.json keyed by the checkpoint's sha256, the files, the preprocessing "
+                                  "and the layer; a re-evaluation with other scorers reads them instead of running "
+                                  "the model",
 }
 
 

@@ -176,7 +176,8 @@ def test_every_output_file_is_documented(done, capsys):
     help_text = " ".join(capsys.readouterr().out.split())
     for dirpath, _, files in os.walk(done["out"]):
         for name in files:
-            key = "hist_<scorer>.png" if name.startswith("hist_") else name
+            key = "hist_<scorer>.png" if name.startswith("hist_") else \
+                "shard-<i>.safetensors" if name.startswith("shard-") else name
             assert key in documented, f"{os.path.join(dirpath, name)} is not explained"
             assert key in help_text, f"{name} is not in ascood reproduce --help"
 

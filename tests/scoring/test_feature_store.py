@@ -457,3 +457,24 @@ def test_concurrent_writers_of_one_split_each_write_their_shards(tmp_path):
     assert b.finalize() and a.finalize()
     one = _store(tmp_path / "one", shard_rows=16)
     _equal(a.open(), StoreFeatureCache(model, one).get(loader))
+
+
+def test_a_lost_manifest_is_rebuilt_with_its_shards_layout_and_stale_temporaries_go(tmp_path):
+    model = _model()
+    loader = _loader(40)
+    lines = []
+    StoreFeatureCache(model, _store(tmp_path, shard_rows=16)).get(loader)
+    (entry,) = os.listdir(tmp_path / "store")
+    folder = tmp_path / "store" / entry
+    os.unlink(folder / "manifest.json")
+    stale, fresh = folder / "shard-00001.safetensors.ascood.abcd1234.tmp", folder / "manifest.json.ascood.zz99yy88.tmp"
+    stale.write_bytes(b"partial")
+    fresh.write_bytes(b"being written")
+    os.utime(stale, (1, 1))
+    ref = extract_features(model, loader)
+    count = _Counter(model)
+    store = _store(tmp_path, lines)  # another shard size asked: the entry keeps the one its shards have
+    _equal(StoreFeatureCache(model, store).get(loader), ref)
+    assert count.images == 0 and any("manifest.json is missing: rebuilding" in line for line in lines), lines
+    assert json.loads((folder / "manifest.json").read_text())["shard_rows"] == 16
+    assert not stale.exists() and fresh.exists()  # a live writer's temporary is left alone

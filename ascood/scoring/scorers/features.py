@@ -490,6 +490,7 @@ class FeatureCache:
     all scorers and grid points. ``directory``: memory-map each split's arrays
     from files there (``split<i>.*.bin``) instead of holding them in RAM. A
     :class:`Features` record passed where a loader goes is used as it is.
+    :class:`ascood.scoring.store.StoreFeatureCache` keeps them across runs (the feature store).
     """
 
     def __init__(self, model: nn.Module | None, directory: str | os.PathLike | None = None) -> None:
