@@ -57,7 +57,7 @@ def build(args):
     torch.manual_seed(0)
     model = build_model(args.model, 10).eval()
     tf = D.build_transforms(args.size, [0.5] * 3, [0.25] * 3, train=False)
-    ds = D.dataset_from_path(args.list, tf, fmt="list")
+    ds = D.dataset_from_path(args.list, tf, train=False, fmt="list")
     return model, D.make_loader(ds, args.batch_size, train=False, workers=0)
 
 
