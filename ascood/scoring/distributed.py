@@ -103,17 +103,19 @@ class Ranks:
         return torch.device(requested or "cpu")
 
     def together(self, fn: Callable[[], object]):
-        """Run ``fn`` on every rank; when it fails anywhere every rank raises (no rank left waiting at the
-        next collective): a ValueError as a ValueError with the same message on every rank (callers that
-        skip a bad grid point then skip it everywhere), any other error on rank 0 naming the failing rank,
-        :class:`PeerFailed` on the others."""
+        """Run ``fn`` on every rank (a collective); when it fails anywhere every rank raises, so no rank is
+        left waiting at the next collective. The first failing rank decides the kind: for a ValueError rank 0
+        raises its own error (or a ValueError with the failing rank's message) and the others
+        :class:`PeerValueError`, so ``except ValueError`` branches (an APS grid point skipped) are taken on
+        every rank alike; for any other error rank 0 raises its own (or one naming the failing rank) and the
+        others :class:`PeerFailed`. The CLI prints nothing for the Peer errors: rank 0 reports, once."""
         if not self.enabled:
             return fn()
         result, own, outcome = None, None, None
         try:
             result = fn()
         except Exception as err:  # noqa: BLE001 -- re-raised below, on every rank
-            own, outcome = err, (type(err).__name__ == "ValueError", str(err), exit_status(err))
+            own, outcome = err, (isinstance(err, ValueError), str(err), exit_status(err))
         outcomes = self.all_gather(outcome)
         failed = [(r, o) for r, o in enumerate(outcomes) if o is not None]
         if not failed:
@@ -182,7 +184,12 @@ class ShardedFeatureCache(StoreFeatureCache):
         mine = missing[ranks.rank::ranks.world_size]
 
         def work() -> None:
-            for i in mine:  # one at a time: a crash loses at most the shard being made
+            if not os.environ.get(FAULT_ENV):
+                # One pass over this rank's shards (one loader, its workers started once); each shard is written
+                # as soon as it is complete, so a crash loses at most the shard being made.
+                self.extracted += len(entry.extract(self.model, loader, mine))
+                return
+            for i in mine:  # the test-only fault: shard by shard, to stop after k of them
                 entry.extract(self.model, loader, [i])
                 self.extracted += 1
                 _fault_hook(self.extracted)
