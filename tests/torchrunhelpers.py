@@ -1,5 +1,5 @@
 """Launching ``python -m torch.distributed.run ... -m ascood`` from tests, and stopping it (shared by the torchrun
-tests of reproduce, eval and detector)."""
+tests of reproduce, eval and detector); ``spawn_gloo`` for tests that start gloo processes with mp.spawn."""
 from __future__ import annotations
 
 import os
@@ -52,6 +52,28 @@ def run_torchrun(ascood_args, nproc: int = 2, launcher=("--standalone",), env: d
         if attempt or proc.returncode == 0 or not any(m in out for m in ABORT_MARKS):
             return subprocess.CompletedProcess(proc.args, proc.returncode, out, "")
     raise AssertionError("unreachable")
+
+
+def spawn_gloo(fn, tmp_path, world: int = 2):
+    """``mp.spawn(fn, args=(world, folder))`` over ``world`` processes (``fn`` starts its gloo group on a file
+    store in ``folder``); returns the folder they wrote to.
+
+    One retry, in a fresh folder (a new file store), when a process was killed by SIGABRT: a gloo process
+    group's worker threads occasionally abort the process at teardown ("terminate called without an active
+    exception", seen once in this project's CI runs, at 2026-12-07, never in 6 runs of that file alone). A
+    second abort fails the test, and so does any other failure at once.
+    """
+    import torch.multiprocessing as mp
+
+    for attempt in (0, 1):
+        folder = tmp_path / f"attempt{attempt}"
+        folder.mkdir()
+        try:
+            mp.spawn(fn, args=(world, str(folder)), nprocs=world, join=True)
+            return folder
+        except mp.ProcessExitedException as err:
+            if attempt or err.signal_name != "SIGABRT":
+                raise
 
 
 def free_port() -> int:
