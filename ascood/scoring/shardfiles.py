@@ -79,7 +79,7 @@ def first_nonfinite_rows(arrays: Mapping[str, np.ndarray]) -> dict[str, int]:
     return out
 
 
-def encode_shard(arrays: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> tuple[bytes, str]:
+def encode_shard(arrays: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> tuple[bytearray, str]:
     """(safetensors bytes, data_sha256) of ``arrays`` (C-contiguous little-endian float32 / float16 / int64,
     names [a-z][a-z0-9_]*) with ``metadata`` plus ``data_sha256`` in the header's ``__metadata__``.
 
@@ -106,7 +106,7 @@ def encode_shard(arrays: Mapping[str, np.ndarray], metadata: Mapping[str, str]) 
         raise RuntimeError("safetensors wrote the checksum placeholder in an unexpected form")
     start = 8 + at + len('"data_sha256":"')
     blob[start:start + 64] = digest.encode()
-    return bytes(blob), digest
+    return blob, digest
 
 
 def write_shard_file(path: str | os.PathLike, arrays: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> str:

@@ -5,7 +5,7 @@
     cache = StoreFeatureCache(model, store, checkpoint="runs/mine/best.pt")
     ascood.evaluate(model, id_loader, ood, scorers=[...], id_train_loader=train, features=cache)
 
-**What a split is keyed by** (:class:`SplitKey`; its sha256 over canonical JSON is the entry's name):
+**What a split is keyed by** (:class:`~.storekeys.SplitKey`; its sha256 over canonical JSON is the entry's name):
 
 * ``checkpoint``: the checkpoint file's sha256 (``sha256:<hex>``, hashed once per file per process: cached by
   real path, size, mtime and inode), or, for a model given without its file, the sha256 of its state dict
@@ -61,14 +61,12 @@ returned (once per process per file). ODIN and i-ODIN perturb the images: they r
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
 import sys
 import time
-from dataclasses import dataclass, field
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping
 
 import numpy as np
 import torch
@@ -79,24 +77,19 @@ from .scorers.features import Features, FeatureCache, LinearHead, has_feature_he
     model_device, model_features
 from .shardfiles import ShardedArray, ShardError, first_nonfinite_rows, mark_verified, verify_shard, \
     write_shard_file
+from .storekeys import (FEATURE_DTYPES, FORMAT_VERSION, NotStorable, SplitKey, data_identity,
+                        digest_of, file_sha256, loader_dataset, model_layer, shard_batches, split_key, state_sha256)
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "DEFAULT_SHARD_ROWS", "FEATURE_DTYPES", "StoreError", "NotStorable",
            "SplitKey", "FeatureStore", "SplitEntry", "StoreFeatureCache", "file_sha256", "state_sha256",
            "model_layer", "data_identity", "split_key", "shard_batches"]
 
 FORMAT = "ascood-feature-store"
-FORMAT_VERSION = 1
 DEFAULT_SHARD_ROWS = 4096
-FEATURE_DTYPES = ("float32", "float16")
 MANIFEST = "manifest.json"
 _SHARD_RE = re.compile(r"^shard-(\d{5,})\.safetensors$")
 _TMP_RE = re.compile(r"^(manifest\.json|shard-\d{5,}\.safetensors)\.ascood\.[a-z0-9_]{8}\.tmp$")
 _KEY_RE = re.compile(r"^[0-9a-f]{64}$")
-_ADDRESS_RE = re.compile(r"0x[0-9a-fA-F]{6,}")
-#: The parts of a key, in the words the "what changed" line uses.
-PART_NAMES = {"checkpoint": "checkpoint", "files": "file list", "preprocessing": "preprocessing",
-              "layer": "layer", "features_dtype": "features dtype", "n": "number of images",
-              "version": "store format version"}
 
 
 class StoreError(ValueError):
@@ -105,218 +98,8 @@ class StoreError(ValueError):
     user_facing = True  # the CLI prints it as one line with exit status 2 (bad input)
 
 
-class NotStorable(ValueError):
-    """This data cannot be keyed (an unknown dataset type, a shuffling loader, a transform with a lambda):
-    it is extracted as before, without the store. The message says why."""
-
-
 def _say(msg: str) -> None:
     print(f"ascood: {msg}", file=sys.stderr, flush=True)
-
-
-# -- what produced a split ------------------------------------------------------------------------------------
-_FILE_SHA: dict[tuple, str] = {}
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """The sha256 (hex) of a file's bytes, hashed once per process per (real path, size, mtime, inode)."""
-    real = os.path.realpath(os.fspath(path))
-    st = os.stat(real)
-    key = (real, st.st_size, st.st_mtime_ns, st.st_ino)
-    if key not in _FILE_SHA:
-        h = hashlib.sha256()
-        with open(real, "rb") as f:
-            for block in iter(lambda: f.read(8 << 20), b""):
-                h.update(block)
-        _FILE_SHA[key] = h.hexdigest()
-    return _FILE_SHA[key]
-
-
-def state_sha256(model: nn.Module) -> str:
-    """The sha256 (hex) of a model's state dict: each entry's name, dtype, shape and bytes, in order."""
-    h = hashlib.sha256()
-    for name, t in model.state_dict().items():
-        if not torch.is_tensor(t):
-            h.update(f"{name}={t!r}\n".encode())
-            continue
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}\n".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
-def model_layer(model: nn.Module) -> str:
-    """What the store records of ``model``: its raw ``features(x)`` and ``head`` logits, or logits only."""
-    name = type(model).__name__
-    if has_feature_head(model):
-        body = type(getattr(model, "backbone", None) or model).__name__
-        return f"{name}.features raw (backbone {body}) + logits of head"
-    return f"{name} logits only"
-
-
-def _loader_dataset(data) -> tuple[object, int | None, dict]:
-    """(dataset, batch size or None, the DataLoader arguments to read it the same way) of a DataLoader or a
-    Dataset."""
-    if isinstance(data, torch.utils.data.DataLoader):
-        if not isinstance(data.sampler, torch.utils.data.SequentialSampler) or data.batch_size is None \
-                or getattr(data.batch_sampler, "drop_last", False):
-            raise NotStorable("the loader does not read its dataset in order, every row once (a shuffling or "
-                              "custom sampler, or drop_last)")
-        kw = {"num_workers": data.num_workers, "collate_fn": data.collate_fn, "pin_memory": data.pin_memory,
-              "worker_init_fn": data.worker_init_fn}
-        if data.num_workers:
-            kw["multiprocessing_context"] = data.multiprocessing_context
-        return data.dataset, data.batch_size, kw
-    if isinstance(data, torch.utils.data.Dataset):
-        return data, None, {}
-    raise NotStorable(f"a {type(data).__name__} is neither a DataLoader nor a Dataset")
-
-
-def _unwrap(ds) -> tuple[object, list[str], list[np.ndarray]]:
-    """(innermost keyable dataset, wrapper tags, Subset index arrays outermost first)."""
-    tags, subsets = [], []
-    for _ in range(32):
-        if isinstance(ds, torch.utils.data.Subset):
-            subsets.append(np.asarray(ds.indices, dtype=np.int64))
-            ds = ds.dataset
-        elif hasattr(ds, "feature_store_source"):
-            tag, ds = ds.feature_store_source()
-            tags.append(str(tag))
-        else:
-            return ds, tags, subsets
-    raise NotStorable("datasets nested more than 32 deep")
-
-
-def _rows_hash(ds, h) -> tuple[str, int]:
-    """Feed what ``ds``'s rows are into ``h``; (a human label of the data, number of rows)."""
-    samples = getattr(ds, "samples", None)
-    paths = getattr(ds, "paths", None)
-    if samples or paths:
-        rows = [(s[0], int(s[1])) for s in samples] if samples else [(p, -1) for p in paths]
-        folders: dict[str, str] = {}  # realpath once per folder (ImageNet: 1000 folders, 1.28M files)
-
-        def real(p: str) -> str:
-            head, tail = os.path.split(os.fspath(p))
-            if head not in folders:
-                folders[head] = os.path.realpath(head)
-            return os.path.join(folders[head], tail)
-
-        full = [real(p) for p, _ in rows]
-        root = os.path.commonpath(list({os.path.dirname(p) for p in full}))
-        cut = len(root.rstrip(os.sep)) + 1  # the path below root (os.path.relpath is 10 us a file: 13 s on ImageNet)
-        h.update(f"files under {root}\n".encode("utf-8", "surrogateescape"))
-        for p, (_, label) in zip(full, rows):
-            try:
-                st = os.stat(p)
-            except OSError as err:
-                raise NotStorable(f"cannot stat {p} ({err.strerror or err})") from None
-            h.update(f"{p[cut:]}\t{st.st_size}\t{st.st_mtime_ns}\t{label}\n".encode("utf-8", "surrogateescape"))
-        label = getattr(ds, "list_file", None) or getattr(ds, "root", None) or root
-        return os.path.realpath(os.fspath(label)), len(rows)
-    if isinstance(getattr(ds, "images", None), np.ndarray):
-        images = ds.images
-        labels = np.asarray(getattr(ds, "labels", np.full(len(images), -1)), dtype=np.int64)
-        h.update(f"arrays {images.dtype.str} {images.shape}\n".encode())
-        h.update(np.ascontiguousarray(images).data)
-        h.update(np.ascontiguousarray(labels).data)
-        where = getattr(ds, "root", None)
-        return (os.path.realpath(os.fspath(where)) if where else
-                f"{type(ds).__name__} {hashlib.sha256(h.copy().digest()).hexdigest()[:8]}"), len(images)
-    if isinstance(ds, torch.utils.data.TensorDataset):
-        for t in ds.tensors:
-            t = t.detach().cpu().contiguous()
-            h.update(f"tensor {t.dtype} {tuple(t.shape)}\n".encode())
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-        return f"TensorDataset {hashlib.sha256(h.copy().digest()).hexdigest()[:8]}", len(ds)
-    raise NotStorable(f"a {type(ds).__name__} lists no files or arrays the store can key")
-
-
-def _preprocessing(ds) -> str:
-    tf = getattr(ds, "transform", None)
-    text = "none" if tf is None else repr(tf)
-    if _ADDRESS_RE.search(text):
-        raise NotStorable("its transform cannot be described (it holds a function or object without a stable "
-                          f"description: {_ADDRESS_RE.search(text).group(0)})")
-    return f"{text}\nmode={getattr(ds, 'mode', None)}"
-
-
-def data_identity(data) -> tuple[str, str, str, int]:
-    """(files sha256, preprocessing description, label, n rows) of a DataLoader / Dataset; raises
-    :class:`NotStorable` when it cannot be keyed. ``label`` names the data for messages (its list file or
-    folder, plus which rows of it for a Subset)."""
-    ds, _, _ = _loader_dataset(data)
-    outer = ds
-    inner, tags, subsets = _unwrap(ds)
-    h = hashlib.sha256()
-    label, n = _rows_hash(inner, h)
-    for tag in tags:
-        h.update(f"wrapped by {tag}\n".encode())
-    for idx in reversed(subsets):  # innermost first
-        h.update(f"subset {idx.size}\n".encode())
-        h.update(np.ascontiguousarray(idx).data)
-        if idx.size and (idx.min() < -n or idx.max() >= n):
-            raise NotStorable("a Subset index is out of range")
-        n = int(idx.size)
-    if subsets:
-        label += f" (rows {hashlib.sha256(b''.join(s.tobytes() for s in subsets)).hexdigest()[:8]}: {n} of them)"
-    if len(outer) != n:
-        raise NotStorable(f"the dataset says it has {len(outer)} rows, its files / arrays give {n}")
-    return h.hexdigest(), _preprocessing(inner), label, n
-
-
-@dataclass(frozen=True)
-class SplitKey:
-    """What produced one split's features (see the module docstring); ``digest`` names its entry."""
-
-    checkpoint: str
-    files: str
-    preprocessing: str
-    layer: str
-    features_dtype: str
-    n: int
-    version: int = FORMAT_VERSION
-    label: str = field(default="", compare=False)
-
-    def __post_init__(self) -> None:
-        if self.features_dtype not in FEATURE_DTYPES:
-            raise ValueError(f"features_dtype must be one of {FEATURE_DTYPES}, got {self.features_dtype!r}")
-        if type(self.n) is not int or self.n < 1:
-            raise ValueError(f"n must be a positive int, got {self.n!r}")
-
-    def parts(self) -> dict:
-        """The keyed parts as a JSON-ready dict (``label`` is not keyed)."""
-        return {"checkpoint": self.checkpoint, "files": self.files, "preprocessing": self.preprocessing,
-                "layer": self.layer, "features_dtype": self.features_dtype, "n": self.n, "version": self.version}
-
-    @property
-    def digest(self) -> str:
-        """sha256 (hex) of the canonical JSON of :meth:`parts`."""
-        return _digest(self.parts())
-
-    def changes(self, other: Mapping) -> list[str]:
-        """The names (as messages say them) of the parts where ``other`` (an earlier key's parts) differs."""
-        return [PART_NAMES[k] for k, v in self.parts().items() if other.get(k) != v]
-
-
-def _digest(parts: Mapping) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
-def split_key(model: nn.Module, data, *, checkpoint: str | os.PathLike | None = None,
-              features_dtype: str = "float32") -> SplitKey:
-    """The :class:`SplitKey` of ``model`` (its checkpoint file when given, else its state dict) on ``data``
-    (a DataLoader reading its dataset in order, or a Dataset). Raises :class:`NotStorable` saying why a
-    split cannot be keyed."""
-    files, prep, label, n = data_identity(data)
-    if n < 1:
-        raise ValueError("loader is empty")
-    who = f"sha256:{file_sha256(checkpoint)}" if checkpoint is not None else f"state:{state_sha256(model)}"
-    return SplitKey(who, files, prep, model_layer(model), features_dtype, n, label=label)
-
-
-def shard_batches(start: int, stop: int, batch_size: int) -> list[list[int]]:
-    """The batches (row index lists) of rows [start, stop): [start, start + B), ... (the last may be short)."""
-    return [list(range(s, min(stop, s + batch_size))) for s in range(start, stop, batch_size)]
 
 
 # -- the store -----------------------------------------------------------------------------------------------
@@ -468,7 +251,7 @@ def _read_manifest(path: str, key: SplitKey) -> tuple[dict | None, str]:
         return None, f"is not valid JSON ({type(err).__name__})"
     if not isinstance(m, dict) or m.get("format") != FORMAT or m.get("version") != FORMAT_VERSION:
         return None, "is not a manifest of this store format"
-    if m.get("key") != key.digest or m.get("parts") != key.parts() or _digest(m["parts"]) != key.digest:
+    if m.get("key") != key.digest or m.get("parts") != key.parts() or digest_of(m["parts"]) != key.digest:
         return None, "names another key"
     if m.get("n") != key.n:
         return None, f"says n = {m.get('n')!r}, the key {key.n}"
@@ -656,7 +439,13 @@ class SplitEntry:
             a = a.detach().cpu().numpy() if torch.is_tensor(a) else np.asarray(a)
             want = {"logits": "float32", "features": self.key.features_dtype, "labels": "int64"}.get(name)
             if want is not None:
-                a = a.astype(want, copy=False)
+                with np.errstate(over="ignore"):  # an overflow is refused just below, naming the fix
+                    cast = a.astype(want, copy=False)
+                if cast.dtype == np.float16 and a.dtype != np.float16 and np.isfinite(a).all() \
+                        and not np.isfinite(cast).all():
+                    raise ValueError(f"array {name!r} of shard {i} exceeds float16's range (max |value| "
+                                     f"{float(np.abs(a).max()):.6g} > 65504): store these features in float32")
+                a = cast
             if a.shape[:1] != (stop - start,):
                 raise ValueError(f"shard {i} holds rows [{start}, {stop}) ({stop - start} rows), array {name!r} has "
                                  f"shape {a.shape}")
@@ -693,7 +482,7 @@ class SplitEntry:
             plan = [b for i in todo for b in shard_batches(*self.rows(i), bs)]
             batches = data(plan)
         else:
-            ds, lbs, kw = _loader_dataset(data)
+            ds, lbs, kw = loader_dataset(data)
             bs = batch_size or lbs or 128
             plan = [b for i in todo for b in shard_batches(*self.rows(i), bs)]
             if workers is not None:

@@ -478,3 +478,43 @@ def test_a_lost_manifest_is_rebuilt_with_its_shards_layout_and_stale_temporaries
     assert count.images == 0 and any("manifest.json is missing: rebuilding" in line for line in lines), lines
     assert json.loads((folder / "manifest.json").read_text())["shard_rows"] == 16
     assert not stale.exists() and fresh.exists()  # a live writer's temporary is left alone
+
+
+def test_float16_overflow_is_refused_with_the_fix(tmp_path):
+    store = _store(tmp_path, shard_rows=4, features_dtype="float16")
+    entry = store.split(SplitKey("state:x", "f", "p", "l", "float16", 4, label="big"))
+    big = np.full((4, 3), 7e4, np.float32)
+    with pytest.raises(ValueError, match="exceeds float16's range.*float32"):
+        entry.write_shard(0, {"logits": np.zeros((4, 2), np.float32), "features": big})
+    assert entry.missing_shards() == [0]
+
+
+WRITER = textwrap.dedent("""
+    import sys
+    sys.path[:0] = [{tests!r}, {here!r}]
+    from test_feature_store import _model, _loader
+    from ascood.scoring.store import FeatureStore
+    model, loader = _model(), _loader(100, bs=8)
+    store = FeatureStore({root!r}, shard_rows=16, log=lambda line: None)
+    entry = store.split(store.key(model, loader))
+    print(entry.extract(model, loader, list(range({rank}, entry.n_shards, 2))))
+""")
+
+
+def test_two_processes_write_disjoint_shards_of_one_split_at_once(tmp_path):
+    """Two processes (as two ranks) create the same entry and write every other shard concurrently; the split
+    is then complete and equal to one process's extraction bit for bit."""
+    root = str(tmp_path / "store")
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(HERE)))
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER.format(tests=os.path.dirname(HERE), here=HERE, root=root,
+                                                                     rank=r)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert [o[0].strip() for o in outs] == ["[0, 2, 4, 6]", "[1, 3, 5]"]
+    model, loader = _model(), _loader(100, bs=8)
+    store = FeatureStore(root, shard_rows=16)
+    entry = store.split(store.key(model, loader))
+    assert entry.missing_shards() == [] and entry.finalize()
+    assert sorted(os.listdir(entry.path)) == ["manifest.json"] + [f"shard-{i:05d}.safetensors" for i in range(7)]
+    _equal(entry.open(), extract_features(model, loader))
