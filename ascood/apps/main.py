@@ -25,6 +25,8 @@ from .argtypes import OneLineParser
 __all__ = ["main", "build_parser"]
 
 CLIError = checks.InputError  # a user-facing error: printed as one line, exit status 2
+#: Under torchrun, how long a process whose peer failed waits before it ends (see :func:`_main`).
+PEER_GRACE_S = 2.0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -129,6 +131,11 @@ def _main(argv: list[str]) -> int:
         return 2
     except Exception as err:  # one clear message for users; --debug for the traceback
         if getattr(err, "peer_failed", False):  # torchrun: another rank failed and reports it; exit with its status
+            import time
+
+            # A moment for that rank to print its message: torchrun stops every process once one has ended
+            # with an error, and this one would otherwise often end first.
+            time.sleep(PEER_GRACE_S)
             return err.status
         if args.debug:
             raise

@@ -25,24 +25,25 @@ __all__ = ["torchrun_ranks", "claim_on_rank0", "require_store"]
 @contextmanager
 def torchrun_ranks(device: str | None) -> Iterator:
     """The :class:`~ascood.scoring.distributed.Ranks` of this process (one rank without torchrun); the
-    process group is destroyed at the end when this call started it. Ranks other than 0 print nothing to
-    stdout and show no warnings (rank 0 says everything once)."""
+    process group is destroyed after the block when this call started it (not after an error: the process
+    ends then). Ranks other than 0 print nothing to stdout and show no warnings (rank 0 says everything
+    once)."""
     from ..scoring.distributed import Ranks
 
     ranks, started = Ranks.from_env(device)
-    try:
-        if ranks.is_main:
+    if ranks.is_main:
+        yield ranks
+    else:
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             yield ranks
-        else:
-            with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                yield ranks
-    finally:
-        if started:
-            import torch.distributed as dist
+    # Not on an error: the process ends anyway, and rank 0 should print its message before torchrun stops it
+    # (torchrun ends every process once one has failed).
+    if started:
+        import torch.distributed as dist
 
-            if dist.is_initialized():
-                dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 @contextmanager

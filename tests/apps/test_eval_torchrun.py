@@ -174,8 +174,8 @@ def test_a_refused_out_ends_every_process_with_rank0s_status(ws, tmp_path):
     res = run_torchrun(_eval_args(ws, str(out)), timeout=120)
     assert res.returncode != 0
     assert res.stdout.count("is in use by another ascood run") == 1, res.stdout  # said once, by rank 0
-    # Rank 0 ended with the one-process status; rank 1 with the status it learnt from rank 0, unless torchrun
-    # stopped it first (SIGTERM, -15) once rank 0 had failed: neither waited for the other.
+    # Each process ended with the one-process status, unless torchrun stopped it (SIGTERM, -15) once the other
+    # had ended: rank 1 learnt rank 0's status at once, neither waited for the other.
     codes = dict(re.findall(r"rank\s*:\s*(\d+) \(local_rank: \d+\)\s*exitcode\s*:\s*(-?\d+)", res.stdout))
-    assert codes.get("0") == "1" and codes.get("1", "1") in ("1", "-15"), res.stdout
+    assert "1" in codes.values() and set(codes.values()) <= {"1", "-15"}, res.stdout
     assert not os.path.exists(out / "results.csv")
