@@ -15,6 +15,7 @@ from . import checks
 from .argtypes import device_name, non_negative_int, positive_int
 from .common_args import (add_feature_store_args, add_openood_args, default_features_dir, feature_store_from_args,
                           openood_model_from_args)
+from .torchrun import claim_on_rank0, require_store, torchrun_ranks
 
 __all__ = ["add_parser", "run", "EXIT_STATUSES"]
 
@@ -150,21 +151,26 @@ def run(args: argparse.Namespace) -> int:
             raise checks.InputError(f"--scorer: {err} (or aps)") from None
         checks.check_scorers_have_train([probe], bool(args.id_train), True, train_flag="--id-train",
                                         val_flag="--id-val")
-    with _claim(args.out):
-        _check_data(args)
-        from ..deploy.detector import Detector
+    with torchrun_ranks(args.device) as ranks:
+        require_store(store, ranks)  # under torchrun the ranks share each split's features through the store
+        with claim_on_rank0(ranks, lambda: _claim(args.out)):
+            _check_data(args)
+            from ..deploy.detector import Detector
 
-        det = Detector.fit(ckpt, preprocessing=preprocessing, id_train=args.id_train, id_val=args.id_val,
-                           ood_val=args.ood_val,
-                           id_calibration=args.id_calibration, scorer=args.scorer, tpr=args.tpr,
-                           calibration_fraction=args.calibration_fraction, seed=args.seed,
-                           batch_size=args.batch_size, workers=args.workers, device=args.device,
-                           feature_dir=args.feature_dir, log=print, arg_names=FLAG_NAMES, feature_store=store)
-        if openood is not None:  # the model card and provenance name the OpenOOD file, not just "a model"
-            det.provenance.update({"source": "openood", "checkpoint": openood[1]["openood"]["file"],
-                                   "openood": openood[1]["openood"],
-                                   "preprocessing": openood[1]["extra"]["normalization"]["source"]})
-        det.save(args.out, bank_dtype=args.bank_dtype)
+            det = Detector.fit(ckpt, preprocessing=preprocessing, id_train=args.id_train, id_val=args.id_val,
+                               ood_val=args.ood_val,
+                               id_calibration=args.id_calibration, scorer=args.scorer, tpr=args.tpr,
+                               calibration_fraction=args.calibration_fraction, seed=args.seed,
+                               batch_size=args.batch_size, workers=args.workers, device=args.device,
+                               feature_dir=args.feature_dir, log=print, arg_names=FLAG_NAMES, feature_store=store,
+                               ranks=ranks)
+            if not ranks.is_main:
+                return 0  # every rank fitted the same detector; rank 0 writes it
+            if openood is not None:  # the model card and provenance name the OpenOOD file, not just "a model"
+                det.provenance.update({"source": "openood", "checkpoint": openood[1]["openood"]["file"],
+                                       "openood": openood[1]["openood"],
+                                       "preprocessing": openood[1]["extra"]["normalization"]["source"]})
+            det.save(args.out, bank_dtype=args.bank_dtype)
     v = det.validation
     line = (f"detector: {det.scorer.name} {det.provenance['scorer_choice']['params']}, threshold "
             f"{det.threshold:.6g} at TPR {det.tpr}: is_ood when p <= {det.k}/{det.calibration.numel() + 1} = "

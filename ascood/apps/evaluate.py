@@ -18,6 +18,7 @@ from .common_args import (add_data_args, add_feature_store_args, add_openood_arg
                           feature_cache, feature_store_from_args, link_roots, openood_model_from_args,
                           store_checkpoint, tree_from_args)
 from .presets import add_benchmark_args
+from .torchrun import claim_on_rank0, require_store, torchrun_ranks
 
 __all__ = ["add_parser", "run", "EVAL_OUTPUTS"]
 
@@ -115,19 +116,23 @@ def run(args: argparse.Namespace) -> int:
     probes = checks.parse_scorer_names(args.scorers, get_scorer)
     checks.check_scorers_have_train(probes, bool(args.train), bool(args.val or args.aps_id))
     names = [s.name for s in probes]
-    with checks.claim_out(args.out, EVAL_OUTPUTS):
-        return _evaluate(args, names, ckpt_path)
+    with torchrun_ranks(args.device) as ranks:
+        require_store(args.feature_store, ranks)
+        with claim_on_rank0(ranks, lambda: checks.claim_out(args.out, EVAL_OUTPUTS)):
+            return _evaluate(args, names, ckpt_path, ranks)
 
 
-def _load_model(args, ckpt_path):
-    """(model on --device, checkpoint dict); prints which checkpoint it is. ``ckpt_path``: an ascood checkpoint's
-    path, or the (model, checkpoint-like dict) of an OpenOOD checkpoint already read."""
+def _load_model(args, ckpt_path, ranks=None):
+    """(model on --device (under torchrun: this rank's GPU), checkpoint dict); prints which checkpoint it is.
+    ``ckpt_path``: an ascood checkpoint's path, or the (model, checkpoint-like dict) of an OpenOOD checkpoint
+    already read."""
     import torch
 
     from ..training.checkpoint import load_model
     from ..training.model_selection import describe_checkpoint
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = ranks.device(args.device) if ranks is not None else \
+        torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if isinstance(ckpt_path, tuple):
         model, ckpt = ckpt_path
         print(describe_openood(ckpt["openood"], ckpt["extra"]), flush=True)
@@ -189,13 +194,23 @@ def _check_fit_labels(scorers, split: str, ds, flag: str, path: str) -> None:
                             "(use class folders root/<class>/<image> or a list of 'path label' lines)")
 
 
-def _evaluate(args, names: list[str], ckpt_path) -> int:
+def _feature_cache(model, ranks, store, checkpoint: str):
+    """Each split runs through the model once, for every scorer and APS grid point (kept in ``store`` when
+    there is one); under torchrun once over all ranks (:mod:`ascood.scoring.distributed`)."""
+    from ..scoring.distributed import ShardedFeatureCache
+
+    if ranks.enabled:
+        return ShardedFeatureCache(model, store, ranks, checkpoint=checkpoint)
+    return feature_cache(model, store, checkpoint)
+
+
+def _evaluate(args, names: list[str], ckpt_path, ranks) -> int:
     from ..data import datasets as D
     from ..scoring.evaluator import evaluate
     from ..scoring.scorers import get_scorer
 
-    model, ckpt = _load_model(args, ckpt_path)
-    cache = feature_cache(model, args.feature_store, store_checkpoint(args, ckpt_path))
+    model, ckpt = _load_model(args, ckpt_path, ranks)
+    cache = _feature_cache(model, ranks, args.feature_store, store_checkpoint(args, ckpt_path))
     extra = ckpt.get("extra") or {}
     size, mean, std = extra.get("image_size", 32), extra.get("mean", [0.5] * 3), extra.get("std", [0.5] * 3)
     if getattr(model, "input_std", None) is None and "std" in extra:
@@ -250,7 +265,9 @@ def _evaluate(args, names: list[str], ckpt_path) -> int:
     table = evaluate(model, loader(id_ds), ood, scorers=scorers, id_train_loader=train_loader,
                      id_val_loader=val_loader, convention=args.convention, model_name=None, features=cache)
     print(table)
-    if args.out:
+    if hasattr(cache, "summary"):
+        print(cache.summary())
+    if args.out and ranks.is_main:  # every rank holds the same table; one writes it
         table.to_csv(os.path.join(args.out, "results.csv"))
         table.to_json(os.path.join(args.out, "results.json"))
         from ..scoring.plots import score_histograms
@@ -275,15 +292,18 @@ def _eval_benchmark(args, ckpt_path) -> int:
     from ..scoring.scorers import get_scorer
 
     scorers = [s.name for s in checks.parse_scorer_names(args.scorers, get_scorer)]
-    tree = tree_from_args(args, progress=True)
-    with checks.claim_out(args.out, EVAL_OUTPUTS + ("aps.json",)):
-        return _evaluate_benchmark(args, ckpt_path, tree, scorers)
+    with torchrun_ranks(args.device) as ranks:
+        tree = tree_from_args(args, progress=ranks.is_main)
+        require_store(args.feature_store, ranks)
+        with claim_on_rank0(ranks, lambda: checks.claim_out(args.out, EVAL_OUTPUTS + ("aps.json",))):
+            return _evaluate_benchmark(args, ckpt_path, tree, scorers, ranks)
 
 
-def _evaluate_benchmark(args, ckpt_path, tree, scorers: list[str]) -> int:
+def _evaluate_benchmark(args, ckpt_path, tree, scorers: list[str], ranks) -> int:
     from ..scoring.benchmark import evaluate_on_benchmark
 
-    model, ckpt = _load_model(args, ckpt_path)
+    model, ckpt = _load_model(args, ckpt_path, ranks)
+    cache = _feature_cache(model, ranks, args.feature_store, store_checkpoint(args, ckpt_path))
     # A preset's scorer arguments (NNGuide's whole-set bank, as the authors' fork) apply here as in reproduce.
     params = None
     if getattr(args, "preset", None):
@@ -291,11 +311,13 @@ def _evaluate_benchmark(args, ckpt_path, tree, scorers: list[str]) -> int:
 
         params = {n: get_preset(args.preset).params_for(n) for n in scorers if get_preset(args.preset).params_for(n)}
     table, aps = evaluate_on_benchmark(model, ckpt.get("extra") or {}, tree, scorers, batch_size=args.batch_size,
-                                       workers=args.workers, out_dir=args.out, scorer_params=params,
-                                       feature_store=args.feature_store, checkpoint=store_checkpoint(args, ckpt_path))
+                                       workers=args.workers, out_dir=args.out if ranks.is_main else None,
+                                       progress=ranks.is_main, scorer_params=params, cache=cache)
     for name, res in aps.items():
         print(f"APS {name}: {res['params']} (validation AUROC {res['val_auroc']:.2f})")
     print(table)
+    if hasattr(cache, "summary"):
+        print(cache.summary())
     if tree.skipped:
         print("skipped (missing): " + ", ".join(tree.skipped_names()))
     return 0

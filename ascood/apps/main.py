@@ -25,6 +25,8 @@ from .argtypes import OneLineParser
 __all__ = ["main", "build_parser"]
 
 CLIError = checks.InputError  # a user-facing error: printed as one line, exit status 2
+#: Under torchrun, how long a process whose peer failed waits before it ends (see :func:`_main`).
+PEER_GRACE_S = 2.0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -128,6 +130,13 @@ def _main(argv: list[str]) -> int:
         print(f"ascood {args.command}: error: {err}", file=sys.stderr)
         return 2
     except Exception as err:  # one clear message for users; --debug for the traceback
+        if getattr(err, "peer_failed", False):  # torchrun: another rank failed and reports it; exit with its status
+            import time
+
+            # A moment for that rank to print its message: torchrun stops every process once one has ended
+            # with an error, and this one would otherwise often end first.
+            time.sleep(PEER_GRACE_S)
+            return err.status
         if args.debug:
             raise
         if getattr(err, "user_facing", False):  # e.g. every missing piece of a data tree

@@ -25,8 +25,11 @@ written; then ``--out`` is claimed (one lock for the whole reproduction: a
 second ``reproduce`` on it stops at once). Under ``torchrun --nproc_per_node
 N -m ascood reproduce ...`` every run trains data-parallel over the N
 processes (DistributedSampler, SyncBatchNorm on GPUs; the preset's batch is
-the global batch, split evenly), rank 0 alone writes, and rank 0 alone
-evaluates once training is over.
+the global batch, split evenly), rank 0 alone writes, and the evaluation is
+shared too: each split's images go through the model once over all ranks
+(shards in the feature store, ``<run>/features`` by default), ODIN / i-ODIN score their images
+sharded, and rank 0 writes the same numbers one process would
+(:mod:`ascood.scoring.distributed`).
 
 Re-running the same command continues where it stopped: a finished training
 run (``train_done.json``, or ``last.pt`` at the last epoch) is not redone, an
@@ -56,7 +59,7 @@ from ..files import atomic_write_text, write_json
 from ..scoring.benchmark import evaluate_on_benchmark
 from ..scoring.summary import STD_TEXT, mean_std
 from ..training.checkpoint import load_checkpoint, load_model
-from ..training.distributed import DistContext, init_from_env
+from ..training.distributed import DistContext, PeerFailed, from_rank0, init_from_env, object_group
 from ..training.trainer import BEST_CHECKPOINT_NAME, CHECKPOINT_NAME, TrainConfig, Trainer
 from .presets import (EVAL_KEYS, PUBLISHED, TRAIN_KEYS, Resolved, get_preset, pretrained_weights_error, resolve,
                       train_steps)
@@ -107,12 +110,8 @@ class ReproduceError(RuntimeError):
     user_facing = True  # the CLI prints the whole message (exit status 2)
 
 
-class _PeerFailed(RuntimeError):
-    """Another rank (rank 0) failed before training; it reports the error, this rank only exits."""
-
-    def __init__(self, message: str, status: int = 1) -> None:
-        super().__init__(message)
-        self.status = status
+#: Another rank (rank 0) failed before training; it reports the error, this rank only exits with its status.
+_PeerFailed = PeerFailed
 
 
 # -- configuration ------------------------------------------------------------------------------------------
@@ -334,42 +333,67 @@ def _signature_changes(old: dict, new: dict) -> list[str]:
 
 def eval_run(run_dir: str, best: str, tree: ResolvedBenchmark, scorers: list[str], *, batch_size: int, workers: int,
              device: str | None, progress: bool, params: dict | None = None,
-             say: Callable[[str], None] = lambda msg: None, features: dict | None = None) -> tuple[list[dict], dict]:
+             say: Callable[[str], None] = lambda msg: None, features: dict | None = None,
+             ranks=None) -> tuple[list[dict], dict]:
     """Evaluate one run's checkpoint (or reuse the evaluation already written for it with the same signature).
 
     ``features``: the feature store's settings ({"root": folder or None for ``run_dir/features``,
-    "shard_rows", "features_dtype"}), None for none."""
+    "shard_rows", "features_dtype"}), None for none. ``ranks``: under torchrun every rank calls this (rank 0
+    decides whether to reuse and writes); each split is extracted once over the ranks into the feature store
+    and the scoring is shared (:mod:`ascood.scoring.distributed`)."""
     eval_dir = os.path.join(run_dir, "eval")
     params = dict(params or {})
-    signature = eval_signature(best, tree, scorers, params)
-    sig_path = os.path.join(eval_dir, "signature.json")
-    results = os.path.join(eval_dir, "results.json")
-    if os.path.isfile(sig_path) and os.path.isfile(results):
-        try:
-            with open(sig_path, encoding="utf-8") as f:
-                old = json.load(f)
-        except (OSError, ValueError):
-            old = {}
-        if old == signature:
-            with open(results, encoding="utf-8") as g, open(os.path.join(eval_dir, "aps.json"),
-                                                            encoding="utf-8") as h:
-                return json.load(g)["rows"], json.load(h)
-        changes = _signature_changes(old if isinstance(old, dict) else {}, signature)
-        say(f"{run_dir}: evaluating again ({'; '.join(changes) or 'unreadable signature.json'})")
+    main = ranks is None or ranks.is_main
+
+    def reuse() -> tuple[dict, tuple | None]:
+        signature = eval_signature(best, tree, scorers, params)
+        sig_path = os.path.join(eval_dir, "signature.json")
+        results = os.path.join(eval_dir, "results.json")
+        if os.path.isfile(sig_path) and os.path.isfile(results):
+            try:
+                with open(sig_path, encoding="utf-8") as f:
+                    old = json.load(f)
+            except (OSError, ValueError):
+                old = {}
+            if old == signature:
+                with open(results, encoding="utf-8") as g, open(os.path.join(eval_dir, "aps.json"),
+                                                                encoding="utf-8") as h:
+                    return signature, (json.load(g)["rows"], json.load(h))
+            changes = _signature_changes(old if isinstance(old, dict) else {}, signature)
+            say(f"{run_dir}: evaluating again ({'; '.join(changes) or 'unreadable signature.json'})")
+        return signature, None
+
+    signature, done = reuse() if ranks is None else from_rank0(reuse, ranks.ctx, ranks.group)
+    if done is not None:
+        return done
     model, ckpt = load_model(best)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model.to(dev)
     store = None
     if features is not None:
         from ..scoring.store import FeatureStore
 
         store = FeatureStore(features.get("root") or os.path.join(run_dir, "features"),
                              shard_rows=features.get("shard_rows", 4096),
-                             features_dtype=features.get("features_dtype", "float32"))
+                             features_dtype=features.get("features_dtype", "float32"),
+                             log=None if main else (lambda msg: None))
+    cache = None
+    if ranks is not None and ranks.enabled:
+        from ..scoring.distributed import ShardedFeatureCache
+
+        if store is None:
+            raise ReproduceError("under torchrun the processes share each split's features through the feature "
+                                 "store: drop --features none / --no-feature-store")
+        model.to(ranks.device(device))
+        cache = ShardedFeatureCache(model, store, ranks, checkpoint=best)
+    else:
+        model.to(torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")))
     table, aps = evaluate_on_benchmark(model, ckpt.get("extra") or {}, tree, scorers, batch_size=batch_size,
-                                       workers=workers, out_dir=eval_dir, progress=progress, scorer_params=params,
-                                       feature_store=store, checkpoint=best)
-    write_json(signature, sig_path)  # last: a crash before it means "evaluate again"
+                                       workers=workers, out_dir=eval_dir if main else None,
+                                       progress=progress and main, scorer_params=params, feature_store=store,
+                                       checkpoint=best, cache=cache)
+    if cache is not None:
+        say(cache.summary())
+    if main:
+        write_json(signature, os.path.join(eval_dir, "signature.json"))  # last: a crash before it = evaluate again
     return table.rows, aps
 
 
@@ -727,8 +751,9 @@ def reproduce(name: str, data_root: str, *, seeds: Sequence[int] = (0, 1, 2), ou
     :func:`eval_run`; None: none)."""
     ctx, started = _dist_begin(device)
     try:
+        group = object_group(ctx)  # collective: every rank, once
         return _reproduce(name, data_root, seeds, out, overrides or {}, allow_missing, weights, class_list, device,
-                          workers, progress, argv, ctx, link_roots, features)
+                          workers, progress, argv, ctx, link_roots, features, group)
     finally:
         if started:
             import torch.distributed as dist
@@ -738,8 +763,11 @@ def reproduce(name: str, data_root: str, *, seeds: Sequence[int] = (0, 1, 2), ou
 
 
 def _reproduce(name, data_root, seeds, out, overrides, allow_missing, weights, class_list, device, workers, progress,
-               argv, ctx: DistContext, link_roots: Sequence[str] = (), features: dict | None = None) -> dict | None:
+               argv, ctx: DistContext, link_roots: Sequence[str] = (), features: dict | None = None,
+               group=None) -> dict | None:
     from tqdm.auto import tqdm
+
+    from ..scoring.distributed import Ranks
 
     main_rank = ctx.is_main
     # What reproduce decides about existing runs (kept, re-evaluated, ...) is said also with --no-progress.
@@ -786,16 +814,19 @@ def _reproduce(name, data_root, seeds, out, overrides, allow_missing, weights, c
             if not trained:
                 say(f"{method} seed {seed}: training already finished ({run_dir}), not redone")
         bar.close()
-        if not main_rank:
-            return None  # rank 0 evaluates alone; this process is done
+        # Every rank evaluates together (each split extracted once over the ranks); rank 0 writes.
+        ranks = Ranks(ctx, group) if ctx.enabled else None
         runs: dict[tuple[str, int], list[dict]] = {}
         aps: dict[tuple[str, int], dict] = {}
-        for method, seed in tqdm(jobs, desc="evaluating", disable=not progress):
+        for method, seed in tqdm(jobs, desc="evaluating", disable=not (progress and main_rank)):
             run_dir = os.path.join(out, method, f"seed{seed}")
             scorers = method_scorers(v, method)
             runs[(method, seed)], aps[(method, seed)] = eval_run(
                 run_dir, checkpoints[(method, seed)], p.tree, scorers, batch_size=v["batch_size"], workers=workers,
-                device=device, progress=progress, params=scorer_params(name, scorers), say=say, features=features)
+                device=device, progress=progress, params=scorer_params(name, scorers), say=say, features=features,
+                ranks=ranks)
+        if not main_rank:
+            return None  # rank 0 writes the table; this process is done
         summary = summarize(name, v, runs, seeds, p.tree)
         summary["skipped"] = p.tree.skipped_names()
         write_json(summary, os.path.join(out, "summary.json"))
@@ -828,7 +859,8 @@ def _epilog() -> str:
     return ("Outputs in --out:\n" + files + "\n\nRe-running the same command continues where it stopped: finished "
             "runs are not retrained, interrupted ones resume from last.pt, finished evaluations are reused while "
             "their signature is unchanged.\n\nSeveral GPUs: torchrun --nproc_per_node N -m ascood reproduce NAME "
-            "--data-root DIR (each run data-parallel; rank 0 writes and evaluates).")
+            "--data-root DIR (each run data-parallel; each split's features extracted once over the processes; rank 0 "
+            "writes).")
 
 
 def add_parser(sub) -> None:

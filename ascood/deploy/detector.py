@@ -321,7 +321,7 @@ class Detector:
             preprocessing: Preprocessing | dict | None = None, classes: Sequence[str] | None = None,
             which: str | None = None, batch_size: int = 128, workers: int = 0, device=None,
             candidates: Sequence[str] = APS_CANDIDATES, feature_dir: str | os.PathLike | None = None,
-            log=None, arg_names: dict | None = None, feature_store=None) -> "Detector":
+            log=None, arg_names: dict | None = None, feature_store=None, ranks=None) -> "Detector":
         """Fit the scorer, choose hyperparameters (APS, with ``ood_val``), calibrate the threshold at ``tpr``.
 
         Args:
@@ -357,6 +357,10 @@ class Detector:
             log: a ``print``-like callable for progress lines (default: silent).
             arg_names: what messages call the data arguments and tpr (``{"id_val": "--id-val", ...}``, as the
                 CLI passes its flags; default their own names).
+            ranks: under torchrun, the :class:`~ascood.scoring.distributed.Ranks` of this process: every rank
+                calls ``fit`` with the same arguments (and a ``feature_store`` they all see); each split's
+                features are extracted once over all ranks and ODIN / i-ODIN score their images sharded
+                (:mod:`ascood.scoring.distributed`), so every rank returns the detector one process would.
 
         Refused before any fitting (ValueError naming the arguments): calibration
         images the scorer's fit saw (``id_val`` or ``id_calibration`` overlapping
@@ -375,7 +379,11 @@ class Detector:
         _check_count(batch_size, "batch_size", 1)
         _check_count(workers, "workers", 0)
         model, prep, run_classes, provenance = _load_source(model_or_run, preprocessing, which)
-        device = torch.device(resolve_device(device, "device"))
+        distributed = ranks is not None and ranks.enabled
+        if distributed and feature_store is None:
+            raise ValueError("fitting under torchrun needs feature_store, a folder every rank can read")
+        device = ranks.device(resolve_device(device, "device")) if distributed else \
+            torch.device(resolve_device(device, "device"))
         model = model.to(device).eval()
         names = _class_names(classes or run_classes, _num_classes(model, prep))
 
@@ -410,7 +418,7 @@ class Detector:
                                                                         shuffle=False, num_workers=workers)
 
         train_l, tune_l, calib_l, ood_l = loader(train_ds), loader(tune_ds), loader(calib_ds), loader(ood_ds)
-        cache = _feature_cache(model, feature_store, provenance, feature_dir)
+        cache = _feature_cache(model, feature_store, provenance, feature_dir, ranks if distributed else None)
         input_std = model_input_std(model) or prep.std
         t0 = time.perf_counter()
         if is_aps:
@@ -420,6 +428,8 @@ class Detector:
         fit_seconds = time.perf_counter() - t0
         choice.update({"scorer": fitted.name, "params": _public_params(fitted)})
 
+        if distributed:
+            say(cache.summary())  # collective: every rank calls it
         used_train = _fits_on_train(fitted, True)
         calib_scores, calib_labels, calib_pred = _scores_of(model, fitted, calib_l, cache)
         det = cls(model, fitted, prep, names, calib_scores, tpr, provenance)
@@ -820,14 +830,19 @@ def _num_classes(model: nn.Module, prep: Preprocessing) -> int:
         return int(model(x).shape[1])
 
 
-def _feature_cache(model, feature_store, provenance: dict, feature_dir) -> FeatureCache:
-    """The fit's FeatureCache: in RAM / ``feature_dir``, or backed by ``feature_store`` (a FeatureStore or a path)."""
+def _feature_cache(model, feature_store, provenance: dict, feature_dir, ranks=None) -> FeatureCache:
+    """The fit's FeatureCache: in RAM / ``feature_dir``, or backed by ``feature_store`` (a FeatureStore or a path);
+    under torchrun (``ranks``) one whose extraction and scoring are shared over the ranks."""
     directory = None if feature_dir is None else os.fspath(feature_dir)
     if feature_store is None:
         return FeatureCache(model, directory=directory)
     from ..scoring.store import FeatureStore, StoreFeatureCache
 
     store = feature_store if isinstance(feature_store, FeatureStore) else FeatureStore(os.fspath(feature_store))
+    if ranks is not None:
+        from ..scoring.distributed import ShardedFeatureCache
+
+        return ShardedFeatureCache(model, store, ranks, checkpoint=provenance.get("checkpoint"))
     return StoreFeatureCache(model, store, checkpoint=provenance.get("checkpoint"), directory=directory)
 
 

@@ -23,7 +23,8 @@ __all__ = ["evaluate_on_benchmark"]
 def evaluate_on_benchmark(model, extra: dict, tree: ResolvedBenchmark, scorers: Sequence[str], *, batch_size: int,
                           workers: int = 0, out_dir: str | None = None, progress: bool = True,
                           feature_dir: str | None = None, scorer_params: Mapping[str, Mapping] | None = None,
-                          feature_store: FeatureStore | None = None, checkpoint: str | None = None):
+                          feature_store: FeatureStore | None = None, checkpoint: str | None = None,
+                          cache: FeatureCache | None = None):
     """APS on ID val vs OOD val for every scorer with a grid, then ID test vs the near/far OOD sets.
 
     Every split runs through the model once; all scorers and APS grid points
@@ -32,7 +33,9 @@ def evaluate_on_benchmark(model, extra: dict, tree: ResolvedBenchmark, scorers: 
     ``extra``: the checkpoint's ``extra`` (image_size, mean, std).
     ``feature_store``: keep / reuse each split's features there (:mod:`.store`; keyed by ``checkpoint``'s
     sha256 when given, else the model's state dict).
-    ``scorer_params``: scorer name -> constructor arguments (a preset's, e.g. NNGuide's bank). Returns
+    ``scorer_params``: scorer name -> constructor arguments (a preset's, e.g. NNGuide's bank). ``cache``:
+    the feature cache to use instead (e.g. a :class:`~ascood.scoring.distributed.ShardedFeatureCache` under
+    torchrun, shared by every rank). Returns
     (:class:`ascood.scoring.evaluator.ResultTable`, aps dict scorer -> {params, val_auroc}).
     Writes results.csv / results.json / aps.json / hist_*.png into ``out_dir``.
     """
@@ -44,8 +47,9 @@ def evaluate_on_benchmark(model, extra: dict, tree: ResolvedBenchmark, scorers: 
 
     val_id, val_ood = loader(tree.dataset("id_val", tf)), loader(tree.dataset("ood_val", tf))
     fit_loader = None
-    cache = FeatureCache(model, feature_dir) if feature_store is None else \
-        StoreFeatureCache(model, feature_store, checkpoint=checkpoint, directory=feature_dir)
+    if cache is None:
+        cache = FeatureCache(model, feature_dir) if feature_store is None else \
+            StoreFeatureCache(model, feature_store, checkpoint=checkpoint, directory=feature_dir)
     objs, aps = {}, {}
     for name in tqdm(list(scorers), desc="APS on the validation split", disable=not progress, leave=False):
         scorer = scorer_for_model(name, [float(s) for s in std], **dict((scorer_params or {}).get(name, {})))

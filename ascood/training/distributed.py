@@ -14,7 +14,9 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 
-__all__ = ["DistContext", "init_from_env", "distributed_loader", "all_reduce_sum", "convert_sync_batchnorm"]
+__all__ = ["DistContext", "init_from_env", "distributed_loader", "all_reduce_sum", "convert_sync_batchnorm", "PeerFailed",
+           "PeerValueError",
+           "exit_status", "object_group", "broadcast_object", "all_gather_objects", "from_rank0", "on_every_rank"]
 
 
 @dataclass
@@ -86,3 +88,102 @@ def convert_sync_batchnorm(model: torch.nn.Module, enabled: bool = True) -> torc
     if hasattr(model, "build_args") and converted is not model:
         converted.build_args = model.build_args
     return converted
+
+
+# -- collectives on Python objects (a refusal on rank 0 ends every rank with its status, never a hang) ----------
+class PeerFailed(RuntimeError):
+    """Another rank failed; that rank (rank 0, or rank 0 on its behalf) reports the error, this one only exits
+    with ``status`` (the CLI returns it without printing)."""
+
+    peer_failed = True  # what the CLI looks for (it does not import torch.distributed to catch the class)
+
+    def __init__(self, message: str, status: int = 1) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class PeerValueError(ValueError):
+    """A ValueError another rank raised, raised here too so that every rank takes the same ``except ValueError``
+    branch (e.g. an APS grid point skipped everywhere); quiet in the CLI like :class:`PeerFailed`."""
+
+    peer_failed = True
+
+    def __init__(self, message: str, status: int = 1) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def exit_status(err: BaseException) -> int:
+    """The CLI's exit status for ``err``: 2 for a user-facing error (bad input), else 1."""
+    return 2 if getattr(err, "user_facing", False) or type(err).__name__ == "InputError" else 1
+
+
+def object_group(ctx: DistContext):
+    """A gloo group over every rank for CPU objects (the default group itself when it is gloo), so object
+    collectives never touch GPU memory or depend on nccl; None when not distributed. Collective: every
+    rank calls it once, in the same order."""
+    if not ctx.enabled:
+        return None
+    if dist.get_backend() == "gloo":
+        return None  # the default group
+    return dist.new_group(backend="gloo")
+
+
+def broadcast_object(obj, ctx: DistContext, group=None):
+    """Rank 0's ``obj`` on every rank (identity in one process)."""
+    if not ctx.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, group=group)
+    return box[0]
+
+
+def all_gather_objects(obj, ctx: DistContext, group=None) -> list:
+    """[rank 0's obj, rank 1's, ...] on every rank ([obj] in one process)."""
+    if not ctx.enabled:
+        return [obj]
+    out: list = [None] * ctx.world_size
+    dist.all_gather_object(out, obj, group=group)
+    return out
+
+
+def from_rank0(fn, ctx: DistContext, group=None):
+    """Run ``fn`` on rank 0 and give its result to every rank. When it fails, rank 0 raises the error and
+    the other ranks raise :class:`PeerFailed` with the status rank 0 exits with (they print nothing)."""
+    if not ctx.enabled:
+        return fn()
+    if ctx.is_main:
+        try:
+            result = fn()
+        except BaseException as err:
+            broadcast_object(("error", str(err), exit_status(err)), ctx, group)
+            raise
+        broadcast_object(("ok", result, 0), ctx, group)
+        return result
+    kind, payload, status = broadcast_object(None, ctx, group)
+    if kind == "error":
+        raise PeerFailed(payload, status)
+    return payload
+
+
+def on_every_rank(fn, ctx: DistContext, group=None, wrap=RuntimeError):
+    """Run ``fn`` on every rank; when it fails on any, every rank raises, so none waits for the others at a
+    later collective: the failing rank its own error, rank 0 ``wrap`` naming the failing rank (when it did
+    not fail itself), the others :class:`PeerFailed` quietly (rank 0 reports, once)."""
+    if not ctx.enabled:
+        return fn()
+    result, own, outcome = None, None, None
+    try:
+        result = fn()
+    except Exception as err:  # noqa: BLE001 -- re-raised below, on every rank
+        own, outcome = err, (str(err), exit_status(err), type(err).__name__)
+    outcomes = all_gather_objects(outcome, ctx, group)
+    failed = [(rank, o) for rank, o in enumerate(outcomes) if o is not None]
+    if not failed:
+        return result
+    if own is not None and (ctx.is_main or failed[0][0] == ctx.rank):
+        raise own
+    rank, (message, status, kind) = failed[0]
+    if ctx.is_main:
+        raise wrap(f"process {rank} of torchrun: {message}")
+    raise PeerFailed(message, status)

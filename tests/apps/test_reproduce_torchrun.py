@@ -5,75 +5,22 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import signal
-import subprocess
-import sys
 import time
 
 import pytest
 import torch
 import torch.distributed as dist
 
-from clihelpers import ROOT
 from fake_openood import make_tree
+from torchrunhelpers import descendants as _descendants, gone as _gone, kill_all as _kill_all, start_torchrun
 
 # Small enough for a 2-core CI machine: 16 training images, 4 per step per process.
 ARGS = ["--epochs", "3", "--model", "small_cnn", "--image-size", "16", "--seeds", "0", "--batch-size", "8",
         "--scorers", "msp", "--no-progress"]
 
 
-def _torchrun(root: str, out: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "ascood",
-           "reproduce", "cifar10_random", "--data-root", root, "--out", out, *ARGS]
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
-    # Its own session, so the test can kill torchrun and both workers at once.
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-
-
-def _descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` (Linux /proc): torchrun starts its workers in sessions of their own, so
-    killing torchrun's process group would leave them running."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
-
-
-def _gone(pid: int, timeout: float = 10.0) -> bool:
-    """True once ``pid`` has exited (gone, or a zombie): SIGKILL is delivered asynchronously, so a
-    process read straight after kill() may still show as running on a loaded machine."""
-    deadline = time.time() + timeout
-    while True:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                state = f.read().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            return True
-        if state in ("Z", "X") or time.time() > deadline:
-            return state in ("Z", "X")
-        time.sleep(0.05)
-
-
-def _kill_all(proc: subprocess.Popen) -> None:
-    """SIGKILL torchrun and every worker it started (a machine failure, mid-reproduction)."""
-    for pid in [proc.pid, *_descendants(proc.pid)]:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    proc.wait(timeout=60)
+def _torchrun(root: str, out: str):
+    return start_torchrun(["reproduce", "cifar10_random", "--data-root", root, "--out", out, *ARGS])
 
 
 def _digest(path: str) -> str:

@@ -5,26 +5,8 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-
-def _spawn(fn, tmp_path, world: int = 2):
-    """``mp.spawn(fn)`` over ``world`` gloo processes; the folder they wrote to.
-
-    One retry, in a fresh folder (a new file store), when a process was killed by SIGABRT: a gloo process
-    group's worker threads occasionally abort the process at teardown ("terminate called without an active
-    exception", seen once in this project's CI runs, at 2026-12-07, never in 6 runs of this file alone). A second abort fails the test,
-    and so does any other failure at once.
-    """
-    for attempt in (0, 1):
-        folder = tmp_path / f"attempt{attempt}"
-        folder.mkdir()
-        try:
-            mp.spawn(fn, args=(world, str(folder)), nprocs=world, join=True)
-            return folder
-        except mp.ProcessExitedException as err:
-            if attempt or err.signal_name != "SIGABRT":
-                raise
+from torchrunhelpers import spawn_gloo as _spawn
 
 
 def _worker(rank: int, world: int, tmp: str) -> None:

@@ -47,7 +47,8 @@ from ...files import write_json
 from .fastops import argmax_rows, logsumexp_rows
 
 __all__ = ["Features", "LinearHead", "StreamedFeatures", "FeatureCache", "RecordExtra", "extract_features",
-           "features_scores", "add_extras", "model_features", "iterate_loader", "model_device", "energy", "as_features"]
+           "features_scores", "score_rows", "add_extras", "model_features", "iterate_loader", "model_device",
+           "energy", "as_features", "model_image_scores"]
 
 _FORMAT = "ascood-features-v1"
 _FILES = {"logits": ("logits", np.float32), "features": ("features", np.float32), "labels": ("labels", np.int64)}
@@ -702,6 +703,16 @@ class FeatureCache:
         self._data[id(loader)] = (loader, feats, kw)  # the loader is kept so its id is not reused
         return feats
 
+    def record_scores(self, scorer, feats: Features) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """:func:`features_scores` of a split's record (a sharded cache shares the rows over ranks)."""
+        return features_scores(scorer, feats)
+
+    def image_scores(self, scorer, model: nn.Module, loader
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(pred, score, labels) of a scorer that needs the images (ODIN, i-ODIN), run batch by batch; a
+        sharded cache (:class:`ascood.scoring.distributed.ShardedFeatureCache`) shares the batches over ranks."""
+        return model_image_scores(scorer, model, loader)
+
     def __len__(self) -> int:
         return len(self._data)
 
@@ -714,28 +725,59 @@ SCORE_ROWS = 1024
 SCORE_LOGITS = 2 ** 20
 
 
-def features_scores(scorer, feats: Features, rows: int | None = None
+def score_rows(scorer, feats: Features) -> int:
+    """The rows per chunk :func:`features_scores` uses by default: :data:`SCORE_ROWS` (1024) for scorers that
+    read features, else as many rows as hold :data:`SCORE_LOGITS` logits (at least 1024). A sharded cache
+    cuts the ranks' ranges at multiples of it, so every rank scores the chunks one process would."""
+    if not getattr(scorer, "uses_features", True):
+        return max(SCORE_ROWS, SCORE_LOGITS // max(1, int(feats.logits.shape[1])))
+    return SCORE_ROWS
+
+
+def model_image_scores(scorer, model: nn.Module, loader) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(pred (N,) int64, score (N,) float32, labels (N,) int64 or None) CPU tensors of
+    ``scorer.score(model, x)`` over every batch of a loader (eval mode inside, the model's mode restored)."""
+    device = model_device(model)
+    preds, scores, labels = [], [], []
+    with _EvalMode(model):
+        for x, y in iterate_loader(loader, device):
+            pred, score = scorer.score(model, x)
+            preds.append(pred.detach().cpu())
+            scores.append(score.detach().float().cpu())
+            if y is not None:
+                labels.append(y.long().cpu())
+    if not scores:
+        raise ValueError("loader is empty")
+    return torch.cat(preds), torch.cat(scores), (torch.cat(labels) if labels else None)
+
+
+def features_scores(scorer, feats: Features, rows: int | None = None, start: int = 0, stop: int | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(pred (N,) int64, score (N,) float32, labels (N,) or None) of a record, ``rows`` rows at a time.
 
     pred is the scorer's :meth:`~.base.Scorer.predict_features`: the argmax of the record's logits (the model's
     prediction; :func:`~.fastops.argmax_rows`) for every scorer but DICE with ``pred="masked"``. A scorer with
     :meth:`~ascood.scoring.scorers.base.Scorer.record_extras` gets them from the record's extras.
-    ``rows`` default: :data:`SCORE_ROWS` (1024) for scorers that read features, else as many rows as hold
-    :data:`SCORE_LOGITS` logits (at least 1024); the scores do not depend on it.
+    ``rows`` default: :func:`score_rows`; the scores do not depend on it. ``start`` / ``stop``: only the rows
+    [start, stop) (N = stop - start), read in chunks of ``rows`` from ``start`` (a range starting at a
+    multiple of ``rows`` is cut into the chunks a whole-record call makes there).
     """
     feats.require("logits", scorer.name)
     keys = [e.key for e in getattr(scorer, "record_extras", tuple)()]
     feats.require_extras(keys, scorer.name)
-    if rows is None:
-        rows = SCORE_ROWS
-        if not getattr(scorer, "uses_features", True):
-            rows = max(SCORE_ROWS, SCORE_LOGITS // max(1, int(feats.logits.shape[1])))
+    stop = len(feats) if stop is None else stop
+    rows = score_rows(scorer, feats) if rows is None else rows
+    if rows < 1:
+        raise ValueError(f"rows must be >= 1, got {rows}")
     preds, scores = [], []
-    for z, h, _, ex in feats.chunks(rows, extras=keys):
+    for a in range(start, stop, rows):
+        b = min(stop, a + rows)
+        z = feats.logit_rows(a, b)
+        h = None if feats.features is None else feats.feature_rows(a, b)
         preds.append(scorer.predict_features(z, h, feats.head))
-        kw = {"extras": ex} if keys else {}  # scorers without extras keep their (logits, features, head) call
+        kw = {"extras": {k: feats.extra_rows(k, a, b) for k in keys}} if keys else {}  # others: (z, h, head)
         scores.append(scorer.score_features(z, h, head=feats.head, **kw).detach().float().cpu())
     if not scores:
         raise ValueError("loader is empty")
-    return torch.cat(preds), torch.cat(scores), feats.labels
+    labels = feats.labels if feats.labels is None or (start, stop) == (0, len(feats)) else feats.labels[start:stop]
+    return torch.cat(preds), torch.cat(scores), labels

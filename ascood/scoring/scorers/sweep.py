@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from ..metrics import ood_metrics
-from .base import Scorer, iterate_loader, model_device
-from .features import FeatureCache, Features, features_scores
+from .base import Scorer
+from .features import FeatureCache, Features, model_image_scores
 
 __all__ = ["SweepResult", "sweep", "loader_scores", "fit_scorer"]
 
@@ -40,25 +40,12 @@ def loader_scores(scorer: Scorer, model: nn.Module | None, loader, cache: Featur
     """
     if scorer.supports_features:
         cache = cache if cache is not None else FeatureCache(model)
-        return features_scores(scorer, cache.get(loader, scorer.record_extras()))
+        return cache.record_scores(scorer, cache.get(loader, scorer.record_extras()))
     if isinstance(loader, Features):
         raise TypeError(f"{scorer.name} needs the model and the images: pass a loader, not cached Features")
-    device = model_device(model)
-    preds, scores, labels = [], [], []
-    was_training = model.training
-    model.eval()
-    try:
-        for x, y in iterate_loader(loader, device):
-            pred, score = scorer.score(model, x)
-            preds.append(pred.detach().cpu())
-            scores.append(score.detach().float().cpu())
-            if y is not None:
-                labels.append(y.long().cpu())
-    finally:
-        model.train(was_training)
-    if not scores:
-        raise ValueError("loader is empty")
-    return torch.cat(preds), torch.cat(scores), (torch.cat(labels) if labels else None)
+    if cache is not None:
+        return cache.image_scores(scorer, model, loader)  # a sharded cache shares the batches over ranks
+    return model_image_scores(scorer, model, loader)
 
 
 def fit_scorer(scorer: Scorer, model: nn.Module | None, data, cache: FeatureCache | None = None) -> Scorer:
