@@ -231,3 +231,19 @@ def test_vim_float32_scores_equal_the_float64_formula(space):
     z = x @ sc.W.T + sc.b
     want = torch.logsumexp(z, 1) - torch.linalg.norm((x - sc.u) @ sc.NS, dim=1) * sc.alpha
     torch.testing.assert_close(sc.score_features(head.logits(q), q).double(), want, rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(1, 1), (7, 13), (300, 129)])
+def test_row_dot_equals_the_plain_formula(dtype, shape):
+    from ascood.scoring.scorers.fastops import row_dot
+
+    g = torch.Generator().manual_seed(shape[0] * 31 + shape[1])
+    a, b = torch.randn(*shape, generator=g, dtype=dtype), torch.randn(*shape, generator=g, dtype=dtype)
+    want = (a.double() * b.double()).sum(1)
+    got = row_dot(a, b)
+    assert got.dtype == dtype and got.shape == (shape[0],)
+    tol = 1e-5 * shape[1] ** 0.5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+    # A tensor that needs autograd takes torch's path (numpy cannot see it) with the same numbers.
+    torch.testing.assert_close(row_dot(a.requires_grad_(), b).detach().double(), want, rtol=tol, atol=tol)

@@ -12,6 +12,7 @@ import torch
 from .base import FeatureScorer, check_int
 from .boundary import feature_mean
 from .distance import TiedGaussian, eigh
+from .fastops import argmax_rows, matmul, row_dot
 
 __all__ = ["NCI", "NECO"]
 
@@ -75,9 +76,9 @@ class NCI(FeatureScorer):
         if cache is None or cache[0].device != x.device:
             cache = self._f32 = tuple(t.to(device=x.device, dtype=torch.float32) for t in (self.W, self.b, self.mean))
         W, b, mean = cache
-        pred = torch.addmm(b, x, W.T).argmax(1)
+        pred = argmax_rows(matmul(x, W.T) + b)
         c = x - mean
-        proximity = (W[pred] * c).sum(1) / torch.linalg.vector_norm(c, dim=1).clamp(min=1e-8)
+        proximity = row_dot(W[pred], c) / torch.linalg.vector_norm(c, dim=1).clamp(min=1e-8)
         return proximity + self.alpha * x.abs().sum(1)
 
 

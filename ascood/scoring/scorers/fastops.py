@@ -176,6 +176,15 @@ def blas_threads(n: int):
     return _CONTROLLER.limit(limits=n, user_api="blas")
 
 
+def row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``(a * b).sum(1)`` of two (B, m) tensors of one dtype: (B,). numpy's einsum on the CPU (one pass, no
+    (B, m) product in memory: 0.35 against 0.97 ms for NCI's 2000 x 512 float32 rows here), else torch."""
+    x, y = _cpu_numpy(a), _cpu_numpy(b)
+    if x is None or y is None or a.dim() != 2 or a.shape != b.shape or a.dtype != b.dtype:
+        return (a * b).sum(1)
+    return torch.from_numpy(np.einsum("ij,ij->i", x, y))
+
+
 def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a @ b`` of two 2-D float tensors. On the CPU numpy's (OpenBLAS) on torch's thread count: on the
     development VM (AMD EPYC) its GEMM took 7.7 ms where torch's (MKL) took 8.8 for ViM's 2000 x 512 x 356
