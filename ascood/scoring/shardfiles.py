@@ -216,6 +216,12 @@ def verify_shard(path: str | os.PathLike, *, key: str, index: int, start: int, s
     for k, v in want.items():
         if m.get(k) != v:
             raise ShardError(f"{h.path}: metadata {k} is {m.get(k)!r}, expected {v!r}")
+    # Exactly the keys the store writes: the header is not under the data's checksum, so a damaged key name
+    # (an unknown key, or a known one missing) must be refused here, not read as a default.
+    keys = set(want) | {"nonfinite", "data_sha256"}
+    if set(m) != keys:
+        odd = sorted(set(m) ^ keys)
+        raise ShardError(f"{h.path}: metadata keys {odd} unexpected or missing (expected {sorted(keys)})")
     digest = m.get("data_sha256", "")
     if not _HEX64.match(digest):
         raise ShardError(f"{h.path}: no valid data_sha256 in its metadata")
@@ -232,7 +238,7 @@ def verify_shard(path: str | os.PathLike, *, key: str, index: int, start: int, s
         if not shape or shape[0] != stop - start:
             raise ShardError(f"{h.path}: array {name!r} has shape {shape}, expected {stop - start} rows")
     try:
-        nonfinite = json.loads(m.get("nonfinite", "{}"))
+        nonfinite = json.loads(m["nonfinite"])
     except ValueError:
         nonfinite = None
     if not (isinstance(nonfinite, dict) and all(k in h.arrays and type(v) is int and 0 <= v < stop - start

@@ -17,6 +17,7 @@ import ascood
 from ascood.scoring.scorers import (FeatureCache, Features, LinearHead, extract_features, features_scores,
                                     get_scorer, sweep)
 from ascood.scoring.scorers.adascale import PERCENTILE_GRID, PerturbedFeatures, adascale_perturb
+from scorerhelpers import ConvBody
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "..", "fixtures", "adascale")
 # Float32 tolerance of the per-sample check: the same float32 ops in the same order as the reference give equal
@@ -319,15 +320,8 @@ def test_record_extras_round_trip_through_files_take_slice_and_chunks(tmp_path):
         assert set(json.load(f)["arrays"]) == {"logits", "features", "labels"}  # extras in their own table
 
 
-class _Body(nn.Module):
-    feature_dim = 24
-
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 24, 3, padding=1)
-
-    def forward(self, x):
-        return torch.relu(self.conv(x)).mean((2, 3))
+def _Body():
+    return ConvBody(24)
 
 
 def _sweep_data():

@@ -9,6 +9,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import ascood
 from ascood.scoring.scorers import get_scorer, sweep
+from scorerhelpers import ConvBody
 
 EPS_GRID = [0.0014, 0.0028, 0.0042, 0.0056, 0.007, 0.0084, 0.0098]
 
@@ -80,15 +81,8 @@ def test_odin_grid_has_49_points():
     assert len(get_scorer("odin").grid()) == 4 * 7
 
 
-class _Body(nn.Module):
-    feature_dim = 12
-
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 12, 3, padding=1)
-
-    def forward(self, x):
-        return torch.relu(self.conv(x)).mean((2, 3))
+def _Body():
+    return ConvBody(12)
 
 
 def _model(std=None):

@@ -14,19 +14,13 @@ from torch.utils.data import DataLoader, TensorDataset
 import ascood
 from ascood.scoring.scorers import LinearHead, extract_features, get_scorer
 from ascood.scoring.scorers.features import Features
+from scorerhelpers import ConvBody
 
 C = 4
 
 
-class _Body(nn.Module):
-    feature_dim = 10
-
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 10, 3)
-
-    def forward(self, x):
-        return torch.relu(self.conv(x)).mean((2, 3))
+def _Body():
+    return ConvBody(10)
 
 
 def _model():

@@ -13,19 +13,13 @@ import ascood
 from ascood.scoring.scorers import (SCORERS, FeatureCache, Features, LinearHead, extract_features, features_scores,
                                     get_scorer, loader_scores, sweep)
 from ascood.scoring.scorers.shaping import ReAct
+from scorerhelpers import ConvBody
 
 C = 4
 
 
-class _Body(nn.Module):
-    feature_dim = 24
-
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 24, 3, padding=1)
-
-    def forward(self, x):
-        return torch.relu(self.conv(x)).mean((2, 3))
+def _Body():
+    return ConvBody(24)
 
 
 def _data(n, seed, shift=0.0):

@@ -14,21 +14,15 @@ from torch.utils.data import DataLoader, TensorDataset
 import ascood
 from ascood.scoring.scorers import SCORERS, Features, LinearHead, extract_features, get_scorer
 from ascood.scoring.scorers.features import StreamedFeatures
+from scorerhelpers import ConvBody
 
 C = 4
 N = 40
 BAD_ROW = 13  # in the second batch of 8: the row named must be the global one, not the batch's
 
 
-class _Body(nn.Module):
-    feature_dim = 12
-
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 12, 3, padding=1)
-
-    def forward(self, x):
-        return torch.relu(self.conv(x)).mean((2, 3))
+def _Body():
+    return ConvBody(12)
 
 
 def _model():

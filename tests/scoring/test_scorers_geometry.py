@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import ascood
 from ascood.scoring.scorers import (FDBD, NCI, NECO, SCORERS, Features, LinearHead, MahalanobisPP, extract_features,
                                     get_scorer, sweep)
+from scorerhelpers import ConvBody
 
 FIX = os.path.join(os.path.dirname(__file__), "..", "fixtures", "geometry")
 NEW = ("mdspp", "fdbd", "nci", "neco")
@@ -183,15 +184,8 @@ def test_neco_formula_with_an_svd_pca(dim):
 
 
 # --- both entry paths, both feature spaces of a z-score model ---------------------------------------------------
-class _Body(nn.Module):
-    feature_dim = 10
-
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 10, 3, padding=1)
-
-    def forward(self, x):
-        return torch.relu(self.conv(x)).mean((2, 3))
+def _Body():
+    return ConvBody(10)
 
 
 def _model(head="zscore"):
