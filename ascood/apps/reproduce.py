@@ -642,37 +642,6 @@ def plan(name: str, data_root: str, overrides: dict, *, allow_missing: bool, wei
 
 
 # -- torchrun -----------------------------------------------------------------------------------------------
-def _broadcast(obj: Any, ctx: DistContext) -> Any:
-    """Rank 0's ``obj`` on every rank (identity in one process)."""
-    if not ctx.enabled:
-        return obj
-    import torch.distributed as dist
-
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _from_rank0(fn: Callable[[], Any], ctx: DistContext) -> Any:
-    """Run ``fn`` on rank 0 and give its result to every rank; when it fails, rank 0 raises the error and the
-    other ranks raise :class:`_PeerFailed` (they print nothing: rank 0 reports)."""
-    if not ctx.enabled:
-        return fn()
-    if ctx.is_main:
-        try:
-            result = fn()
-        except BaseException as err:
-            status = 2 if getattr(err, "user_facing", False) or type(err).__name__ == "InputError" else 1
-            _broadcast(("error", str(err), status), ctx)
-            raise
-        _broadcast(("ok", result, 0), ctx)
-        return result
-    kind, payload, status = _broadcast(None, ctx)
-    if kind == "error":
-        raise _PeerFailed(payload, status)
-    return payload
-
-
 def _on_every_rank(fn: Callable[[], Any], ctx: DistContext) -> Any:
     """Run ``fn`` on every rank; if it fails on any, rank 0 raises (its own error, or the failing rank's
     message) and the others raise :class:`_PeerFailed` quietly, so the error is printed once and never lost."""
@@ -709,7 +678,7 @@ def _claimed(out: str, ctx: DistContext) -> Iterator[None]:
         def claim() -> None:
             stack.enter_context(claim_output_dir(out, flag="--out", outputs=TOP_OUTPUTS))
 
-        _from_rank0(claim, ctx)
+        from_rank0(claim, ctx)
         yield
 
 
@@ -793,7 +762,7 @@ def _reproduce(name, data_root, seeds, out, overrides, allow_missing, weights, c
                         "class_list": class_list}, os.path.join(out, "config.json"))
             return states
 
-        states = _from_rank0(prepare, ctx)
+        states = from_rank0(prepare, ctx)
         if main_rank and progress:
             print(f"{name}: {p.n_train} train images, batch {v['batch_size']}"
                   + (f" ({v['batch_size'] // ctx.world_size} per process x {ctx.world_size})" if ctx.enabled else "")
